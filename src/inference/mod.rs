@@ -1,0 +1,5 @@
+//! Model execution on ONNX Runtime: the runtime itself, the vision models and Stable Diffusion.
+
+pub mod runtime;
+
+pub use runtime::{ExecutionProvider, Runtime, RuntimeConfig, RuntimeError};

@@ -1,0 +1,188 @@
+//! ONNX Runtime: loading the shared library, choosing the execution provider, building sessions.
+//!
+//! The runtime library is loaded at run time (`ort`'s `load-dynamic`), so a missing library is an
+//! error the service reports with the command that fetches it, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+
+/// Errors while loading the runtime or building a session.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The shared library could not be found or loaded.
+    #[error(
+        "cannot load ONNX Runtime from {path}: {reason}. Fetch it with `make ort` \
+         (onnx/fetch_ort.sh) or point ORT_DYLIB_PATH at libonnxruntime.so"
+    )]
+    Library { path: String, reason: String },
+    /// The execution provider asked for could not be registered.
+    #[error("execution provider {provider} is unavailable: {reason}")]
+    Provider { provider: &'static str, reason: String },
+    /// A model file is missing or ONNX Runtime refused it.
+    #[error("cannot load model {path}: {reason}")]
+    Model { path: PathBuf, reason: String },
+}
+
+/// Which execution provider sessions run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    /// ONNX Runtime's CPU kernels.
+    Cpu,
+    /// NVIDIA CUDA; fails at startup if it cannot be registered.
+    Cuda,
+    /// CUDA when it registers, otherwise CPU with a warning.
+    Auto,
+}
+
+impl ExecutionProvider {
+    /// The name reported by `/info` and `deskgen models`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionProvider::Cpu => "cpu",
+            ExecutionProvider::Cuda => "cuda",
+            ExecutionProvider::Auto => "auto",
+        }
+    }
+}
+
+/// Settings every session is built with.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RuntimeConfig {
+    /// Execution provider for all models: cpu, cuda (fail if unavailable) or auto (CUDA, else CPU).
+    #[arg(long, env = "DESKGEN_EXECUTION_PROVIDER", value_enum, default_value = "cpu")]
+    pub execution_provider: ExecutionProvider,
+    /// CUDA device ordinal.
+    #[arg(long, env = "DESKGEN_DEVICE_ID", default_value_t = 0)]
+    pub device_id: i32,
+    /// Threads each session uses inside one operator (0 = ONNX Runtime's choice).
+    #[arg(long, env = "DESKGEN_INTRA_THREADS", default_value_t = 0)]
+    pub intra_threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { execution_provider: ExecutionProvider::Cpu, device_id: 0, intra_threads: 0 }
+    }
+}
+
+/// A loaded ONNX Runtime plus the settings sessions are built with. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    env: Environment,
+    config: RuntimeConfig,
+    /// The provider sessions actually run on after `auto` was resolved.
+    active: ExecutionProvider,
+}
+
+/// ONNX Runtime allows one environment per process; every `Runtime` shares it.
+static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
+static INIT: Mutex<()> = Mutex::new(());
+
+fn library_path() -> String {
+    std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| "libonnxruntime.so".to_string())
+}
+
+fn environment() -> Result<Environment, RuntimeError> {
+    let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    let path = library_path();
+    let env = ENVIRONMENT.get_or_init(|| {
+        if path.contains('/') && !Path::new(&path).exists() {
+            return Err("no such file".to_string());
+        }
+        ort::init_from(&path)
+            .map_err(|e| e.to_string())?
+            .with_name("deskgen")
+            .with_telemetry(false)
+            .build()
+            .map_err(|e| e.to_string())
+    });
+    env.clone().map_err(|reason| RuntimeError::Library { path, reason })
+}
+
+impl Runtime {
+    /// Loads the library and checks that the chosen execution provider can be used.
+    pub fn init(config: &RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        let env = environment()?;
+        let active = match config.execution_provider {
+            ExecutionProvider::Cpu => ExecutionProvider::Cpu,
+            ExecutionProvider::Cuda => {
+                cuda_available(config)?;
+                ExecutionProvider::Cuda
+            }
+            ExecutionProvider::Auto => match cuda_available(config) {
+                Ok(()) => ExecutionProvider::Cuda,
+                Err(e) => {
+                    tracing::warn!(error = %e, "CUDA unavailable, running on CPU");
+                    ExecutionProvider::Cpu
+                }
+            },
+        };
+        Ok(Runtime { env, config: config.clone(), active })
+    }
+
+    /// The provider sessions run on (`auto` resolved).
+    pub fn provider(&self) -> ExecutionProvider {
+        self.active
+    }
+
+    /// A session builder with this runtime's threads, optimisation level and provider.
+    pub fn builder(&self) -> Result<SessionBuilder, RuntimeError> {
+        let fail = |reason: String| RuntimeError::Provider { provider: self.active.as_str(), reason };
+        let mut builder = Session::builder(&self.env)
+            .map_err(|e| fail(e.to_string()))?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(|e| fail(e.to_string()))?;
+        if self.config.intra_threads > 0 {
+            builder = builder.with_intra_threads(self.config.intra_threads).map_err(|e| fail(e.to_string()))?;
+        }
+        if self.active == ExecutionProvider::Cuda {
+            builder = with_cuda(builder, &self.config).map_err(fail)?;
+        }
+        Ok(builder)
+    }
+
+    /// Builds a session from a model file, naming the file in any error.
+    pub fn session(&self, path: &Path) -> Result<Session, RuntimeError> {
+        if !path.is_file() {
+            return Err(RuntimeError::Model { path: path.to_path_buf(), reason: "file not found".into() });
+        }
+        self.builder()?
+            .commit_from_file(path)
+            .map_err(|e| RuntimeError::Model { path: path.to_path_buf(), reason: e.to_string() })
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn with_cuda(builder: SessionBuilder, config: &RuntimeConfig) -> Result<SessionBuilder, String> {
+    let cuda = ort::ep::CUDA::default().with_device_id(config.device_id).build().error_on_failure();
+    builder.with_execution_providers([cuda]).map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn with_cuda(_builder: SessionBuilder, _config: &RuntimeConfig) -> Result<SessionBuilder, String> {
+    Err("this binary was built without the `cuda` feature".to_string())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_available(config: &RuntimeConfig) -> Result<(), RuntimeError> {
+    use ort::ep::ExecutionProvider as _;
+    let reason = match ort::ep::CUDA::default().with_device_id(config.device_id).is_available() {
+        Ok(true) => return Ok(()),
+        Ok(false) => "the runtime library has no CUDA provider (fetch it with ORT_PKG=onnxruntime-gpu make ort)".into(),
+        Err(e) => e.to_string(),
+    };
+    Err(RuntimeError::Provider { provider: "cuda", reason })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_available(_config: &RuntimeConfig) -> Result<(), RuntimeError> {
+    Err(RuntimeError::Provider {
+        provider: "cuda",
+        reason: "this binary was built without the `cuda` feature (cargo build --features cuda)".into(),
+    })
+}
