@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Export a Stable Diffusion pipeline (SD 1.x / 2.x / SDXL, diffusers layout) to the standard
+# optimum ONNX layout that deskgen loads:
+#
+#   OUT_DIR/model_index.json  scheduler/  tokenizer/[tokenizer_2/]
+#   OUT_DIR/text_encoder/model.onnx  [text_encoder_2/model.onnx]
+#   OUT_DIR/unet/model.onnx  vae_encoder/model.onnx  vae_decoder/model.onnx
+#
+# Usage:
+#   onnx/export_sd.sh MODEL_DIR_OR_ID OUT_DIR [--fp16] [--device cpu|cuda] [--opset N] [--atol X]
+#   onnx/export_sd.sh --ensure-venv     only create/update the venv
+#
+#   MODEL_DIR_OR_ID  a local diffusers checkpoint directory or a Hugging Face model id
+#                    (e.g. runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0;
+#                    an id needs network access to the hub and, for gated models, `hf auth login`).
+#   --fp16           export float16 weights and inputs/outputs (`optimum-cli ... --dtype fp16`;
+#                    the UNet timestep becomes a rank-0 float16). Works with the CPU tracer here
+#                    (checked on the tiny fixtures), but PyTorch warns that fp16 pipelines are not
+#                    meant for CPU: for real checkpoints prefer `--fp16 --device cuda`. optimum's
+#                    post-export validation compares against PyTorch with --atol (default 1e-2
+#                    for fp16; fp16 rounding alone gives ~3e-3..1.5e-2 differences).
+#   --device         device used for tracing (default cpu).
+#   --opset          ONNX opset (default: optimum's choice, 18 for these models).
+#   --atol           validation tolerance passed to optimum (default: optimum's, or 1e-2 with --fp16).
+#
+# The tool chain is pinned in onnx/requirements-export.txt and installed into a virtual
+# environment at $DESKGEN_EXPORT_VENV (default ~/.cache/deskgen/venv-export), created with
+# Python 3.12 ($DESKGEN_PYTHON, else python3.12 on PATH, else pyenv's 3.12.x). The venv is
+# (re)installed whenever requirements-export.txt changes.
+# (torch from PyPI is the CUDA build, so the same venv serves --device cuda on a GPU machine.)
+#
+# After the export every tokenizer directory is given a tokenizer.json (fast tokenizer file),
+# because the Rust side reads tokenizer/tokenizer.json with the `tokenizers` crate and many
+# checkpoints ship only vocab.json + merges.txt.
+set -euo pipefail
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-2}"; }
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REQ="$HERE/requirements-export.txt"
+VENV="${DESKGEN_EXPORT_VENV:-$HOME/.cache/deskgen/venv-export}"
+
+[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && usage 0
+[[ "${1:-}" == "--ensure-venv" ]] || [[ $# -ge 2 ]] || usage 2
+MODE=export
+if [[ "$1" == "--ensure-venv" ]]; then MODE=venv; shift; set -- x x "$@"; fi
+MODEL="$1"; OUT="$2"; shift 2
+DTYPE=fp32; DEVICE=cpu; OPSET=(); ATOL=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --fp16) DTYPE=fp16 ;;
+    --device) DEVICE="$2"; shift ;;
+    --opset) OPSET=(--opset "$2"); shift ;;
+    --atol) ATOL=(--atol "$2"); shift ;;
+    -h|--help) usage 0 ;;
+    *) echo "export_sd.sh: unknown argument $1" >&2; usage 2 ;;
+  esac
+  shift
+done
+
+find_python() {
+  if [[ -n "${DESKGEN_PYTHON:-}" ]]; then echo "$DESKGEN_PYTHON"; return; fi
+  if command -v python3.12 >/dev/null 2>&1; then command -v python3.12; return; fi
+  if command -v pyenv >/dev/null 2>&1; then
+    local p
+    p="$(ls -d "$(pyenv root)"/versions/3.12.*/bin/python3.12 2>/dev/null | sort -V | tail -1 || true)"
+    if [[ -n "$p" ]]; then echo "$p"; return; fi
+  fi
+  echo "export_sd.sh: Python 3.12 not found (set DESKGEN_PYTHON)" >&2; exit 1
+}
+
+ensure_venv() {
+  local stamp="$VENV/.deskgen-requirements.sha256" want
+  want="$(sha256sum "$REQ" | cut -d' ' -f1)"
+  if [[ -x "$VENV/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    "$(find_python)" -m venv "$VENV"
+  fi
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
+  "$VENV/bin/python" -m pip install --quiet -r "$REQ" >&2
+  echo "$want" > "$stamp"
+}
+
+ensure_venv
+[[ "$MODE" == venv ]] && exit 0
+
+DEV_ARGS=(--device "$DEVICE")
+if [[ "$DTYPE" == fp16 && ${#ATOL[@]} -eq 0 ]]; then ATOL=(--atol 1e-2); fi
+if [[ "$DTYPE" == fp16 && "$DEVICE" == cpu ]]; then
+  echo "export_sd.sh: note: fp16 export traced on CPU; for real checkpoints prefer --device cuda" >&2
+fi
+
+mkdir -p "$OUT"
+"$VENV/bin/optimum-cli" export onnx --model "$MODEL" --task text-to-image \
+  --dtype "$DTYPE" "${DEV_ARGS[@]}" "${OPSET[@]}" "${ATOL[@]}" "$OUT"
+
+# Make sure every tokenizer directory has a tokenizer.json.
+"$VENV/bin/python" - "$OUT" <<'PY'
+import sys, pathlib
+from transformers import AutoTokenizer
+out = pathlib.Path(sys.argv[1])
+for d in sorted(out.glob("tokenizer*")):
+    if d.is_dir() and not (d / "tokenizer.json").exists():
+        tok = AutoTokenizer.from_pretrained(str(d), use_fast=True)
+        tok.backend_tokenizer.save(str(d / "tokenizer.json"))
+        print(f"export_sd.sh: wrote {d / 'tokenizer.json'}", file=sys.stderr)
+PY
+echo "export_sd.sh: exported $MODEL -> $OUT ($DTYPE)" >&2
