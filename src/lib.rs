@@ -1,3 +1,11 @@
 //! deskgen: a desk photo in, an improved desk-setup image and shopping links out.
+//!
+//! A request enters through [`api`] (gRPC, grpc-web or REST on one listener), becomes a task in
+//! [`tasks`], and a worker runs it through [`pipeline`], which uses the models in [`inference`].
 
+pub mod api;
+pub mod config;
 pub mod inference;
+pub mod pipeline;
+pub mod server;
+pub mod tasks;

@@ -138,7 +138,8 @@ impl Runtime {
             .with_optimization_level(GraphOptimizationLevel::Level3)
             .map_err(|e| fail(e.to_string()))?;
         if self.config.intra_threads > 0 {
-            builder = builder.with_intra_threads(self.config.intra_threads).map_err(|e| fail(e.to_string()))?;
+            builder =
+                builder.with_intra_threads(self.config.intra_threads).map_err(|e| fail(e.to_string()))?;
         }
         if self.active == ExecutionProvider::Cuda {
             builder = with_cuda(builder, &self.config).map_err(fail)?;
@@ -173,7 +174,9 @@ fn cuda_available(config: &RuntimeConfig) -> Result<(), RuntimeError> {
     use ort::ep::ExecutionProvider as _;
     let reason = match ort::ep::CUDA::default().with_device_id(config.device_id).is_available() {
         Ok(true) => return Ok(()),
-        Ok(false) => "the runtime library has no CUDA provider (fetch it with ORT_PKG=onnxruntime-gpu make ort)".into(),
+        Ok(false) => {
+            "the runtime library has no CUDA provider (fetch it with ORT_PKG=onnxruntime-gpu make ort)".into()
+        }
         Err(e) => e.to_string(),
     };
     Err(RuntimeError::Provider { provider: "cuda", reason })

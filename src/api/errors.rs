@@ -1,0 +1,172 @@
+//! API errors and their one mapping to HTTP responses and one to gRPC statuses.
+//!
+//! Both mappings are exhaustive matches, so a new error cannot go unmapped.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tonic_types::{ErrorDetails, StatusExt};
+
+use super::validate::{Invalid, Violation};
+use crate::tasks::{CancelError, ErrorCode, SubmitError};
+
+/// An error answered to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// `prompt` present but blank.
+    #[error("Prompt must not be empty.")]
+    EmptyPrompt,
+    /// Validation rules broken.
+    #[error("{}", join(.0))]
+    Invalid(Vec<Violation>),
+    /// The body is not JSON at all.
+    #[error("{0}")]
+    Malformed(String),
+    /// The body is over the size limit.
+    #[error("Request body exceeds the limit of {0} bytes.")]
+    TooLarge(usize),
+    /// No task has this id.
+    #[error("Task {0} not found.")]
+    TaskNotFound(String),
+    /// The queue is at its limit.
+    #[error("The queue is full ({0} tasks); retry later.")]
+    QueueFull(usize),
+    /// No valid API key.
+    #[error("A valid API key is required (Authorization: Bearer <key>).")]
+    Unauthenticated,
+    /// The task already finished.
+    #[error("Task {0} already finished as {1}.")]
+    AlreadyFinished(String, &'static str),
+    /// Models are still loading.
+    #[error("The service is starting; models are still loading.")]
+    NotReady,
+    /// Anything else; details are logged, not returned.
+    #[error("Internal error.")]
+    Internal(String),
+}
+
+fn join(violations: &[Violation]) -> String {
+    violations.iter().map(|v| v.description.as_str()).collect::<Vec<_>>().join(" ")
+}
+
+impl From<Invalid> for ApiError {
+    fn from(invalid: Invalid) -> Self {
+        match invalid {
+            Invalid::EmptyPrompt => ApiError::EmptyPrompt,
+            Invalid::Rules(violations) => ApiError::Invalid(violations),
+        }
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::QueueFull(n) => ApiError::QueueFull(n),
+            SubmitError::Store(e) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<CancelError> for ApiError {
+    fn from(e: CancelError) -> Self {
+        match e {
+            CancelError::NotFound(id) => ApiError::TaskNotFound(id),
+            CancelError::AlreadyFinished(id, status) => ApiError::AlreadyFinished(id, status),
+            CancelError::Store(e) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl ApiError {
+    /// The stable code of this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ApiError::EmptyPrompt | ApiError::Invalid(_) | ApiError::Malformed(_) | ApiError::TooLarge(_) => {
+                ErrorCode::InvalidInput
+            }
+            ApiError::TaskNotFound(_) => ErrorCode::TaskNotFound,
+            ApiError::QueueFull(_) => ErrorCode::QueueFull,
+            ApiError::Unauthenticated => ErrorCode::Unauthenticated,
+            ApiError::AlreadyFinished(..) => ErrorCode::AlreadyFinished,
+            ApiError::NotReady => ErrorCode::NotReady,
+            ApiError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn log_internal(&self) {
+        if let ApiError::Internal(detail) = self {
+            tracing::error!(%detail, "internal error");
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.log_internal();
+        let message = self.to_string();
+        let code = self.code().as_str();
+        let coded = |status: StatusCode| (status, Json(json!({"error_code": code, "message": message})));
+        let mut response = match &self {
+            // The product spec's bodies for blank prompts and unreadable JSON use "detail".
+            ApiError::EmptyPrompt | ApiError::Malformed(_) => {
+                (StatusCode::BAD_REQUEST, Json(json!({"detail": message}))).into_response()
+            }
+            ApiError::Invalid(_) => coded(StatusCode::UNPROCESSABLE_ENTITY).into_response(),
+            ApiError::TooLarge(_) => coded(StatusCode::PAYLOAD_TOO_LARGE).into_response(),
+            ApiError::TaskNotFound(_) => coded(StatusCode::NOT_FOUND).into_response(),
+            ApiError::QueueFull(_) => coded(StatusCode::TOO_MANY_REQUESTS).into_response(),
+            ApiError::Unauthenticated => coded(StatusCode::UNAUTHORIZED).into_response(),
+            ApiError::AlreadyFinished(..) => coded(StatusCode::CONFLICT).into_response(),
+            ApiError::NotReady => coded(StatusCode::SERVICE_UNAVAILABLE).into_response(),
+            ApiError::Internal(_) => coded(StatusCode::INTERNAL_SERVER_ERROR).into_response(),
+        };
+        match self {
+            ApiError::QueueFull(_) | ApiError::NotReady => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::Unauthenticated => {
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::EmptyPrompt
+            | ApiError::Invalid(_)
+            | ApiError::Malformed(_)
+            | ApiError::TooLarge(_)
+            | ApiError::TaskNotFound(_)
+            | ApiError::AlreadyFinished(..)
+            | ApiError::Internal(_) => {}
+        }
+        response
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        e.log_internal();
+        let message = e.to_string();
+        let mut details = ErrorDetails::new();
+        details.set_error_info(e.code().as_str(), "deskgen", HashMap::new());
+        let code = match &e {
+            ApiError::EmptyPrompt => {
+                details.add_bad_request_violation("prompt", message.clone());
+                tonic::Code::InvalidArgument
+            }
+            ApiError::Invalid(violations) => {
+                for v in violations {
+                    details.add_bad_request_violation(v.field, v.description.clone());
+                }
+                tonic::Code::InvalidArgument
+            }
+            ApiError::Malformed(_) | ApiError::TooLarge(_) => tonic::Code::InvalidArgument,
+            ApiError::TaskNotFound(_) => tonic::Code::NotFound,
+            ApiError::QueueFull(_) => tonic::Code::ResourceExhausted,
+            ApiError::Unauthenticated => tonic::Code::Unauthenticated,
+            ApiError::AlreadyFinished(..) => tonic::Code::FailedPrecondition,
+            ApiError::NotReady => tonic::Code::Unavailable,
+            ApiError::Internal(_) => tonic::Code::Internal,
+        };
+        tonic::Status::with_error_details(code, message, details)
+    }
+}

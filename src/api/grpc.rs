@@ -1,0 +1,249 @@
+//! The gRPC services (also served as grpc-web): Generate, Result and Info.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use super::AppState;
+use super::errors::ApiError;
+use super::validate::{GenerateInput, LoraInput};
+use crate::tasks::{self, TaskRecord};
+
+/// Generated protobuf types and service traits of `deskgen.v1`.
+pub mod pb {
+    #![allow(missing_docs, clippy::all)]
+    tonic::include_proto!("deskgen.v1");
+
+    /// Encoded descriptors of every deskgen proto, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("deskgen_descriptor");
+}
+
+use pb::generate_server::Generate;
+use pb::info_server::Info;
+use pb::result_server::Result as ResultService;
+
+/// Rejects calls without a valid `authorization: Bearer <key>` metadata entry.
+pub fn check_auth(state: &AppState, request: &Request<()>) -> Result<(), Status> {
+    let value = request.metadata().get("authorization").map(|v| v.as_bytes());
+    if state.keys.allows(value) { Ok(()) } else { Err(ApiError::Unauthenticated.into()) }
+}
+
+/// Implements all three services over the shared state.
+#[derive(Clone)]
+pub struct Services {
+    state: Arc<AppState>,
+}
+
+impl Services {
+    /// Services over `state`.
+    pub fn new(state: Arc<AppState>) -> Self {
+        Services { state }
+    }
+}
+
+fn status(s: tasks::TaskStatus) -> pb::TaskStatus {
+    match s {
+        tasks::TaskStatus::Queued => pb::TaskStatus::Queued,
+        tasks::TaskStatus::Processing => pb::TaskStatus::Processing,
+        tasks::TaskStatus::Done => pb::TaskStatus::Done,
+        tasks::TaskStatus::Failed => pb::TaskStatus::Failed,
+        tasks::TaskStatus::Canceled => pb::TaskStatus::Canceled,
+    }
+}
+
+fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+impl From<pb::GenerateRequest> for GenerateInput {
+    fn from(r: pb::GenerateRequest) -> Self {
+        GenerateInput {
+            initial_image_url: r.initial_image_url,
+            prompt: r.prompt,
+            negative_prompt: r.negative_prompt,
+            num_inference_steps: r.num_inference_steps.map(i64::from),
+            guidance_scale: r.guidance_scale.map(f64::from),
+            height: r.height.map(i64::from),
+            width: r.width.map(i64::from),
+            strength: r.strength.map(f64::from),
+            seed: r.seed,
+            scheduler: r.scheduler,
+            loras: (!r.loras.is_empty()).then(|| {
+                r.loras
+                    .into_iter()
+                    .map(|l| LoraInput { name: l.name, weight: Some(f64::from(l.weight)) })
+                    .collect()
+            }),
+            webhook_url: r.webhook_url,
+            webhook_events: (!r.webhook_events.is_empty()).then_some(r.webhook_events),
+            max_items_per_category: r.max_items_per_category.map(i64::from),
+            task_id: r.task_id,
+        }
+    }
+}
+
+impl From<&TaskRecord> for pb::TaskResult {
+    fn from(record: &TaskRecord) -> Self {
+        let output = record.output.clone().unwrap_or_default();
+        pb::TaskResult {
+            task_id: record.task_id.clone(),
+            status: status(record.status) as i32,
+            progress: record.progress.as_ref().map(|p| pb::Progress {
+                stage: p.stage.clone(),
+                step: p.step,
+                steps: p.steps,
+            }),
+            initial_image_url: output.initial_image_url,
+            processed_image_url: output.processed_image_url,
+            is_desk: output.is_desk,
+            caption: output.caption,
+            detected_items: output
+                .detected_items
+                .into_iter()
+                .map(|d| pb::DetectedItem {
+                    label: d.label,
+                    score: d.score,
+                    r#box: Some(pb::BoundingBox {
+                        x_min: d.bbox.x_min,
+                        y_min: d.bbox.y_min,
+                        x_max: d.bbox.x_max,
+                        y_max: d.bbox.y_max,
+                    }),
+                })
+                .collect(),
+            recommendations: output
+                .recommendations
+                .into_iter()
+                .map(|r| pb::Recommendation {
+                    category: r.category,
+                    display_name: r.display_name,
+                    items: r
+                        .items
+                        .into_iter()
+                        .map(|i| pb::ShoppingItem {
+                            title: i.title,
+                            price: i.price,
+                            mall: i.mall,
+                            category3: i.category3,
+                            category4: i.category4,
+                            link: i.link,
+                            image: i.image,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            prompt_used: output.prompt_used,
+            negative_prompt_used: output.negative_prompt_used,
+            timings_ms: output.timings_ms.into_iter().collect(),
+            warnings: output.warnings,
+            error_code: record.error.as_ref().map(|e| e.code.as_str().to_string()),
+            message: record.error.as_ref().map(|e| e.message.clone()),
+            created_at: Some(timestamp(record.created_at)),
+            completed_at: record.completed_at.map(timestamp),
+            seed: output.seed,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Generate for Services {
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let record = self.state.submit(request.into_inner().into())?;
+        Ok(Response::new(pb::GenerateResponse {
+            task_id: record.task_id,
+            status: status(record.status) as i32,
+        }))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let record = self.state.cancel(&request.into_inner().task_id).await?;
+        Ok(Response::new(pb::CancelResponse {
+            task_id: record.task_id,
+            status: status(record.status) as i32,
+        }))
+    }
+}
+
+/// The stream type of `WatchResult`.
+pub type ResultStream = Pin<Box<dyn Stream<Item = Result<pb::TaskResult, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ResultService for Services {
+    async fn get_result(
+        &self,
+        request: Request<pb::GetResultRequest>,
+    ) -> Result<Response<pb::TaskResult>, Status> {
+        let task_id = request.into_inner().task_id;
+        let record = self.state.hub.get(&task_id).ok_or(ApiError::TaskNotFound(task_id))?;
+        Ok(Response::new((&record).into()))
+    }
+
+    type WatchResultStream = ResultStream;
+
+    async fn watch_result(
+        &self,
+        request: Request<pb::GetResultRequest>,
+    ) -> Result<Response<Self::WatchResultStream>, Status> {
+        let task_id = request.into_inner().task_id;
+        let updates = self.state.hub.watch(&task_id).ok_or(ApiError::TaskNotFound(task_id))?;
+        let stream = super::task_updates(updates).map(|record| Ok(pb::TaskResult::from(&record)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[tonic::async_trait]
+impl Info for Services {
+    async fn get_info(&self, _: Request<pb::GetInfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+        let info = self.state.info();
+        let pipeline = self.state.pipeline_info();
+        let native = pipeline.map(|p| p.native_size).unwrap_or_default();
+        Ok(Response::new(pb::InfoResponse {
+            version: info.version.to_string(),
+            models: info
+                .models
+                .iter()
+                .map(|m| pb::ModelInfo {
+                    id: m.id.clone(),
+                    path: m.path.clone(),
+                    sha256: m.sha256.clone(),
+                    size_bytes: m.size_bytes,
+                    execution_provider: m.execution_provider.clone(),
+                })
+                .collect(),
+            defaults: Some(pb::Defaults {
+                num_inference_steps: super::validate::DEFAULT_STEPS,
+                guidance_scale: super::validate::DEFAULT_GUIDANCE,
+                height: native,
+                width: native,
+                strength: super::validate::DEFAULT_STRENGTH,
+                scheduler: pipeline.map(|p| p.default_scheduler.clone()).unwrap_or_default(),
+                negative_prompt: pipeline.map(|p| p.negative_prompt.clone()).unwrap_or_default(),
+                max_items_per_category: super::validate::DEFAULT_ITEMS_PER_CATEGORY,
+            }),
+            limits: Some(pb::Limits {
+                max_steps: super::validate::MAX_STEPS,
+                max_side: self.state.limits.max_side,
+                max_guidance_scale: super::validate::MAX_GUIDANCE,
+                max_queue_depth: self.state.hub.capacity() as u32,
+                max_body_bytes: self.state.max_body_bytes as u64,
+            }),
+            queue_backend: info.about.queue_backend,
+            schedulers: info.schedulers,
+            loras: info
+                .loras
+                .into_iter()
+                .map(|name| pb::LoraInfo { name, rank: 0, target_modules: vec![], trigger_words: vec![] })
+                .collect(),
+            object_store: info.about.object_store,
+            shopping_provider: info.about.shopping_provider,
+        }))
+    }
+}

@@ -1,0 +1,207 @@
+//! The API: gRPC, grpc-web and the REST bridge on one listener, over the same operations.
+
+pub mod auth;
+pub mod errors;
+pub mod grpc;
+pub mod rest;
+pub mod validate;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use futures::Stream;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tokio::sync::watch;
+use tower_http::cors::{Any, CorsLayer};
+
+use self::auth::ApiKeys;
+use self::errors::ApiError;
+use self::validate::{GenerateInput, Limits};
+use crate::pipeline::{ModelInfo, PipelineInfo};
+use crate::tasks::{TaskHub, TaskRecord};
+
+/// Shared state of every handler.
+pub struct AppState {
+    /// Tasks: queue, store, progress.
+    pub hub: Arc<TaskHub>,
+    /// Accepted API keys.
+    pub keys: ApiKeys,
+    /// Request limits.
+    pub limits: Limits,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// Prometheus registry.
+    pub metrics: PrometheusHandle,
+    /// Set once the models are loaded; the service is ready from then on.
+    pub pipeline: OnceLock<PipelineInfo>,
+    /// Fixed facts for /info.
+    pub about: About,
+}
+
+/// Facts about the deployment, for /info.
+#[derive(Debug, Clone, Serialize)]
+pub struct About {
+    /// Queue backend name.
+    pub queue_backend: String,
+    /// Object store kind.
+    pub object_store: String,
+    /// Shopping provider name.
+    pub shopping_provider: String,
+    /// Execution provider in use.
+    pub execution_provider: String,
+}
+
+/// The /info document (the gRPC `InfoResponse` carries the same data).
+#[derive(Debug, Clone, Serialize)]
+pub struct InfoDocument {
+    /// Service version.
+    pub version: &'static str,
+    /// Loaded models (empty while loading).
+    pub models: Vec<ModelInfo>,
+    /// Schedulers a request may name.
+    pub schedulers: Vec<String>,
+    /// LoRA adapters a request may name.
+    pub loras: Vec<String>,
+    /// Defaults applied to omitted request fields.
+    pub defaults: serde_json::Value,
+    /// Request limits.
+    pub limits: serde_json::Value,
+    /// Deployment facts.
+    #[serde(flatten)]
+    pub about: About,
+}
+
+impl AppState {
+    /// The pipeline's description once models are loaded.
+    pub fn pipeline_info(&self) -> Option<&PipelineInfo> {
+        self.pipeline.get()
+    }
+
+    /// Validates and queues a request.
+    pub fn submit(&self, input: GenerateInput) -> Result<TaskRecord, ApiError> {
+        let info = self.pipeline_info().ok_or(ApiError::NotReady)?;
+        let (task_id, request) = validate::validate(input, &self.limits, info)?;
+        let (record, _created) = self.hub.submit(task_id, request)?;
+        Ok(record)
+    }
+
+    /// Cancels a task; for a running task, waits briefly for it to stop.
+    pub async fn cancel(&self, task_id: &str) -> Result<TaskRecord, ApiError> {
+        let record = self.hub.cancel(task_id)?;
+        if record.status.is_final() {
+            return Ok(record);
+        }
+        Ok(self.wait_final(task_id, Duration::from_secs(5)).await.unwrap_or(record))
+    }
+
+    /// The task's record once final, or `None` if `timeout` passes first.
+    pub async fn wait_final(&self, task_id: &str, timeout: Duration) -> Option<TaskRecord> {
+        let mut updates = self.hub.watch(task_id)?;
+        let finished = updates.wait_for(|r| r.status.is_final());
+        tokio::time::timeout(timeout, finished).await.ok()?.ok().map(|r| r.clone())
+    }
+
+    /// The /info document.
+    pub fn info(&self) -> InfoDocument {
+        let pipeline = self.pipeline_info();
+        let native = pipeline.map(|p| p.native_size);
+        InfoDocument {
+            version: env!("CARGO_PKG_VERSION"),
+            models: pipeline.map(|p| p.models.clone()).unwrap_or_default(),
+            schedulers: pipeline.map(|p| p.schedulers.clone()).unwrap_or_default(),
+            loras: pipeline.map(|p| p.loras.clone()).unwrap_or_default(),
+            defaults: serde_json::json!({
+                "num_inference_steps": validate::DEFAULT_STEPS,
+                "guidance_scale": validate::DEFAULT_GUIDANCE,
+                "strength": validate::DEFAULT_STRENGTH,
+                "height": native,
+                "width": native,
+                "scheduler": pipeline.map(|p| p.default_scheduler.clone()),
+                "negative_prompt": pipeline.map(|p| p.negative_prompt.clone()),
+                "max_items_per_category": validate::DEFAULT_ITEMS_PER_CATEGORY,
+            }),
+            limits: serde_json::json!({
+                "max_steps": validate::MAX_STEPS,
+                "max_side": self.limits.max_side,
+                "max_guidance_scale": validate::MAX_GUIDANCE,
+                "max_queue_depth": self.hub.capacity(),
+                "max_body_bytes": self.max_body_bytes,
+            }),
+            about: self.about.clone(),
+        }
+    }
+}
+
+/// Every state a task passes through from now on, ending with its final state.
+pub fn task_updates(updates: watch::Receiver<TaskRecord>) -> impl Stream<Item = TaskRecord> {
+    futures::stream::unfold(Some(updates), |state| async move {
+        let mut updates = state?;
+        let record = updates.borrow_and_update().clone();
+        if record.status.is_final() {
+            return Some((record, None));
+        }
+        // Sender dropped (task purged): end after this item.
+        let next = updates.changed().await.ok().map(|()| updates);
+        Some((record, next))
+    })
+}
+
+/// The REST routes (gRPC and grpc-web are merged in by [`crate::server`]).
+pub fn rest_router(state: Arc<AppState>) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/generate", post(rest::generate))
+        .route("/generate", post(rest::generate))
+        .route("/v1/result/{task_id}", get(rest::result))
+        .route("/result/{task_id}", get(rest::result))
+        .route("/v1/result/{task_id}/events", get(rest::events))
+        .route("/v1/result/{task_id}/cancel", post(rest::cancel))
+        .route("/healthcheck", get(rest::healthcheck))
+        .route("/info", get(rest::info))
+        .route("/metrics", get(rest::metrics))
+        .route("/openapi.json", get(rest::openapi))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// CORS for browsers: any origin, and the gRPC status headers grpc-web clients must read.
+pub fn cors() -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods(Any)
+        .allow_headers(Any)
+        .expose_headers([
+            "grpc-status".parse().expect("static"),
+            "grpc-message".parse().expect("static"),
+            "grpc-status-details-bin".parse().expect("static"),
+        ])
+        .max_age(Duration::from_secs(3600))
+}
+
+/// Counts requests and their latency by route and status.
+pub async fn track_requests(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("deskgen_http_requests_total", "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("deskgen_http_request_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Wraps `router` with request metrics.
+pub fn with_request_metrics(router: Router) -> Router {
+    router.layer(middleware::from_fn(track_requests))
+}

@@ -1,0 +1,167 @@
+//! The REST bridge: the same operations as gRPC, JSON in and out, in the product spec's shapes.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::errors::ApiError;
+use super::validate::{GenerateInput, Violation};
+use crate::tasks::{ErrorCode, TaskRecord, TaskStatus};
+
+/// Longest `Prefer: wait=N` honoured, in seconds.
+const MAX_WAIT_SECS: u64 = 60;
+
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let value = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    if state.keys.allows(value) { Ok(()) } else { Err(ApiError::Unauthenticated) }
+}
+
+fn parse_input(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<GenerateInput, ApiError> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(limit),
+        _ => ApiError::Malformed(rejection.body_text()),
+    })?;
+    let value: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::Malformed(format!("Malformed JSON: {e}.")))?;
+    if !value.is_object() {
+        return Err(ApiError::Malformed("The request body must be a JSON object.".into()));
+    }
+    // A blank prompt is the product spec's 400, whatever else is wrong with the body.
+    if value.get("prompt").and_then(Value::as_str).is_some_and(|p| p.trim().is_empty()) {
+        return Err(ApiError::EmptyPrompt);
+    }
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::Invalid(vec![Violation { field: "body", description: format!("{e}.") }]))
+}
+
+fn wait_preference(headers: &HeaderMap) -> Option<u64> {
+    headers.get_all("prefer").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).find_map(
+        |p| {
+            let secs = p.trim().strip_prefix("wait=")?.trim().parse::<u64>().ok()?;
+            Some(secs.min(MAX_WAIT_SECS))
+        },
+    )
+}
+
+/// POST /v1/generate: queue a task; with `Prefer: wait=N`, answer with the result if it is ready in time.
+pub async fn generate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let input = parse_input(body, state.max_body_bytes)?;
+    let record = state.submit(input)?;
+    if let Some(secs) = wait_preference(&headers) {
+        let finished = state.wait_final(&record.task_id, Duration::from_secs(secs)).await;
+        if let Some(done) = finished {
+            let mut response = (final_status(&done), Json(done.to_result_json())).into_response();
+            response
+                .headers_mut()
+                .insert("preference-applied", format!("wait={secs}").parse().expect("ascii"));
+            return Ok(response);
+        }
+    }
+    let body = json!({"task_id": record.task_id, "status": record.status.as_str()});
+    Ok((StatusCode::ACCEPTED, [(header::LOCATION, format!("/v1/result/{}", record.task_id))], Json(body))
+        .into_response())
+}
+
+/// The HTTP status of a finished task answered synchronously.
+fn final_status(record: &TaskRecord) -> StatusCode {
+    let Some(error) = record.error.as_ref().filter(|_| record.status == TaskStatus::Failed) else {
+        return StatusCode::OK;
+    };
+    match error.code {
+        ErrorCode::InvalidInput | ErrorCode::InvalidImage => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::ImageFetchFailed => StatusCode::BAD_GATEWAY,
+        ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorCode::Canceled => StatusCode::OK,
+        ErrorCode::ModelError
+        | ErrorCode::S3UploadFailed
+        | ErrorCode::ShoppingFailed
+        | ErrorCode::TaskNotFound
+        | ErrorCode::QueueFull
+        | ErrorCode::Unauthenticated
+        | ErrorCode::AlreadyFinished
+        | ErrorCode::NotReady
+        | ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// GET /v1/result/{task_id}
+pub async fn result(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(task_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let record = state.hub.get(&task_id).ok_or(ApiError::TaskNotFound(task_id))?;
+    Ok(Json(record.to_result_json()))
+}
+
+/// POST /v1/result/{task_id}/cancel
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(task_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let record = state.cancel(&task_id).await?;
+    Ok(Json(record.to_result_json()))
+}
+
+/// GET /v1/result/{task_id}/events: Server-Sent Events, `progress` events then one `result`.
+pub async fn events(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(task_id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    authorize(&state, &headers)?;
+    let updates = state.hub.watch(&task_id).ok_or(ApiError::TaskNotFound(task_id))?;
+    let stream = super::task_updates(updates).map(|record| {
+        let name = if record.status.is_final() { "result" } else { "progress" };
+        Ok(Event::default().event(name).json_data(record.to_result_json()).expect("JSON values serialise"))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// GET /healthcheck: 200 when ready, 503 while loading; per-component state.
+pub async fn healthcheck(State(state): State<Arc<AppState>>) -> Response {
+    let ready = state.pipeline_info().is_some();
+    let body = json!({
+        "status": if ready { "ok" } else { "starting" },
+        "components": {
+            "models": if ready { "ready" } else { "loading" },
+            "queue": {"backend": "memory", "depth": state.hub.queue_depth(), "capacity": state.hub.capacity()},
+        },
+    });
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+/// GET /info
+pub async fn info(State(state): State<Arc<AppState>>) -> Json<Value> {
+    Json(serde_json::to_value(state.info()).expect("info serialises"))
+}
+
+/// GET /metrics: Prometheus text.
+pub async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+}
+
+/// GET /openapi.json
+pub async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], include_str!("openapi.json"))
+}

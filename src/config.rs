@@ -1,0 +1,69 @@
+//! Command-line configuration: one clap-derived struct per subcommand, every flag with an env var.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::inference::RuntimeConfig;
+
+/// deskgen: a desk photo in, an improved desk-setup image and shopping links out.
+#[derive(Debug, Parser)]
+#[command(name = "deskgen", version, about)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve gRPC, grpc-web and REST on one listener, with embedded workers.
+    Serve(ServeConfig),
+}
+
+/// Settings of `deskgen serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on for gRPC, grpc-web and REST.
+    #[arg(long, env = "DESKGEN_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Folder for the task store (and stored images with the file object store).
+    #[arg(long, env = "DESKGEN_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    /// Workers running tasks in this process.
+    #[arg(long, env = "DESKGEN_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+    /// Most tasks waiting in the queue; more are refused with 429 / RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DESKGEN_MAX_QUEUE_DEPTH", default_value_t = 100)]
+    pub max_queue_depth: usize,
+    /// Starts a task gets when the process stops under it; after that it fails.
+    #[arg(long, env = "DESKGEN_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// How long finished results are kept (e.g. 7d, 12h).
+    #[arg(long, env = "DESKGEN_RESULT_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub result_ttl: Duration,
+    /// Longest a task may run before it fails with TIMEOUT.
+    #[arg(long, env = "DESKGEN_TASK_DEADLINE", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub task_deadline: Duration,
+    /// On SIGTERM/Ctrl-C, how long running tasks may take to finish; queued ones wait for the next start.
+    #[arg(long, env = "DESKGEN_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// API key clients must send as `Authorization: Bearer <key>` (repeatable; none = open API).
+    #[arg(long = "api-key", env = "DESKGEN_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// File with one API key per line.
+    #[arg(long, env = "DESKGEN_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Largest request body in bytes (REST JSON and gRPC messages).
+    #[arg(long, env = "DESKGEN_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Largest image side a request may ask for, in pixels.
+    #[arg(long, env = "DESKGEN_MAX_SIDE", default_value_t = 2048)]
+    pub max_side: u32,
+    /// ONNX Runtime settings.
+    #[command(flatten)]
+    pub runtime: RuntimeConfig,
+}

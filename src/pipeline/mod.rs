@@ -1,0 +1,52 @@
+//! The pipeline: what a worker does with one task, from the photo to the result.
+
+pub mod plan;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::tasks::worker::TaskContext;
+use crate::tasks::{TaskError, TaskOutput, TaskRecord};
+
+/// One model the pipeline runs, as /info and `deskgen models` report it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    /// Stable id, e.g. "detector".
+    pub id: String,
+    /// File or folder it was loaded from.
+    pub path: String,
+    /// sha256 of the file (of model.onnx for folders).
+    pub sha256: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Execution provider it runs on.
+    pub execution_provider: String,
+}
+
+/// What the pipeline offers, for /info and for request defaults.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineInfo {
+    /// Models in use.
+    pub models: Vec<ModelInfo>,
+    /// Scheduler ids a request may name.
+    pub schedulers: Vec<String>,
+    /// The scheduler used when a request names none.
+    pub default_scheduler: String,
+    /// The diffusion model's native image side in pixels.
+    pub native_size: u32,
+    /// LoRA adapters a request may name.
+    pub loras: Vec<String>,
+    /// The negative prompt used when a request gives none.
+    pub negative_prompt: String,
+}
+
+/// Runs one task. The product binary uses the real pipeline; tests may drive the service with their
+/// own implementation to control timing.
+#[async_trait]
+pub trait Pipeline: Send + Sync + 'static {
+    /// Runs the task to its output, reporting progress and honouring cancellation through `ctx`.
+    async fn run(&self, task: &TaskRecord, ctx: &TaskContext) -> Result<TaskOutput, TaskError>;
+
+    /// Models, schedulers and sizes this pipeline offers.
+    fn info(&self) -> PipelineInfo;
+}

@@ -1,0 +1,275 @@
+//! The pipeline's editable settings (config/pipeline.toml): the category table, the recommendation
+//! plan, and prompt engineering.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The built-in settings file.
+pub const DEFAULT_PIPELINE_CONFIG: &str = include_str!("../../config/pipeline.toml");
+
+/// Errors reading the settings.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid settings.
+    #[error("invalid pipeline settings: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// The settings contradict themselves.
+    #[error("invalid pipeline settings: {0}")]
+    Invalid(String),
+}
+
+/// One item category a desk can be improved with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Category {
+    /// Stable id, e.g. "desk_lamp".
+    pub id: String,
+    /// Result key and shopper-facing name, e.g. "데스크 조명".
+    pub display: String,
+    /// Shopping search query.
+    pub query: String,
+    /// Words for the prompt, e.g. "a minimalist desk lamp".
+    pub phrase: String,
+    /// Item names from vision that mean this category is already on the desk.
+    #[serde(default)]
+    pub evidence: Vec<String>,
+    /// Items one of which must be on the desk for this category to make sense (empty: always).
+    #[serde(default)]
+    pub needs_any: Vec<String>,
+    /// Words in a user's prompt that name this category.
+    #[serde(default)]
+    pub keywords: Vec<String>,
+}
+
+/// Prompt templates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptTemplates {
+    /// Template when starting from a photo.
+    pub img2img: String,
+    /// Template for text-only requests.
+    pub txt2img: String,
+    /// Default negative prompt.
+    pub negative: String,
+}
+
+/// The whole settings file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Most categories recommended per task.
+    pub max_categories: usize,
+    /// Categories for text-only requests that name none.
+    pub default_categories: Vec<String>,
+    /// Prompt templates.
+    pub prompt: PromptTemplates,
+    /// The category table, in order of preference.
+    pub categories: Vec<Category>,
+}
+
+/// What the prompt is built from.
+pub struct PromptInput<'a> {
+    /// Caption of the photo; none for text-only requests.
+    pub caption: Option<&'a str>,
+    /// The categories to add.
+    pub categories: &'a [&'a Category],
+    /// The user's own words.
+    pub user_text: Option<&'a str>,
+    /// Trigger words of the LoRA adapters in use.
+    pub triggers: &'a [String],
+}
+
+impl PipelineSettings {
+    /// The built-in settings, or the file at `path`.
+    pub fn load(path: Option<&Path>) -> Result<PipelineSettings, PlanError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|source| PlanError::Read { path: path.display().to_string(), source })?,
+            None => DEFAULT_PIPELINE_CONFIG.to_string(),
+        };
+        let settings: PipelineSettings = toml::from_str(&text)?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    fn check(&self) -> Result<(), PlanError> {
+        let mut ids = BTreeSet::new();
+        for category in &self.categories {
+            if !ids.insert(category.id.as_str()) {
+                return Err(PlanError::Invalid(format!("category '{}' appears twice", category.id)));
+            }
+        }
+        if let Some(unknown) = self.default_categories.iter().find(|id| !ids.contains(id.as_str())) {
+            return Err(PlanError::Invalid(format!("default category '{unknown}' is not in the table")));
+        }
+        if self.max_categories == 0 {
+            return Err(PlanError::Invalid("max_categories must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The category with this id.
+    pub fn category(&self, id: &str) -> Option<&Category> {
+        self.categories.iter().find(|c| c.id == id)
+    }
+
+    /// Categories to recommend: those the user's text names first, then (with a photo) what is
+    /// missing from the desk, then upgrades of what is there; text-only requests that name nothing
+    /// get the defaults. At most `max_categories`.
+    pub fn plan(&self, detected: Option<&[String]>, user_text: Option<&str>) -> Vec<&Category> {
+        let mut chosen: Vec<&Category> = Vec::new();
+        fn push<'a>(category: &'a Category, chosen: &mut Vec<&'a Category>) {
+            if !chosen.iter().any(|c| c.id == category.id) {
+                chosen.push(category);
+            }
+        }
+        let prompt = user_text.map(str::to_lowercase).unwrap_or_default();
+        for category in &self.categories {
+            if category.keywords.iter().any(|k| contains_word(&prompt, &k.to_lowercase())) {
+                push(category, &mut chosen);
+            }
+        }
+        match detected {
+            Some(items) => {
+                let has = |names: &[String]| names.iter().any(|n| items.contains(n));
+                let usable = |c: &&Category| c.needs_any.is_empty() || has(&c.needs_any);
+                for category in self.categories.iter().filter(usable).filter(|c| !has(&c.evidence)) {
+                    push(category, &mut chosen);
+                }
+                for category in self.categories.iter().filter(usable).filter(|c| has(&c.evidence)) {
+                    push(category, &mut chosen);
+                }
+            }
+            None if chosen.is_empty() => {
+                for id in &self.default_categories {
+                    if let Some(category) = self.category(id) {
+                        push(category, &mut chosen);
+                    }
+                }
+            }
+            None => {}
+        }
+        chosen.truncate(self.max_categories);
+        chosen
+    }
+
+    /// The prompt for the diffusion model.
+    pub fn prompt(&self, input: &PromptInput<'_>) -> String {
+        let phrases: Vec<&str> = input.categories.iter().map(|c| c.phrase.as_str()).collect();
+        let items =
+            if phrases.is_empty() { "a few well-chosen accessories".to_string() } else { and_list(&phrases) };
+        let template = if input.caption.is_some() { &self.prompt.img2img } else { &self.prompt.txt2img };
+        let text = template
+            .replace("{caption}", input.caption.unwrap_or("a desk"))
+            .replace("{items}", &items)
+            .replace("{user}", input.user_text.map(str::trim).unwrap_or(""))
+            .replace("{triggers}", &input.triggers.join(", "));
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// "a", "a and b", "a, b and c".
+pub fn and_list(parts: &[&str]) -> String {
+    match parts {
+        [] => String::new(),
+        [one] => (*one).to_string(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+/// Whether `needle` occurs in `text` as whole words (any script; Korean words may carry particles).
+fn contains_word(text: &str, needle: &str) -> bool {
+    if needle.is_empty() {
+        return false;
+    }
+    text.match_indices(needle).any(|(at, _)| {
+        let before = text[..at].chars().next_back();
+        let after = text[at + needle.len()..].chars().next();
+        let ascii_word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+        // Latin keywords must stand alone ("mat" is not in "format"); Hangul may be followed by a particle.
+        !ascii_word(before) && (!needle.is_ascii() || !ascii_word(after))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> PipelineSettings {
+        PipelineSettings::load(None).expect("built-in settings parse")
+    }
+
+    fn ids(categories: &[&Category]) -> Vec<String> {
+        categories.iter().map(|c| c.id.clone()).collect()
+    }
+
+    #[test]
+    fn missing_items_come_before_upgrades() {
+        let s = settings();
+        let detected = vec!["laptop".to_string(), "mug".to_string(), "mouse".to_string()];
+        let plan = s.plan(Some(&detected), None);
+        assert_eq!(ids(&plan), ["keyboard", "monitor", "laptop_stand"]);
+        assert!(
+            !ids(&plan).contains(&"mouse".to_string()),
+            "present items are upgrades, after the missing ones"
+        );
+    }
+
+    #[test]
+    fn a_monitor_light_needs_a_monitor() {
+        let s = settings();
+        let plan = s.plan(Some(&["laptop".to_string()]), Some("I want a monitor light"));
+        assert_eq!(plan[0].id, "monitor_light", "named by the user, so it comes first");
+        let plan = s.plan(Some(&["laptop".to_string()]), None);
+        assert!(!ids(&plan).contains(&"monitor_light".to_string()));
+    }
+
+    #[test]
+    fn text_only_requests_use_named_categories_or_defaults() {
+        let s = settings();
+        assert_eq!(ids(&s.plan(None, Some("cozy desk with a plant and a 스탠드"))), ["desk_lamp", "plant"]);
+        assert_eq!(ids(&s.plan(None, Some("minimal wooden desk setup"))), s.default_categories);
+        assert_eq!(
+            ids(&s.plan(None, Some("format"))),
+            s.default_categories,
+            "'mat' inside a word is no keyword"
+        );
+    }
+
+    #[test]
+    fn prompt_follows_the_product_spec() {
+        let s = settings();
+        let lamp = s.category("desk_lamp").unwrap();
+        let plant = s.category("plant").unwrap();
+        let prompt = s.prompt(&PromptInput {
+            caption: Some("a desk with a laptop and a mug"),
+            categories: &[lamp, plant],
+            user_text: Some("  warm wooden tones "),
+            triggers: &["cozydesk".to_string()],
+        });
+        assert!(prompt.starts_with("a realistic image of a desk with a laptop and a mug"));
+        assert!(prompt.contains("a minimalist desk lamp and a small potted plant"));
+        assert!(prompt.contains("aesthetically matches and complements"));
+        assert!(prompt.contains("warm wooden tones cozydesk"));
+        assert!(!prompt.contains("  "));
+        assert!(s.prompt.negative.starts_with("blurry, low resolution, distorted, deformed, people, human"));
+    }
+
+    #[test]
+    fn broken_settings_are_refused() {
+        let text = DEFAULT_PIPELINE_CONFIG
+            .replace("default_categories = [\"desk_lamp\"", "default_categories = [\"nope\"");
+        let parsed: PipelineSettings = toml::from_str(&text).unwrap();
+        assert!(matches!(parsed.check(), Err(PlanError::Invalid(_))));
+    }
+}

@@ -1,0 +1,83 @@
+//! The worker loop: claim a task, run the pipeline with progress and cancellation, record the end.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{ErrorCode, Progress, TaskError, TaskHub};
+use crate::pipeline::Pipeline;
+
+/// What a pipeline stage sees of its task: progress reporting, cancellation and the deadline.
+pub struct TaskContext {
+    task_id: String,
+    hub: Arc<TaskHub>,
+    cancel: CancellationToken,
+    deadline: Instant,
+}
+
+impl TaskContext {
+    /// A context for `task_id` that cancels when `cancel` fires or `deadline` passes.
+    pub fn new(task_id: String, hub: Arc<TaskHub>, cancel: CancellationToken, deadline: Instant) -> Self {
+        TaskContext { task_id, hub, cancel, deadline }
+    }
+
+    /// The task's id.
+    pub fn task_id(&self) -> &str {
+        &self.task_id
+    }
+
+    /// Publishes progress: `step` of `steps` done in `stage`.
+    pub fn progress(&self, stage: &str, step: u32, steps: u32) {
+        self.hub.progress(&self.task_id, Progress { stage: stage.to_string(), step, steps });
+    }
+
+    /// Err when the client canceled or the deadline passed; stages call it between units of work.
+    pub fn check(&self) -> Result<(), TaskError> {
+        if self.cancel.is_cancelled() {
+            return Err(TaskError { code: ErrorCode::Canceled, message: "Canceled by the client.".into() });
+        }
+        if Instant::now() >= self.deadline {
+            return Err(TaskError {
+                code: ErrorCode::Timeout,
+                message: "The task ran past its deadline.".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Runs tasks from `hub` until `shutdown` fires; the task in hand is finished first.
+pub async fn worker_task(
+    index: usize,
+    hub: Arc<TaskHub>,
+    pipeline: Arc<dyn Pipeline>,
+    deadline: Duration,
+    shutdown: CancellationToken,
+) {
+    tracing::debug!(worker = index, "worker started");
+    while let Some(claimed) = hub.next(&shutdown).await {
+        let task_id = claimed.record.task_id.clone();
+        let started = Instant::now();
+        let ctx = TaskContext::new(task_id.clone(), hub.clone(), claimed.cancel, started + deadline);
+        tracing::info!(%task_id, attempt = claimed.record.attempts, worker = index, "task started");
+        let outcome = pipeline.run(&claimed.record, &ctx).await;
+        let outcome = match (outcome, ctx.check()) {
+            // A stage that noticed cancellation late still ends the task as canceled.
+            (Err(_), Err(interrupted)) => Err(interrupted),
+            (outcome, _) => outcome,
+        };
+        if let Some(record) = hub.finish(&task_id, outcome) {
+            let secs = started.elapsed().as_secs_f64();
+            metrics::histogram!("deskgen_task_seconds", "status" => record.status.as_str()).record(secs);
+            if let Some(output) = &record.output {
+                for (stage, ms) in &output.timings_ms {
+                    metrics::histogram!("deskgen_stage_seconds", "stage" => stage.clone())
+                        .record(ms / 1000.0);
+                }
+            }
+            tracing::info!(%task_id, status = record.status.as_str(), secs, "task finished");
+        }
+    }
+    tracing::debug!(worker = index, "worker stopped");
+}

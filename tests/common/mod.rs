@@ -1,0 +1,172 @@
+//! Test harness: the real server on 127.0.0.1:0 with a scripted pipeline whose timing tests control.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use clap::Parser;
+use deskgen::config::{Cli, Command, ServeConfig};
+use deskgen::pipeline::{ModelInfo, Pipeline, PipelineInfo};
+use deskgen::server::{PipelineLoader, RunningServer};
+use deskgen::tasks::worker::TaskContext;
+use deskgen::tasks::{ErrorCode, Recommendation, ShoppingItem, TaskError, TaskOutput, TaskRecord};
+use tokio::sync::Semaphore;
+
+/// A pipeline double: `steps` diffusion steps of `step_ms` each. Prompts steer it: "hold" waits for
+/// a permit from `gate` before starting; "fail" fails with MODEL_ERROR; "upload" fails with
+/// S3_UPLOAD_FAILED.
+pub struct ScriptedPipeline {
+    pub steps: u32,
+    pub step_ms: u64,
+    pub gate: Arc<Semaphore>,
+}
+
+impl ScriptedPipeline {
+    pub fn new(steps: u32, step_ms: u64) -> Arc<ScriptedPipeline> {
+        Arc::new(ScriptedPipeline { steps, step_ms, gate: Arc::new(Semaphore::new(0)) })
+    }
+}
+
+#[async_trait]
+impl Pipeline for ScriptedPipeline {
+    async fn run(&self, task: &TaskRecord, ctx: &TaskContext) -> Result<TaskOutput, TaskError> {
+        let prompt = task.request.prompt.clone().unwrap_or_default();
+        if prompt.contains("hold") {
+            let permit = self.gate.acquire().await.expect("gate open");
+            permit.forget();
+        }
+        ctx.check()?;
+        if prompt.contains("fail") {
+            return Err(TaskError { code: ErrorCode::ModelError, message: "scripted failure".into() });
+        }
+        for step in 1..=self.steps {
+            tokio::time::sleep(Duration::from_millis(self.step_ms)).await;
+            ctx.check()?;
+            ctx.progress("diffusion", step, self.steps);
+        }
+        if prompt.contains("upload") {
+            return Err(TaskError {
+                code: ErrorCode::S3UploadFailed,
+                message: "Failed to upload image to S3.".into(),
+            });
+        }
+        Ok(TaskOutput {
+            initial_image_url: task.request.initial_image_url.clone(),
+            processed_image_url: Some(format!("http://example.invalid/{}.png", task.task_id)),
+            is_desk: Some(true),
+            caption: Some("a desk with a laptop".into()),
+            recommendations: vec![Recommendation {
+                category: "mouse".into(),
+                display_name: "마우스".into(),
+                items: vec![ShoppingItem {
+                    title: "무선 마우스".into(),
+                    price: "21990원".into(),
+                    mall: "네이버".into(),
+                    category3: "마우스".into(),
+                    category4: "무선마우스".into(),
+                    link: "https://example.invalid/p/1".into(),
+                    image: "https://example.invalid/p/1.jpg".into(),
+                }],
+            }],
+            prompt_used: Some(prompt),
+            seed: task.request.seed,
+            ..TaskOutput::default()
+        })
+    }
+
+    fn info(&self) -> PipelineInfo {
+        PipelineInfo {
+            models: vec![ModelInfo {
+                id: "scripted".into(),
+                path: "-".into(),
+                sha256: "0".repeat(64),
+                size_bytes: 0,
+                execution_provider: "cpu".into(),
+            }],
+            schedulers: vec!["ddim".into(), "euler".into()],
+            default_scheduler: "ddim".into(),
+            native_size: 512,
+            loras: vec![],
+            negative_prompt: "blurry".into(),
+        }
+    }
+}
+
+pub struct TestServer {
+    pub base: String,
+    pub addr: std::net::SocketAddr,
+    pub server: Option<RunningServer>,
+    pub config: ServeConfig,
+}
+
+impl TestServer {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await.expect("clean stop");
+        }
+    }
+
+    pub async fn grpc_channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.base.clone()).unwrap().connect().await.unwrap()
+    }
+}
+
+/// The serve configuration with `args` added, data under `data_dir`.
+pub fn serve_config(data_dir: &std::path::Path, args: &[&str]) -> ServeConfig {
+    let mut argv =
+        vec!["deskgen", "serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    match Cli::parse_from(argv).command {
+        Command::Serve(config) => config,
+    }
+}
+
+pub async fn start(config: ServeConfig, pipeline: Arc<ScriptedPipeline>) -> TestServer {
+    let loader: PipelineLoader = Box::new(move || Ok(pipeline as Arc<dyn Pipeline>));
+    start_with_loader(config, loader).await
+}
+
+pub async fn start_with_loader(config: ServeConfig, loader: PipelineLoader) -> TestServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = deskgen::server::start(config.clone(), listener, loader).await.expect("server starts");
+    let test = TestServer { base: format!("http://{addr}"), addr, server: Some(server), config };
+    wait_ready(&test).await;
+    test
+}
+
+pub async fn wait_ready(server: &TestServer) {
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        if let Ok(r) = client.get(server.url("/healthcheck")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("server never became ready");
+}
+
+/// Polls REST until the task reaches a final state.
+pub async fn poll_final(server: &TestServer, task_id: &str, key: Option<&str>) -> serde_json::Value {
+    let client = reqwest::Client::new();
+    for _ in 0..400 {
+        let mut req = client.get(server.url(&format!("/v1/result/{task_id}")));
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        let body: serde_json::Value = req.send().await.unwrap().json().await.unwrap();
+        if matches!(body["status"].as_str(), Some("done" | "failed" | "canceled")) {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("task {task_id} never finished");
+}
