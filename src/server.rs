@@ -24,7 +24,7 @@ use crate::api::{self, About, AppState};
 use crate::config::ServeConfig;
 use crate::pipeline::Pipeline;
 use crate::tasks::worker::worker_task;
-use crate::tasks::{TaskHub, TaskStore};
+use crate::tasks::{MemoryQueue, TaskQueue, TaskStore};
 
 /// Builds the pipeline; runs on a blocking thread while the listener already answers health checks.
 pub type PipelineLoader = Box<dyn FnOnce() -> anyhow::Result<Arc<dyn Pipeline>> + Send>;
@@ -83,16 +83,17 @@ pub async fn start(
     }
     let store = TaskStore::open(&config.data_dir)
         .with_context(|| format!("opening {}", config.data_dir.display()))?;
-    let hub = Arc::new(TaskHub::open(store, config.max_queue_depth, config.max_attempts)?);
+    let queue: Arc<dyn TaskQueue> =
+        Arc::new(MemoryQueue::open(store, config.max_queue_depth, config.max_attempts)?);
     let state = Arc::new(AppState {
-        hub: hub.clone(),
+        queue: queue.clone(),
         keys,
         limits: Limits { max_side: config.max_side },
         max_body_bytes: config.max_body_bytes,
         metrics: metrics_handle(),
         pipeline: OnceLock::new(),
         about: About {
-            queue_backend: "memory".into(),
+            queue_backend: queue.backend().into(),
             object_store: "file".into(),
             shopping_provider: "catalog".into(),
             execution_provider: config.runtime.execution_provider.as_str().into(),
@@ -132,7 +133,7 @@ pub async fn start(
     let app = api::with_request_metrics(api::rest_router(state.clone()).merge(grpc)).layer(api::cors());
 
     let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(run(config, listener, app, state, hub, health, loader, shutdown.clone()));
+    let handle = tokio::spawn(run(config, listener, app, state, queue, health, loader, shutdown.clone()));
     Ok(RunningServer { addr, shutdown, handle })
 }
 
@@ -142,7 +143,7 @@ async fn run(
     listener: TcpListener,
     app: axum::Router,
     state: Arc<AppState>,
-    hub: Arc<TaskHub>,
+    queue: Arc<dyn TaskQueue>,
     health: tonic_health::server::HealthReporter,
     loader: PipelineLoader,
     shutdown: CancellationToken,
@@ -166,13 +167,13 @@ async fn run(
     for index in 0..config.workers {
         workers.spawn(worker_task(
             index,
-            hub.clone(),
+            queue.clone(),
             pipeline.clone(),
             config.task_deadline,
             shutdown.clone(),
         ));
     }
-    let upkeep = tokio::spawn(purge_task(hub, config.result_ttl, shutdown.clone()));
+    let upkeep = tokio::spawn(purge_task(queue, config.result_ttl, shutdown.clone()));
     tokio::select! {
         _ = shutdown.cancelled() => {}
         ended = &mut server => {
@@ -208,14 +209,14 @@ async fn finish(
 }
 
 /// Drops expired results every few minutes.
-async fn purge_task(hub: Arc<TaskHub>, ttl: Duration, shutdown: CancellationToken) {
+async fn purge_task(queue: Arc<dyn TaskQueue>, ttl: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(300).min(ttl.max(Duration::from_secs(1))));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        match hub.purge_expired(ttl) {
+        match queue.purge_expired(ttl).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "expired results removed"),
             Err(e) => tracing::warn!(error = %e, "cannot purge expired results"),

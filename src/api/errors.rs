@@ -11,7 +11,7 @@ use serde_json::json;
 use tonic_types::{ErrorDetails, StatusExt};
 
 use super::validate::{Invalid, Violation};
-use crate::tasks::{CancelError, ErrorCode, SubmitError};
+use crate::tasks::{BackendError, CancelError, ErrorCode, SubmitError};
 
 /// An error answered to a client.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +43,9 @@ pub enum ApiError {
     /// Models are still loading.
     #[error("The service is starting; models are still loading.")]
     NotReady,
+    /// The task backend cannot be reached.
+    #[error("The task backend is unavailable; retry later.")]
+    Unavailable(String),
     /// Anything else; details are logged, not returned.
     #[error("Internal error.")]
     Internal(String),
@@ -65,7 +68,7 @@ impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
             SubmitError::QueueFull(n) => ApiError::QueueFull(n),
-            SubmitError::Store(e) => ApiError::Internal(e.to_string()),
+            SubmitError::Backend(e) => e.into(),
         }
     }
 }
@@ -75,8 +78,14 @@ impl From<CancelError> for ApiError {
         match e {
             CancelError::NotFound(id) => ApiError::TaskNotFound(id),
             CancelError::AlreadyFinished(id, status) => ApiError::AlreadyFinished(id, status),
-            CancelError::Store(e) => ApiError::Internal(e.to_string()),
+            CancelError::Backend(e) => e.into(),
         }
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
+        ApiError::Unavailable(e.0)
     }
 }
 
@@ -91,14 +100,16 @@ impl ApiError {
             ApiError::QueueFull(_) => ErrorCode::QueueFull,
             ApiError::Unauthenticated => ErrorCode::Unauthenticated,
             ApiError::AlreadyFinished(..) => ErrorCode::AlreadyFinished,
-            ApiError::NotReady => ErrorCode::NotReady,
+            ApiError::NotReady | ApiError::Unavailable(_) => ErrorCode::NotReady,
             ApiError::Internal(_) => ErrorCode::Internal,
         }
     }
 
     fn log_internal(&self) {
-        if let ApiError::Internal(detail) = self {
-            tracing::error!(%detail, "internal error");
+        match self {
+            ApiError::Internal(detail) => tracing::error!(%detail, "internal error"),
+            ApiError::Unavailable(detail) => tracing::warn!(%detail, "task backend unavailable"),
+            _ => {}
         }
     }
 }
@@ -120,11 +131,13 @@ impl IntoResponse for ApiError {
             ApiError::QueueFull(_) => coded(StatusCode::TOO_MANY_REQUESTS).into_response(),
             ApiError::Unauthenticated => coded(StatusCode::UNAUTHORIZED).into_response(),
             ApiError::AlreadyFinished(..) => coded(StatusCode::CONFLICT).into_response(),
-            ApiError::NotReady => coded(StatusCode::SERVICE_UNAVAILABLE).into_response(),
+            ApiError::NotReady | ApiError::Unavailable(_) => {
+                coded(StatusCode::SERVICE_UNAVAILABLE).into_response()
+            }
             ApiError::Internal(_) => coded(StatusCode::INTERNAL_SERVER_ERROR).into_response(),
         };
         match self {
-            ApiError::QueueFull(_) | ApiError::NotReady => {
+            ApiError::QueueFull(_) | ApiError::NotReady | ApiError::Unavailable(_) => {
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::Unauthenticated => {
@@ -164,7 +177,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::QueueFull(_) => tonic::Code::ResourceExhausted,
             ApiError::Unauthenticated => tonic::Code::Unauthenticated,
             ApiError::AlreadyFinished(..) => tonic::Code::FailedPrecondition,
-            ApiError::NotReady => tonic::Code::Unavailable,
+            ApiError::NotReady | ApiError::Unavailable(_) => tonic::Code::Unavailable,
             ApiError::Internal(_) => tonic::Code::Internal,
         };
         tonic::Status::with_error_details(code, message, details)

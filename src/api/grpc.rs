@@ -153,7 +153,7 @@ impl Generate for Services {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let record = self.state.submit(request.into_inner().into())?;
+        let record = self.state.submit(request.into_inner().into()).await?;
         Ok(Response::new(pb::GenerateResponse {
             task_id: record.task_id,
             status: status(record.status) as i32,
@@ -182,7 +182,7 @@ impl ResultService for Services {
         request: Request<pb::GetResultRequest>,
     ) -> Result<Response<pb::TaskResult>, Status> {
         let task_id = request.into_inner().task_id;
-        let record = self.state.hub.get(&task_id).ok_or(ApiError::TaskNotFound(task_id))?;
+        let record = self.state.get(&task_id).await?;
         Ok(Response::new((&record).into()))
     }
 
@@ -193,7 +193,7 @@ impl ResultService for Services {
         request: Request<pb::GetResultRequest>,
     ) -> Result<Response<Self::WatchResultStream>, Status> {
         let task_id = request.into_inner().task_id;
-        let updates = self.state.hub.watch(&task_id).ok_or(ApiError::TaskNotFound(task_id))?;
+        let updates = self.state.watch(&task_id).await?;
         let stream = super::task_updates(updates).map(|record| Ok(pb::TaskResult::from(&record)));
         Ok(Response::new(Box::pin(stream)))
     }
@@ -232,7 +232,7 @@ impl Info for Services {
                 max_steps: super::validate::MAX_STEPS,
                 max_side: self.state.limits.max_side,
                 max_guidance_scale: super::validate::MAX_GUIDANCE,
-                max_queue_depth: self.state.hub.capacity() as u32,
+                max_queue_depth: self.state.queue.capacity() as u32,
                 max_body_bytes: self.state.max_body_bytes as u64,
             }),
             queue_backend: info.about.queue_backend,

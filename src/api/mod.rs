@@ -24,12 +24,12 @@ use self::auth::ApiKeys;
 use self::errors::ApiError;
 use self::validate::{GenerateInput, Limits};
 use crate::pipeline::{ModelInfo, PipelineInfo};
-use crate::tasks::{TaskHub, TaskRecord};
+use crate::tasks::{TaskQueue, TaskRecord};
 
 /// Shared state of every handler.
 pub struct AppState {
     /// Tasks: queue, store, progress.
-    pub hub: Arc<TaskHub>,
+    pub queue: Arc<dyn TaskQueue>,
     /// Accepted API keys.
     pub keys: ApiKeys,
     /// Request limits.
@@ -84,16 +84,26 @@ impl AppState {
     }
 
     /// Validates and queues a request.
-    pub fn submit(&self, input: GenerateInput) -> Result<TaskRecord, ApiError> {
+    pub async fn submit(&self, input: GenerateInput) -> Result<TaskRecord, ApiError> {
         let info = self.pipeline_info().ok_or(ApiError::NotReady)?;
         let (task_id, request) = validate::validate(input, &self.limits, info)?;
-        let (record, _created) = self.hub.submit(task_id, request)?;
+        let (record, _created) = self.queue.submit(task_id, request).await?;
         Ok(record)
+    }
+
+    /// The current record of a task, or TASK_NOT_FOUND.
+    pub async fn get(&self, task_id: &str) -> Result<TaskRecord, ApiError> {
+        self.queue.get(task_id).await?.ok_or_else(|| ApiError::TaskNotFound(task_id.to_string()))
+    }
+
+    /// Every change of a task from now on, or TASK_NOT_FOUND.
+    pub async fn watch(&self, task_id: &str) -> Result<watch::Receiver<TaskRecord>, ApiError> {
+        self.queue.watch(task_id).await?.ok_or_else(|| ApiError::TaskNotFound(task_id.to_string()))
     }
 
     /// Cancels a task; for a running task, waits briefly for it to stop.
     pub async fn cancel(&self, task_id: &str) -> Result<TaskRecord, ApiError> {
-        let record = self.hub.cancel(task_id)?;
+        let record = self.queue.cancel(task_id).await?;
         if record.status.is_final() {
             return Ok(record);
         }
@@ -102,7 +112,7 @@ impl AppState {
 
     /// The task's record once final, or `None` if `timeout` passes first.
     pub async fn wait_final(&self, task_id: &str, timeout: Duration) -> Option<TaskRecord> {
-        let mut updates = self.hub.watch(task_id)?;
+        let mut updates = self.queue.watch(task_id).await.ok()??;
         let finished = updates.wait_for(|r| r.status.is_final());
         tokio::time::timeout(timeout, finished).await.ok()?.ok().map(|r| r.clone())
     }
@@ -130,7 +140,7 @@ impl AppState {
                 "max_steps": validate::MAX_STEPS,
                 "max_side": self.limits.max_side,
                 "max_guidance_scale": validate::MAX_GUIDANCE,
-                "max_queue_depth": self.hub.capacity(),
+                "max_queue_depth": self.queue.capacity(),
                 "max_body_bytes": self.max_body_bytes,
             }),
             about: self.about.clone(),

@@ -62,7 +62,7 @@ pub async fn generate(
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let input = parse_input(body, state.max_body_bytes)?;
-    let record = state.submit(input)?;
+    let record = state.submit(input).await?;
     if let Some(secs) = wait_preference(&headers) {
         let finished = state.wait_final(&record.task_id, Duration::from_secs(secs)).await;
         if let Some(done) = finished {
@@ -107,7 +107,7 @@ pub async fn result(
     Path(task_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
-    let record = state.hub.get(&task_id).ok_or(ApiError::TaskNotFound(task_id))?;
+    let record = state.get(&task_id).await?;
     Ok(Json(record.to_result_json()))
 }
 
@@ -129,7 +129,7 @@ pub async fn events(
     Path(task_id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     authorize(&state, &headers)?;
-    let updates = state.hub.watch(&task_id).ok_or(ApiError::TaskNotFound(task_id))?;
+    let updates = state.watch(&task_id).await?;
     let stream = super::task_updates(updates).map(|record| {
         let name = if record.status.is_final() { "result" } else { "progress" };
         Ok(Event::default().event(name).json_data(record.to_result_json()).expect("JSON values serialise"))
@@ -139,13 +139,18 @@ pub async fn events(
 
 /// GET /healthcheck: 200 when ready, 503 while loading; per-component state.
 pub async fn healthcheck(State(state): State<Arc<AppState>>) -> Response {
-    let ready = state.pipeline_info().is_some();
+    let models = state.pipeline_info().is_some();
+    let depth = state.queue.queue_depth().await;
+    let queue = match &depth {
+        Ok(depth) => {
+            json!({"backend": state.queue.backend(), "state": "ok", "depth": depth, "capacity": state.queue.capacity()})
+        }
+        Err(e) => json!({"backend": state.queue.backend(), "state": "unreachable", "error": e.to_string()}),
+    };
+    let ready = models && depth.is_ok();
     let body = json!({
         "status": if ready { "ok" } else { "starting" },
-        "components": {
-            "models": if ready { "ready" } else { "loading" },
-            "queue": {"backend": "memory", "depth": state.hub.queue_depth(), "capacity": state.hub.capacity()},
-        },
+        "components": {"models": if models { "ready" } else { "loading" }, "queue": queue},
     });
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()

@@ -133,11 +133,8 @@ impl PipelineSettings {
                 chosen.push(category);
             }
         }
-        let prompt = user_text.map(str::to_lowercase).unwrap_or_default();
-        for category in &self.categories {
-            if category.keywords.iter().any(|k| contains_word(&prompt, &k.to_lowercase())) {
-                push(category, &mut chosen);
-            }
+        for category in self.named_in(user_text.unwrap_or_default()) {
+            push(category, &mut chosen);
         }
         match detected {
             Some(items) => {
@@ -161,6 +158,27 @@ impl PipelineSettings {
         }
         chosen.truncate(self.max_categories);
         chosen
+    }
+
+    /// Categories the text names, in the order it names them. Longer keywords win over the shorter
+    /// ones inside them ("monitor light" is not also "monitor").
+    fn named_in(&self, text: &str) -> Vec<&Category> {
+        let mut text = text.to_lowercase();
+        let mut keywords: Vec<(String, &Category)> = self
+            .categories
+            .iter()
+            .flat_map(|c| c.keywords.iter().map(move |k| (k.to_lowercase(), c)))
+            .collect();
+        keywords.sort_by_key(|(k, _)| std::cmp::Reverse(k.len()));
+        let mut found: Vec<(usize, &Category)> = Vec::new();
+        for (keyword, category) in keywords {
+            while let Some(at) = find_word(&text, &keyword) {
+                found.push((at, category));
+                text.replace_range(at..at + keyword.len(), &" ".repeat(keyword.len()));
+            }
+        }
+        found.sort_by_key(|(at, _)| *at);
+        found.into_iter().map(|(_, c)| c).collect()
     }
 
     /// The prompt for the diffusion model.
@@ -187,12 +205,12 @@ pub fn and_list(parts: &[&str]) -> String {
     }
 }
 
-/// Whether `needle` occurs in `text` as whole words (any script; Korean words may carry particles).
-fn contains_word(text: &str, needle: &str) -> bool {
+/// Where `needle` first occurs in `text` as whole words (Korean words may carry particles).
+fn find_word(text: &str, needle: &str) -> Option<usize> {
     if needle.is_empty() {
-        return false;
+        return None;
     }
-    text.match_indices(needle).any(|(at, _)| {
+    text.match_indices(needle).map(|(at, _)| at).find(|&at| {
         let before = text[..at].chars().next_back();
         let after = text[at + needle.len()..].chars().next();
         let ascii_word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
@@ -237,7 +255,7 @@ mod tests {
     #[test]
     fn text_only_requests_use_named_categories_or_defaults() {
         let s = settings();
-        assert_eq!(ids(&s.plan(None, Some("cozy desk with a plant and a 스탠드"))), ["desk_lamp", "plant"]);
+        assert_eq!(ids(&s.plan(None, Some("cozy desk with a plant and a 스탠드"))), ["plant", "desk_lamp"]);
         assert_eq!(ids(&s.plan(None, Some("minimal wooden desk setup"))), s.default_categories);
         assert_eq!(
             ids(&s.plan(None, Some("format"))),

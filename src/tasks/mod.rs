@@ -1,37 +1,47 @@
-//! Tasks: the model and its state machine, the embedded queue and store, and the worker loop.
+//! Tasks: the model and its state machine, the queue backends, and the worker loop.
 //!
-//! [`TaskHub`] is the one place task state changes. It keeps every known task in memory behind a
-//! `watch` channel (so pollers, SSE and `WatchResult` see each change), persists every change of
-//! status, and feeds a bounded FIFO queue to the workers.
+//! [`TaskQueue`] is the one place task state changes; the API and the workers only talk to it, so
+//! neither knows which backend runs underneath.
 
 pub mod json;
+pub mod memory;
 pub mod model;
 pub mod store;
 pub mod worker;
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 use std::time::Duration;
 
-use chrono::Utc;
-use tokio::sync::{Notify, watch};
+use async_trait::async_trait;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use memory::MemoryQueue;
 pub use model::{
     BoundingBox, DetectedItem, ErrorCode, LoraWeight, Progress, Recommendation, ShoppingItem, TaskError,
     TaskOutput, TaskRecord, TaskRequest, TaskStatus,
 };
 pub use store::{StoreError, TaskStore};
 
+/// The backend could not be reached or refused the operation.
+#[derive(Debug, thiserror::Error)]
+#[error("task backend: {0}")]
+pub struct BackendError(pub String);
+
+impl From<StoreError> for BackendError {
+    fn from(e: StoreError) -> Self {
+        BackendError(e.to_string())
+    }
+}
+
 /// Why a submission was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
-    /// The queue holds `--max-queue-depth` tasks already.
+    /// The queue holds its limit of tasks already.
     #[error("the queue is full ({0} tasks); retry later")]
     QueueFull(usize),
-    /// The record could not be persisted.
+    /// The backend failed.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Backend(#[from] BackendError),
 }
 
 /// Why a cancel was refused.
@@ -43,20 +53,9 @@ pub enum CancelError {
     /// The task already reached a final state.
     #[error("task {0} already finished as {1}")]
     AlreadyFinished(String, &'static str),
-    /// The record could not be persisted.
+    /// The backend failed.
     #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-struct Live {
-    record: watch::Sender<TaskRecord>,
-    cancel: CancellationToken,
-}
-
-#[derive(Default)]
-struct HubState {
-    tasks: HashMap<String, Live>,
-    queue: VecDeque<String>,
+    Backend(#[from] BackendError),
 }
 
 /// A task handed to a worker.
@@ -67,221 +66,40 @@ pub struct Claimed {
     pub cancel: CancellationToken,
 }
 
-/// The embedded task queue and store.
-pub struct TaskHub {
-    store: TaskStore,
-    state: Mutex<HubState>,
-    work_available: Notify,
-    capacity: usize,
-    max_attempts: u32,
-}
-
-impl TaskHub {
-    /// Opens the store and restores its tasks: queued ones are queued again; ones that were running
-    /// when the process stopped run again, up to `max_attempts` starts, then fail.
-    pub fn open(store: TaskStore, capacity: usize, max_attempts: u32) -> Result<TaskHub, StoreError> {
-        let mut state = HubState::default();
-        for mut record in store.load_all()? {
-            match record.status {
-                TaskStatus::Queued => state.queue.push_back(record.task_id.clone()),
-                TaskStatus::Processing if record.attempts < max_attempts => {
-                    tracing::warn!(task_id = %record.task_id, "task was interrupted; running it again");
-                    record.status = TaskStatus::Queued;
-                    record.progress = None;
-                    store.put(&record)?;
-                    state.queue.push_back(record.task_id.clone());
-                }
-                TaskStatus::Processing => {
-                    record.status = TaskStatus::Failed;
-                    record.progress = None;
-                    record.completed_at = Some(Utc::now());
-                    record.error = Some(TaskError {
-                        code: ErrorCode::Internal,
-                        message: format!("Interrupted {} times; not retried again.", record.attempts),
-                    });
-                    store.put(&record)?;
-                }
-                TaskStatus::Done | TaskStatus::Failed | TaskStatus::Canceled => {}
-            }
-            let (tx, _) = watch::channel(record.clone());
-            state.tasks.insert(record.task_id.clone(), Live { record: tx, cancel: CancellationToken::new() });
-        }
-        metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
-        Ok(TaskHub { store, state: Mutex::new(state), work_available: Notify::new(), capacity, max_attempts })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
+/// Where tasks wait, run and are remembered.
+#[async_trait]
+pub trait TaskQueue: Send + Sync + 'static {
+    /// The backend's name for /info and health.
+    fn backend(&self) -> &'static str;
 
     /// Queues a new task, or returns the existing one when `task_id` is already known (idempotent
-    /// resubmission). The flag says whether the task was created by this call.
-    pub fn submit(&self, task_id: String, request: TaskRequest) -> Result<(TaskRecord, bool), SubmitError> {
-        let mut state = self.lock();
-        if let Some(live) = state.tasks.get(&task_id) {
-            return Ok((live.record.borrow().clone(), false));
-        }
-        if state.queue.len() >= self.capacity {
-            metrics::counter!("deskgen_tasks_rejected_total").increment(1);
-            return Err(SubmitError::QueueFull(self.capacity));
-        }
-        let record = TaskRecord::new(task_id.clone(), request);
-        self.store.put(&record)?;
-        let (tx, _) = watch::channel(record.clone());
-        state.tasks.insert(task_id.clone(), Live { record: tx, cancel: CancellationToken::new() });
-        state.queue.push_back(task_id);
-        metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
-        metrics::counter!("deskgen_tasks_submitted_total").increment(1);
-        drop(state);
-        self.work_available.notify_one();
-        Ok((record, true))
-    }
+    /// resubmission). The flag says whether this call created it.
+    async fn submit(&self, task_id: String, request: TaskRequest) -> Result<(TaskRecord, bool), SubmitError>;
 
     /// The current record of a task.
-    pub fn get(&self, task_id: &str) -> Option<TaskRecord> {
-        self.lock().tasks.get(task_id).map(|live| live.record.borrow().clone())
-    }
+    async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, BackendError>;
 
     /// A receiver that sees every change of a task, starting with its current state.
-    pub fn watch(&self, task_id: &str) -> Option<watch::Receiver<TaskRecord>> {
-        self.lock().tasks.get(task_id).map(|live| live.record.subscribe())
-    }
+    async fn watch(&self, task_id: &str) -> Result<Option<watch::Receiver<TaskRecord>>, BackendError>;
 
-    /// Tasks waiting in the queue.
-    pub fn queue_depth(&self) -> usize {
-        self.lock().queue.len()
-    }
+    /// Tasks waiting to run.
+    async fn queue_depth(&self) -> Result<usize, BackendError>;
 
     /// The queue's limit.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
+    fn capacity(&self) -> usize;
 
     /// Waits for the next queued task and marks it processing; `None` once `shutdown` fires.
-    pub async fn next(&self, shutdown: &CancellationToken) -> Option<Claimed> {
-        loop {
-            let notified = self.work_available.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(claimed) = self.try_claim() {
-                return Some(claimed);
-            }
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = shutdown.cancelled() => return None,
-            }
-        }
-    }
+    async fn next(&self, shutdown: &CancellationToken) -> Option<Claimed>;
 
-    fn try_claim(&self) -> Option<Claimed> {
-        let mut state = self.lock();
-        while let Some(task_id) = state.queue.pop_front() {
-            metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
-            let Some(live) = state.tasks.get(&task_id) else { continue };
-            let mut record = live.record.borrow().clone();
-            if record.status != TaskStatus::Queued {
-                continue;
-            }
-            record.status = TaskStatus::Processing;
-            record.attempts += 1;
-            record.started_at = Some(Utc::now());
-            record.progress = Some(Progress { stage: "queued".into(), step: 0, steps: 0 });
-            if let Err(e) = self.store.put(&record) {
-                tracing::error!(error = %e, %task_id, "cannot persist task start; leaving it queued");
-                state.queue.push_front(task_id);
-                return None;
-            }
-            live.record.send_replace(record.clone());
-            let cancel = live.cancel.clone();
-            // More work may be waiting; let another idle worker look.
-            if !state.queue.is_empty() {
-                self.work_available.notify_one();
-            }
-            return Some(Claimed { record, cancel });
-        }
-        None
-    }
-
-    /// Publishes progress of a running task (kept in memory only).
-    pub fn progress(&self, task_id: &str, progress: Progress) {
-        if let Some(live) = self.lock().tasks.get(task_id) {
-            live.record.send_if_modified(|record| {
-                if record.status != TaskStatus::Processing || record.progress.as_ref() == Some(&progress) {
-                    return false;
-                }
-                record.progress = Some(progress);
-                true
-            });
-        }
-    }
+    /// Publishes progress of a running task.
+    async fn progress(&self, task_id: &str, progress: Progress);
 
     /// Records the final state of a task a worker ran.
-    pub fn finish(&self, task_id: &str, outcome: Result<TaskOutput, TaskError>) -> Option<TaskRecord> {
-        let state = self.lock();
-        let live = state.tasks.get(task_id)?;
-        let mut record = live.record.borrow().clone();
-        record.progress = None;
-        record.completed_at = Some(Utc::now());
-        match outcome {
-            Ok(output) => {
-                record.status = TaskStatus::Done;
-                record.output = Some(output);
-            }
-            Err(error) => {
-                record.status =
-                    if error.code == ErrorCode::Canceled { TaskStatus::Canceled } else { TaskStatus::Failed };
-                record.error = Some(error);
-            }
-        }
-        if let Err(e) = self.store.put(&record) {
-            tracing::error!(error = %e, %task_id, "cannot persist the final state of a task");
-        }
-        metrics::counter!("deskgen_tasks_finished_total", "status" => record.status.as_str()).increment(1);
-        live.record.send_replace(record.clone());
-        Some(record)
-    }
+    async fn finish(&self, task_id: &str, outcome: Result<TaskOutput, TaskError>) -> Option<TaskRecord>;
 
     /// Cancels a queued task at once, or asks a running one to stop at its next check.
-    pub fn cancel(&self, task_id: &str) -> Result<TaskRecord, CancelError> {
-        let mut state = self.lock();
-        let live = state.tasks.get(task_id).ok_or_else(|| CancelError::NotFound(task_id.to_string()))?;
-        let mut record = live.record.borrow().clone();
-        match record.status {
-            TaskStatus::Queued => {
-                record.status = TaskStatus::Canceled;
-                record.completed_at = Some(Utc::now());
-                record.error =
-                    Some(TaskError { code: ErrorCode::Canceled, message: "Canceled by the client.".into() });
-                self.store.put(&record)?;
-                live.record.send_replace(record.clone());
-                state.queue.retain(|id| id != task_id);
-                metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
-                metrics::counter!("deskgen_tasks_finished_total", "status" => "canceled").increment(1);
-                Ok(record)
-            }
-            TaskStatus::Processing => {
-                live.cancel.cancel();
-                Ok(record)
-            }
-            status @ (TaskStatus::Done | TaskStatus::Failed | TaskStatus::Canceled) => {
-                Err(CancelError::AlreadyFinished(task_id.to_string(), status.as_str()))
-            }
-        }
-    }
+    async fn cancel(&self, task_id: &str) -> Result<TaskRecord, CancelError>;
 
-    /// Drops finished tasks older than `ttl` from memory and the store.
-    pub fn purge_expired(&self, ttl: Duration) -> Result<usize, StoreError> {
-        let cutoff = Utc::now() - chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
-        let expired = self.store.purge_completed_before(cutoff)?;
-        let mut state = self.lock();
-        for id in &expired {
-            state.tasks.remove(id);
-        }
-        Ok(expired.len())
-    }
-
-    /// How many starts a task gets before an interruption fails it.
-    pub fn max_attempts(&self) -> u32 {
-        self.max_attempts
-    }
+    /// Drops finished tasks older than `ttl`; returns how many.
+    async fn purge_expired(&self, ttl: Duration) -> Result<usize, BackendError>;
 }

@@ -5,21 +5,32 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{ErrorCode, Progress, TaskError, TaskHub};
+use tokio::sync::watch;
+
+use super::{ErrorCode, Progress, TaskError, TaskQueue};
 use crate::pipeline::Pipeline;
 
 /// What a pipeline stage sees of its task: progress reporting, cancellation and the deadline.
+///
+/// Progress is latest-wins and never blocks: stages call it from blocking inference threads, and
+/// a forwarder publishes it to the queue backend.
 pub struct TaskContext {
     task_id: String,
-    hub: Arc<TaskHub>,
+    progress: watch::Sender<Option<Progress>>,
     cancel: CancellationToken,
     deadline: Instant,
 }
 
 impl TaskContext {
-    /// A context for `task_id` that cancels when `cancel` fires or `deadline` passes.
-    pub fn new(task_id: String, hub: Arc<TaskHub>, cancel: CancellationToken, deadline: Instant) -> Self {
-        TaskContext { task_id, hub, cancel, deadline }
+    /// A context for `task_id` that cancels when `cancel` fires or `deadline` passes, and a receiver
+    /// of its progress.
+    pub fn new(
+        task_id: String,
+        cancel: CancellationToken,
+        deadline: Instant,
+    ) -> (TaskContext, watch::Receiver<Option<Progress>>) {
+        let (progress, updates) = watch::channel(None);
+        (TaskContext { task_id, progress, cancel, deadline }, updates)
     }
 
     /// The task's id.
@@ -29,7 +40,7 @@ impl TaskContext {
 
     /// Publishes progress: `step` of `steps` done in `stage`.
     pub fn progress(&self, stage: &str, step: u32, steps: u32) {
-        self.hub.progress(&self.task_id, Progress { stage: stage.to_string(), step, steps });
+        self.progress.send_replace(Some(Progress { stage: stage.to_string(), step, steps }));
     }
 
     /// Err when the client canceled or the deadline passed; stages call it between units of work.
@@ -50,16 +61,17 @@ impl TaskContext {
 /// Runs tasks from `hub` until `shutdown` fires; the task in hand is finished first.
 pub async fn worker_task(
     index: usize,
-    hub: Arc<TaskHub>,
+    queue: Arc<dyn TaskQueue>,
     pipeline: Arc<dyn Pipeline>,
     deadline: Duration,
     shutdown: CancellationToken,
 ) {
     tracing::debug!(worker = index, "worker started");
-    while let Some(claimed) = hub.next(&shutdown).await {
+    while let Some(claimed) = queue.next(&shutdown).await {
         let task_id = claimed.record.task_id.clone();
         let started = Instant::now();
-        let ctx = TaskContext::new(task_id.clone(), hub.clone(), claimed.cancel, started + deadline);
+        let (ctx, updates) = TaskContext::new(task_id.clone(), claimed.cancel, started + deadline);
+        let forwarder = tokio::spawn(progress_task(queue.clone(), task_id.clone(), updates));
         tracing::info!(%task_id, attempt = claimed.record.attempts, worker = index, "task started");
         let outcome = pipeline.run(&claimed.record, &ctx).await;
         let outcome = match (outcome, ctx.check()) {
@@ -67,7 +79,10 @@ pub async fn worker_task(
             (Err(_), Err(interrupted)) => Err(interrupted),
             (outcome, _) => outcome,
         };
-        if let Some(record) = hub.finish(&task_id, outcome) {
+        drop(ctx);
+        // The last progress is published before the final state, never after it.
+        let _ = forwarder.await;
+        if let Some(record) = queue.finish(&task_id, outcome).await {
             let secs = started.elapsed().as_secs_f64();
             metrics::histogram!("deskgen_task_seconds", "status" => record.status.as_str()).record(secs);
             if let Some(output) = &record.output {
@@ -80,4 +95,18 @@ pub async fn worker_task(
         }
     }
     tracing::debug!(worker = index, "worker stopped");
+}
+
+/// Publishes a task's progress to the queue until the task's context is dropped.
+async fn progress_task(
+    queue: Arc<dyn TaskQueue>,
+    task_id: String,
+    mut updates: watch::Receiver<Option<Progress>>,
+) {
+    while updates.changed().await.is_ok() {
+        let latest = updates.borrow_and_update().clone();
+        if let Some(progress) = latest {
+            queue.progress(&task_id, progress).await;
+        }
+    }
 }

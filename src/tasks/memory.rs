@@ -1,0 +1,249 @@
+//! The embedded backend: a bounded in-process FIFO queue over the redb task store.
+//!
+//! Every known task sits in memory behind a `watch` channel (so pollers, SSE and `WatchResult` see
+//! each change); every change of status is persisted before it is published.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    BackendError, CancelError, Claimed, ErrorCode, Progress, StoreError, SubmitError, TaskError, TaskOutput,
+    TaskQueue, TaskRecord, TaskRequest, TaskStatus, TaskStore,
+};
+
+struct Live {
+    record: watch::Sender<TaskRecord>,
+    cancel: CancellationToken,
+}
+
+#[derive(Default)]
+struct HubState {
+    tasks: HashMap<String, Live>,
+    queue: VecDeque<String>,
+}
+
+/// The embedded task queue and store.
+pub struct MemoryQueue {
+    store: TaskStore,
+    state: Mutex<HubState>,
+    work_available: Notify,
+    capacity: usize,
+}
+
+impl MemoryQueue {
+    /// Opens the store and restores its tasks: queued ones are queued again; ones that were running
+    /// when the process stopped run again, up to `max_attempts` starts, then fail.
+    pub fn open(store: TaskStore, capacity: usize, max_attempts: u32) -> Result<MemoryQueue, StoreError> {
+        let mut state = HubState::default();
+        for mut record in store.load_all()? {
+            match record.status {
+                TaskStatus::Queued => state.queue.push_back(record.task_id.clone()),
+                TaskStatus::Processing if record.attempts < max_attempts => {
+                    tracing::warn!(task_id = %record.task_id, "task was interrupted; running it again");
+                    record.status = TaskStatus::Queued;
+                    record.progress = None;
+                    store.put(&record)?;
+                    state.queue.push_back(record.task_id.clone());
+                }
+                TaskStatus::Processing => {
+                    record.status = TaskStatus::Failed;
+                    record.progress = None;
+                    record.completed_at = Some(Utc::now());
+                    record.error = Some(TaskError {
+                        code: ErrorCode::Internal,
+                        message: format!("Interrupted {} times; not retried again.", record.attempts),
+                    });
+                    store.put(&record)?;
+                }
+                TaskStatus::Done | TaskStatus::Failed | TaskStatus::Canceled => {}
+            }
+            let (tx, _) = watch::channel(record.clone());
+            state.tasks.insert(record.task_id.clone(), Live { record: tx, cancel: CancellationToken::new() });
+        }
+        metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
+        Ok(MemoryQueue { store, state: Mutex::new(state), work_available: Notify::new(), capacity })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn try_claim(&self) -> Option<Claimed> {
+        let mut state = self.lock();
+        while let Some(task_id) = state.queue.pop_front() {
+            metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
+            let Some(live) = state.tasks.get(&task_id) else { continue };
+            let mut record = live.record.borrow().clone();
+            if record.status != TaskStatus::Queued {
+                continue;
+            }
+            record.status = TaskStatus::Processing;
+            record.attempts += 1;
+            record.started_at = Some(Utc::now());
+            record.progress = Some(Progress { stage: "queued".into(), step: 0, steps: 0 });
+            if let Err(e) = self.store.put(&record) {
+                tracing::error!(error = %e, %task_id, "cannot persist task start; leaving it queued");
+                state.queue.push_front(task_id);
+                return None;
+            }
+            live.record.send_replace(record.clone());
+            let cancel = live.cancel.clone();
+            // More work may be waiting; let another idle worker look.
+            if !state.queue.is_empty() {
+                self.work_available.notify_one();
+            }
+            return Some(Claimed { record, cancel });
+        }
+        None
+    }
+}
+
+#[async_trait]
+impl TaskQueue for MemoryQueue {
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+
+    /// Queues a new task, or returns the existing one when `task_id` is already known (idempotent
+    /// resubmission). The flag says whether the task was created by this call.
+    async fn submit(&self, task_id: String, request: TaskRequest) -> Result<(TaskRecord, bool), SubmitError> {
+        let mut state = self.lock();
+        if let Some(live) = state.tasks.get(&task_id) {
+            return Ok((live.record.borrow().clone(), false));
+        }
+        if state.queue.len() >= self.capacity {
+            metrics::counter!("deskgen_tasks_rejected_total").increment(1);
+            return Err(SubmitError::QueueFull(self.capacity));
+        }
+        let record = TaskRecord::new(task_id.clone(), request);
+        self.store.put(&record).map_err(BackendError::from)?;
+        let (tx, _) = watch::channel(record.clone());
+        state.tasks.insert(task_id.clone(), Live { record: tx, cancel: CancellationToken::new() });
+        state.queue.push_back(task_id);
+        metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
+        metrics::counter!("deskgen_tasks_submitted_total").increment(1);
+        drop(state);
+        self.work_available.notify_one();
+        Ok((record, true))
+    }
+
+    /// The current record of a task.
+    async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, BackendError> {
+        Ok(self.lock().tasks.get(task_id).map(|live| live.record.borrow().clone()))
+    }
+
+    /// A receiver that sees every change of a task, starting with its current state.
+    async fn watch(&self, task_id: &str) -> Result<Option<watch::Receiver<TaskRecord>>, BackendError> {
+        Ok(self.lock().tasks.get(task_id).map(|live| live.record.subscribe()))
+    }
+
+    /// Tasks waiting in the queue.
+    async fn queue_depth(&self) -> Result<usize, BackendError> {
+        Ok(self.lock().queue.len())
+    }
+
+    /// The queue's limit.
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Waits for the next queued task and marks it processing; `None` once `shutdown` fires.
+    async fn next(&self, shutdown: &CancellationToken) -> Option<Claimed> {
+        loop {
+            let notified = self.work_available.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(claimed) = self.try_claim() {
+                return Some(claimed);
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    /// Publishes progress of a running task (kept in memory only).
+    async fn progress(&self, task_id: &str, progress: Progress) {
+        if let Some(live) = self.lock().tasks.get(task_id) {
+            live.record.send_if_modified(|record| {
+                if record.status != TaskStatus::Processing || record.progress.as_ref() == Some(&progress) {
+                    return false;
+                }
+                record.progress = Some(progress);
+                true
+            });
+        }
+    }
+
+    /// Records the final state of a task a worker ran.
+    async fn finish(&self, task_id: &str, outcome: Result<TaskOutput, TaskError>) -> Option<TaskRecord> {
+        let state = self.lock();
+        let live = state.tasks.get(task_id)?;
+        let mut record = live.record.borrow().clone();
+        record.progress = None;
+        record.completed_at = Some(Utc::now());
+        match outcome {
+            Ok(output) => {
+                record.status = TaskStatus::Done;
+                record.output = Some(output);
+            }
+            Err(error) => {
+                record.status =
+                    if error.code == ErrorCode::Canceled { TaskStatus::Canceled } else { TaskStatus::Failed };
+                record.error = Some(error);
+            }
+        }
+        if let Err(e) = self.store.put(&record) {
+            tracing::error!(error = %e, %task_id, "cannot persist the final state of a task");
+        }
+        metrics::counter!("deskgen_tasks_finished_total", "status" => record.status.as_str()).increment(1);
+        live.record.send_replace(record.clone());
+        Some(record)
+    }
+
+    /// Cancels a queued task at once, or asks a running one to stop at its next check.
+    async fn cancel(&self, task_id: &str) -> Result<TaskRecord, CancelError> {
+        let mut state = self.lock();
+        let live = state.tasks.get(task_id).ok_or_else(|| CancelError::NotFound(task_id.to_string()))?;
+        let mut record = live.record.borrow().clone();
+        match record.status {
+            TaskStatus::Queued => {
+                record.status = TaskStatus::Canceled;
+                record.completed_at = Some(Utc::now());
+                record.error =
+                    Some(TaskError { code: ErrorCode::Canceled, message: "Canceled by the client.".into() });
+                self.store.put(&record).map_err(BackendError::from)?;
+                live.record.send_replace(record.clone());
+                state.queue.retain(|id| id != task_id);
+                metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
+                metrics::counter!("deskgen_tasks_finished_total", "status" => "canceled").increment(1);
+                Ok(record)
+            }
+            TaskStatus::Processing => {
+                live.cancel.cancel();
+                Ok(record)
+            }
+            status @ (TaskStatus::Done | TaskStatus::Failed | TaskStatus::Canceled) => {
+                Err(CancelError::AlreadyFinished(task_id.to_string(), status.as_str()))
+            }
+        }
+    }
+
+    /// Drops finished tasks older than `ttl` from memory and the store.
+    async fn purge_expired(&self, ttl: Duration) -> Result<usize, BackendError> {
+        let cutoff = Utc::now() - chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        let expired = self.store.purge_completed_before(cutoff).map_err(BackendError::from)?;
+        let mut state = self.lock();
+        for id in &expired {
+            state.tasks.remove(id);
+        }
+        Ok(expired.len())
+    }
+}
