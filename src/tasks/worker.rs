@@ -13,10 +13,12 @@ use crate::pipeline::Pipeline;
 /// What a pipeline stage sees of its task: progress reporting, cancellation and the deadline.
 ///
 /// Progress is latest-wins and never blocks: stages call it from blocking inference threads, and
-/// a forwarder publishes it to the queue backend.
+/// a forwarder publishes it to the queue backend. Clones share the task (blocking stages take one
+/// to their thread).
+#[derive(Clone)]
 pub struct TaskContext {
     task_id: String,
-    progress: watch::Sender<Option<Progress>>,
+    progress: Arc<watch::Sender<Option<Progress>>>,
     cancel: CancellationToken,
     deadline: Instant,
 }
@@ -30,7 +32,7 @@ impl TaskContext {
         deadline: Instant,
     ) -> (TaskContext, watch::Receiver<Option<Progress>>) {
         let (progress, updates) = watch::channel(None);
-        (TaskContext { task_id, progress, cancel, deadline }, updates)
+        (TaskContext { task_id, progress: Arc::new(progress), cancel, deadline }, updates)
     }
 
     /// The task's id.
