@@ -9,4 +9,5 @@ pub mod fetch;
 pub mod inference;
 pub mod pipeline;
 pub mod server;
+pub mod storage;
 pub mod tasks;
