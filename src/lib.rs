@@ -9,5 +9,6 @@ pub mod fetch;
 pub mod inference;
 pub mod pipeline;
 pub mod server;
+pub mod shopping;
 pub mod storage;
 pub mod tasks;
