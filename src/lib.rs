@@ -12,3 +12,4 @@ pub mod server;
 pub mod shopping;
 pub mod storage;
 pub mod tasks;
+pub mod webhook;
