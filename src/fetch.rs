@@ -263,7 +263,10 @@ impl Resolve for CheckedResolver {
         let policy = self.policy.clone();
         Box::pin(async move {
             // Port 0: the client fills in the URL's port.
-            let addrs = policy.resolve_host(name.as_str(), 0).await.map_err(Box::new)?;
+            let addrs = policy
+                .resolve_host(name.as_str(), 0)
+                .await
+                .map_err(|refused| Box::new(refused) as Box<dyn std::error::Error + Send + Sync>)?;
             Ok(Box::new(addrs.into_iter()) as Addrs)
         })
     }
@@ -484,14 +487,19 @@ impl Fetcher {
 
 /// Turns a client error into ours, recovering a refusal raised inside the DNS resolver.
 fn transport_error(url: &Url, error: &reqwest::Error) -> FetchError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    refusal_inside(error).unwrap_or_else(|| FetchError::Transport { url: url.to_string(), reason: error_chain(error) })
+}
+
+/// The [`FetchError`] our resolver raised, somewhere in a client error's chain of sources.
+pub(crate) fn refusal_inside(error: &(dyn std::error::Error + 'static)) -> Option<FetchError> {
+    let mut source = Some(error);
     while let Some(current) = source {
         if let Some(ours) = current.downcast_ref::<FetchError>() {
-            return ours.clone();
+            return Some(ours.clone());
         }
         source = current.source();
     }
-    FetchError::Transport { url: url.to_string(), reason: error_chain(error) }
+    None
 }
 
 /// An error and its sources on one line: reqwest's own message alone rarely says what happened.

@@ -26,7 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::fetch::{FetchError, UrlPolicy, error_chain};
+use crate::fetch::{FetchError, UrlPolicy, error_chain, refusal_inside};
 
 /// Prefix of Standard Webhooks secrets.
 const SECRET_PREFIX: &str = "whsec_";
@@ -472,12 +472,9 @@ async fn webhook_delivery_task(
 }
 
 fn classify_error(url: &Url, error: &reqwest::Error) -> AttemptResult {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(current) = source {
-        if let Some(refused) = current.downcast_ref::<FetchError>() {
-            return AttemptResult::Final(refused.to_string());
-        }
-        source = current.source();
+    if let Some(refused) = refusal_inside(error) {
+        metrics::counter!("deskgen_webhook_attempts_total", "result" => "final_error").increment(1);
+        return AttemptResult::Final(refused.to_string());
     }
     let reason = if error.is_timeout() { format!("timed out posting to {url}") } else { error_chain(error) };
     metrics::counter!("deskgen_webhook_attempts_total", "result" => "retryable_error").increment(1);
