@@ -175,18 +175,17 @@ impl NaverProvider {
         tokio::time::sleep_until(slot.into()).await;
     }
 
-    /// What to serve when Naver says 429: stale results if any, else the error.
-    fn rate_limited(&self, query: &str, pause: Duration) -> Result<Vec<Offer>, ShoppingError> {
-        self.pause(pause);
+    /// What to serve while Naver is rate limiting us: stale results if any, else the error.
+    fn rate_limited(&self, query: &str) -> Result<Vec<Offer>, ShoppingError> {
         match self.cached(query, false) {
             Some(offers) => {
                 record(PROVIDER, "stale");
-                tracing::warn!(query, ?pause, "Naver Shopping rate limit; serving cached results");
+                tracing::warn!(query, "Naver Shopping rate limit; serving cached results");
                 Ok(offers)
             }
             None => {
                 record(PROVIDER, "rate_limited");
-                tracing::warn!(query, ?pause, "Naver Shopping rate limit; nothing cached");
+                tracing::warn!(query, "Naver Shopping rate limit; nothing cached");
                 Err(ShoppingError::RateLimited { query: query.to_owned() })
             }
         }
@@ -280,7 +279,7 @@ impl ShoppingProvider for NaverProvider {
             return Ok(take(offers));
         }
         if self.paused() {
-            return self.rate_limited(&query, Duration::ZERO).map(take);
+            return self.rate_limited(&query).map(take);
         }
         let mut attempt = 0;
         loop {
@@ -293,7 +292,11 @@ impl ShoppingProvider for NaverProvider {
                     self.store(&query, &offers);
                     return Ok(take(offers));
                 }
-                Attempt::RateLimited(pause) => return self.rate_limited(&query, pause).map(take),
+                Attempt::RateLimited(pause) => {
+                    tracing::warn!(?pause, "Naver Shopping answered 429; pausing requests");
+                    self.pause(pause);
+                    return self.rate_limited(&query).map(take);
+                }
                 Attempt::Fail(error) => {
                     if let ShoppingError::Unauthorized { .. } = error {
                         record(PROVIDER, "unauthorized");
