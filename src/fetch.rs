@@ -97,6 +97,9 @@ pub enum FetchError {
     /// Connecting or reading failed.
     #[error("cannot download {url}: {reason}")]
     Transport { url: String, reason: String },
+    /// The HTTP client could not be set up (TLS backend).
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
 }
 
 /// A refused address, with the range it falls in.
@@ -137,7 +140,11 @@ impl FromStr for AllowRule {
             && host.split('.').all(|label| {
                 !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             });
-        if valid { Ok(AllowRule::Host(host)) } else { Err(format!("not a host name, address or CIDR: {text:?}")) }
+        if valid {
+            Ok(AllowRule::Host(host))
+        } else {
+            Err(format!("not a host name, address or CIDR: {text:?}"))
+        }
     }
 }
 
@@ -394,7 +401,7 @@ impl Fetcher {
             .client_builder()
             .connect_timeout(config.connect_timeout)
             .build()
-            .map_err(|e| FetchError::Transport { url: String::new(), reason: error_chain(&e) })?;
+            .map_err(|e| FetchError::Client(error_chain(&e)))?;
         Ok(Fetcher {
             client,
             policy,
@@ -487,7 +494,8 @@ impl Fetcher {
 
 /// Turns a client error into ours, recovering a refusal raised inside the DNS resolver.
 fn transport_error(url: &Url, error: &reqwest::Error) -> FetchError {
-    refusal_inside(error).unwrap_or_else(|| FetchError::Transport { url: url.to_string(), reason: error_chain(error) })
+    refusal_inside(error)
+        .unwrap_or_else(|| FetchError::Transport { url: url.to_string(), reason: error_chain(error) })
 }
 
 /// The [`FetchError`] our resolver raised, somewhere in a client error's chain of sources.
@@ -520,6 +528,33 @@ mod tests {
 
     fn blocked(text: &str) -> Option<&'static str> {
         special_range(text.parse().unwrap())
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        fetch: FetchConfig,
+    }
+
+    #[test]
+    fn flags_parse() {
+        use clap::{CommandFactory, Parser};
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "deskgen",
+            "--fetch-allow",
+            "127.0.0.1,localhost",
+            "--fetch-allow",
+            "10.0.0.0/8",
+            "--fetch-allow-http",
+            "--fetch-timeout",
+            "1500ms",
+        ])
+        .unwrap();
+        assert_eq!(cli.fetch.allow.len(), 3);
+        assert!(cli.fetch.allow_http);
+        assert_eq!(cli.fetch.timeout, Duration::from_millis(1500));
+        assert!(Cli::try_parse_from(["deskgen", "--fetch-allow", "not a host"]).is_err());
     }
 
     #[test]
@@ -555,7 +590,8 @@ mod tests {
 
     #[test]
     fn public_addresses_pass() {
-        for ip in ["8.8.8.8", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "::ffff:1.1.1.1", "2002:0808:0808::"]
+        for ip in
+            ["8.8.8.8", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "::ffff:1.1.1.1", "2002:0808:0808::"]
         {
             assert_eq!(blocked(ip), None, "{ip}");
         }

@@ -41,7 +41,12 @@ const THROTTLE_PRUNE_AT: usize = 4096;
 #[derive(Debug, Clone, clap::Args)]
 pub struct WebhookConfig {
     /// Signing secret(s), `whsec_<base64>`; comma-separated or repeated, every one signs (key rotation).
-    #[arg(long = "webhook-secret", env = "DESKGEN_WEBHOOK_SECRET", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long = "webhook-secret",
+        env = "DESKGEN_WEBHOOK_SECRET",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub secrets: Vec<WebhookSecret>,
     /// Delays before each retry, comma-separated; its length is the number of retries.
     #[arg(long = "webhook-retry-schedule", env = "DESKGEN_WEBHOOK_RETRY_SCHEDULE", value_delimiter = ',', value_parser = humantime::parse_duration, default_value = "1s,5s,30s,2m,10m")]
@@ -81,8 +86,7 @@ impl WebhookSecret {
 
     /// The `v1,<base64>` signature of one message.
     pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
-        // HMAC takes keys of any length, so this cannot fail.
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!());
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
         mac.update(format!("{id}.{timestamp}.").as_bytes());
         mac.update(body);
         format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
@@ -256,7 +260,7 @@ impl WebhookSender {
             .client_builder()
             .timeout(config.timeout)
             .build()
-            .map_err(|e| FetchError::Transport { url: String::new(), reason: error_chain(&e) })?;
+            .map_err(|e| FetchError::Client(error_chain(&e)))?;
         if config.secrets.is_empty() {
             tracing::warn!("no --webhook-secret configured: webhooks are sent unsigned");
         }
@@ -363,7 +367,10 @@ impl Shared {
                 AttemptResult::Delivered(status) => return DeliveryOutcome::Delivered { attempts, status },
                 AttemptResult::Gone => {
                     tracing::warn!(url = %delivery.url, "webhook receiver answered 410 Gone; disabling the URL");
-                    self.disabled.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(delivery.url.to_string());
+                    self.disabled
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .insert(delivery.url.to_string());
                     return DeliveryOutcome::Disabled { attempts };
                 }
                 AttemptResult::Final(reason) => return DeliveryOutcome::Failed { attempts, reason },
@@ -382,7 +389,8 @@ impl Shared {
     }
 
     async fn attempt(&self, delivery: &Delivery) -> AttemptResult {
-        let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs() as i64);
+        let timestamp =
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs() as i64);
         let mut request = self
             .client
             .post(delivery.url.clone())
@@ -390,8 +398,11 @@ impl Shared {
             .header("webhook-id", &delivery.id)
             .header("webhook-timestamp", timestamp.to_string());
         if !self.secrets.is_empty() {
-            let signatures: Vec<String> =
-                self.secrets.iter().map(|secret| secret.sign(&delivery.id, timestamp, &delivery.body)).collect();
+            let signatures: Vec<String> = self
+                .secrets
+                .iter()
+                .map(|secret| secret.sign(&delivery.id, timestamp, &delivery.body))
+                .collect();
             request = request.header("webhook-signature", signatures.join(" "));
         }
         let response = match request.body(delivery.body.clone()).send().await {
@@ -404,13 +415,15 @@ impl Shared {
         } else if status == StatusCode::GONE {
             AttemptResult::Gone
         } else if status.is_redirection() {
-            let location = response.headers().get(LOCATION).and_then(|v| v.to_str().ok()).unwrap_or("nowhere");
+            let location =
+                response.headers().get(LOCATION).and_then(|v| v.to_str().ok()).unwrap_or("nowhere");
             AttemptResult::Final(format!("HTTP {status} redirect to {location} (redirects are not followed)"))
         } else if status.is_server_error()
             || status == StatusCode::REQUEST_TIMEOUT
             || status == StatusCode::TOO_MANY_REQUESTS
         {
-            let retry_after = response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+            let retry_after =
+                response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
             AttemptResult::Retry { reason: format!("HTTP {status}"), retry_after }
         } else {
             AttemptResult::Final(format!("HTTP {status}"))
@@ -502,6 +515,23 @@ fn jitter(delay: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        webhook: WebhookConfig,
+    }
+
+    #[test]
+    fn flags_parse() {
+        use clap::{CommandFactory, Parser};
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["deskgen", "--webhook-secret", "whsec_c2VjcmV0,whsec_b2xk"]).unwrap();
+        assert_eq!(cli.webhook.secrets.len(), 2);
+        assert_eq!(cli.webhook.retry_schedule, WebhookConfig::default().retry_schedule);
+        let cli = Cli::try_parse_from(["deskgen", "--webhook-retry-schedule", "10ms,1s"]).unwrap();
+        assert_eq!(cli.webhook.retry_schedule, [Duration::from_millis(10), Duration::from_secs(1)]);
+    }
 
     #[test]
     fn signs_like_the_standard_webhooks_reference() {

@@ -37,9 +37,15 @@ async fn image_server() -> SocketAddr {
                 }
             }),
         )
-        .route("/to-metadata", get(|| async { Redirect::temporary("http://169.254.169.254/latest/meta-data/") }))
+        .route(
+            "/to-metadata",
+            get(|| async { Redirect::temporary("http://169.254.169.254/latest/meta-data/") }),
+        )
         .route("/to-private", get(|| async { Redirect::temporary("http://10.0.0.1/image.png") }))
-        .route("/fake.jpg", get(|| async { ([(header::CONTENT_TYPE, "image/jpeg")], "<html>not a photo</html>") }))
+        .route(
+            "/fake.jpg",
+            get(|| async { ([(header::CONTENT_TYPE, "image/jpeg")], "<html>not a photo</html>") }),
+        )
         .route("/page", get(|| async { ([(header::CONTENT_TYPE, "text/html")], PNG) }))
         .route("/missing", get(|| async { StatusCode::NOT_FOUND }))
         .route("/endless", get(endless))
@@ -52,7 +58,8 @@ async fn endless() -> Response {
     let chunk = bytes::Bytes::from(vec![0u8; 64 * 1024]);
     let head = futures::stream::once(async { Ok::<_, std::io::Error>(bytes::Bytes::from_static(PNG)) });
     let tail = futures::stream::repeat_with(move || Ok(chunk.clone()));
-    ([(header::CONTENT_TYPE, "image/png")], Body::from_stream(futures::StreamExt::chain(head, tail))).into_response()
+    ([(header::CONTENT_TYPE, "image/png")], Body::from_stream(futures::StreamExt::chain(head, tail)))
+        .into_response()
 }
 
 async fn slow() -> Response {

@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use deskgen::shopping::{self, CatalogProvider, NaverProvider, ProviderChoice, ShoppingConfig, ShoppingError, ShoppingProvider};
+use deskgen::shopping::{
+    self, CatalogProvider, NaverProvider, ProviderChoice, ShoppingConfig, ShoppingError, ShoppingProvider,
+};
 use serde_json::{Value, json};
 use wiremock::matchers::{header, method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -131,16 +133,15 @@ async fn rate_limit_serves_the_cache_and_pauses_requests() {
         .mount(&server)
         .await;
     Mock::given(path(SEARCH_PATH))
-        .respond_with(
-            ResponseTemplate::new(429)
-                .insert_header("Retry-After", "30")
-                .set_body_json(json!({"errorMessage": "Rate limit exceeded. (속도 제한을 초과했습니다.)", "errorCode": "012"})),
-        )
+        .respond_with(ResponseTemplate::new(429).insert_header("Retry-After", "30").set_body_json(
+            json!({"errorMessage": "Rate limit exceeded. (속도 제한을 초과했습니다.)", "errorCode": "012"}),
+        ))
         .expect(1)
         .mount(&server)
         .await;
     // A zero TTL makes every search go to Naver, unless Naver asked us to wait.
-    let naver = NaverProvider::new(&ShoppingConfig { naver_cache_ttl: Duration::ZERO, ..config(&server) }).unwrap();
+    let naver =
+        NaverProvider::new(&ShoppingConfig { naver_cache_ttl: Duration::ZERO, ..config(&server) }).unwrap();
     let fresh = naver.search("무선 마우스", 5).await.unwrap();
     let stale = naver.search("무선 마우스", 5).await.unwrap();
     assert_eq!(stale, fresh);
@@ -154,7 +155,10 @@ async fn rate_limit_serves_the_cache_and_pauses_requests() {
 async fn server_errors_are_retried() {
     let server = MockServer::start().await;
     Mock::given(path(SEARCH_PATH))
-        .respond_with(ResponseTemplate::new(500).set_body_json(json!({"errorMessage": "System error.", "errorCode": "SE99"})))
+        .respond_with(
+            ResponseTemplate::new(500)
+                .set_body_json(json!({"errorMessage": "System error.", "errorCode": "SE99"})),
+        )
         .up_to_n_times(1)
         .expect(1)
         .mount(&server)
@@ -172,20 +176,28 @@ async fn server_errors_are_retried() {
 async fn persistent_server_errors_fail_after_every_attempt() {
     let server = MockServer::start().await;
     Mock::given(path(SEARCH_PATH))
-        .respond_with(ResponseTemplate::new(503).set_body_json(json!({"errorMessage": "System error.", "errorCode": "SE99"})))
+        .respond_with(
+            ResponseTemplate::new(503)
+                .set_body_json(json!({"errorMessage": "System error.", "errorCode": "SE99"})),
+        )
         .expect(3)
         .mount(&server)
         .await;
     let naver = NaverProvider::new(&config(&server)).unwrap();
     let error = naver.search("무선 마우스", 10).await.unwrap_err();
-    assert!(matches!(error, ShoppingError::Upstream { status: 503, ref code, .. } if code == "SE99"), "{error}");
+    assert!(
+        matches!(error, ShoppingError::Upstream { status: 503, ref code, .. } if code == "SE99"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
 async fn timeouts_are_retried_then_reported() {
     let server = MockServer::start().await;
     Mock::given(path(SEARCH_PATH))
-        .respond_with(ResponseTemplate::new(200).set_body_json(mouse_results()).set_delay(Duration::from_secs(2)))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(mouse_results()).set_delay(Duration::from_secs(2)),
+        )
         .expect(2)
         .mount(&server)
         .await;
@@ -203,7 +215,9 @@ async fn timeouts_are_retried_then_reported() {
 async fn malformed_json_is_an_error_without_retry() {
     let server = MockServer::start().await;
     Mock::given(path(SEARCH_PATH))
-        .respond_with(ResponseTemplate::new(200).set_body_raw("{\"items\": [{\"title\": ", "application/json"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_raw("{\"items\": [{\"title\": ", "application/json"),
+        )
         .expect(1)
         .mount(&server)
         .await;
@@ -224,7 +238,10 @@ async fn client_errors_carry_naver_error_codes() {
         .await;
     let naver = NaverProvider::new(&config(&server)).unwrap();
     let error = naver.search("무선 마우스", 10).await.unwrap_err();
-    assert!(matches!(error, ShoppingError::Upstream { status: 400, ref code, .. } if code == "SE01"), "{error}");
+    assert!(
+        matches!(error, ShoppingError::Upstream { status: 400, ref code, .. } if code == "SE01"),
+        "{error}"
+    );
 }
 
 #[tokio::test]
@@ -245,7 +262,10 @@ async fn rejected_keys_mark_the_provider_unhealthy() {
     let naver = NaverProvider::new(&config(&server)).unwrap();
     for _ in 0..2 {
         let error = naver.search("무선 마우스", 10).await.unwrap_err();
-        assert!(matches!(error, ShoppingError::Unauthorized { status: 401, ref code, .. } if code == "024"), "{error}");
+        assert!(
+            matches!(error, ShoppingError::Unauthorized { status: 401, ref code, .. } if code == "024"),
+            "{error}"
+        );
         assert!(!naver.healthy());
     }
     naver.search("무선 마우스", 10).await.unwrap();
@@ -294,7 +314,10 @@ async fn sample_catalog_covers_every_category() {
         for offer in &offers {
             assert!(offer.price.ends_with('원') && offer.price_won > 0, "{offer:?}");
             assert!(!offer.mall.is_empty() && !offer.category3.is_empty(), "{offer:?}");
-            assert!(offer.link.starts_with("https://search.shopping.naver.com/search/all?query="), "{offer:?}");
+            assert!(
+                offer.link.starts_with("https://search.shopping.naver.com/search/all?query="),
+                "{offer:?}"
+            );
         }
     }
     assert!(catalog.search("무선마우스", 1).await.unwrap().len() == 1);
@@ -306,11 +329,13 @@ async fn build_picks_naver_only_with_keys() {
     let without_keys = shopping::build(&ShoppingConfig::default()).unwrap();
     assert_eq!(without_keys.name(), "catalog");
     let server = MockServer::start().await;
-    let with_keys = shopping::build(&ShoppingConfig { provider: ProviderChoice::Auto, ..config(&server) }).unwrap();
+    let with_keys =
+        shopping::build(&ShoppingConfig { provider: ProviderChoice::Auto, ..config(&server) }).unwrap();
     assert_eq!(with_keys.name(), "naver");
-    let error = shopping::build(&ShoppingConfig { provider: ProviderChoice::Naver, ..ShoppingConfig::default() })
-        .err()
-        .unwrap();
+    let error =
+        shopping::build(&ShoppingConfig { provider: ProviderChoice::Naver, ..ShoppingConfig::default() })
+            .err()
+            .unwrap();
     assert!(matches!(error, ShoppingError::Config(_)), "{error}");
 
     let dir = tempfile::tempdir().unwrap();

@@ -71,7 +71,9 @@ fn s3_config(addr: SocketAddr, bucket: &str) -> StorageConfig {
 }
 
 /// A running server with the bucket created, and a store pointed at it.
-async fn s3_fixture(config: impl FnOnce(StorageConfig) -> StorageConfig) -> (S3Store, SocketAddr, tokio::task::JoinHandle<()>, tempfile::TempDir) {
+async fn s3_fixture(
+    config: impl FnOnce(StorageConfig) -> StorageConfig,
+) -> (S3Store, SocketAddr, tokio::task::JoinHandle<()>, tempfile::TempDir) {
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir(root.path().join(BUCKET)).unwrap();
     let (addr, server) = start_s3(root.path()).await;
@@ -98,7 +100,8 @@ async fn s3_put_then_get_and_recognise_the_url() {
 
 #[tokio::test]
 async fn s3_presigned_urls_download_over_plain_http() {
-    let (store, addr, _server, _root) = s3_fixture(|c| StorageConfig { s3_presign_ttl: Some(Duration::from_secs(60)), ..c }).await;
+    let (store, addr, _server, _root) =
+        s3_fixture(|c| StorageConfig { s3_presign_ttl: Some(Duration::from_secs(60)), ..c }).await;
     let key = storage::new_image_key();
     let url = store.put_png(&key, Bytes::from_static(PNG)).await.unwrap();
     assert!(url.starts_with(&format!("http://{addr}/{BUCKET}/{key}?")), "{url}");

@@ -69,8 +69,10 @@ impl CatalogProvider {
 
     /// Parses catalog JSON; `source_name` names it in errors and logs.
     pub fn from_json(text: &str, source_name: &str) -> Result<Self, ShoppingError> {
-        let file: CatalogFile = serde_json::from_str(text)
-            .map_err(|e| ShoppingError::Catalog { source_name: source_name.to_owned(), reason: e.to_string() })?;
+        let file: CatalogFile = serde_json::from_str(text).map_err(|e| ShoppingError::Catalog {
+            source_name: source_name.to_owned(),
+            reason: e.to_string(),
+        })?;
         let queries = file
             .queries
             .into_iter()

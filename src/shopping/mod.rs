@@ -152,7 +152,7 @@ pub struct ShoppingConfig {
     #[arg(long = "shopping-provider", env = "DESKGEN_SHOPPING_PROVIDER", value_enum, default_value = "auto")]
     pub provider: ProviderChoice,
     /// Catalog JSON file (default: the built-in sample catalog).
-    #[arg(long = "catalog", env = "DESKGEN_CATALOG")]
+    #[arg(long = "shopping-catalog", env = "DESKGEN_SHOPPING_CATALOG")]
     pub catalog: Option<PathBuf>,
     /// Naver Open API client id.
     #[arg(long = "naver-client-id", env = "NAVER_CLIENT_ID", hide_env_values = true)]
@@ -161,7 +161,11 @@ pub struct ShoppingConfig {
     #[arg(long = "naver-client-secret", env = "NAVER_CLIENT_SECRET", hide_env_values = true)]
     pub naver_client_secret: Option<ApiSecret>,
     /// Base URL of the Naver Open API.
-    #[arg(long = "naver-base-url", env = "DESKGEN_NAVER_BASE_URL", default_value = "https://openapi.naver.com")]
+    #[arg(
+        long = "naver-base-url",
+        env = "DESKGEN_NAVER_BASE_URL",
+        default_value = "https://openapi.naver.com"
+    )]
     pub naver_base_url: String,
     /// Order Naver returns candidates in before they are re-sorted by price: sim or asc.
     #[arg(long = "naver-sort", env = "DESKGEN_NAVER_SORT", value_enum, default_value = "sim")]
@@ -261,12 +265,38 @@ pub fn build(config: &ShoppingConfig) -> Result<Arc<dyn ShoppingProvider>, Shopp
 
 /// Counts a search: `deskgen_shopping_requests_total{provider,outcome}`.
 fn record(provider: &'static str, outcome: &'static str) {
-    metrics::counter!("deskgen_shopping_requests_total", "provider" => provider, "outcome" => outcome).increment(1);
+    metrics::counter!("deskgen_shopping_requests_total", "provider" => provider, "outcome" => outcome)
+        .increment(1);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        shopping: ShoppingConfig,
+    }
+
+    #[test]
+    fn flags_parse() {
+        use clap::{CommandFactory, Parser};
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "deskgen",
+            "--naver-sort",
+            "asc",
+            "--naver-qps",
+            "2.5",
+            "--naver-cache-ttl",
+            "10m",
+        ])
+        .unwrap();
+        assert_eq!(cli.shopping.naver_sort, NaverSort::Asc);
+        assert_eq!(cli.shopping.naver_qps, 2.5);
+        assert_eq!(cli.shopping.naver_cache_ttl, Duration::from_secs(600));
+    }
 
     #[test]
     fn offers_serialize_exactly_seven_fields() {

@@ -17,7 +17,8 @@ use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 
 use super::{
-    ApiSecret, DEFAULT_MALL, NaverSort, Offer, ShoppingConfig, ShoppingError, ShoppingProvider, format_won, record,
+    ApiSecret, DEFAULT_MALL, NaverSort, Offer, ShoppingConfig, ShoppingError, ShoppingProvider, format_won,
+    record,
 };
 
 const PROVIDER: &str = "naver";
@@ -105,14 +106,19 @@ enum Attempt {
 impl NaverProvider {
     /// A provider with the keys, endpoint, cache and limits in `config`.
     pub fn new(config: &ShoppingConfig) -> Result<Self, ShoppingError> {
-        let (Some(client_id), Some(client_secret)) = (&config.naver_client_id, &config.naver_client_secret) else {
+        let (Some(client_id), Some(client_secret)) = (&config.naver_client_id, &config.naver_client_secret)
+        else {
             return Err(ShoppingError::Config("Naver needs NAVER_CLIENT_ID and NAVER_CLIENT_SECRET".into()));
         };
-        let endpoint = Url::parse(&config.naver_base_url)
-            .and_then(|base| base.join("/v1/search/shop.json"))
-            .map_err(|e| ShoppingError::Config(format!("--naver-base-url {:?}: {e}", config.naver_base_url)))?;
+        let endpoint =
+            Url::parse(&config.naver_base_url).and_then(|base| base.join("/v1/search/shop.json")).map_err(
+                |e| ShoppingError::Config(format!("--naver-base-url {:?}: {e}", config.naver_base_url)),
+            )?;
         if !(config.naver_qps.is_finite() && config.naver_qps > 0.0) {
-            return Err(ShoppingError::Config(format!("--naver-qps must be positive, not {}", config.naver_qps)));
+            return Err(ShoppingError::Config(format!(
+                "--naver-qps must be positive, not {}",
+                config.naver_qps
+            )));
         }
         let client = reqwest::Client::builder()
             .timeout(config.naver_timeout)
@@ -161,7 +167,8 @@ impl NaverProvider {
     }
 
     fn pause(&self, pause: Duration) {
-        *self.paused_until.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Instant::now() + pause);
+        *self.paused_until.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            Some(Instant::now() + pause);
     }
 
     /// Waits for this request's slot so the process stays under `--naver-qps`.
@@ -212,7 +219,9 @@ impl NaverProvider {
             .record(started.elapsed().as_secs_f64());
         let response = match sent {
             Ok(response) => response,
-            Err(e) if e.is_timeout() => return Attempt::Retry(ShoppingError::Timeout { attempts: self.attempts }),
+            Err(e) if e.is_timeout() => {
+                return Attempt::Retry(ShoppingError::Timeout { attempts: self.attempts });
+            }
             Err(e) => return Attempt::Retry(ShoppingError::Transport(crate::fetch::error_chain(&e))),
         };
         let status = response.status();
@@ -383,7 +392,10 @@ fn unescape_html(text: &str) -> String {
     while let Some(start) = rest.find('&') {
         out.push_str(&rest[..start]);
         rest = &rest[start..];
-        let decoded = rest.find(';').filter(|&end| end <= 10).and_then(|end| Some((decode_entity(&rest[1..end])?, end)));
+        let decoded = rest
+            .find(';')
+            .filter(|&end| end <= 10)
+            .and_then(|end| Some((decode_entity(&rest[1..end])?, end)));
         match decoded {
             Some((character, end)) => {
                 out.push(character);
@@ -425,7 +437,10 @@ mod tests {
 
     #[test]
     fn titles_lose_markup_and_entities() {
-        assert_eq!(clean_title("<b>로지텍</b> M650 &amp; 패드 &quot;블랙&quot; &#39;정품&#x27;"), "로지텍 M650 & 패드 \"블랙\" '정품'");
+        assert_eq!(
+            clean_title("<b>로지텍</b> M650 &amp; 패드 &quot;블랙&quot; &#39;정품&#x27;"),
+            "로지텍 M650 & 패드 \"블랙\" '정품'"
+        );
         assert_eq!(unescape_html("AT&T &bogus; &"), "AT&T &bogus; &");
         assert_eq!(unescape_html("&lt;b&gt;"), "<b>");
     }

@@ -56,8 +56,7 @@ impl FileStore {
         Ok(self.root.join(relative))
     }
 
-    async fn write(&self, key: &str, png: &[u8]) -> Result<(), std::io::Error> {
-        let path = self.path_for(key).map_err(std::io::Error::other)?;
+    async fn write(&self, path: &Path, png: &[u8]) -> Result<(), std::io::Error> {
         let parent = path.parent().unwrap_or(&self.root);
         tokio::fs::create_dir_all(parent).await?;
         // Write then rename, so a reader never sees half an image.
@@ -66,7 +65,7 @@ impl FileStore {
         let written = async {
             file.write_all(png).await?;
             file.sync_all().await?;
-            tokio::fs::rename(&partial, &path).await
+            tokio::fs::rename(&partial, path).await
         }
         .await;
         if written.is_err() {
@@ -83,10 +82,14 @@ impl ObjectStore for FileStore {
     }
 
     async fn put_png(&self, key: &str, png: Bytes) -> Result<String, StorageError> {
-        self.path_for(key)?;
-        let written = self.write(key, &png).await;
+        let path = self.path_for(key)?;
+        let written = self.write(&path, &png).await;
         record("file", "put", written.is_ok());
-        written.map_err(|e| StorageError::Upload { key: key.to_owned(), attempts: 1, reason: e.to_string() })?;
+        written.map_err(|e| StorageError::Upload {
+            key: key.to_owned(),
+            attempts: 1,
+            reason: e.to_string(),
+        })?;
         self.url_for(key).await
     }
 
@@ -115,7 +118,9 @@ impl ObjectStore for FileStore {
         check_key(key)?;
         let mut url = self.base_url.clone();
         url.path_segments_mut()
-            .map_err(|()| StorageError::Config(format!("image base URL {} cannot take a path", self.base_url)))?
+            .map_err(|()| {
+                StorageError::Config(format!("image base URL {} cannot take a path", self.base_url))
+            })?
             .pop_if_empty()
             .push("v1")
             .extend(key.split('/'));
@@ -125,7 +130,10 @@ impl ObjectStore for FileStore {
     fn key_for_url(&self, url: &str) -> Option<String> {
         let url = Url::parse(url).ok()?;
         let base = &self.base_url;
-        if url.scheme() != base.scheme() || url.host() != base.host() || url.port_or_known_default() != base.port_or_known_default() {
+        if url.scheme() != base.scheme()
+            || url.host() != base.host()
+            || url.port_or_known_default() != base.port_or_known_default()
+        {
             return None;
         }
         let prefix = format!("{}/v1/{KEY_PREFIX}", base.path().trim_end_matches('/'));
@@ -154,7 +162,11 @@ fn image_router(root: Arc<Path>) -> axum::Router {
     axum::Router::new().route("/v1/images/{*key}", get(serve_image)).with_state(root)
 }
 
-async fn serve_image(State(root): State<Arc<Path>>, UrlPath(key): UrlPath<String>, headers: HeaderMap) -> Response {
+async fn serve_image(
+    State(root): State<Arc<Path>>,
+    UrlPath(key): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
     // The router has already percent-decoded the key, so encoded traversal is caught here too.
     if check_key(&key).is_err() {
         return (StatusCode::BAD_REQUEST, "invalid image key").into_response();
@@ -170,7 +182,8 @@ async fn serve_image(State(root): State<Arc<Path>>, UrlPath(key): UrlPath<String
     if !metadata.is_file() {
         return not_found();
     }
-    let modified = metadata.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).unwrap_or_default();
+    let modified =
+        metadata.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).unwrap_or_default();
     let etag = format!("\"{:x}-{:x}\"", metadata.len(), modified.as_nanos());
     let mut response = if if_none_match(&headers, &etag) {
         StatusCode::NOT_MODIFIED.into_response()
@@ -192,12 +205,15 @@ async fn serve_image(State(root): State<Arc<Path>>, UrlPath(key): UrlPath<String
 
 /// Whether the client's `If-None-Match` already names `etag` (weak comparison, as RFC 9110 asks).
 fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
-    headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(
-        |candidate| {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|candidate| {
             let candidate = candidate.trim();
             candidate == "*" || candidate.trim_start_matches("W/") == etag
-        },
-    )
+        })
 }
 
 fn content_type(key: &str) -> &'static str {

@@ -183,6 +183,33 @@ fn record(backend: &'static str, operation: &'static str, ok: bool) {
 mod tests {
     use super::*;
 
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        storage: StorageConfig,
+    }
+
+    #[test]
+    fn flags_parse() {
+        use clap::{CommandFactory, Parser};
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "deskgen",
+            "--object-store",
+            "s3",
+            "--s3-bucket",
+            "desk-bucket",
+            "--s3-force-path-style",
+            "--s3-presign-ttl",
+            "1h",
+        ])
+        .unwrap();
+        assert_eq!(cli.storage.object_store, ObjectStoreKind::S3);
+        assert_eq!(cli.storage.s3_bucket.as_deref(), Some("desk-bucket"));
+        assert!(cli.storage.s3_force_path_style);
+        assert_eq!(cli.storage.s3_presign_ttl, Some(Duration::from_secs(3600)));
+    }
+
     #[test]
     fn image_keys_are_dated_pngs() {
         let key = new_image_key();

@@ -52,11 +52,10 @@ impl S3Store {
 
     /// Connects with the credentials, region and HTTP client of `sdk`, overridden by `config`.
     pub fn new(config: &StorageConfig, sdk: &SdkConfig) -> Result<Self, StorageError> {
-        let bucket = config
-            .s3_bucket
-            .clone()
-            .filter(|bucket| !bucket.is_empty())
-            .ok_or_else(|| StorageError::Config("--s3-bucket is required with --object-store s3".into()))?;
+        let bucket =
+            config.s3_bucket.clone().filter(|bucket| !bucket.is_empty()).ok_or_else(|| {
+                StorageError::Config("--s3-bucket is required with --object-store s3".into())
+            })?;
         let region = config
             .s3_region
             .clone()
@@ -66,8 +65,11 @@ impl S3Store {
             Url::parse(text).map_err(|e| StorageError::Config(format!("{flag} {text:?}: {e}")))
         };
         let endpoint = config.s3_endpoint.as_deref().map(|text| parse("--s3-endpoint", text)).transpose()?;
-        let public_base_url =
-            config.s3_public_base_url.as_deref().map(|text| parse("--s3-public-base-url", text)).transpose()?;
+        let public_base_url = config
+            .s3_public_base_url
+            .as_deref()
+            .map(|text| parse("--s3-public-base-url", text))
+            .transpose()?;
         if let Some(ttl) = config.s3_presign_ttl {
             PresigningConfig::expires_in(ttl)
                 .map_err(|e| StorageError::Config(format!("--s3-presign-ttl: {}", DisplayErrorContext(e))))?;
@@ -128,7 +130,11 @@ impl S3Store {
         url.into()
     }
 
-    async fn put_once(&self, key: &str, png: &Bytes) -> Result<(), SdkError<aws_sdk_s3::operation::put_object::PutObjectError>> {
+    async fn put_once(
+        &self,
+        key: &str,
+        png: &Bytes,
+    ) -> Result<(), SdkError<aws_sdk_s3::operation::put_object::PutObjectError>> {
         self.client
             .put_object()
             .bucket(&self.bucket)
@@ -224,16 +230,12 @@ impl ObjectStore for S3Store {
 
     async fn url_for(&self, key: &str) -> Result<String, StorageError> {
         let Some(ttl) = self.presign_ttl else { return Ok(self.public_url(key)) };
-        let presigning =
-            PresigningConfig::expires_in(ttl).map_err(|e| StorageError::Config(DisplayErrorContext(e).to_string()))?;
-        let request = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .presigned(presigning)
-            .await
-            .map_err(|e| StorageError::Config(format!("cannot presign {key}: {}", DisplayErrorContext(e))))?;
+        let presigning = PresigningConfig::expires_in(ttl)
+            .map_err(|e| StorageError::Config(DisplayErrorContext(e).to_string()))?;
+        let request =
+            self.client.get_object().bucket(&self.bucket).key(key).presigned(presigning).await.map_err(
+                |e| StorageError::Config(format!("cannot presign {key}: {}", DisplayErrorContext(e))),
+            )?;
         Ok(request.uri().to_owned())
     }
 
@@ -241,7 +243,8 @@ impl ObjectStore for S3Store {
         let url = Url::parse(url).ok()?;
         let host = url.host_str()?;
         let path = url.path().strip_prefix('/')?;
-        let in_path = |path: &str| path.strip_prefix(self.bucket.as_str())?.strip_prefix('/').map(str::to_owned);
+        let in_path =
+            |path: &str| path.strip_prefix(self.bucket.as_str())?.strip_prefix('/').map(str::to_owned);
         let key = if url.scheme() == "s3" {
             (host == self.bucket).then(|| path.to_owned())
         } else if let Some(rest) = self.public_base_url.as_ref().and_then(|base| {
@@ -353,6 +356,9 @@ mod tests {
         );
         assert_eq!(custom.key_for_url("http://127.0.0.1:9001/desk-bucket/a.png"), None);
         let cdn = store(None, Some("https://cdn.example.com/desk"), false);
-        assert_eq!(cdn.key_for_url("https://cdn.example.com/desk/images/x.png").as_deref(), Some("images/x.png"));
+        assert_eq!(
+            cdn.key_for_url("https://cdn.example.com/desk/images/x.png").as_deref(),
+            Some("images/x.png")
+        );
     }
 }
