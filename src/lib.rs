@@ -5,7 +5,11 @@
 
 pub mod api;
 pub mod config;
+pub mod fetch;
 pub mod inference;
 pub mod pipeline;
 pub mod server;
+pub mod shopping;
+pub mod storage;
 pub mod tasks;
+pub mod webhook;

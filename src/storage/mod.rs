@@ -1,0 +1,230 @@
+//! Object storage for generated images: files under the data directory, or S3.
+//!
+//! Both stores keep objects under keys like `images/2026/11/26/<uuid>.png` and hand back a URL
+//! a client can download the object from.
+
+mod file;
+mod s3;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use file::FileStore;
+pub use s3::S3Store;
+
+/// Default number of upload attempts before an upload fails.
+pub const DEFAULT_UPLOAD_ATTEMPTS: u32 = 4;
+
+/// Which object store keeps generated images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ObjectStoreKind {
+    /// Files under `<data-dir>/images`, served by this server at `/v1/images/`.
+    File,
+    /// An S3 bucket, or a bucket on an S3-compatible server.
+    S3,
+}
+
+/// Where generated images go.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StorageConfig {
+    /// Object store for generated images: file (under the data directory) or s3.
+    #[arg(long = "object-store", env = "DESKGEN_OBJECT_STORE", value_enum, default_value = "file")]
+    pub object_store: ObjectStoreKind,
+    /// Base URL clients reach this server at; file-store image URLs start with it.
+    #[arg(long = "image-base-url", env = "DESKGEN_IMAGE_BASE_URL", default_value = "http://127.0.0.1:8080")]
+    pub image_base_url: String,
+    /// S3 bucket for generated images (required with --object-store s3).
+    #[arg(long = "s3-bucket", env = "DESKGEN_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// S3 region (default: from the AWS configuration chain, else us-east-1).
+    #[arg(long = "s3-region", env = "DESKGEN_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// Endpoint of an S3-compatible server, e.g. http://127.0.0.1:9000.
+    #[arg(long = "s3-endpoint", env = "DESKGEN_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Address buckets as endpoint/bucket/key instead of bucket.endpoint/key.
+    #[arg(long = "s3-force-path-style", env = "DESKGEN_S3_FORCE_PATH_STYLE")]
+    pub s3_force_path_style: bool,
+    /// Public base URL of the bucket (a CDN, say); image URLs become <base>/<key>.
+    #[arg(long = "s3-public-base-url", env = "DESKGEN_S3_PUBLIC_BASE_URL")]
+    pub s3_public_base_url: Option<String>,
+    /// Return presigned GET URLs valid this long (e.g. 1h, at most 7 days) instead of public URLs.
+    #[arg(long = "s3-presign-ttl", env = "DESKGEN_S3_PRESIGN_TTL", value_parser = humantime::parse_duration)]
+    pub s3_presign_ttl: Option<Duration>,
+    /// Attempts per upload before it fails.
+    #[arg(long = "s3-upload-attempts", env = "DESKGEN_S3_UPLOAD_ATTEMPTS", default_value_t = DEFAULT_UPLOAD_ATTEMPTS)]
+    pub s3_upload_attempts: u32,
+    /// Delay before the first upload retry; it doubles with every further attempt.
+    #[arg(long = "s3-retry-backoff", env = "DESKGEN_S3_RETRY_BACKOFF", value_parser = humantime::parse_duration, default_value = "200ms")]
+    pub s3_retry_backoff: Duration,
+    /// Time allowed for one S3 request attempt.
+    #[arg(long = "s3-timeout", env = "DESKGEN_S3_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub s3_timeout: Duration,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            object_store: ObjectStoreKind::File,
+            image_base_url: "http://127.0.0.1:8080".into(),
+            s3_bucket: None,
+            s3_region: None,
+            s3_endpoint: None,
+            s3_force_path_style: false,
+            s3_public_base_url: None,
+            s3_presign_ttl: None,
+            s3_upload_attempts: DEFAULT_UPLOAD_ATTEMPTS,
+            s3_retry_backoff: Duration::from_millis(200),
+            s3_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Object store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The key is empty, absolute, or escapes the store (`..`).
+    #[error("invalid object key {key:?}: {reason}")]
+    InvalidKey { key: String, reason: &'static str },
+    /// Every upload attempt failed.
+    #[error("failed to upload {key} after {attempts} attempt(s): {reason}")]
+    Upload { key: String, attempts: u32, reason: String },
+    /// No object under that key.
+    #[error("object {key} not found")]
+    NotFound { key: String },
+    /// The object is bigger than the caller accepts.
+    #[error("object {key} is larger than the limit of {limit} bytes")]
+    TooLarge { key: String, limit: u64 },
+    /// Reading the object failed.
+    #[error("cannot read object {key}: {reason}")]
+    Read { key: String, reason: String },
+    /// The store cannot be reached or used.
+    #[error("object store unavailable: {0}")]
+    Unavailable(String),
+    /// The configuration is incomplete or invalid.
+    #[error("object store misconfigured: {0}")]
+    Config(String),
+}
+
+/// Somewhere generated images are kept.
+#[async_trait]
+pub trait ObjectStore: Send + Sync {
+    /// "file" or "s3", for logs, metrics and `/info`.
+    fn kind(&self) -> &'static str;
+
+    /// Stores a PNG under `key` (retrying transient failures) and returns the URL to fetch it from.
+    async fn put_png(&self, key: &str, png: Bytes) -> Result<String, StorageError>;
+
+    /// Reads the object under `key`, refusing objects bigger than `max_bytes`.
+    async fn get(&self, key: &str, max_bytes: u64) -> Result<Bytes, StorageError>;
+
+    /// A URL for the object under `key`: public, or presigned with a fresh expiry.
+    async fn url_for(&self, key: &str) -> Result<String, StorageError>;
+
+    /// The key of the object `url` names when it points into this store, so it can be read with
+    /// the store's own credentials instead of over the public internet.
+    fn key_for_url(&self, url: &str) -> Option<String>;
+
+    /// Checks the store is usable (bucket reachable, directory writable), for health checks.
+    async fn check(&self) -> Result<(), StorageError>;
+
+    /// Routes serving the stored objects over HTTP, for stores that need this server to do it.
+    fn router(&self) -> Option<axum::Router> {
+        None
+    }
+}
+
+/// Opens the configured object store. The file store lives under `<data_dir>/images`; the S3
+/// store takes credentials from the standard AWS chain (environment, profile, SSO, IMDS, …).
+pub async fn build(config: &StorageConfig, data_dir: &Path) -> Result<Arc<dyn ObjectStore>, StorageError> {
+    match config.object_store {
+        ObjectStoreKind::File => {
+            Ok(Arc::new(FileStore::open(data_dir.join("images"), &config.image_base_url).await?))
+        }
+        ObjectStoreKind::S3 => Ok(Arc::new(S3Store::from_environment(config).await?)),
+    }
+}
+
+/// A fresh key for a generated image: `images/YYYY/MM/DD/<uuid>.png` (UTC date).
+pub fn new_image_key() -> String {
+    format!("images/{}/{}.png", chrono::Utc::now().format("%Y/%m/%d"), uuid::Uuid::new_v4())
+}
+
+/// Refuses keys that could name something outside the store once used as a path.
+pub(crate) fn check_key(key: &str) -> Result<(), StorageError> {
+    let invalid = |reason| Err(StorageError::InvalidKey { key: key.to_owned(), reason });
+    if key.is_empty() || key.len() > 1024 {
+        return invalid("empty or longer than 1024 bytes");
+    }
+    if key.starts_with('/') {
+        return invalid("absolute");
+    }
+    if key.contains('\\') || key.chars().any(char::is_control) {
+        return invalid("backslash or control character");
+    }
+    if key.split('/').any(|segment| segment.is_empty() || segment == "." || segment == "..") {
+        return invalid("empty, '.' or '..' path segment");
+    }
+    Ok(())
+}
+
+/// Counts an object store operation: `deskgen_storage_operations_total{backend,operation,outcome}`.
+fn record(backend: &'static str, operation: &'static str, ok: bool) {
+    let outcome = if ok { "ok" } else { "error" };
+    metrics::counter!("deskgen_storage_operations_total", "backend" => backend, "operation" => operation, "outcome" => outcome)
+        .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        storage: StorageConfig,
+    }
+
+    #[test]
+    fn flags_parse() {
+        use clap::{CommandFactory, Parser};
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "deskgen",
+            "--object-store",
+            "s3",
+            "--s3-bucket",
+            "desk-bucket",
+            "--s3-force-path-style",
+            "--s3-presign-ttl",
+            "1h",
+        ])
+        .unwrap();
+        assert_eq!(cli.storage.object_store, ObjectStoreKind::S3);
+        assert_eq!(cli.storage.s3_bucket.as_deref(), Some("desk-bucket"));
+        assert!(cli.storage.s3_force_path_style);
+        assert_eq!(cli.storage.s3_presign_ttl, Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn image_keys_are_dated_pngs() {
+        let key = new_image_key();
+        let parts: Vec<&str> = key.split('/').collect();
+        assert_eq!(parts.len(), 5, "{key}");
+        assert_eq!(parts[0], "images");
+        assert_eq!(parts[1].len(), 4);
+        assert!(parts[4].ends_with(".png") && parts[4].len() == 36 + 4, "{key}");
+        check_key(&key).unwrap();
+    }
+
+    #[test]
+    fn traversal_keys_are_refused() {
+        for key in ["", "/etc/passwd", "images/../x", "images/./x", "images//x", "a\\b", "images/x\0"] {
+            assert!(check_key(key).is_err(), "{key:?}");
+        }
+    }
+}
