@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use memory::MemoryQueue;
 pub use model::{
-    BoundingBox, DetectedItem, ErrorCode, LoraWeight, Progress, Recommendation, ShoppingItem, TaskError,
-    TaskOutput, TaskRecord, TaskRequest, TaskStatus,
+    BoundingBox, DetectedItem, ErrorCode, LoraWeight, Progress, Recommendation, TaskError, TaskOutput,
+    TaskRecord, TaskRequest, TaskStatus,
 };
 pub use store::{StoreError, TaskStore};
 

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::shopping::Offer;
+
 /// Where a task is in its life: queued → processing → done | failed | canceled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -173,25 +175,6 @@ pub struct DetectedItem {
     pub bbox: BoundingBox,
 }
 
-/// One shopping offer, with exactly the product spec's fields.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShoppingItem {
-    /// Product title without markup.
-    pub title: String,
-    /// Lowest price, formatted like "21990원".
-    pub price: String,
-    /// Seller; "네이버" when the provider gives none.
-    pub mall: String,
-    /// Third-level category.
-    pub category3: String,
-    /// Fourth-level category.
-    pub category4: String,
-    /// Product page.
-    pub link: String,
-    /// Product image.
-    pub image: String,
-}
-
 /// Offers for one recommended category.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recommendation {
@@ -200,7 +183,7 @@ pub struct Recommendation {
     /// Display name and REST result key, e.g. "데스크 조명".
     pub display_name: String,
     /// The offers, cheapest first.
-    pub items: Vec<ShoppingItem>,
+    pub items: Vec<Offer>,
 }
 
 /// What a finished (or fallen-back) pipeline produced.

@@ -10,8 +10,9 @@ use clap::Parser;
 use deskgen::config::{Cli, Command, ServeConfig};
 use deskgen::pipeline::{ModelInfo, Pipeline, PipelineInfo};
 use deskgen::server::{PipelineLoader, RunningServer};
+use deskgen::shopping::Offer;
 use deskgen::tasks::worker::TaskContext;
-use deskgen::tasks::{ErrorCode, Recommendation, ShoppingItem, TaskError, TaskOutput, TaskRecord};
+use deskgen::tasks::{ErrorCode, Recommendation, TaskError, TaskOutput, TaskRecord};
 use tokio::sync::Semaphore;
 
 /// A pipeline double: `steps` diffusion steps of `step_ms` each. Prompts steer it: "hold" waits for
@@ -60,7 +61,7 @@ impl Pipeline for ScriptedPipeline {
             recommendations: vec![Recommendation {
                 category: "mouse".into(),
                 display_name: "마우스".into(),
-                items: vec![ShoppingItem {
+                items: vec![Offer {
                     title: "무선 마우스".into(),
                     price: "21990원".into(),
                     mall: "네이버".into(),
@@ -68,6 +69,7 @@ impl Pipeline for ScriptedPipeline {
                     category4: "무선마우스".into(),
                     link: "https://example.invalid/p/1".into(),
                     image: "https://example.invalid/p/1.jpg".into(),
+                    price_won: 21990,
                 }],
             }],
             prompt_used: Some(prompt),
