@@ -1,0 +1,3 @@
+//! Stable Diffusion on ONNX Runtime.
+
+pub mod schedulers;
