@@ -235,13 +235,16 @@ pub struct UnsupportedOptions {
     timestep_type: Option<String>,
     solver_type: Option<String>,
     lambda_min_clipped: Option<serde_json::Value>,
+    sigma_min: Option<serde_json::Value>,
+    sigma_max: Option<serde_json::Value>,
 }
 
 impl SchedulerConfig {
     /// Parses the JSON text of `scheduler_config.json`, refusing options that would silently
     /// change the schedule if ignored.
     pub fn from_json(text: &str) -> Result<SchedulerConfig, String> {
-        let config: SchedulerConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let config: SchedulerConfig =
+            serde_json::from_str(&nonfinite_as_null(text)).map_err(|e| e.to_string())?;
         let u = &config.unsupported;
         let refused = [
             ("trained_betas", u.trained_betas.as_ref().is_some_and(|v| !v.is_null())),
@@ -253,6 +256,8 @@ impl SchedulerConfig {
             ("interpolation_type", u.interpolation_type.as_deref().is_some_and(|t| t != "linear")),
             ("timestep_type", u.timestep_type.as_deref().is_some_and(|t| t != "discrete")),
             ("solver_type", u.solver_type.as_deref().is_some_and(|t| t != "midpoint")),
+            ("sigma_min", u.sigma_min.as_ref().is_some_and(|v| !v.is_null())),
+            ("sigma_max", u.sigma_max.as_ref().is_some_and(|v| !v.is_null())),
             (
                 "lambda_min_clipped",
                 u.lambda_min_clipped.as_ref().is_some_and(|v| v.as_f64().is_some_and(f64::is_finite)),
@@ -276,6 +281,46 @@ impl SchedulerConfig {
             self.train_steps(),
         )
     }
+}
+
+/// Python's `json` writes infinite floats as bare `-Infinity` (diffusers saves
+/// `lambda_min_clipped` so), which strict JSON parsers refuse; they become `null` here.
+fn nonfinite_as_null(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut in_string = false;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            let len = match c {
+                '\\' => 1 + rest[1..].chars().next().map_or(0, char::len_utf8),
+                _ => c.len_utf8(),
+            };
+            in_string = c != '"';
+            out.push_str(&rest[..len]);
+            rest = &rest[len..];
+            continue;
+        }
+        if let Some(token) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t)) {
+            out.push_str("null");
+            rest = &rest[token.len()..];
+            continue;
+        }
+        in_string = c == '"';
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// Where image-to-image starts in a schedule of `num_inference_steps` for `strength`, as
+/// diffusers' `get_timesteps`: `steps - min(int(steps * strength), steps)`. It equals `steps`
+/// (nothing left to run) when `steps * strength < 1`.
+pub fn img2img_start_index(num_inference_steps: usize, strength: f32) -> usize {
+    // The request's strength is a decimal like 0.7; diffusers multiplies that decimal as a
+    // Python float. Widening the f32 (0.699999988…) would drop a step at exact products.
+    let strength: f64 = strength.to_string().parse().unwrap_or(f64::from(strength));
+    let init_timestep = ((num_inference_steps as f64 * strength) as usize).min(num_inference_steps);
+    num_inference_steps - init_timestep
 }
 
 /// The step index of `timestep` in `timesteps` the way diffusers' `index_for_timestep` picks it:
