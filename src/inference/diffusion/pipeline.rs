@@ -1,0 +1,435 @@
+//! Text-to-image and image-to-image generation: prompt encoding, the denoising loop with
+//! classifier-free guidance, and VAE encoding and decoding.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::time::Instant;
+
+use image::RgbImage;
+use image::imageops::FilterType;
+use ndarray::{Array2, Array3, Array4, ArrayView4, ArrayViewMut4, Axis, Zip, concatenate, s};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+
+use super::DiffusionError;
+use super::config::{ModelFamily, PipelineConfig};
+use super::schedulers::{SchedulerKind, img2img_start_index};
+use super::text_encoder::TextEncoder;
+use super::tokenizer::ClipTokenizer;
+use super::unet::{Unet, time_ids};
+use super::vae::VaeHalf;
+use crate::inference::Runtime;
+
+/// The most denoising steps a request may ask for.
+pub const MAX_STEPS: u32 = 150;
+
+/// A loaded Stable Diffusion pipeline. Sessions sit behind mutexes, so one pipeline can be shared
+/// by several workers; their UNet calls take turns.
+pub struct StableDiffusion {
+    config: PipelineConfig,
+    tokenizers: Vec<ClipTokenizer>,
+    text_encoders: Vec<TextEncoder>,
+    unet: Unet,
+    vae_encoder: Option<VaeHalf>,
+    vae_decoder: VaeHalf,
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    /// What the image should show.
+    pub prompt: String,
+    /// What it should not show; may be empty.
+    pub negative_prompt: String,
+    /// Denoising steps of the full schedule, 1..=150 (image-to-image runs about `strength` of them).
+    pub num_inference_steps: u32,
+    /// Classifier-free guidance weight; 1 or less disables guidance (one UNet row per step).
+    pub guidance_scale: f32,
+    /// Output width in pixels, a multiple of 8.
+    pub width: u32,
+    /// Output height in pixels, a multiple of 8.
+    pub height: u32,
+    /// Image-to-image: how much of the photo to re-noise, in (0, 1]; 1 ignores the photo.
+    pub strength: f32,
+    /// Seed of all randomness; equal parameters and seed give identical images.
+    pub seed: u64,
+    /// The sampler.
+    pub scheduler: SchedulerKind,
+    /// The photo to start from; `None` for text-to-image.
+    pub init_image: Option<RgbImage>,
+    /// Rescales guided predictions toward the conditional one's spread (Lin et al. 2023), in [0, 1].
+    pub guidance_rescale: f32,
+}
+
+/// Milliseconds spent in each sub-model during one generation.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    /// Tokenizing and text encoding.
+    pub text_encode_ms: f64,
+    /// All UNet steps, including the scheduler arithmetic between them.
+    pub unet_ms: f64,
+    /// VAE encoding (image-to-image) and decoding.
+    pub vae_ms: f64,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// The image, `width` × `height`.
+    pub image: RgbImage,
+    /// Where the time went.
+    pub timings: Timings,
+    /// The seed it was made with.
+    pub seed: u64,
+}
+
+/// A generation before quantization to 8 bits, for comparing against reference tensors.
+#[derive(Debug, Clone)]
+pub struct Denoised {
+    /// `[1, height, width, 3]` in [0, 1] (diffusers' `output_type="np"`).
+    pub image: Array4<f32>,
+    /// The final latents, still multiplied by the VAE scaling factor.
+    pub latents: Array4<f32>,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+/// The text conditioning of one generation; with guidance the rows are (negative, prompt).
+#[derive(Debug, Clone)]
+pub struct PromptEmbeddings {
+    /// The UNet's `encoder_hidden_states`, `[rows, 77, hidden]`.
+    pub prompt_embeds: Array3<f32>,
+    /// SDXL: the second encoder's projected pooled output, `[rows, projection]`.
+    pub pooled_prompt_embeds: Option<Array2<f32>>,
+}
+
+impl StableDiffusion {
+    /// Loads the pipeline in `dir` (optimum's ONNX layout), building one session per sub-model.
+    /// Without `vae_encoder/model.onnx` only text-to-image is available.
+    pub fn load(runtime: &Runtime, dir: impl AsRef<Path>) -> Result<StableDiffusion, DiffusionError> {
+        let dir = dir.as_ref();
+        let config = PipelineConfig::load(dir)?;
+        let xl = config.family == ModelFamily::StableDiffusionXl;
+        let mut tokenizers = vec![ClipTokenizer::from_dir(&dir.join("tokenizer"))?];
+        let text_encoders = if xl {
+            tokenizers.push(ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?);
+            // SDXL conditions on the penultimate layer of both encoders (`hidden_states[-2]`).
+            let penultimate = |layers: usize| format!("hidden_states.{}", layers.saturating_sub(1));
+            vec![
+                TextEncoder::load(
+                    runtime,
+                    dir,
+                    "text_encoder",
+                    penultimate(config.text_encoder_layers[0]),
+                    None,
+                )?,
+                TextEncoder::load(
+                    runtime,
+                    dir,
+                    "text_encoder_2",
+                    penultimate(config.text_encoder_layers[1]),
+                    Some("text_embeds".to_string()),
+                )?,
+            ]
+        } else {
+            vec![TextEncoder::load(runtime, dir, "text_encoder", "last_hidden_state".to_string(), None)?]
+        };
+        if tokenizers.iter().any(|t| t.max_length() != tokenizers[0].max_length()) {
+            return Err(DiffusionError::Config {
+                path: dir.join("tokenizer_2/tokenizer_config.json"),
+                reason: "both tokenizers must have the same model_max_length".into(),
+            });
+        }
+        let unet = Unet::load(runtime, dir, xl)?;
+        let vae_encoder = if dir.join("vae_encoder/model.onnx").is_file() {
+            Some(VaeHalf::encoder(runtime, dir)?)
+        } else {
+            None
+        };
+        let vae_decoder = VaeHalf::decoder(runtime, dir)?;
+        tracing::info!(dir = %dir.display(), family = ?config.family, img2img = vae_encoder.is_some(), "diffusion pipeline loaded");
+        Ok(StableDiffusion { config, tokenizers, text_encoders, unet, vae_encoder, vae_decoder })
+    }
+
+    /// The model's training resolution as (width, height): 512² for SD 1.x, 1024² for SDXL.
+    pub fn native_size(&self) -> (u32, u32) {
+        let side = (self.config.sample_size * self.config.vae_scale_factor) as u32;
+        (side, side)
+    }
+
+    /// The scheduler a request gets when it names none.
+    pub fn default_scheduler(&self) -> SchedulerKind {
+        self.config.default_scheduler
+    }
+
+    /// Everything read from the model directory's configs.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.config
+    }
+
+    /// Whether image-to-image is available (the directory has a VAE encoder).
+    pub fn supports_img2img(&self) -> bool {
+        self.vae_encoder.is_some()
+    }
+
+    /// Generates an image, calling `on_step(done, total)` after every denoising step; returning
+    /// `ControlFlow::Break(())` stops with [`DiffusionError::Canceled`].
+    pub fn generate(
+        &self,
+        params: &GenerateParams,
+        on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+    ) -> Result<Generated, DiffusionError> {
+        self.validate(params)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
+        let noise = Array4::from_shape_simple_fn(self.latent_shape(params), || rng.sample(StandardNormal));
+        let denoised = self.denoise(params, noise.view(), &mut rng, on_step)?;
+        Ok(Generated { image: to_rgb8(denoised.image.view()), timings: denoised.timings, seed: params.seed })
+    }
+
+    /// Generates from given unit Gaussian `noise` `[1, C, height / 8, width / 8]` instead of the
+    /// seed's, with diffusers' meaning of it (see the module docs); Euler ancestral's per-step
+    /// noise still comes from `params.seed`.
+    pub fn generate_with_noise(
+        &self,
+        params: &GenerateParams,
+        noise: ArrayView4<'_, f32>,
+        on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+    ) -> Result<Denoised, DiffusionError> {
+        self.validate(params)?;
+        let expected = self.latent_shape(params);
+        if noise.dim() != expected {
+            return Err(DiffusionError::InvalidParams {
+                field: "noise",
+                reason: format!("shape {:?} does not match the latents {expected:?}", noise.shape()),
+            });
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
+        self.denoise(params, noise, &mut rng, on_step)
+    }
+
+    /// Encodes the prompt (and with `guided` the negative prompt first) as the UNet sees it.
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        negative_prompt: &str,
+        guided: bool,
+    ) -> Result<PromptEmbeddings, DiffusionError> {
+        let xl = self.config.family == ModelFamily::StableDiffusionXl;
+        // SDXL was trained with zeroed embeddings standing in for "no negative prompt".
+        let zero_negative =
+            guided && xl && negative_prompt.is_empty() && self.config.force_zeros_for_empty_prompt;
+        let texts: &[&str] = if guided && !zero_negative { &[negative_prompt, prompt] } else { &[prompt] };
+        let mut hidden_states = Vec::with_capacity(self.text_encoders.len());
+        let mut pooled = None;
+        for (tokenizer, encoder) in self.tokenizers.iter().zip(&self.text_encoders) {
+            let mut input_ids = Array2::zeros((texts.len(), tokenizer.max_length()));
+            for (mut row, text) in input_ids.outer_iter_mut().zip(texts) {
+                row.assign(&ndarray::Array1::from(tokenizer.encode(text)?));
+            }
+            let (hidden, encoder_pooled) = encoder.encode(&input_ids)?;
+            hidden_states.push(hidden);
+            pooled = encoder_pooled.or(pooled);
+        }
+        let views: Vec<_> = hidden_states.iter().map(|h| h.view()).collect();
+        // Concatenating along the last axis leaves that axis outermost in memory; sessions take
+        // C order only.
+        let mut prompt_embeds = concatenate(Axis(2), &views)
+            .map_err(|e| DiffusionError::Inference { model: "text_encoder", reason: e.to_string() })?
+            .as_standard_layout()
+            .into_owned();
+        if zero_negative {
+            prompt_embeds = prepend_zero_row(prompt_embeds);
+            pooled = pooled.map(prepend_zero_row);
+        }
+        Ok(PromptEmbeddings { prompt_embeds, pooled_prompt_embeds: pooled })
+    }
+
+    fn latent_shape(&self, params: &GenerateParams) -> (usize, usize, usize, usize) {
+        let factor = self.config.vae_scale_factor;
+        (1, self.config.latent_channels, params.height as usize / factor, params.width as usize / factor)
+    }
+
+    fn validate(&self, params: &GenerateParams) -> Result<(), DiffusionError> {
+        let invalid =
+            |field: &'static str, reason: String| Err(DiffusionError::InvalidParams { field, reason });
+        if !(1..=MAX_STEPS).contains(&params.num_inference_steps) {
+            return invalid("num_inference_steps", format!("must be between 1 and {MAX_STEPS}"));
+        }
+        let multiple = self.config.size_multiple;
+        for (field, side) in [("width", params.width), ("height", params.height)] {
+            if side == 0 || !side.is_multiple_of(8) {
+                return invalid(field, format!("{side} is not a positive multiple of 8"));
+            }
+            if !(side as usize).is_multiple_of(multiple) {
+                return invalid(
+                    field,
+                    format!("{side} is not a multiple of {multiple}, which this model's UNet needs"),
+                );
+            }
+        }
+        if !params.guidance_scale.is_finite() || params.guidance_scale < 0.0 {
+            return invalid("guidance_scale", "must be a finite number, 0 or more".into());
+        }
+        if !(0.0..=1.0).contains(&params.guidance_rescale) {
+            return invalid("guidance_rescale", "must be between 0 and 1".into());
+        }
+        if params.init_image.is_some() {
+            if !(params.strength > 0.0 && params.strength <= 1.0) {
+                return invalid("strength", "must be in (0, 1]".into());
+            }
+            if self.vae_encoder.is_none() {
+                return Err(DiffusionError::MissingFile {
+                    path: self.config.dir.join("vae_encoder/model.onnx"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn denoise(
+        &self,
+        params: &GenerateParams,
+        noise: ArrayView4<'_, f32>,
+        rng: &mut ChaCha8Rng,
+        on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+    ) -> Result<Denoised, DiffusionError> {
+        let mut timings = Timings::default();
+        let started = Instant::now();
+        let guided = params.guidance_scale > 1.0;
+        let embeddings = self.encode_prompt(&params.prompt, &params.negative_prompt, guided)?;
+        timings.text_encode_ms = elapsed_ms(started);
+
+        let mut scheduler = params.scheduler.build(&self.config.scheduler);
+        let steps = params.num_inference_steps as usize;
+        scheduler.set_timesteps(steps);
+        let timesteps = scheduler.timesteps().to_vec();
+        let scaling_factor = self.config.vae_scaling_factor;
+        let (mut latents, start) = match &params.init_image {
+            None => (noise.mapv(|n| n * scheduler.init_noise_sigma()), 0),
+            Some(photo) => {
+                let started = Instant::now();
+                let encoder = self.vae_encoder.as_ref().ok_or_else(|| DiffusionError::MissingFile {
+                    path: self.config.dir.join("vae_encoder/model.onnx"),
+                })?;
+                let pixels = photo_to_pixels(photo, params.width, params.height);
+                let mut latents = encoder.encode_mean(pixels.view(), self.config.latent_channels)?;
+                latents.mapv_inplace(|l| l * scaling_factor);
+                timings.vae_ms += elapsed_ms(started);
+                // diffusers runs nothing when steps × strength < 1; one step is more useful.
+                let start = img2img_start_index(steps, params.strength).min(steps - 1);
+                scheduler.set_begin_index(start);
+                scheduler.add_noise(latents.view_mut(), noise, timesteps[start]);
+                (latents, start)
+            }
+        };
+
+        let started = Instant::now();
+        let rows = if guided { 2 } else { 1 };
+        let (_, channels, latent_h, latent_w) = latents.dim();
+        let added = embeddings
+            .pooled_prompt_embeds
+            .map(|pooled| (pooled, time_ids(params.height as usize, params.width as usize, rows)));
+        let conditioning = self.unet.conditioning(embeddings.prompt_embeds, added);
+        let mut buffers = self.unet.buffers([rows, channels, latent_h, latent_w])?;
+        let mut noise_pred = Array4::<f32>::zeros(latents.raw_dim());
+        let run = &timesteps[start..];
+        for (done, &timestep) in run.iter().enumerate() {
+            for mut row in buffers.sample.outer_iter_mut() {
+                row.assign(&latents.index_axis(Axis(0), 0));
+            }
+            scheduler.scale_model_input(buffers.sample.view_mut(), timestep);
+            self.unet.predict(&mut buffers, timestep, &conditioning, |prediction| {
+                guide(prediction, noise_pred.view_mut(), params.guidance_scale, params.guidance_rescale);
+            })?;
+            scheduler.step(noise_pred.view(), timestep, latents.view_mut(), rng);
+            if self.unet.is_half() {
+                // diffusers casts each step's result back to the model's float16.
+                latents.mapv_inplace(|l| half::f16::from_f32(l).to_f32());
+            }
+            if on_step(done as u32 + 1, run.len() as u32).is_break() {
+                return Err(DiffusionError::Canceled);
+            }
+        }
+        timings.unet_ms = elapsed_ms(started);
+
+        let started = Instant::now();
+        let decoded = self.vae_decoder.decode(latents.mapv(|l| l / scaling_factor).view())?;
+        let image = decoded.permuted_axes([0, 2, 3, 1]).mapv(|x| (x / 2.0 + 0.5).clamp(0.0, 1.0));
+        timings.vae_ms += elapsed_ms(started);
+        Ok(Denoised { image, latents, timings })
+    }
+}
+
+/// Classifier-free guidance of a `[rows, C, h, w]` prediction into `noise_pred` `[1, C, h, w]`:
+/// `uncond + scale * (cond - uncond)`, then optionally `rescale_noise_cfg`.
+fn guide(prediction: ArrayView4<'_, f32>, mut noise_pred: ArrayViewMut4<'_, f32>, scale: f32, rescale: f32) {
+    let mut out = noise_pred.index_axis_mut(Axis(0), 0);
+    if prediction.shape()[0] == 1 {
+        out.assign(&prediction.index_axis(Axis(0), 0));
+        return;
+    }
+    let (uncond, cond) = (prediction.index_axis(Axis(0), 0), prediction.index_axis(Axis(0), 1));
+    Zip::from(&mut out).and(&uncond).and(&cond).for_each(|n, &u, &c| *n = u + scale * (c - u));
+    if rescale > 0.0 {
+        // Lin et al. 2023, section 3.4: match the guided prediction's std to the conditional one's.
+        let factor = (std_dev(cond.iter()) / std_dev(out.iter())) as f32;
+        out.mapv_inplace(|n| rescale * (n * factor) + (1.0 - rescale) * n);
+    }
+}
+
+/// torch.std: the unbiased standard deviation.
+fn std_dev<'a>(values: impl ExactSizeIterator<Item = &'a f32> + Clone) -> f64 {
+    let n = values.len() as f64;
+    let mean = values.clone().map(|&v| f64::from(v)).sum::<f64>() / n;
+    (values.map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+}
+
+/// `embeds` with a zero row in front (the negative prompt's place).
+fn prepend_zero_row<D: ndarray::RemoveAxis>(embeds: ndarray::Array<f32, D>) -> ndarray::Array<f32, D> {
+    let mut shape = embeds.raw_dim();
+    shape[0] += 1;
+    let mut padded = ndarray::Array::zeros(shape);
+    padded.slice_axis_mut(Axis(0), ndarray::Slice::from(1..)).assign(&embeds);
+    padded
+}
+
+/// The photo as the VAE encoder's input `[1, 3, height, width]` in [-1, 1]: scaled to cover the
+/// requested size (Lanczos), centre-cropped, `x / 255 * 2 - 1`.
+fn photo_to_pixels(photo: &RgbImage, width: u32, height: u32) -> Array4<f32> {
+    let fitted;
+    let photo = if photo.dimensions() == (width, height) {
+        photo
+    } else {
+        let scale = f64::max(
+            f64::from(width) / f64::from(photo.width()),
+            f64::from(height) / f64::from(photo.height()),
+        );
+        let scaled_w = ((f64::from(photo.width()) * scale).round() as u32).max(width);
+        let scaled_h = ((f64::from(photo.height()) * scale).round() as u32).max(height);
+        let scaled = image::imageops::resize(photo, scaled_w, scaled_h, FilterType::Lanczos3);
+        fitted = image::imageops::crop_imm(
+            &scaled,
+            (scaled_w - width) / 2,
+            (scaled_h - height) / 2,
+            width,
+            height,
+        )
+        .to_image();
+        &fitted
+    };
+    Array4::from_shape_fn((1, 3, height as usize, width as usize), |(_, c, y, x)| {
+        f32::from(photo.get_pixel(x as u32, y as u32)[c]) / 255.0 * 2.0 - 1.0
+    })
+}
+
+/// `[1, H, W, 3]` in [0, 1] to 8-bit RGB, rounding half to even like numpy.
+fn to_rgb8(image: ArrayView4<'_, f32>) -> RgbImage {
+    let (_, height, width, _) = image.dim();
+    let bytes = image.slice(s![0, .., .., ..]).iter().map(|&v| (v * 255.0).round_ties_even() as u8).collect();
+    RgbImage::from_raw(width as u32, height as u32, bytes).unwrap_or_default()
+}
+
+fn elapsed_ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}

@@ -1,0 +1,533 @@
+//! The Stable Diffusion engine on the committed tiny fixtures, against the Python reference
+//! (optimum's ONNX Runtime pipelines on the same ONNX files, `onnx/fixtures/README.md`).
+
+#[path = "common/npy.rs"]
+mod npy;
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use deskgen::inference::diffusion::schedulers::{SchedulerConfig, img2img_start_index};
+use deskgen::inference::diffusion::{
+    ClipTokenizer, DiffusionError, GenerateParams, SchedulerKind, StableDiffusion,
+};
+use deskgen::inference::{Runtime, RuntimeConfig};
+use ndarray::{Array4, ArrayD, ArrayView4, Axis, Ix4, concatenate};
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/fixtures")
+}
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+fn runtime() -> Runtime {
+    Runtime::init(&RuntimeConfig { intra_threads: 1, ..RuntimeConfig::default() })
+        .expect("ONNX Runtime loads")
+}
+
+fn sd15() -> &'static StableDiffusion {
+    static PIPELINE: OnceLock<StableDiffusion> = OnceLock::new();
+    PIPELINE.get_or_init(|| {
+        StableDiffusion::load(&runtime(), fixtures().join("tiny-sd15")).expect("tiny-sd15 loads")
+    })
+}
+
+fn sdxl() -> &'static StableDiffusion {
+    static PIPELINE: OnceLock<StableDiffusion> = OnceLock::new();
+    PIPELINE.get_or_init(|| {
+        StableDiffusion::load(&runtime(), fixtures().join("tiny-sdxl")).expect("tiny-sdxl loads")
+    })
+}
+
+/// Python's json writes `-Infinity` (diffusers' `lambda_min_clipped`); strict JSON has no such token.
+fn read_python_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).expect("reference JSON exists");
+    serde_json::from_str(&text.replace("-Infinity", "null")).expect("reference JSON parses")
+}
+
+fn max_abs_diff<'a>(a: impl IntoIterator<Item = &'a f32>, b: impl IntoIterator<Item = &'a f32>) -> f32 {
+    a.into_iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn as4(array: ArrayD<f32>) -> Array4<f32> {
+    array.into_dimensionality::<Ix4>().expect("rank 4")
+}
+
+fn params(prompt: &str, scheduler: SchedulerKind) -> GenerateParams {
+    GenerateParams {
+        prompt: prompt.to_string(),
+        negative_prompt: "blurry".to_string(),
+        num_inference_steps: 4,
+        guidance_scale: 7.5,
+        width: 64,
+        height: 64,
+        strength: 0.75,
+        seed: 42,
+        scheduler,
+        init_image: None,
+        guidance_rescale: 0.0,
+    }
+}
+
+fn keep_going() -> impl FnMut(u32, u32) -> ControlFlow<()> {
+    |_, _| ControlFlow::Continue(())
+}
+
+fn png_bytes(image: &image::RgbImage) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    image.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).expect("PNG encodes");
+    bytes
+}
+
+fn reference_cases(model: &str) -> Vec<Value> {
+    read_python_json(&fixtures().join("reference/cases.json"))[model]["cases"]
+        .as_array()
+        .expect("cases")
+        .clone()
+}
+
+fn assert_close(what: &str, got: f64, want: f64, rel: f64) {
+    assert!((got - want).abs() <= rel * want.abs().max(1e-12), "{what}: got {got}, want {want}");
+}
+
+#[test]
+fn scheduler_schedules_match_diffusers() {
+    let table = read_python_json(&fixtures().join("reference/schedulers.json"));
+    let entries = table["entries"].as_array().expect("entries");
+    assert!(entries.len() >= 75);
+    for entry in entries {
+        let kind: SchedulerKind = match entry["scheduler"].as_str() {
+            Some("euler_ancestral") => SchedulerKind::EulerAncestral,
+            Some(id) => id.parse().expect("known scheduler"),
+            None => panic!("entry without scheduler"),
+        };
+        let steps = entry["num_inference_steps"].as_u64().expect("steps") as usize;
+        let name = format!("{kind} {} {steps}", entry["timestep_spacing"]);
+        let config = SchedulerConfig::from_json(&entry["config"].to_string()).expect("config parses");
+        let mut scheduler = kind.build(&config);
+        scheduler.set_timesteps(steps);
+
+        let want: Vec<f64> =
+            entry["timesteps"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
+        let got: Vec<f64> = scheduler.timesteps().iter().map(|&t| f64::from(t)).collect();
+        if entry["timesteps_dtype"] == "int64" {
+            assert_eq!(got, want, "{name}: timesteps");
+        } else {
+            assert_eq!(got.len(), want.len(), "{name}: timesteps");
+            for (g, w) in got.iter().zip(&want) {
+                assert_close(&format!("{name}: timestep"), *g, *w, 1e-6);
+            }
+        }
+        match entry["sigmas"].as_array() {
+            Some(want) => {
+                let got = scheduler.sigmas().expect("sigmas");
+                assert_eq!(got.len(), want.len(), "{name}: sigmas");
+                for (g, w) in got.iter().zip(want) {
+                    assert_close(&format!("{name}: sigma"), f64::from(*g), w.as_f64().unwrap(), 1e-6);
+                }
+            }
+            None => assert!(scheduler.sigmas().is_none(), "{name}: DDIM has no sigmas"),
+        }
+        assert_close(
+            &format!("{name}: init_noise_sigma"),
+            f64::from(scheduler.init_noise_sigma()),
+            entry["init_noise_sigma"].as_f64().unwrap(),
+            1e-6,
+        );
+
+        let img2img = &entry["img2img"];
+        let start = img2img_start_index(steps, img2img["strength"].as_f64().unwrap() as f32);
+        assert_eq!(start as u64, img2img["t_start"].as_u64().unwrap(), "{name}: img2img t_start");
+        let remaining: Vec<f64> = got[start..].to_vec();
+        let want_remaining: Vec<f64> =
+            img2img["timesteps"].as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect();
+        assert_eq!(remaining.len(), want_remaining.len(), "{name}: img2img timesteps");
+        for (g, w) in remaining.iter().zip(&want_remaining) {
+            assert_close(&format!("{name}: img2img timestep"), *g, *w, 1e-6);
+        }
+        if let Some(sigma) = img2img["sigma_at_start"].as_f64() {
+            let got = scheduler.sigmas().expect("sigmas")[start];
+            assert_close(&format!("{name}: img2img start sigma"), f64::from(got), sigma, 1e-6);
+        }
+    }
+}
+
+#[test]
+fn scheduler_kinds_round_trip() {
+    for kind in SchedulerKind::ALL {
+        assert_eq!(kind.as_str().parse::<SchedulerKind>().unwrap(), kind);
+    }
+    assert_eq!("euler_a".parse::<SchedulerKind>().unwrap(), SchedulerKind::EulerAncestral);
+    let error = "pndm".parse::<SchedulerKind>().unwrap_err();
+    assert!(error.to_string().contains("dpmpp_2m_karras"), "{error}");
+}
+
+/// Each scheduler step, fed the reference's own guided predictions, lands on the reference's
+/// latents: the scheduler arithmetic alone, separated from UNet numerics.
+#[test]
+fn scheduler_steps_match_reference_latents() {
+    for (model, pipeline) in [("sd15", sd15()), ("sdxl", sdxl())] {
+        for case in reference_cases(model) {
+            let id = case["id"].as_str().unwrap();
+            let file = |key: &str| as4(npy::read_f32(&repo_path(case["files"][key].as_str().unwrap())));
+            let kind: SchedulerKind = case["scheduler"].as_str().unwrap().parse().unwrap();
+            let mut scheduler = kind.build(&pipeline.config().scheduler);
+            let steps = case["num_inference_steps"].as_u64().unwrap() as usize;
+            scheduler.set_timesteps(steps);
+            let want_timesteps = npy::read_as_f32(&repo_path(case["files"]["timesteps"].as_str().unwrap()));
+            let start = steps - want_timesteps.len();
+            assert_eq!(
+                scheduler.timesteps()[start..],
+                want_timesteps.as_slice().unwrap()[..],
+                "{id}: timesteps"
+            );
+
+            let mut latents = file("latents_init");
+            if case["mode"] == "img2img" {
+                assert_eq!(start, img2img_start_index(steps, case["strength"].as_f64().unwrap() as f32));
+                scheduler.set_begin_index(start);
+                let shared =
+                    |key: &str| as4(npy::read_f32(&repo_path(case["shared_files"][key].as_str().unwrap())));
+                let mut noised = shared("init_latents");
+                scheduler.add_noise(noised.view_mut(), shared("noise").view(), scheduler.timesteps()[start]);
+                let diff = max_abs_diff(&noised, &latents);
+                assert!(diff < 1e-5, "{id}: add_noise differs by {diff}");
+            }
+            let steps_file = |key: &str| npy::read_f32(&repo_path(case["files"][key].as_str().unwrap()));
+            let (unet_sample, noise_pred, step_latents) =
+                (steps_file("unet_sample"), steps_file("noise_pred"), steps_file("step_latents"));
+            let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+            for (i, &timestep) in want_timesteps.iter().enumerate() {
+                let mut sample = concatenate(Axis(0), &[latents.view(), latents.view()]).unwrap();
+                scheduler.scale_model_input(sample.view_mut(), timestep);
+                let diff = max_abs_diff(&sample, unet_sample.index_axis(Axis(0), i).iter());
+                assert!(diff < 1e-5, "{id} step {i}: scale_model_input differs by {diff}");
+                let pred = noise_pred.index_axis(Axis(0), i).into_dimensionality::<Ix4>().unwrap();
+                scheduler.step(pred, timestep, latents.view_mut(), &mut rng);
+                let diff = max_abs_diff(&latents, step_latents.index_axis(Axis(0), i).iter());
+                assert!(diff < 1e-4, "{id} step {i}: latents differ by {diff}");
+            }
+        }
+    }
+}
+
+#[test]
+fn tokenizers_and_text_embeddings_match_reference() {
+    let prompt = "a photo of a wooden desk with a laptop, soft light";
+    let negative = "blurry, low quality";
+    for (model, pipeline, dirs) in [
+        ("sd15", sd15(), vec![("tokenizer", "input_ids")]),
+        ("sdxl", sdxl(), vec![("tokenizer", "input_ids"), ("tokenizer_2", "input_ids_2")]),
+    ] {
+        let reference = fixtures().join("reference").join(model);
+        let model_dir = pipeline.config().dir.clone();
+        for (dir, ids_file) in dirs {
+            let tokenizer = ClipTokenizer::from_dir(&model_dir.join(dir)).unwrap();
+            let want = npy::read_i64(&reference.join(format!("{ids_file}.npy")));
+            assert_eq!(
+                tokenizer.encode(negative).unwrap(),
+                want.index_axis(Axis(0), 0).iter().copied().collect::<Vec<_>>(),
+                "{model} {dir}"
+            );
+            assert_eq!(
+                tokenizer.encode(prompt).unwrap(),
+                want.index_axis(Axis(0), 1).iter().copied().collect::<Vec<_>>(),
+                "{model} {dir}"
+            );
+        }
+        let embeddings = pipeline.encode_prompt(prompt, negative, true).unwrap();
+        let want = npy::read_f32(&reference.join("prompt_embeds.npy"));
+        assert_eq!(embeddings.prompt_embeds.shape(), want.shape());
+        let diff = max_abs_diff(&embeddings.prompt_embeds, &want);
+        println!("{model}: prompt_embeds max abs diff {diff:e}");
+        assert!(diff <= 1e-5, "{model}: prompt_embeds differ by {diff}");
+        if model == "sdxl" {
+            let pooled = embeddings.pooled_prompt_embeds.expect("SDXL pools");
+            let want = npy::read_f32(&reference.join("pooled_prompt_embeds.npy"));
+            let diff = max_abs_diff(&pooled, &want);
+            println!("{model}: pooled_prompt_embeds max abs diff {diff:e}");
+            assert!(diff <= 1e-5, "{model}: pooled embeddings differ by {diff}");
+        } else {
+            assert!(embeddings.pooled_prompt_embeds.is_none());
+        }
+    }
+}
+
+#[test]
+fn tokenizer_pads_truncates_and_takes_any_script() {
+    let tokenizer = ClipTokenizer::from_dir(&fixtures().join("tiny-sd15/tokenizer")).unwrap();
+    assert_eq!(
+        tokenizer.encode("a photo of a desk").unwrap()[..8],
+        [49406, 320, 1125, 539, 320, 6550, 49407, 49407]
+    );
+    let long = "desk ".repeat(500);
+    let ids = tokenizer.encode(&long).unwrap();
+    assert_eq!(ids.len(), 77);
+    assert_eq!((ids[0], ids[76]), (49406, 49407), "start and end tokens survive truncation");
+    for text in ["", "책상 위의 노트북과 모니터 🖥️⌨️🌱", "\u{0}\t\n"] {
+        let ids = tokenizer.encode(text).unwrap();
+        assert_eq!(ids.len(), 77, "{text:?}");
+        assert_eq!(ids[0], 49406);
+    }
+    let tokenizer_2 = ClipTokenizer::from_dir(&fixtures().join("tiny-sdxl/tokenizer_2")).unwrap();
+    assert_eq!(tokenizer_2.encode("desk").unwrap()[3..], [0; 74], "SDXL's second tokenizer pads with '!'");
+}
+
+#[test]
+fn generations_match_reference_images() {
+    let mut report = Vec::new();
+    for (model, pipeline) in [("sd15", sd15()), ("sdxl", sdxl())] {
+        for case in reference_cases(model) {
+            let id = case["id"].as_str().unwrap().to_string();
+            let shared =
+                |key: &str| as4(npy::read_f32(&repo_path(case["shared_files"][key].as_str().unwrap())));
+            let file = |key: &str| npy::read_f32(&repo_path(case["files"][key].as_str().unwrap()));
+            let init_image = case["init_image"]
+                .as_str()
+                .map(|path| image::open(repo_path(path)).expect("init image decodes").to_rgb8());
+            let params = GenerateParams {
+                prompt: case["prompt"].as_str().unwrap().to_string(),
+                negative_prompt: case["negative_prompt"].as_str().unwrap().to_string(),
+                num_inference_steps: case["num_inference_steps"].as_u64().unwrap() as u32,
+                guidance_scale: case["guidance_scale"].as_f64().unwrap() as f32,
+                width: case["width"].as_u64().unwrap() as u32,
+                height: case["height"].as_u64().unwrap() as u32,
+                strength: case["strength"].as_f64().unwrap_or(1.0) as f32,
+                seed: 0,
+                scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
+                init_image,
+                guidance_rescale: 0.0,
+            };
+            let noise = shared("noise");
+            let denoised = pipeline.generate_with_noise(&params, noise.view(), &mut keep_going()).unwrap();
+            let latents_diff = max_abs_diff(&denoised.latents, &file("final_latents"));
+            let image_diff = max_abs_diff(&denoised.image, &file("image"));
+            report.push(format!("{id}: final latents {latents_diff:.2e}, image {image_diff:.2e}"));
+            assert!(latents_diff <= 1e-3, "{id}: final latents differ by {latents_diff}");
+            assert!(image_diff <= 1e-3, "{id}: image differs by {image_diff}");
+        }
+    }
+    assert_eq!(report.len(), 12);
+    println!("max abs diff against the Python reference:\n{}", report.join("\n"));
+}
+
+#[test]
+fn same_seed_same_png_and_different_seed_differs() {
+    for kind in SchedulerKind::ALL {
+        let run = |seed: u64| {
+            let params = GenerateParams { seed, ..params("a tidy desk", kind) };
+            png_bytes(&sd15().generate(&params, &mut keep_going()).unwrap().image)
+        };
+        let first = run(7);
+        assert_eq!(first, run(7), "{kind}: same seed, same bytes");
+        assert_ne!(first, run(8), "{kind}: different seeds, different images");
+    }
+}
+
+#[test]
+fn sdxl_text_and_image_to_image_run_at_other_sizes() {
+    let photo = image::RgbImage::from_fn(100, 70, |x, y| image::Rgb([x as u8, y as u8, 128]));
+    let params = GenerateParams {
+        width: 96,
+        height: 48,
+        init_image: Some(photo),
+        negative_prompt: String::new(),
+        ..params("a desk with a lamp", SchedulerKind::DpmPp2mKarras)
+    };
+    let generated = sdxl().generate(&params, &mut keep_going()).unwrap();
+    assert_eq!(generated.image.dimensions(), (96, 48));
+    let text_only = GenerateParams { init_image: None, ..params };
+    assert_eq!(sdxl().generate(&text_only, &mut keep_going()).unwrap().image.dimensions(), (96, 48));
+    assert_eq!(sdxl().native_size(), (256, 256));
+    assert_eq!(sd15().native_size(), (256, 256));
+    assert_eq!(sdxl().default_scheduler(), SchedulerKind::Euler);
+}
+
+#[test]
+fn progress_once_per_step_and_cancel_after_two() {
+    let mut calls = Vec::new();
+    let params = params("a desk", SchedulerKind::Euler);
+    sd15()
+        .generate(&params, &mut |done, total| {
+            calls.push((done, total));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(calls, [(1, 4), (2, 4), (3, 4), (4, 4)]);
+
+    let photo = image::RgbImage::from_pixel(64, 64, image::Rgb([90, 60, 30]));
+    let img2img = GenerateParams { init_image: Some(photo), num_inference_steps: 8, ..params.clone() };
+    let mut steps_seen = 0;
+    let result = sd15().generate(&img2img, &mut |done, total| {
+        assert_eq!(total, 6, "strength 0.75 of 8 steps runs 6");
+        steps_seen = done;
+        if done == 2 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    });
+    assert!(matches!(result, Err(DiffusionError::Canceled)), "{result:?}");
+    assert_eq!(steps_seen, 2, "no step runs after the cancel");
+}
+
+#[test]
+fn bad_parameters_are_refused_with_the_field_named() {
+    let base = params("a desk", SchedulerKind::Ddim);
+    let photo = image::RgbImage::from_pixel(64, 64, image::Rgb([10, 200, 30]));
+    let cases = [
+        ("width", GenerateParams { width: 60, ..base.clone() }),
+        ("height", GenerateParams { height: 0, ..base.clone() }),
+        ("width", GenerateParams { width: 72, ..base.clone() }),
+        ("num_inference_steps", GenerateParams { num_inference_steps: 0, ..base.clone() }),
+        ("num_inference_steps", GenerateParams { num_inference_steps: 151, ..base.clone() }),
+        ("guidance_scale", GenerateParams { guidance_scale: -1.0, ..base.clone() }),
+        ("guidance_scale", GenerateParams { guidance_scale: f32::NAN, ..base.clone() }),
+        ("guidance_rescale", GenerateParams { guidance_rescale: 1.5, ..base.clone() }),
+        ("strength", GenerateParams { strength: 0.0, init_image: Some(photo.clone()), ..base.clone() }),
+        ("strength", GenerateParams { strength: 1.01, init_image: Some(photo.clone()), ..base.clone() }),
+    ];
+    for (field, params) in cases {
+        match sd15().generate(&params, &mut keep_going()) {
+            Err(DiffusionError::InvalidParams { field: got, reason }) => {
+                assert_eq!(got, field, "{reason}");
+                assert!(!reason.is_empty());
+            }
+            other => panic!("{field}: expected InvalidParams, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn edge_parameters_still_generate() {
+    let base = params("a desk", SchedulerKind::DpmPp2m);
+    let photo = image::RgbImage::from_pixel(30, 90, image::Rgb([10, 200, 30]));
+    let long_prompt = "a minimalist wooden desk with a monitor and plants ".repeat(60);
+    assert!(long_prompt.split_whitespace().count() >= 500);
+    let cases = [
+        GenerateParams { num_inference_steps: 1, ..base.clone() },
+        GenerateParams { num_inference_steps: 150, width: 16, height: 16, ..base.clone() },
+        GenerateParams { strength: 1.0, init_image: Some(photo.clone()), ..base.clone() },
+        GenerateParams { strength: 0.01, init_image: Some(photo.clone()), ..base.clone() },
+        GenerateParams { num_inference_steps: 1, strength: 0.5, init_image: Some(photo), ..base.clone() },
+        GenerateParams { negative_prompt: String::new(), ..base.clone() },
+        GenerateParams { prompt: String::new(), ..base.clone() },
+        GenerateParams { prompt: long_prompt, ..base.clone() },
+        GenerateParams {
+            prompt: "햇살이 드는 책상 위의 노트북 ☕️🪴 and a lamp".into(), ..base.clone()
+        },
+        GenerateParams { guidance_scale: 1.0, ..base.clone() },
+        GenerateParams { guidance_scale: 0.0, scheduler: SchedulerKind::EulerAncestral, ..base.clone() },
+        GenerateParams { guidance_rescale: 0.7, ..base.clone() },
+    ];
+    for params in cases {
+        let generated =
+            sd15().generate(&params, &mut keep_going()).unwrap_or_else(|e| panic!("{params:?}: {e}"));
+        assert_eq!(generated.image.dimensions(), (params.width, params.height));
+        assert_eq!(generated.seed, params.seed);
+    }
+    let sdxl_empty_negative = GenerateParams { negative_prompt: String::new(), ..base };
+    sdxl().generate(&sdxl_empty_negative, &mut keep_going()).unwrap();
+}
+
+#[test]
+fn sdxl_empty_negative_prompt_is_zeroed() {
+    let embeddings = sdxl().encode_prompt("a desk", "", true).unwrap();
+    assert_eq!(embeddings.prompt_embeds.shape(), [2, 77, 32]);
+    assert!(embeddings.prompt_embeds.index_axis(Axis(0), 0).iter().all(|&v| v == 0.0));
+    assert!(embeddings.pooled_prompt_embeds.unwrap().index_axis(Axis(0), 0).iter().all(|&v| v == 0.0));
+    let unguided = sd15().encode_prompt("a desk", "", false).unwrap();
+    assert_eq!(unguided.prompt_embeds.shape(), [1, 77, 32]);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn broken_model_directories_name_the_file() {
+    let runtime = runtime();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("model");
+    copy_dir(&fixtures().join("tiny-sd15"), &dir);
+
+    std::fs::remove_file(dir.join("unet/model.onnx")).unwrap();
+    let error = StableDiffusion::load(&runtime, &dir).err().expect("loading fails");
+    assert!(
+        matches!(&error, DiffusionError::MissingFile { path } if path.ends_with("unet/model.onnx")),
+        "{error}"
+    );
+    assert!(error.to_string().contains("unet/model.onnx"), "{error}");
+    std::fs::copy(fixtures().join("tiny-sd15/unet/model.onnx"), dir.join("unet/model.onnx")).unwrap();
+
+    let unet_config = dir.join("unet/config.json");
+    let original = std::fs::read_to_string(&unet_config).unwrap();
+    std::fs::write(
+        &unet_config,
+        original.replace("\"cross_attention_dim\": 32", "\"cross_attention_dim\": 64"),
+    )
+    .unwrap();
+    let error = StableDiffusion::load(&runtime, &dir).err().expect("loading fails");
+    assert!(
+        error.to_string().contains("unet/config.json") && error.to_string().contains("cross_attention_dim"),
+        "{error}"
+    );
+    std::fs::write(&unet_config, original).unwrap();
+
+    std::fs::write(dir.join("scheduler/scheduler_config.json"), "{\"thresholding\": true}").unwrap();
+    let error = StableDiffusion::load(&runtime, &dir).err().expect("loading fails");
+    assert!(
+        error.to_string().contains("scheduler_config.json") && error.to_string().contains("thresholding"),
+        "{error}"
+    );
+    std::fs::remove_file(dir.join("scheduler/scheduler_config.json")).unwrap();
+    let error = StableDiffusion::load(&runtime, &dir).err().expect("loading fails");
+    assert!(error.to_string().contains("scheduler/scheduler_config.json"), "{error}");
+    std::fs::copy(
+        fixtures().join("tiny-sd15/scheduler/scheduler_config.json"),
+        dir.join("scheduler/scheduler_config.json"),
+    )
+    .unwrap();
+
+    std::fs::remove_file(dir.join("vae_encoder/model.onnx")).unwrap();
+    let text_only = StableDiffusion::load(&runtime, &dir).unwrap();
+    assert!(!text_only.supports_img2img());
+    let photo = image::RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]));
+    let img2img = GenerateParams { init_image: Some(photo), ..params("a desk", SchedulerKind::Ddim) };
+    let error = text_only.generate(&img2img, &mut keep_going()).unwrap_err();
+    assert!(error.to_string().contains("vae_encoder/model.onnx"), "{error}");
+}
+
+#[test]
+fn pipeline_is_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<StableDiffusion>();
+    let images: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| sd15().generate(&params("a desk", SchedulerKind::Euler), &mut keep_going()))
+            })
+            .collect();
+        handles.into_iter().map(|h| png_bytes(&h.join().unwrap().unwrap().image)).collect()
+    });
+    assert_eq!(images[0], images[1]);
+}
+
+#[test]
+fn wrong_noise_shape_is_refused() {
+    let noise = Array4::<f32>::zeros((1, 4, 4, 4));
+    let view: ArrayView4<'_, f32> = noise.view();
+    let error = sd15()
+        .generate_with_noise(&params("a desk", SchedulerKind::Ddim), view, &mut keep_going())
+        .unwrap_err();
+    assert!(matches!(error, DiffusionError::InvalidParams { field: "noise", .. }), "{error}");
+}
