@@ -131,11 +131,15 @@ pub fn validate(
     } else if guidance > f64::from(MAX_GUIDANCE) {
         bad("guidance_scale", format!("Guidance scale must be at most {MAX_GUIDANCE}."));
     }
+    let multiple = i64::from(info.size_multiple.max(8));
     for (field, value) in [("height", input.height), ("width", input.width)] {
         if let Some(side) = value
-            && (side < 64 || side > i64::from(limits.max_side) || side % 8 != 0)
+            && (side < 64 || side > i64::from(limits.max_side) || side % multiple != 0)
         {
-            bad(field, format!("{field} must be a multiple of 8 between 64 and {}.", limits.max_side));
+            bad(
+                field,
+                format!("{field} must be a multiple of {multiple} between 64 and {}.", limits.max_side),
+            );
         }
     }
     let strength = input.strength.unwrap_or(f64::from(DEFAULT_STRENGTH));

@@ -34,6 +34,8 @@ pub struct PipelineInfo {
     pub default_scheduler: String,
     /// The diffusion model's native image side in pixels.
     pub native_size: u32,
+    /// Image sides must be multiples of this (8, or more for deep UNets).
+    pub size_multiple: u32,
     /// LoRA adapters a request may name.
     pub loras: Vec<String>,
     /// The negative prompt used when a request gives none.

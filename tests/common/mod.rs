@@ -90,6 +90,7 @@ impl Pipeline for ScriptedPipeline {
             schedulers: vec!["ddim".into(), "euler".into()],
             default_scheduler: "ddim".into(),
             native_size: 512,
+            size_multiple: 8,
             loras: vec![],
             negative_prompt: "blurry".into(),
         }

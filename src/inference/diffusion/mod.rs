@@ -32,7 +32,9 @@ use std::path::PathBuf;
 use crate::inference::RuntimeError;
 
 pub use config::{ModelFamily, PipelineConfig};
-pub use pipeline::{Denoised, GenerateParams, Generated, MAX_STEPS, PromptEmbeddings, StableDiffusion, Timings};
+pub use pipeline::{
+    Denoised, GenerateParams, Generated, MAX_STEPS, PromptEmbeddings, StableDiffusion, Timings,
+};
 pub use schedulers::{Scheduler, SchedulerKind, UnknownScheduler};
 pub use tokenizer::ClipTokenizer;
 
