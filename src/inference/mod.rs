@@ -1,5 +1,6 @@
 //! Model execution on ONNX Runtime: the runtime itself, the vision models and Stable Diffusion.
 
 pub mod runtime;
+pub mod vision;
 
 pub use runtime::{ExecutionProvider, Runtime, RuntimeConfig, RuntimeError};
