@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use deskgen::inference::vision::{
-    ImageError, SceneAnalysis, Vision, VisionConfig, VisionError, compose_caption, decode_image,
+    CaptionError, Captioner, GenerationOptions, ImageError, SceneAnalysis, Vision, VisionConfig, VisionError,
+    compose_caption, decode_image,
 };
 use deskgen::inference::{Runtime, RuntimeConfig};
 use image::{ImageFormat, Rgb, RgbImage};
@@ -305,4 +306,159 @@ fn exif_rotated_jpeg_is_decoded_upright() {
     let bottom = decoded.get_pixel(24, 86).0;
     assert!(top[0] > 180 && top[2] < 80, "top should be red: {top:?}");
     assert!(bottom[2] > 180 && bottom[0] < 80, "bottom should be blue: {bottom:?}");
+}
+
+/// The tiny random-weight captioner and the token ids transformers generated with it.
+fn fixtures() -> PathBuf {
+    root().join("onnx/fixtures")
+}
+
+/// Reads a little-endian `.npy` array of `f4` or `i8` values as f64, with its shape.
+fn read_npy(path: &Path) -> (Vec<usize>, Vec<f64>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{}", path.display());
+    let header_len = usize::from(u16::from_le_bytes([bytes[8], bytes[9]]));
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+    let shape_text = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    let shape: Vec<usize> = shape_text.split(',').filter_map(|d| d.trim().parse().ok()).collect();
+    let data = &bytes[10 + header_len..];
+    let values = if header.contains("'<f4'") {
+        data.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap()))).collect()
+    } else if header.contains("'<i8'") {
+        data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+    } else {
+        panic!("{}: unsupported dtype in {header}", path.display())
+    };
+    (shape, values)
+}
+
+fn reference_pixels() -> ndarray::Array4<f32> {
+    let (shape, values) = read_npy(&fixtures().join("reference/captioner/pixel_values.npy"));
+    let values = values.into_iter().map(|v| v as f32).collect();
+    ndarray::Array4::from_shape_vec((shape[0], shape[1], shape[2], shape[3]), values).unwrap()
+}
+
+fn reference_tokens(name: &str) -> Vec<i64> {
+    let (_, values) = read_npy(&fixtures().join("reference/captioner").join(name));
+    values.into_iter().map(|v| v as i64).collect()
+}
+
+/// The options the reference was generated with.
+fn reference_options(num_beams: usize) -> GenerationOptions {
+    GenerationOptions {
+        num_beams,
+        max_new_tokens: 16,
+        min_new_tokens: 8,
+        length_penalty: 1.0,
+        early_stopping: false,
+    }
+}
+
+fn captioner(dir: &Path) -> Captioner {
+    let runtime = Runtime::init(&RuntimeConfig::default()).unwrap();
+    Captioner::load(&runtime, dir).unwrap()
+}
+
+#[test]
+fn captioner_greedy_and_beam_search_match_transformers() {
+    let captioner = captioner(&fixtures().join("tiny-captioner"));
+    let pixels = reference_pixels();
+    let greedy = captioner.generate(&pixels, &reference_options(1)).unwrap();
+    assert_eq!(greedy, reference_tokens("token_ids_greedy.npy"));
+    let beam = captioner.generate(&pixels, &reference_options(3)).unwrap();
+    assert_eq!(beam, reference_tokens("token_ids_beam3.npy"));
+    // The two searches part ways, so the beam test is not greedy in disguise.
+    assert_ne!(greedy, beam);
+}
+
+#[test]
+fn captioner_with_split_decoders_matches_the_merged_one() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixtures().join("tiny-captioner")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() != "decoder_model_merged.onnx" {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let captioner = captioner(dir.path());
+    let ids: Vec<&str> = captioner.models().iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["captioner-encoder-model", "captioner-decoder-model", "captioner-decoder-with-past-model"]
+    );
+    let pixels = reference_pixels();
+    assert_eq!(
+        captioner.generate(&pixels, &reference_options(1)).unwrap(),
+        reference_tokens("token_ids_greedy.npy")
+    );
+    assert_eq!(
+        captioner.generate(&pixels, &reference_options(3)).unwrap(),
+        reference_tokens("token_ids_beam3.npy")
+    );
+}
+
+#[test]
+fn captioner_preprocessing_matches_the_image_processor() {
+    let captioner = captioner(&fixtures().join("tiny-captioner"));
+    let bytes = std::fs::read(fixtures().join("reference/init_image.png")).unwrap();
+    let image = decode_image(&bytes, MAX_PIXELS).unwrap();
+    let ours = captioner.preprocess(&image);
+    let reference = reference_pixels();
+    assert_eq!(ours.shape(), reference.shape());
+    let worst = ours.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    // One 8-bit level is 2/255 after normalising to [-1, 1]: resampling may round differently.
+    assert!(worst <= 2.0 / 255.0 + 1e-6, "max difference {worst}");
+}
+
+#[test]
+fn captioner_defaults_come_from_generation_config_and_caption_decodes_tokens() {
+    let captioner = captioner(&fixtures().join("tiny-captioner"));
+    let defaults = captioner.default_options();
+    assert_eq!((defaults.num_beams, defaults.max_new_tokens, defaults.min_new_tokens), (1, 16, 0));
+    let bytes = std::fs::read(fixtures().join("reference/init_image.png")).unwrap();
+    let image = decode_image(&bytes, MAX_PIXELS).unwrap();
+    // From the photo itself (our preprocessing) to the text of transformers' tokens.
+    let caption = captioner.caption(&image, &reference_options(1)).unwrap();
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(fixtures().join("tiny-captioner/tokenizer.json")).unwrap();
+    let ids: Vec<u32> = reference_tokens("token_ids_greedy.npy").iter().map(|&t| t as u32).collect();
+    assert_eq!(caption, tokenizer.decode(&ids, true).unwrap().trim());
+    assert!(!caption.is_empty());
+}
+
+#[test]
+fn captioner_directory_without_the_layout_is_a_clear_error() {
+    let runtime = Runtime::init(&RuntimeConfig::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let error = Captioner::load(&runtime, dir.path()).err().expect("an empty directory is no captioner");
+    assert!(matches!(error, CaptionError::Missing { .. }), "{error:?}");
+    assert!(error.to_string().contains("generation_config.json"), "{error}");
+}
+
+#[test]
+fn vision_with_a_captioner_captions_with_it_and_lists_its_models() {
+    let runtime = Runtime::init(&RuntimeConfig::default()).unwrap();
+    let config = VisionConfig {
+        captioner: Some(fixtures().join("tiny-captioner")),
+        caption_max_tokens: Some(5),
+        ..config()
+    };
+    let vision = Vision::load(&runtime, &config).unwrap();
+    let ids: Vec<String> = vision.models().into_iter().map(|m| m.id).collect();
+    assert_eq!(
+        ids,
+        [
+            "ssd-mobilenet-v2-coco",
+            "efficientnet-lite3",
+            "captioner-encoder-model",
+            "captioner-decoder-model-merged"
+        ]
+    );
+    let image = photo("dog.jpg");
+    let analysis = vision.analyze(&image).unwrap();
+    let expected = captioner(&fixtures().join("tiny-captioner"))
+        .caption(&image, &GenerationOptions { max_new_tokens: 5, min_new_tokens: 0, ..reference_options(1) })
+        .unwrap();
+    assert_eq!(vision.caption(&image, &analysis).unwrap(), expected);
+    assert_ne!(expected, compose_caption(&analysis));
 }

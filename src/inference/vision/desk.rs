@@ -146,10 +146,10 @@ pub(crate) fn analyze(
 }
 
 /// A caption made from the analysis, for when no captioner is configured:
-/// "a desk with a laptop, a mug and a lamp".
+/// "a desk with a laptop, a mug and a lamp", or for other photos "a photo of a dog and a bicycle".
 pub fn compose_caption(analysis: &SceneAnalysis) -> String {
-    let things: Vec<String> = if analysis.is_desk || !analysis.items.is_empty() {
-        analysis.items.iter().map(|item| with_article(item)).collect()
+    let (subject, things): (&str, Vec<&str>) = if analysis.is_desk {
+        ("a desk with", analysis.items.iter().map(String::as_str).collect())
     } else {
         let mut labels: Vec<&str> = Vec::new();
         for d in &analysis.detections {
@@ -157,22 +157,119 @@ pub fn compose_caption(analysis: &SceneAnalysis) -> String {
                 labels.push(&d.label);
             }
         }
-        labels.into_iter().take(3).map(with_article).collect()
+        labels.truncate(3);
+        if labels.is_empty() {
+            labels.extend(analysis.top_classes.first().map(ClassScore::name));
+        }
+        ("a photo of", labels)
     };
-    let subject = if analysis.is_desk { "a desk" } else { "a photo" };
-    let joiner = if analysis.is_desk { "with" } else { "of" };
+    let things: Vec<String> = things.into_iter().map(with_article).collect();
     match things.as_slice() {
-        [] if analysis.is_desk => subject.to_string(),
-        [] => match analysis.top_classes.first() {
-            Some(class) => format!("a photo of {}", with_article(class.name())),
-            None => subject.to_string(),
-        },
-        [one] => format!("{subject} {joiner} {one}"),
-        [rest @ .., last] => format!("{subject} {joiner} {} and {last}", rest.join(", ")),
+        [] if analysis.is_desk => "a desk".to_string(),
+        [] => "a photo".to_string(),
+        [one] => format!("{subject} {one}"),
+        [rest @ .., last] => format!("{subject} {} and {last}", rest.join(", ")),
     }
 }
 
 fn with_article(noun: &str) -> String {
     let article = if noun.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
     format!("{article} {noun}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn detection(label: &str, score: f32) -> Detection {
+        Detection { label: label.to_string(), score, bbox: [0.1, 0.1, 0.5, 0.5] }
+    }
+
+    fn class(label: &str, probability: f32) -> ClassScore {
+        ClassScore { label: label.to_string(), probability }
+    }
+
+    fn decide(detections: Vec<Detection>, classes: &[ClassScore]) -> SceneAnalysis {
+        analyze(detections, classes, &VisionConfig::default(), 5)
+    }
+
+    #[test]
+    fn computing_devices_make_a_desk() {
+        let analysis = decide(
+            vec![detection("laptop", 0.9), detection("cup", 0.8)],
+            &[class("notebook, notebook computer", 0.3)],
+        );
+        assert!(analysis.is_desk);
+        assert!((analysis.desk_score - (1.0 - 0.7 * 0.1)).abs() < 1e-6, "{}", analysis.desk_score);
+        assert_eq!(analysis.items, ["laptop", "mug"]);
+    }
+
+    #[test]
+    fn a_workspace_scene_alone_makes_a_desk() {
+        let analysis = decide(
+            vec![],
+            &[class("desk", 0.4), class("desktop computer", 0.2), class("tabby, tabby cat", 0.1)],
+        );
+        assert!(analysis.is_desk, "{}", analysis.desk_score);
+        assert_eq!(analysis.items, ["monitor"]);
+    }
+
+    #[test]
+    fn a_living_room_tv_is_not_a_desk() {
+        let detections = vec![
+            detection("tv", 0.95),
+            detection("tv", 0.9),
+            detection("couch", 0.9),
+            detection("book", 0.8),
+        ];
+        let classes = [
+            class("home theater, home theatre", 0.4),
+            class("television, television system", 0.3),
+            class("screen, CRT screen", 0.1),
+        ];
+        let analysis = decide(detections, &classes);
+        assert!(!analysis.is_desk, "{}", analysis.desk_score);
+        assert_eq!(analysis.items, ["monitor", "book"]);
+    }
+
+    #[test]
+    fn everyday_objects_do_not_vote() {
+        let detections = ["cup", "book", "cell phone", "potted plant", "chair", "dining table"]
+            .map(|l| detection(l, 0.99));
+        let analysis = decide(detections.to_vec(), &[class("dining table, board", 0.8)]);
+        assert_eq!(analysis.desk_score, 0.0);
+        assert!(!analysis.is_desk);
+    }
+
+    #[test]
+    fn the_threshold_comes_from_the_config() {
+        let config = VisionConfig { desk_threshold: 0.95, ..VisionConfig::default() };
+        let analysis = analyze(vec![detection("laptop", 0.9)], &[], &config, 5);
+        assert!(!analysis.is_desk);
+        assert!((analysis.desk_score - 0.9).abs() < 1e-6);
+    }
+
+    #[test]
+    fn captions_list_items_or_objects() {
+        let mut analysis =
+            decide(vec![detection("laptop", 0.9), detection("cup", 0.8)], &[class("table lamp", 0.5)]);
+        assert_eq!(compose_caption(&analysis), "a desk with a laptop, a mug and a lamp");
+        analysis.items.truncate(1);
+        assert_eq!(compose_caption(&analysis), "a desk with a laptop");
+        let other =
+            decide(vec![detection("dog", 0.9), detection("dog", 0.8), detection("bicycle", 0.7)], &[]);
+        assert_eq!(compose_caption(&other), "a photo of a dog and a bicycle");
+        let empty = decide(vec![], &[class("valley, vale", 0.8)]);
+        assert_eq!(compose_caption(&empty), "a photo of a valley");
+        let unknown = decide(
+            vec![
+                detection("orange", 0.9),
+                detection("apple", 0.9),
+                detection("umbrella", 0.8),
+                detection("kite", 0.7),
+            ],
+            &[],
+        );
+        assert_eq!(compose_caption(&unknown), "a photo of an orange, an apple and an umbrella");
+    }
 }

@@ -126,8 +126,9 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
                 };
                 i += 2 + length;
                 if marker == SOS {
+                    // Scan to the next real marker.
                     while i + 1 < bytes.len()
-                        && !(bytes[i] == 0xff && !matches!(bytes[i + 1], 0x00 | 0xd0..=0xd7))
+                        && (bytes[i] != 0xff || matches!(bytes[i + 1], 0x00 | 0xd0..=0xd7))
                     {
                         i += 1;
                     }
