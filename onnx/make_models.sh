@@ -123,7 +123,8 @@ cat >"$work/canonicalize.py" <<'PY'
 
 Every tensor that is not a graph input or output is renamed after its place in the graph
 (depth-first through subgraphs), nodes likewise, initialisers and value_info are sorted by the
-new names, and an empty node domain is cleared rather than set. Only names change.
+new names, an empty node domain is cleared rather than set, and the source path is cut to its
+file name. Only names change.
 """
 import sys
 
@@ -185,6 +186,8 @@ def canonicalize(model):
 
     number(model.graph, 0)
     rename(model.graph)
+    # tf2onnx writes "converted from <path>", and the path is a fresh temporary directory.
+    model.graph.doc_string = "converted from " + model.graph.doc_string.rsplit("/", 1)[-1]
     return model
 
 
