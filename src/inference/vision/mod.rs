@@ -1,0 +1,282 @@
+//! Vision: is the photo a desk, what is on it, and a caption for the prompt.
+//!
+//! Two real models do the looking: SSD-MobileNet-v2 COCO finds objects ([`detector`]) and
+//! EfficientNet-Lite3 names the scene among ImageNet's classes ([`classifier`]); [`desk`]
+//! combines both into the desk decision. An optional ONNX captioner ([`captioner`]) describes the
+//! photo; without one the caption is composed from what was found. All of it is blocking code:
+//! callers run it off the async runtime.
+
+pub mod captioner;
+pub mod classifier;
+pub mod desk;
+pub mod detector;
+pub mod image;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use ::image::RgbImage;
+use ort::session::Session;
+use sha2::{Digest, Sha256};
+
+use crate::inference::{Runtime, RuntimeError};
+
+pub use captioner::{CaptionError, Captioner, GenerationOptions};
+pub use classifier::{ClassScore, Classifier};
+pub use desk::{SceneAnalysis, compose_caption};
+pub use detector::{Detection, Detector};
+pub use image::{ImageError, decode_image};
+
+/// How many ImageNet classes a [`SceneAnalysis`] reports.
+const TOP_CLASSES: usize = 5;
+
+/// Errors while loading or running the vision models.
+#[derive(Debug, thiserror::Error)]
+pub enum VisionError {
+    /// ONNX Runtime could not build a session.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// A model file is not where the configuration says.
+    #[error("{what} not found at {path}: build the vision models with `make models` (onnx/make_models.sh)")]
+    MissingModel {
+        /// Which model, e.g. `detector`.
+        what: &'static str,
+        /// The configured path.
+        path: PathBuf,
+    },
+    /// The classifier's label file is missing or does not fit the model.
+    #[error("cannot read labels from {path}: {reason}")]
+    Labels {
+        /// The configured path.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A model's inputs, outputs or output shapes are not the ones this code was written for.
+    #[error("the {model} model does not fit: {reason}")]
+    Model {
+        /// Which model.
+        model: &'static str,
+        /// What was wrong.
+        reason: String,
+    },
+    /// ONNX Runtime failed while running a model.
+    #[error("{model} inference failed: {reason}")]
+    Inference {
+        /// Which model.
+        model: &'static str,
+        /// ONNX Runtime's message.
+        reason: String,
+    },
+    /// The captioner failed to load or to generate.
+    #[error(transparent)]
+    Caption(#[from] CaptionError),
+}
+
+/// Vision settings: model paths and the thresholds of the desk decision.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VisionConfig {
+    /// COCO object detector (SSD-MobileNet-v2 ONNX), built by `make models`.
+    #[arg(long, env = "DESKGEN_DETECTOR", default_value = "assets/models/detector.onnx")]
+    pub detector: PathBuf,
+    /// ImageNet scene classifier (EfficientNet-Lite3 ONNX), built by `make models`.
+    #[arg(long, env = "DESKGEN_CLASSIFIER", default_value = "assets/models/classifier.onnx")]
+    pub classifier: PathBuf,
+    /// The classifier's labels, one a line.
+    #[arg(long, env = "DESKGEN_CLASSIFIER_LABELS", default_value = "assets/models/imagenet_labels.txt")]
+    pub classifier_labels: PathBuf,
+    /// Captioner directory in the optimum ONNX layout; without it captions are composed from detections.
+    #[arg(long, env = "DESKGEN_CAPTIONER")]
+    pub captioner: Option<PathBuf>,
+    /// Beams for caption search (1 = greedy); defaults to the captioner's generation_config.json.
+    #[arg(long, env = "DESKGEN_CAPTION_BEAMS")]
+    pub caption_beams: Option<usize>,
+    /// Most tokens a caption may have; defaults to the captioner's generation_config.json.
+    #[arg(long, env = "DESKGEN_CAPTION_MAX_TOKENS")]
+    pub caption_max_tokens: Option<usize>,
+    /// Desk score (0..1) at or above which a photo counts as a desk.
+    #[arg(long, env = "DESKGEN_DESK_THRESHOLD", default_value_t = 0.5)]
+    pub desk_threshold: f32,
+    /// Detections scoring below this (0..1) are ignored.
+    #[arg(long, env = "DESKGEN_MIN_DETECTION_SCORE", default_value_t = 0.4)]
+    pub min_detection_score: f32,
+    /// ImageNet classes below this probability (0..1) do not count as items found.
+    #[arg(long, env = "DESKGEN_MIN_CLASS_SCORE", default_value_t = 0.1)]
+    pub min_class_score: f32,
+    /// Largest photo accepted, in pixels (checked from the header, before decoding).
+    #[arg(long, env = "DESKGEN_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+}
+
+impl Default for VisionConfig {
+    fn default() -> Self {
+        VisionConfig {
+            detector: PathBuf::from("assets/models/detector.onnx"),
+            classifier: PathBuf::from("assets/models/classifier.onnx"),
+            classifier_labels: PathBuf::from("assets/models/imagenet_labels.txt"),
+            captioner: None,
+            caption_beams: None,
+            caption_max_tokens: None,
+            desk_threshold: 0.5,
+            min_detection_score: 0.4,
+            min_class_score: 0.1,
+            max_image_pixels: 40_000_000,
+        }
+    }
+}
+
+/// One model file as `/info` reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    /// Stable name, e.g. `ssd-mobilenet-v2-coco`.
+    pub id: String,
+    /// Where it was loaded from.
+    pub path: PathBuf,
+    /// Hex sha256 of the file, computed once at load.
+    pub sha256: String,
+    /// File size in bytes.
+    pub size_bytes: u64,
+    /// Graph inputs as `name: type`.
+    pub inputs: Vec<String>,
+    /// Graph outputs as `name: type`.
+    pub outputs: Vec<String>,
+}
+
+/// The loaded vision models; sessions are built once and shared.
+pub struct Vision {
+    detector: Detector,
+    classifier: Classifier,
+    captioner: Option<Captioner>,
+    config: VisionConfig,
+    models: Vec<ModelInfo>,
+}
+
+impl Vision {
+    /// Loads every configured model, failing with the file's name if one is missing.
+    pub fn load(runtime: &Runtime, config: &VisionConfig) -> Result<Vision, VisionError> {
+        let mut models = Vec::new();
+        let detector = Detector::new(open(
+            runtime,
+            "ssd-mobilenet-v2-coco",
+            "detector",
+            &config.detector,
+            &mut models,
+        )?)?;
+        if !config.classifier_labels.is_file() {
+            return Err(VisionError::MissingModel {
+                what: "classifier labels",
+                path: config.classifier_labels.clone(),
+            });
+        }
+        let labels = classifier::read_labels(&config.classifier_labels)?;
+        let classifier = Classifier::new(
+            open(runtime, "efficientnet-lite3", "classifier", &config.classifier, &mut models)?,
+            labels,
+        )?;
+        let captioner = match &config.captioner {
+            Some(dir) => {
+                let captioner = Captioner::load(runtime, dir)?;
+                models.extend(captioner.models().iter().cloned());
+                Some(captioner)
+            }
+            None => None,
+        };
+        Ok(Vision { detector, classifier, captioner, config: config.clone(), models })
+    }
+
+    /// Detects, classifies and decides whether the photo shows a desk.
+    pub fn analyze(&self, image: &RgbImage) -> Result<SceneAnalysis, VisionError> {
+        let detections = self.detector.detect(image, self.config.min_detection_score)?;
+        let classes = self.classifier.classify(image)?;
+        Ok(desk::analyze(detections, &classes, &self.config, TOP_CLASSES))
+    }
+
+    /// A caption from the captioner when one is configured, else one composed from `analysis`.
+    pub fn caption(&self, image: &RgbImage, analysis: &SceneAnalysis) -> Result<String, VisionError> {
+        let Some(captioner) = &self.captioner else {
+            return Ok(compose_caption(analysis));
+        };
+        let defaults = captioner.default_options();
+        let options = GenerationOptions {
+            num_beams: self.config.caption_beams.unwrap_or(defaults.num_beams),
+            max_new_tokens: self.config.caption_max_tokens.unwrap_or(defaults.max_new_tokens),
+            ..defaults
+        };
+        Ok(captioner.caption(image, &options)?)
+    }
+
+    /// Decodes untrusted bytes with this configuration's pixel cap.
+    pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage, ImageError> {
+        decode_image(bytes, self.config.max_image_pixels)
+    }
+
+    /// Every loaded model file, for `/info`.
+    pub fn models(&self) -> Vec<ModelInfo> {
+        self.models.clone()
+    }
+}
+
+fn open(
+    runtime: &Runtime,
+    id: &str,
+    what: &'static str,
+    path: &Path,
+    models: &mut Vec<ModelInfo>,
+) -> Result<Session, VisionError> {
+    if !path.is_file() {
+        return Err(VisionError::MissingModel { what, path: path.to_path_buf() });
+    }
+    let session = runtime.session(path)?;
+    models.push(describe(id, path, &session)?);
+    Ok(session)
+}
+
+/// Hashes the file and lists the session's inputs and outputs.
+pub(crate) fn describe(id: &str, path: &Path, session: &Session) -> Result<ModelInfo, RuntimeError> {
+    let unreadable =
+        |e: std::io::Error| RuntimeError::Model { path: path.to_path_buf(), reason: e.to_string() };
+    let mut file = std::fs::File::open(path).map_err(unreadable)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut size_bytes = 0u64;
+    loop {
+        let n = file.read(&mut buffer).map_err(unreadable)?;
+        if n == 0 {
+            break;
+        }
+        size_bytes += n as u64;
+        hasher.update(&buffer[..n]);
+    }
+    let signature = |outlets: &[ort::value::Outlet]| {
+        outlets.iter().map(|o| format!("{}: {}", o.name(), o.dtype())).collect::<Vec<_>>()
+    };
+    Ok(ModelInfo {
+        id: id.to_string(),
+        path: path.to_path_buf(),
+        sha256: hex::encode(hasher.finalize()),
+        size_bytes,
+        inputs: signature(session.inputs()),
+        outputs: signature(session.outputs()),
+    })
+}
+
+/// Fails unless the session has every named input and output.
+pub(crate) fn expect_signature(
+    session: &Session,
+    model: &'static str,
+    inputs: &[&str],
+    outputs: &[&str],
+) -> Result<(), VisionError> {
+    let has = |outlets: &[ort::value::Outlet], name: &str| outlets.iter().any(|o| o.name() == name);
+    let missing: Vec<&str> = inputs
+        .iter()
+        .filter(|name| !has(session.inputs(), name))
+        .chain(outputs.iter().filter(|name| !has(session.outputs(), name)))
+        .copied()
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(VisionError::Model { model, reason: format!("no input or output named {}", missing.join(", ")) })
+    }
+}

@@ -1,0 +1,464 @@
+//! Vision on the real models: the converted detector and classifier from `assets/models`
+//! (onnx/make_models.sh), run by ONNX Runtime on darknet's photos (onnx/fetch_testdata.sh) and on
+//! images made here; plus the decoder's refusals of hostile or broken input.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use deskgen::inference::vision::{
+    CaptionError, Captioner, GenerationOptions, ImageError, SceneAnalysis, Vision, VisionConfig, VisionError,
+    compose_caption, decode_image,
+};
+use deskgen::inference::{Runtime, RuntimeConfig};
+use image::{ImageFormat, Rgb, RgbImage};
+use sha2::{Digest, Sha256};
+
+const MAX_PIXELS: u64 = 40_000_000;
+/// The darknet photos, none of which shows a desk.
+const DARKNET: &[&str] = &["dog.jpg", "person.jpg", "horses.jpg", "eagle.jpg", "giraffe.jpg", "kite.jpg"];
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn config() -> VisionConfig {
+    let models = root().join("assets/models");
+    VisionConfig {
+        detector: models.join("detector.onnx"),
+        classifier: models.join("classifier.onnx"),
+        classifier_labels: models.join("imagenet_labels.txt"),
+        ..VisionConfig::default()
+    }
+}
+
+static VISION: LazyLock<Vision> = LazyLock::new(|| {
+    let runtime = Runtime::init(&RuntimeConfig::default()).expect("ONNX Runtime (run onnx/fetch_ort.sh)");
+    Vision::load(&runtime, &config()).expect("vision models (run onnx/make_models.sh)")
+});
+
+fn photo(name: &str) -> RgbImage {
+    let path: PathBuf = root().join("assets/testdata/darknet").join(name);
+    let bytes = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run onnx/fetch_testdata.sh)", path.display()));
+    decode_image(&bytes, MAX_PIXELS).expect("darknet photos decode")
+}
+
+fn encode(image: &image::DynamicImage, format: ImageFormat) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    image.write_to(&mut Cursor::new(&mut bytes), format).expect("encode");
+    bytes
+}
+
+fn score_of(analysis: &SceneAnalysis, label: &str) -> f32 {
+    analysis.detections.iter().filter(|d| d.label == label).map(|d| d.score).fold(0.0, f32::max)
+}
+
+#[test]
+fn dog_photo_detects_bicycle_dog_and_car_where_they_are() {
+    let analysis = VISION.analyze(&photo("dog.jpg")).unwrap();
+    assert!(score_of(&analysis, "bicycle") > 0.9, "{:?}", analysis.detections);
+    assert!(score_of(&analysis, "dog") > 0.75, "{:?}", analysis.detections);
+    assert!(score_of(&analysis, "car") > 0.5, "{:?}", analysis.detections);
+    // The dog sits in the lower left, the car in the upper right.
+    let dog = analysis.detections.iter().find(|d| d.label == "dog").unwrap();
+    let [x_min, y_min, x_max, y_max] = dog.bbox;
+    assert!(x_min < 0.25 && x_max < 0.5 && y_min > 0.3 && y_max > 0.85, "dog at {:?}", dog.bbox);
+    let car = analysis.detections.iter().find(|d| d.label == "car").unwrap();
+    assert!(car.bbox[0] > 0.5 && car.bbox[3] < 0.35, "car at {:?}", car.bbox);
+    for d in &analysis.detections {
+        assert!(d.score >= VisionConfig::default().min_detection_score, "{d:?}");
+        assert!(d.bbox[0] <= d.bbox[2] && d.bbox[1] <= d.bbox[3], "{d:?}");
+    }
+    assert!(analysis.detections.windows(2).all(|w| w[0].score >= w[1].score));
+}
+
+#[test]
+fn classifier_names_a_dog_breed_for_the_dog_photo() {
+    let analysis = VISION.analyze(&photo("dog.jpg")).unwrap();
+    let labels = std::fs::read_to_string(config().classifier_labels).unwrap();
+    let index = labels.lines().position(|l| l == analysis.top_classes[0].label).unwrap();
+    // ImageNet's dog breeds are classes 151 to 268.
+    assert!((151..=268).contains(&index), "top class {:?}", analysis.top_classes[0]);
+    assert!(analysis.top_classes[0].probability > 0.2);
+    assert_eq!(analysis.top_classes.len(), 5);
+    assert!(analysis.top_classes.windows(2).all(|w| w[0].probability >= w[1].probability));
+}
+
+#[test]
+fn darknet_photos_are_not_desks() {
+    for name in DARKNET {
+        let analysis = VISION.analyze(&photo(name)).unwrap();
+        assert!(!analysis.is_desk, "{name} taken for a desk: {analysis:?}");
+        assert!(analysis.desk_score < 0.3, "{name}: desk score {}", analysis.desk_score);
+    }
+}
+
+#[test]
+fn person_and_horses_are_found() {
+    let person = VISION.analyze(&photo("person.jpg")).unwrap();
+    assert!(score_of(&person, "person") > 0.8, "{:?}", person.detections);
+    assert!(score_of(&person, "horse") > 0.5 || score_of(&person, "dog") > 0.5, "{:?}", person.detections);
+    let horses = VISION.analyze(&photo("horses.jpg")).unwrap();
+    assert!(horses.detections.iter().filter(|d| d.label == "horse").count() >= 3, "{:?}", horses.detections);
+}
+
+#[test]
+fn a_blank_synthetic_image_has_no_desk_and_no_objects() {
+    let image = RgbImage::from_fn(320, 240, |x, y| Rgb([(x % 256) as u8, (y % 256) as u8, 128]));
+    let bytes = encode(&image.into(), ImageFormat::Png);
+    let decoded = decode_image(&bytes, MAX_PIXELS).unwrap();
+    let analysis = VISION.analyze(&decoded).unwrap();
+    assert!(!analysis.is_desk, "{analysis:?}");
+    assert!(analysis.detections.is_empty(), "{:?}", analysis.detections);
+    assert!(analysis.items.is_empty(), "{:?}", analysis.items);
+}
+
+#[test]
+fn caption_without_a_captioner_is_composed_from_the_analysis() {
+    let image = photo("dog.jpg");
+    let analysis = VISION.analyze(&image).unwrap();
+    let caption = VISION.caption(&image, &analysis).unwrap();
+    assert_eq!(caption, compose_caption(&analysis));
+    assert!(caption.starts_with("a photo of a bicycle"), "{caption}");
+    assert!(caption.contains("a dog"), "{caption}");
+}
+
+#[test]
+fn models_report_the_loaded_files() {
+    let models = VISION.models();
+    let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["ssd-mobilenet-v2-coco", "efficientnet-lite3"]);
+    for model in &models {
+        let bytes = std::fs::read(&model.path).unwrap();
+        assert_eq!(model.size_bytes, bytes.len() as u64);
+        assert_eq!(model.sha256, hex::encode(Sha256::digest(&bytes)));
+    }
+    assert!(models[0].inputs[0].starts_with("image_tensor:0"), "{:?}", models[0].inputs);
+    assert_eq!(models[0].outputs.len(), 4);
+    assert!(models[1].inputs[0].contains("280, 280, 3"), "{:?}", models[1].inputs);
+}
+
+#[test]
+fn a_missing_model_names_the_file_and_how_to_build_it() {
+    let runtime = Runtime::init(&RuntimeConfig::default()).unwrap();
+    let missing = root().join("assets/models/no-such-detector.onnx");
+    let config = VisionConfig { detector: missing.clone(), ..config() };
+    let error = Vision::load(&runtime, &config).err().expect("loading must fail");
+    assert!(matches!(&error, VisionError::MissingModel { path, .. } if *path == missing), "{error:?}");
+    let message = error.to_string();
+    assert!(message.contains("no-such-detector.onnx") && message.contains("make models"), "{message}");
+}
+
+#[test]
+fn non_image_bytes_are_refused() {
+    let error = decode_image(b"<html>not found</html>", MAX_PIXELS).unwrap_err();
+    assert!(matches!(error, ImageError::NotAnImage), "{error:?}");
+    assert!(matches!(decode_image(&[], MAX_PIXELS), Err(ImageError::NotAnImage)));
+}
+
+#[test]
+fn truncated_jpeg_is_refused() {
+    let image = RgbImage::from_fn(256, 256, |x, y| {
+        Rgb([(x * 7 % 256) as u8, (y * 3 % 256) as u8, ((x ^ y) % 256) as u8])
+    });
+    let bytes = encode(&image.into(), ImageFormat::Jpeg);
+    assert!(decode_image(&bytes, MAX_PIXELS).is_ok());
+    for cut in [bytes.len() / 3, bytes.len() - 2, 200] {
+        let error = decode_image(&bytes[..cut], MAX_PIXELS).err();
+        assert!(matches!(error, Some(ImageError::Corrupt { format: "jpg", .. })), "cut at {cut}: {error:?}");
+    }
+}
+
+#[test]
+fn tiny_images_are_refused() {
+    let one = encode(&RgbImage::new(1, 1).into(), ImageFormat::Png);
+    assert!(matches!(decode_image(&one, MAX_PIXELS), Err(ImageError::TooSmall { width: 1, height: 1 })));
+    let thin = encode(&RgbImage::new(640, 16).into(), ImageFormat::Png);
+    assert!(matches!(decode_image(&thin, MAX_PIXELS), Err(ImageError::TooSmall { width: 640, height: 16 })));
+    let smallest = encode(&RgbImage::new(32, 32).into(), ImageFormat::Png);
+    assert_eq!(decode_image(&smallest, MAX_PIXELS).unwrap().dimensions(), (32, 32));
+}
+
+/// A PNG chunk: length, type, data, CRC-32 of type and data.
+fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut crc = 0xffff_ffffu32;
+    for &byte in kind.iter().chain(data) {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    let mut chunk = (data.len() as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(kind);
+    chunk.extend_from_slice(data);
+    chunk.extend_from_slice(&(!crc).to_be_bytes());
+    chunk
+}
+
+#[test]
+fn decompression_bomb_is_refused_from_its_header() {
+    // A 100000x100000 RGB PNG header with a token of data: 30 GB if anyone tried to decode it.
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(png_chunk(b"IHDR", &ihdr));
+    png.extend(png_chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]));
+    png.extend(png_chunk(b"IEND", &[]));
+
+    let started = Instant::now();
+    let error = decode_image(&png, MAX_PIXELS).unwrap_err();
+    assert!(
+        matches!(error, ImageError::TooLarge { width: 100_000, height: 100_000, pixels: 10_000_000_000, .. }),
+        "{error:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(error.to_string().contains("100000x100000"), "{error}");
+}
+
+#[test]
+fn pixel_cap_applies_to_ordinary_images() {
+    let bytes = encode(&RgbImage::new(200, 100).into(), ImageFormat::Png);
+    assert!(matches!(decode_image(&bytes, 19_999), Err(ImageError::TooLarge { pixels: 20_000, .. })));
+    assert!(decode_image(&bytes, 20_000).is_ok());
+}
+
+#[test]
+fn grayscale_and_16_bit_images_become_rgb() {
+    let gray = image::GrayImage::from_fn(64, 48, |x, _| image::Luma([(x * 4) as u8]));
+    for format in [ImageFormat::Png, ImageFormat::Jpeg] {
+        let decoded = decode_image(&encode(&gray.clone().into(), format), MAX_PIXELS).unwrap();
+        assert_eq!(decoded.dimensions(), (64, 48));
+        let Rgb([r, g, b]) = *decoded.get_pixel(40, 10);
+        assert!(r == g && g == b && r.abs_diff(160) <= 4, "{format:?}: {r} {g} {b}");
+    }
+    let deep = image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(40, 40, image::Rgb([65535, 32768, 0]));
+    let decoded = decode_image(&encode(&deep.into(), ImageFormat::Png), MAX_PIXELS).unwrap();
+    assert_eq!(*decoded.get_pixel(0, 0), Rgb([255, 128, 0]));
+}
+
+/// A 40x40 pure red CMYK JPEG (Adobe APP14, inverted CMYK) made by Pillow:
+/// `Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(path, quality=90)`.
+const CMYK_JPEG: &str = concat!(
+    "/9j/7gAOQWRvYmUAZAAAAAAA/9sAQwADAgIDAgIDAwMDBAMDBAUIBQUEBAUKBwcGCAwKDAwLCgsLDQ4SEA0OEQ4LCxAWEBETFBUV",
+    "FQwPFxgWFBgSFBUU/8AAFAgAKAAoBEMRAE0RAFkRAEsRAP/EAB8AAAEFAQEBAQEBAAAAAAAAAAABAgMEBQYHCAkKC//EALUQAAIB",
+    "AwMCBAMFBQQEAAABfQECAwAEEQUSITFBBhNRYQcicRQygZGhCCNCscEVUtHwJDNicoIJChYXGBkaJSYnKCkqNDU2Nzg5OkNERUZH",
+    "SElKU1RVVldYWVpjZGVmZ2hpanN0dXZ3eHl6g4SFhoeIiYqSk5SVlpeYmZqio6Slpqeoqaqys7S1tre4ubrCw8TFxsfIycrS09TV",
+    "1tfY2drh4uPk5ebn6Onq8fLz9PX29/j5+v/aAA4EQwBNAFkASwAAPwD9U6/Kqvyqr9U6KKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKK",
+    "KKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKKK/9k=",
+);
+
+#[test]
+fn cmyk_jpeg_becomes_rgb() {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(CMYK_JPEG).unwrap();
+    let decoded = decode_image(&bytes, MAX_PIXELS).unwrap();
+    assert_eq!(decoded.dimensions(), (40, 40));
+    let Rgb([r, g, b]) = *decoded.get_pixel(20, 20);
+    assert!(r > 230 && g < 30 && b < 30, "expected red, got {r} {g} {b}");
+}
+
+#[test]
+fn transparent_png_is_composited_over_white() {
+    let rgba = image::RgbaImage::from_fn(64, 64, |x, _| {
+        if x < 32 { image::Rgba([200, 0, 0, 255]) } else { image::Rgba([0, 0, 0, 0]) }
+    });
+    let decoded = decode_image(&encode(&rgba.into(), ImageFormat::Png), MAX_PIXELS).unwrap();
+    assert_eq!(*decoded.get_pixel(10, 10), Rgb([200, 0, 0]));
+    assert_eq!(*decoded.get_pixel(50, 10), Rgb([255, 255, 255]));
+}
+
+/// An APP1 Exif segment holding only an orientation tag.
+fn exif_orientation_segment(orientation: u16) -> Vec<u8> {
+    let mut tiff = b"MM\x00\x2a\x00\x00\x00\x08".to_vec();
+    tiff.extend_from_slice(&1u16.to_be_bytes()); // one IFD entry
+    tiff.extend_from_slice(&0x0112u16.to_be_bytes()); // Orientation
+    tiff.extend_from_slice(&3u16.to_be_bytes()); // SHORT
+    tiff.extend_from_slice(&1u32.to_be_bytes()); // count
+    tiff.extend_from_slice(&orientation.to_be_bytes());
+    tiff.extend_from_slice(&[0, 0]);
+    tiff.extend_from_slice(&0u32.to_be_bytes()); // no next IFD
+    let mut payload = b"Exif\x00\x00".to_vec();
+    payload.extend(tiff);
+    let mut segment = vec![0xff, 0xe1];
+    segment.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+    segment.extend(payload);
+    segment
+}
+
+#[test]
+fn exif_rotated_jpeg_is_decoded_upright() {
+    // Stored sideways: 96 wide, 48 tall, red on the left, blue on the right. Orientation 6 says
+    // "rotate 90 degrees clockwise to display", which puts the left (red) side on top.
+    let stored =
+        RgbImage::from_fn(96, 48, |x, _| if x < 48 { Rgb([220, 20, 20]) } else { Rgb([20, 20, 220]) });
+    let jpeg = encode(&stored.into(), ImageFormat::Jpeg);
+    let mut bytes = jpeg[..2].to_vec(); // SOI
+    bytes.extend(exif_orientation_segment(6));
+    bytes.extend_from_slice(&jpeg[2..]);
+
+    let decoded = decode_image(&bytes, MAX_PIXELS).unwrap();
+    assert_eq!(decoded.dimensions(), (48, 96));
+    let top = decoded.get_pixel(24, 10).0;
+    let bottom = decoded.get_pixel(24, 86).0;
+    assert!(top[0] > 180 && top[2] < 80, "top should be red: {top:?}");
+    assert!(bottom[2] > 180 && bottom[0] < 80, "bottom should be blue: {bottom:?}");
+}
+
+/// The tiny random-weight captioner and the token ids transformers generated with it.
+fn fixtures() -> PathBuf {
+    root().join("onnx/fixtures")
+}
+
+/// Reads a little-endian `.npy` array of `f4` or `i8` values as f64, with its shape.
+fn read_npy(path: &Path) -> (Vec<usize>, Vec<f64>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{}", path.display());
+    let header_len = usize::from(u16::from_le_bytes([bytes[8], bytes[9]]));
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+    let shape_text = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    let shape: Vec<usize> = shape_text.split(',').filter_map(|d| d.trim().parse().ok()).collect();
+    let data = &bytes[10 + header_len..];
+    let values = if header.contains("'<f4'") {
+        data.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap()))).collect()
+    } else if header.contains("'<i8'") {
+        data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
+    } else {
+        panic!("{}: unsupported dtype in {header}", path.display())
+    };
+    (shape, values)
+}
+
+fn reference_pixels() -> ndarray::Array4<f32> {
+    let (shape, values) = read_npy(&fixtures().join("reference/captioner/pixel_values.npy"));
+    let values = values.into_iter().map(|v| v as f32).collect();
+    ndarray::Array4::from_shape_vec((shape[0], shape[1], shape[2], shape[3]), values).unwrap()
+}
+
+fn reference_tokens(name: &str) -> Vec<i64> {
+    let (_, values) = read_npy(&fixtures().join("reference/captioner").join(name));
+    values.into_iter().map(|v| v as i64).collect()
+}
+
+/// The options the reference was generated with.
+fn reference_options(num_beams: usize) -> GenerationOptions {
+    GenerationOptions {
+        num_beams,
+        max_new_tokens: 16,
+        min_new_tokens: 8,
+        length_penalty: 1.0,
+        early_stopping: false,
+    }
+}
+
+fn captioner(dir: &Path) -> Captioner {
+    let runtime = Runtime::init(&RuntimeConfig::default()).unwrap();
+    Captioner::load(&runtime, dir).unwrap()
+}
+
+#[test]
+fn captioner_greedy_and_beam_search_match_transformers() {
+    let captioner = captioner(&fixtures().join("tiny-captioner"));
+    let pixels = reference_pixels();
+    let greedy = captioner.generate(&pixels, &reference_options(1)).unwrap();
+    assert_eq!(greedy, reference_tokens("token_ids_greedy.npy"));
+    let beam = captioner.generate(&pixels, &reference_options(3)).unwrap();
+    assert_eq!(beam, reference_tokens("token_ids_beam3.npy"));
+    // The two searches part ways, so the beam test is not greedy in disguise.
+    assert_ne!(greedy, beam);
+}
+
+#[test]
+fn captioner_with_split_decoders_matches_the_merged_one() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixtures().join("tiny-captioner")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() != "decoder_model_merged.onnx" {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let captioner = captioner(dir.path());
+    let ids: Vec<&str> = captioner.models().iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["captioner-encoder-model", "captioner-decoder-model", "captioner-decoder-with-past-model"]
+    );
+    let pixels = reference_pixels();
+    assert_eq!(
+        captioner.generate(&pixels, &reference_options(1)).unwrap(),
+        reference_tokens("token_ids_greedy.npy")
+    );
+    assert_eq!(
+        captioner.generate(&pixels, &reference_options(3)).unwrap(),
+        reference_tokens("token_ids_beam3.npy")
+    );
+}
+
+#[test]
+fn captioner_preprocessing_matches_the_image_processor() {
+    let captioner = captioner(&fixtures().join("tiny-captioner"));
+    let bytes = std::fs::read(fixtures().join("reference/init_image.png")).unwrap();
+    let image = decode_image(&bytes, MAX_PIXELS).unwrap();
+    let ours = captioner.preprocess(&image);
+    let reference = reference_pixels();
+    assert_eq!(ours.shape(), reference.shape());
+    let worst = ours.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    // One 8-bit level is 2/255 after normalising to [-1, 1]: resampling may round differently.
+    assert!(worst <= 2.0 / 255.0 + 1e-6, "max difference {worst}");
+}
+
+#[test]
+fn captioner_defaults_come_from_generation_config_and_caption_decodes_tokens() {
+    let captioner = captioner(&fixtures().join("tiny-captioner"));
+    let defaults = captioner.default_options();
+    assert_eq!((defaults.num_beams, defaults.max_new_tokens, defaults.min_new_tokens), (1, 16, 0));
+    let bytes = std::fs::read(fixtures().join("reference/init_image.png")).unwrap();
+    let image = decode_image(&bytes, MAX_PIXELS).unwrap();
+    // From the photo itself (our preprocessing) to the text of transformers' tokens.
+    let caption = captioner.caption(&image, &reference_options(1)).unwrap();
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(fixtures().join("tiny-captioner/tokenizer.json")).unwrap();
+    let ids: Vec<u32> = reference_tokens("token_ids_greedy.npy").iter().map(|&t| t as u32).collect();
+    assert_eq!(caption, tokenizer.decode(&ids, true).unwrap().trim());
+    assert!(!caption.is_empty());
+}
+
+#[test]
+fn captioner_directory_without_the_layout_is_a_clear_error() {
+    let runtime = Runtime::init(&RuntimeConfig::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let error = Captioner::load(&runtime, dir.path()).err().expect("an empty directory is no captioner");
+    assert!(matches!(error, CaptionError::Missing { .. }), "{error:?}");
+    assert!(error.to_string().contains("generation_config.json"), "{error}");
+}
+
+#[test]
+fn vision_with_a_captioner_captions_with_it_and_lists_its_models() {
+    let runtime = Runtime::init(&RuntimeConfig::default()).unwrap();
+    let config = VisionConfig {
+        captioner: Some(fixtures().join("tiny-captioner")),
+        caption_max_tokens: Some(5),
+        ..config()
+    };
+    let vision = Vision::load(&runtime, &config).unwrap();
+    let ids: Vec<String> = vision.models().into_iter().map(|m| m.id).collect();
+    assert_eq!(
+        ids,
+        [
+            "ssd-mobilenet-v2-coco",
+            "efficientnet-lite3",
+            "captioner-encoder-model",
+            "captioner-decoder-model-merged"
+        ]
+    );
+    let image = photo("dog.jpg");
+    let analysis = vision.analyze(&image).unwrap();
+    let expected = captioner(&fixtures().join("tiny-captioner"))
+        .caption(&image, &GenerationOptions { max_new_tokens: 5, min_new_tokens: 0, ..reference_options(1) })
+        .unwrap();
+    assert_eq!(vision.caption(&image, &analysis).unwrap(), expected);
+    assert_ne!(expected, compose_caption(&analysis));
+}
