@@ -10,7 +10,7 @@ all: build
 ort:
 	./onnx/fetch_ort.sh
 
-models: ort
+models: ort testdata
 	./onnx/make_models.sh
 
 testdata:

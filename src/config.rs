@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::inference::RuntimeConfig;
+use crate::pipeline::PipelineConfig;
+use crate::webhook::WebhookConfig;
 
 /// deskgen: a desk photo in, an improved desk-setup image and shopping links out.
 #[derive(Debug, Parser)]
@@ -21,7 +22,42 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve gRPC, grpc-web and REST on one listener, with embedded workers.
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
+    /// Measure the desk decision over a folder of labelled photos (desk/ and not_desk/).
+    Eval(EvalCommand),
+    /// List the models the pipeline loads: id, path, sha256, size, inputs/outputs, execution provider.
+    Models(ModelsCommand),
+}
+
+/// Settings of `deskgen eval`.
+#[derive(Debug, Clone, Args)]
+pub struct EvalCommand {
+    /// What to measure.
+    #[command(flatten)]
+    pub eval: crate::eval::EvalArgs,
+    /// ONNX Runtime settings.
+    #[command(flatten)]
+    pub runtime: crate::inference::RuntimeConfig,
+    /// Vision models.
+    #[command(flatten)]
+    pub vision: crate::inference::vision::VisionConfig,
+}
+
+/// Settings of `deskgen models`.
+#[derive(Debug, Clone, Args)]
+pub struct ModelsCommand {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// ONNX Runtime settings.
+    #[command(flatten)]
+    pub runtime: crate::inference::RuntimeConfig,
+    /// Vision models.
+    #[command(flatten)]
+    pub vision: crate::inference::vision::VisionConfig,
+    /// Stable Diffusion pipeline folder.
+    #[arg(long, env = "DESKGEN_SD_MODEL", default_value = "onnx/fixtures/tiny-sd15")]
+    pub sd_model: PathBuf,
 }
 
 /// Settings of `deskgen serve`.
@@ -63,7 +99,33 @@ pub struct ServeConfig {
     /// Largest image side a request may ask for, in pixels.
     #[arg(long, env = "DESKGEN_MAX_SIDE", default_value_t = 2048)]
     pub max_side: u32,
-    /// ONNX Runtime settings.
+    /// Models, object store, photo fetching and shopping.
     #[command(flatten)]
-    pub runtime: RuntimeConfig,
+    pub pipeline: PipelineConfig,
+    /// Webhook delivery.
+    #[command(flatten)]
+    pub webhook: WebhookConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_has_a_unique_name_and_an_env_var() {
+        let cli = super::Cli::command();
+        cli.clone().debug_assert();
+        for sub in cli.get_subcommands() {
+            for arg in
+                sub.get_arguments().filter(|a| a.get_long().is_some_and(|l| l != "help" && l != "json"))
+            {
+                assert!(
+                    arg.get_env().is_some(),
+                    "{} --{} has no env var",
+                    sub.get_name(),
+                    arg.get_long().unwrap()
+                );
+            }
+        }
+    }
 }

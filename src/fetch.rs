@@ -41,7 +41,7 @@ pub struct FetchConfig {
     #[arg(long = "fetch-connect-timeout", env = "DESKGEN_FETCH_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
     pub connect_timeout: Duration,
     /// Time allowed for a whole download, redirects and body included (e.g. 30s).
-    #[arg(long = "fetch-timeout", env = "DESKGEN_FETCH_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    #[arg(id = "fetch_timeout", long = "fetch-timeout", env = "DESKGEN_FETCH_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub timeout: Duration,
     /// Redirects followed before giving up.
     #[arg(long = "fetch-max-redirects", env = "DESKGEN_FETCH_MAX_REDIRECTS", default_value_t = 3)]

@@ -4,6 +4,7 @@
 //! [`tasks`], and a worker runs it through [`pipeline`], which uses the models in [`inference`].
 
 pub mod api;
+pub mod commands;
 pub mod config;
 pub mod eval;
 pub mod fetch;

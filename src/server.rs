@@ -22,12 +22,16 @@ use crate::api::grpc::{Services, check_auth, pb};
 use crate::api::validate::Limits;
 use crate::api::{self, About, AppState};
 use crate::config::ServeConfig;
+use crate::fetch::UrlPolicy;
 use crate::pipeline::Pipeline;
+use crate::storage::ObjectStore;
 use crate::tasks::worker::worker_task;
 use crate::tasks::{MemoryQueue, TaskQueue, TaskStore};
+use crate::webhook::WebhookSender;
 
-/// Builds the pipeline; runs on a blocking thread while the listener already answers health checks.
-pub type PipelineLoader = Box<dyn FnOnce() -> anyhow::Result<Arc<dyn Pipeline>> + Send>;
+/// Builds the pipeline over the service's object store; runs on a blocking thread while the
+/// listener already answers health checks.
+pub type PipelineLoader = Box<dyn FnOnce(Arc<dyn ObjectStore>) -> anyhow::Result<Arc<dyn Pipeline>> + Send>;
 
 /// gRPC service names reported by the health service.
 const SERVICE_NAMES: [&str; 3] = ["deskgen.v1.Generate", "deskgen.v1.Result", "deskgen.v1.Info"];
@@ -48,6 +52,11 @@ impl RunningServer {
     /// A token that stops the service gracefully when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    /// Whether the service has stopped (after shutdown, or because models failed to load).
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
     }
 
     /// Runs until the service stops (shutdown, or models failed to load).
@@ -85,18 +94,24 @@ pub async fn start(
         .with_context(|| format!("opening {}", config.data_dir.display()))?;
     let queue: Arc<dyn TaskQueue> =
         Arc::new(MemoryQueue::open(store, config.max_queue_depth, config.max_attempts)?);
+    let objects = crate::storage::build(&config.pipeline.storage, &config.data_dir).await?;
+    let shutdown = CancellationToken::new();
+    let (webhooks, deliveries) = WebhookSender::spawn(
+        &config.webhook,
+        UrlPolicy::from_config(&config.pipeline.fetch),
+        shutdown.clone(),
+    )?;
     let state = Arc::new(AppState {
         queue: queue.clone(),
         keys,
         limits: Limits { max_side: config.max_side },
+        webhooks: webhooks.clone(),
         max_body_bytes: config.max_body_bytes,
         metrics: metrics_handle(),
         pipeline: OnceLock::new(),
         about: About {
             queue_backend: queue.backend().into(),
-            object_store: "file".into(),
-            shopping_provider: "catalog".into(),
-            execution_provider: config.runtime.execution_provider.as_str().into(),
+            execution_provider: config.pipeline.runtime.execution_provider.as_str().into(),
         },
     });
 
@@ -130,11 +145,23 @@ pub async fn start(
     .add_service(reflection().build_v1alpha()?)
     .into_axum_router()
     .layer(tonic_web::GrpcWebLayer::new());
-    let app = api::with_request_metrics(api::rest_router(state.clone()).merge(grpc)).layer(api::cors());
+    let mut routes = api::rest_router(state.clone()).merge(grpc);
+    if let Some(images) = objects.router() {
+        routes = routes.merge(images);
+    }
+    let app = api::with_request_metrics(routes).layer(api::cors());
 
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(run(config, listener, app, state, queue, health, loader, shutdown.clone()));
+    let services = Background { queue, objects, webhooks, deliveries };
+    let handle = tokio::spawn(run(config, listener, app, state, services, health, loader, shutdown.clone()));
     Ok(RunningServer { addr, shutdown, handle })
+}
+
+/// What the workers share besides the pipeline.
+struct Background {
+    queue: Arc<dyn TaskQueue>,
+    objects: Arc<dyn ObjectStore>,
+    webhooks: WebhookSender,
+    deliveries: tokio::task::JoinHandle<()>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -143,21 +170,25 @@ async fn run(
     listener: TcpListener,
     app: axum::Router,
     state: Arc<AppState>,
-    queue: Arc<dyn TaskQueue>,
+    services: Background,
     health: tonic_health::server::HealthReporter,
     loader: PipelineLoader,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Background { queue, objects, webhooks, deliveries } = services;
     let serve_shutdown = shutdown.clone();
     let mut server = tokio::spawn(async move {
         axum::serve(listener, app).with_graceful_shutdown(serve_shutdown.cancelled_owned()).await
     });
 
     let mut workers = JoinSet::new();
-    let loading = tokio::task::spawn_blocking(loader);
+    let loading = tokio::task::spawn_blocking(move || loader(objects));
     let pipeline = tokio::select! {
         loaded = loading => loaded.context("model loading panicked")?.context("loading models")?,
-        _ = shutdown.cancelled() => return finish(server, workers, config.shutdown_grace).await,
+        _ = shutdown.cancelled() => {
+            finish(Some(server), workers, config.shutdown_grace).await;
+            return Ok(());
+        }
     };
     let _ = state.pipeline.set(pipeline.info());
     for name in SERVICE_NAMES.into_iter().chain([""]) {
@@ -169,29 +200,37 @@ async fn run(
             index,
             queue.clone(),
             pipeline.clone(),
+            webhooks.clone(),
             config.task_deadline,
             shutdown.clone(),
         ));
     }
     let upkeep = tokio::spawn(purge_task(queue, config.result_ttl, shutdown.clone()));
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
+    let listener_ended = tokio::select! {
+        _ = shutdown.cancelled() => None,
         ended = &mut server => {
             shutdown.cancel();
-            ended.context("listener task panicked")??;
+            Some(ended)
         }
-    }
+    };
     upkeep.abort();
-    finish(server, workers, config.shutdown_grace).await
+    let still_serving = if listener_ended.is_none() { Some(server) } else { None };
+    finish(still_serving, workers, config.shutdown_grace).await;
+    // Completed-task webhooks queued during the grace period go out before the process ends.
+    let _ = tokio::time::timeout(Duration::from_secs(5), deliveries).await;
+    match listener_ended {
+        Some(ended) => Ok(ended.context("listener task panicked")??),
+        None => Ok(()),
+    }
 }
 
 /// After shutdown: stop accepting, let running tasks finish within `grace`; what is left stays
 /// persisted as processing and runs again at the next start.
 async fn finish(
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     mut workers: JoinSet<()>,
     grace: Duration,
-) -> anyhow::Result<()> {
+) {
     let drained = tokio::time::timeout(grace, async { while workers.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!(
@@ -201,11 +240,12 @@ async fn finish(
         workers.abort_all();
     }
     // Long-lived streams (SSE, WatchResult) would hold graceful shutdown open; bound the wait.
-    let abort = server.abort_handle();
-    if tokio::time::timeout(Duration::from_secs(1), server).await.is_err() {
-        abort.abort();
+    if let Some(server) = server {
+        let abort = server.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(1), server).await.is_err() {
+            abort.abort();
+        }
     }
-    Ok(())
 }
 
 /// Drops expired results every few minutes.

@@ -52,7 +52,7 @@ pub struct WebhookConfig {
     #[arg(long = "webhook-retry-schedule", env = "DESKGEN_WEBHOOK_RETRY_SCHEDULE", value_delimiter = ',', value_parser = humantime::parse_duration, default_value = "1s,5s,30s,2m,10m")]
     pub retry_schedule: Vec<Duration>,
     /// Time allowed for one delivery attempt.
-    #[arg(long = "webhook-timeout", env = "DESKGEN_WEBHOOK_TIMEOUT", value_parser = humantime::parse_duration, default_value = "15s")]
+    #[arg(id = "webhook_timeout", long = "webhook-timeout", env = "DESKGEN_WEBHOOK_TIMEOUT", value_parser = humantime::parse_duration, default_value = "15s")]
     pub timeout: Duration,
     /// Most deliveries pending at once (queued or waiting to retry); more are refused.
     #[arg(long = "webhook-queue-capacity", env = "DESKGEN_WEBHOOK_QUEUE_CAPACITY", default_value_t = 1024)]

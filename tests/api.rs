@@ -320,7 +320,7 @@ async fn reflection_lists_services_and_health_flips_after_loading() {
     let dir = tempfile::tempdir().unwrap();
     let (release, wait) = std::sync::mpsc::channel::<()>();
     let pipeline = ScriptedPipeline::new(1, 1);
-    let loader: deskgen::server::PipelineLoader = Box::new(move || {
+    let loader: deskgen::server::PipelineLoader = Box::new(move |_store| {
         wait.recv().ok();
         Ok(pipeline as Arc<dyn deskgen::pipeline::Pipeline>)
     });

@@ -242,8 +242,8 @@ impl Info for Services {
                 .into_iter()
                 .map(|name| pb::LoraInfo { name, rank: 0, target_modules: vec![], trigger_words: vec![] })
                 .collect(),
-            object_store: info.about.object_store,
-            shopping_provider: info.about.shopping_provider,
+            object_store: info.object_store.unwrap_or_default(),
+            shopping_provider: info.shopping_provider.unwrap_or_default(),
         }))
     }
 }

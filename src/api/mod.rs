@@ -25,6 +25,7 @@ use self::errors::ApiError;
 use self::validate::{GenerateInput, Limits};
 use crate::pipeline::{ModelInfo, PipelineInfo};
 use crate::tasks::{TaskQueue, TaskRecord};
+use crate::webhook::WebhookSender;
 
 /// Shared state of every handler.
 pub struct AppState {
@@ -34,6 +35,8 @@ pub struct AppState {
     pub keys: ApiKeys,
     /// Request limits.
     pub limits: Limits,
+    /// Webhook delivery, for checking webhook URLs at submission.
+    pub webhooks: WebhookSender,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
     /// Prometheus registry.
@@ -49,11 +52,7 @@ pub struct AppState {
 pub struct About {
     /// Queue backend name.
     pub queue_backend: String,
-    /// Object store kind.
-    pub object_store: String,
-    /// Shopping provider name.
-    pub shopping_provider: String,
-    /// Execution provider in use.
+    /// Execution provider asked for (each model reports the one it runs on).
     pub execution_provider: String,
 }
 
@@ -68,6 +67,10 @@ pub struct InfoDocument {
     pub schedulers: Vec<String>,
     /// LoRA adapters a request may name.
     pub loras: Vec<String>,
+    /// Where generated images go.
+    pub object_store: Option<String>,
+    /// Where shopping offers come from.
+    pub shopping_provider: Option<String>,
     /// Defaults applied to omitted request fields.
     pub defaults: serde_json::Value,
     /// Request limits.
@@ -87,6 +90,12 @@ impl AppState {
     pub async fn submit(&self, input: GenerateInput) -> Result<TaskRecord, ApiError> {
         let info = self.pipeline_info().ok_or(ApiError::NotReady)?;
         let (task_id, request) = validate::validate(input, &self.limits, info)?;
+        if let Some(url) = &request.webhook_url
+            && let Err(e) = self.webhooks.check_url(url).await
+        {
+            let description = format!("webhook_url is not allowed: {e}.");
+            return Err(ApiError::Invalid(vec![validate::Violation { field: "webhook_url", description }]));
+        }
         let (record, _created) = self.queue.submit(task_id, request).await?;
         Ok(record)
     }
@@ -126,6 +135,8 @@ impl AppState {
             models: pipeline.map(|p| p.models.clone()).unwrap_or_default(),
             schedulers: pipeline.map(|p| p.schedulers.clone()).unwrap_or_default(),
             loras: pipeline.map(|p| p.loras.clone()).unwrap_or_default(),
+            object_store: pipeline.map(|p| p.object_store.clone()),
+            shopping_provider: pipeline.map(|p| p.shopping_provider.clone()),
             defaults: serde_json::json!({
                 "num_inference_steps": validate::DEFAULT_STEPS,
                 "guidance_scale": validate::DEFAULT_GUIDANCE,

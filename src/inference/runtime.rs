@@ -83,8 +83,13 @@ pub struct Runtime {
 static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
 static INIT: Mutex<()> = Mutex::new(());
 
+/// `ORT_DYLIB_PATH`, else the library `make ort` links under `assets/lib`, else the system's.
 fn library_path() -> String {
-    std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| "libonnxruntime.so".to_string())
+    if let Ok(path) = std::env::var("ORT_DYLIB_PATH") {
+        return path;
+    }
+    let fetched = Path::new("assets/lib/libonnxruntime.so");
+    if fetched.exists() { fetched.display().to_string() } else { "libonnxruntime.so".to_string() }
 }
 
 fn environment() -> Result<Environment, RuntimeError> {

@@ -1,5 +1,6 @@
 //! The pipeline: what a worker does with one task, from the photo to the result.
 
+pub mod desk;
 pub mod plan;
 
 use async_trait::async_trait;
@@ -7,6 +8,8 @@ use serde::Serialize;
 
 use crate::tasks::worker::TaskContext;
 use crate::tasks::{TaskError, TaskOutput, TaskRecord};
+
+pub use desk::{DeskPipeline, PipelineConfig};
 
 /// One model the pipeline runs, as /info and `deskgen models` report it.
 #[derive(Debug, Clone, Serialize)]
@@ -40,6 +43,10 @@ pub struct PipelineInfo {
     pub loras: Vec<String>,
     /// The negative prompt used when a request gives none.
     pub negative_prompt: String,
+    /// Where generated images go ("file" or "s3").
+    pub object_store: String,
+    /// Where shopping offers come from.
+    pub shopping_provider: String,
 }
 
 /// Runs one task. The product binary uses the real pipeline; tests may drive the service with their

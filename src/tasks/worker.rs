@@ -7,8 +7,9 @@ use tokio_util::sync::CancellationToken;
 
 use tokio::sync::watch;
 
-use super::{ErrorCode, Progress, TaskError, TaskQueue};
+use super::{ErrorCode, Progress, TaskError, TaskQueue, TaskRecord};
 use crate::pipeline::Pipeline;
+use crate::webhook::{WebhookEvent, WebhookSender};
 
 /// What a pipeline stage sees of its task: progress reporting, cancellation and the deadline.
 ///
@@ -65,6 +66,7 @@ pub async fn worker_task(
     index: usize,
     queue: Arc<dyn TaskQueue>,
     pipeline: Arc<dyn Pipeline>,
+    webhooks: WebhookSender,
     deadline: Duration,
     shutdown: CancellationToken,
 ) {
@@ -73,8 +75,10 @@ pub async fn worker_task(
         let task_id = claimed.record.task_id.clone();
         let started = Instant::now();
         let (ctx, updates) = TaskContext::new(task_id.clone(), claimed.cancel, started + deadline);
-        let forwarder = tokio::spawn(progress_task(queue.clone(), task_id.clone(), updates));
+        let forwarder =
+            tokio::spawn(progress_task(queue.clone(), webhooks.clone(), claimed.record.clone(), updates));
         tracing::info!(%task_id, attempt = claimed.record.attempts, worker = index, "task started");
+        notify(&webhooks, &claimed.record, WebhookEvent::Start);
         let outcome = pipeline.run(&claimed.record, &ctx).await;
         let outcome = match (outcome, ctx.check()) {
             // A stage that noticed cancellation late still ends the task as canceled.
@@ -94,21 +98,38 @@ pub async fn worker_task(
                 }
             }
             tracing::info!(%task_id, status = record.status.as_str(), secs, "task finished");
+            notify(&webhooks, &record, WebhookEvent::Completed);
         }
     }
     tracing::debug!(worker = index, "worker stopped");
 }
 
-/// Publishes a task's progress to the queue until the task's context is dropped.
+/// Publishes a task's progress to the queue (and its webhook) until the task's context is dropped.
 async fn progress_task(
     queue: Arc<dyn TaskQueue>,
-    task_id: String,
+    webhooks: WebhookSender,
+    mut record: TaskRecord,
     mut updates: watch::Receiver<Option<Progress>>,
 ) {
     while updates.changed().await.is_ok() {
         let latest = updates.borrow_and_update().clone();
         if let Some(progress) = latest {
-            queue.progress(&task_id, progress).await;
+            queue.progress(&record.task_id, progress.clone()).await;
+            record.progress = Some(progress);
+            notify(&webhooks, &record, WebhookEvent::Progress);
         }
+    }
+}
+
+/// Queues a webhook for `record` when its request asked for `event`; delivery never blocks a worker.
+fn notify(webhooks: &WebhookSender, record: &TaskRecord, event: WebhookEvent) {
+    let Some(url) = &record.request.webhook_url else { return };
+    if !event.wanted_by(&record.request.webhook_events) {
+        return;
+    }
+    let mut body = record.to_result_json();
+    body["event"] = serde_json::json!(event.as_str());
+    if let Err(e) = webhooks.enqueue(url, &record.task_id, event, &body) {
+        tracing::warn!(task_id = %record.task_id, error = %e, "webhook not queued");
     }
 }

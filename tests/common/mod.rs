@@ -93,6 +93,8 @@ impl Pipeline for ScriptedPipeline {
             size_multiple: 8,
             loras: vec![],
             negative_prompt: "blurry".into(),
+            object_store: "file".into(),
+            shopping_provider: "catalog".into(),
         }
     }
 }
@@ -126,17 +128,18 @@ pub fn serve_config(data_dir: &std::path::Path, args: &[&str]) -> ServeConfig {
         vec!["deskgen", "serve", "--listen", "127.0.0.1:0", "--data-dir", data_dir.to_str().unwrap()];
     argv.extend_from_slice(args);
     match Cli::parse_from(argv).command {
-        Command::Serve(config) => config,
+        Command::Serve(config) => *config,
+        other => panic!("not a serve command: {other:?}"),
     }
 }
 
 pub async fn start(config: ServeConfig, pipeline: Arc<ScriptedPipeline>) -> TestServer {
-    let loader: PipelineLoader = Box::new(move || Ok(pipeline as Arc<dyn Pipeline>));
+    let loader: PipelineLoader = Box::new(move |_store| Ok(pipeline as Arc<dyn Pipeline>));
     start_with_loader(config, loader).await
 }
 
 pub async fn start_with_loader(config: ServeConfig, loader: PipelineLoader) -> TestServer {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = deskgen::server::start(config.clone(), listener, loader).await.expect("server starts");
     let test = TestServer { base: format!("http://{addr}"), addr, server: Some(server), config };
@@ -146,7 +149,11 @@ pub async fn start_with_loader(config: ServeConfig, loader: PipelineLoader) -> T
 
 pub async fn wait_ready(server: &TestServer) {
     let client = reqwest::Client::new();
-    for _ in 0..200 {
+    // Loading the real models takes seconds in debug builds, more when tests load them side by side.
+    for _ in 0..2400 {
+        if server.server.as_ref().is_some_and(|s| s.is_finished()) {
+            panic!("the server stopped while starting (model loading failed?)");
+        }
         if let Ok(r) = client.get(server.url("/healthcheck")).send().await
             && r.status() == 200
         {

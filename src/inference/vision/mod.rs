@@ -12,12 +12,10 @@ pub mod desk;
 pub mod detector;
 pub mod image;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use ::image::RgbImage;
 use ort::session::Session;
-use sha2::{Digest, Sha256};
 
 use crate::inference::{Runtime, RuntimeError};
 
@@ -232,28 +230,18 @@ fn open(
 }
 
 /// Hashes the file and lists the session's inputs and outputs.
-pub(crate) fn describe(id: &str, path: &Path, session: &Session) -> Result<ModelInfo, RuntimeError> {
+pub fn describe(id: &str, path: &Path, session: &Session) -> Result<ModelInfo, RuntimeError> {
     let unreadable =
         |e: std::io::Error| RuntimeError::Model { path: path.to_path_buf(), reason: e.to_string() };
-    let mut file = std::fs::File::open(path).map_err(unreadable)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    let mut size_bytes = 0u64;
-    loop {
-        let n = file.read(&mut buffer).map_err(unreadable)?;
-        if n == 0 {
-            break;
-        }
-        size_bytes += n as u64;
-        hasher.update(&buffer[..n]);
-    }
+    let sha256 = crate::inference::sha256_file(path).map_err(unreadable)?;
+    let size_bytes = std::fs::metadata(path).map_err(unreadable)?.len();
     let signature = |outlets: &[ort::value::Outlet]| {
         outlets.iter().map(|o| format!("{}: {}", o.name(), o.dtype())).collect::<Vec<_>>()
     };
     Ok(ModelInfo {
         id: id.to_string(),
         path: path.to_path_buf(),
-        sha256: hex::encode(hasher.finalize()),
+        sha256,
         size_bytes,
         inputs: signature(session.inputs()),
         outputs: signature(session.outputs()),

@@ -1,0 +1,61 @@
+//! The `deskgen` command: parses the configuration and hands over to the library.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use deskgen::config::{Cli, Command};
+use deskgen::pipeline::{DeskPipeline, Pipeline};
+use deskgen::server::PipelineLoader;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into()),
+        )
+        .init();
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(config) => {
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
+            tracing::info!(addr = %config.listen, "listening");
+            let pipeline_config = config.pipeline.clone();
+            let loader: PipelineLoader = Box::new(move |store| {
+                Ok(Arc::new(DeskPipeline::load(&pipeline_config, store)?) as Arc<dyn Pipeline>)
+            });
+            let server = deskgen::server::start(*config, listener, loader).await?;
+            let token = server.shutdown_token();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::info!("shutting down");
+                token.cancel();
+            });
+            server.wait().await
+        }
+        Command::Eval(command) => deskgen::commands::eval(&command, &mut std::io::stdout().lock()),
+        Command::Models(command) => deskgen::commands::models(&command, &mut std::io::stdout().lock()),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,291 @@
+//! The product end to end: the real server, the real vision models, the tiny Stable Diffusion
+//! pipeline, the file object store and the sample catalog, on real photos (Debian's darknet images).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{TestServer, poll_final, serve_config, start_with_loader};
+use deskgen::pipeline::{DeskPipeline, Pipeline};
+use deskgen::server::PipelineLoader;
+use serde_json::{Value, json};
+
+fn darknet(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/testdata/darknet").join(name);
+    assert!(path.is_file(), "{} is missing: run `make testdata`", path.display());
+    path
+}
+
+/// Serves files from memory on 127.0.0.1, as a photo host would.
+async fn photo_host(files: Vec<(&'static str, Vec<u8>)>) -> String {
+    let mut router = axum::Router::new();
+    for (name, bytes) in files {
+        router = router.route(
+            &format!("/{name}"),
+            axum::routing::get(move || {
+                let bytes = bytes.clone();
+                async move { ([("content-type", "image/jpeg")], bytes) }
+            }),
+        );
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    format!("http://{addr}")
+}
+
+async fn start_real(data_dir: &Path, extra: &[&str]) -> TestServer {
+    let mut args = vec!["--fetch-allow", "127.0.0.1", "--fetch-allow-http", "--intra-threads", "1"];
+    args.extend_from_slice(extra);
+    let mut config = serve_config(data_dir, &args);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    config.pipeline.storage.image_base_url = format!("http://127.0.0.1:{port}");
+    let pipeline_config = config.pipeline.clone();
+    let loader: PipelineLoader =
+        Box::new(
+            move |store| Ok(Arc::new(DeskPipeline::load(&pipeline_config, store)?) as Arc<dyn Pipeline>),
+        );
+    start_with_loader(config, loader).await
+}
+
+async fn submit(server: &TestServer, body: Value) -> String {
+    let r = reqwest::Client::new().post(server.url("/v1/generate")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    r.json::<Value>().await.unwrap()["task_id"].as_str().unwrap().to_string()
+}
+
+fn assert_offers(result: &Value, max_items: usize) -> Vec<String> {
+    let reserved = [
+        "task_id",
+        "status",
+        "created_at",
+        "completed_at",
+        "initial_image_url",
+        "processed_image_url",
+        "is_desk",
+        "caption",
+        "detected_items",
+        "prompt_used",
+        "negative_prompt_used",
+        "timings_ms",
+        "warnings",
+        "seed",
+    ];
+    let mut keys = Vec::new();
+    for (key, value) in result.as_object().unwrap() {
+        if reserved.contains(&key.as_str()) {
+            continue;
+        }
+        assert!(
+            key.chars().any(|c| ('가'..='힣').contains(&c)),
+            "category key {key} is not a Korean display name"
+        );
+        let offers = value.as_array().unwrap();
+        assert!(!offers.is_empty() && offers.len() <= max_items, "{key}: {offers:?}");
+        for offer in offers {
+            let mut fields: Vec<&str> = offer.as_object().unwrap().keys().map(String::as_str).collect();
+            fields.sort();
+            assert_eq!(fields, ["category3", "category4", "image", "link", "mall", "price", "title"]);
+            let price = offer["price"].as_str().unwrap();
+            assert!(price.ends_with('원') && price.trim_end_matches('원').parse::<u64>().is_ok(), "{price}");
+        }
+        keys.push(key.clone());
+    }
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desk_photo_becomes_a_generated_png_with_shopping_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = photo_host(vec![("desk.jpg", std::fs::read(darknet("dog.jpg")).unwrap())]).await;
+    // Any photo counts as a desk at threshold 0: this test is about what happens to a desk.
+    let server = start_real(dir.path(), &["--desk-threshold", "0"]).await;
+    let task_id = submit(
+        &server,
+        json!({"initial_image_url": format!("{host}/desk.jpg"), "prompt": "warm wooden tones", "num_inference_steps": 4,
+               "seed": 42, "max_items_per_category": 2}),
+    )
+    .await;
+    let result = poll_final(&server, &task_id, None).await;
+    assert_eq!(result["status"], "done", "{result}");
+    assert_eq!(result["is_desk"], true);
+    assert_eq!(result["initial_image_url"], format!("{host}/desk.jpg"));
+    let image_url = result["processed_image_url"].as_str().unwrap();
+    assert!(image_url.contains("/v1/images/"), "{image_url}");
+    let png = reqwest::get(image_url).await.unwrap();
+    assert_eq!(png.headers()["content-type"], "image/png");
+    let decoded = image::load_from_memory(&png.bytes().await.unwrap()).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (256, 256), "the model's native size");
+    let keys = assert_offers(&result, 2);
+    assert_eq!(keys.len(), 3, "max_categories of the built-in settings");
+    let prompt = result["prompt_used"].as_str().unwrap();
+    assert!(
+        prompt.starts_with("a realistic image of")
+            && prompt.contains("aesthetically matches and complements")
+    );
+    assert!(prompt.contains("warm wooden tones"));
+    assert!(result["negative_prompt_used"].as_str().unwrap().contains("people, human"));
+    assert!(result["detected_items"].as_array().unwrap().iter().any(|d| d["label"] == "dog"));
+    for stage in ["fetch", "decode", "vision", "text_encode", "unet", "vae", "upload", "shopping"] {
+        assert!(result["timings_ms"][stage].as_f64().is_some(), "no timing for {stage}: {result}");
+    }
+
+    // Same seed, same inputs: the same image, byte for byte.
+    let again = submit(
+        &server,
+        json!({"initial_image_url": format!("{host}/desk.jpg"), "prompt": "warm wooden tones", "num_inference_steps": 4,
+               "seed": 42, "max_items_per_category": 2}),
+    )
+    .await;
+    let again = poll_final(&server, &again, None).await;
+    let first = reqwest::get(image_url).await.unwrap().bytes().await.unwrap();
+    let second =
+        reqwest::get(again["processed_image_url"].as_str().unwrap()).await.unwrap().bytes().await.unwrap();
+    assert_eq!(first, second);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_photo_that_is_not_a_desk_falls_back_to_shopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = photo_host(vec![("horses.jpg", std::fs::read(darknet("horses.jpg")).unwrap())]).await;
+    let server = start_real(dir.path(), &[]).await;
+    let task_id = submit(&server, json!({"initial_image_url": format!("{host}/horses.jpg")})).await;
+    let result = poll_final(&server, &task_id, None).await;
+    assert_eq!(result["status"], "done", "{result}");
+    assert_eq!(result["is_desk"], false);
+    assert_eq!(result["processed_image_url"], Value::Null);
+    assert!(result["warnings"][0].as_str().unwrap().contains("does not look like a desk"));
+    assert!(!assert_offers(&result, 3).is_empty(), "shopping lists still come back");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_alone_is_text_to_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_real(dir.path(), &[]).await;
+    let task_id = submit(
+        &server,
+        json!({"prompt": "minimal wooden desk setup with a plant", "num_inference_steps": 3, "width": 128, "height": 64}),
+    )
+    .await;
+    let result = poll_final(&server, &task_id, None).await;
+    assert_eq!(result["status"], "done", "{result}");
+    assert!(result.get("is_desk").is_none());
+    let png =
+        reqwest::get(result["processed_image_url"].as_str().unwrap()).await.unwrap().bytes().await.unwrap();
+    let decoded = image::load_from_memory(&png).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (128, 64));
+    assert!(assert_offers(&result, 3).contains(&"화분".to_string()), "the category the prompt names");
+    assert!(result["prompt_used"].as_str().unwrap().contains("a small potted plant"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_photos_fail_with_their_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = photo_host(vec![("text.jpg", b"this is not an image at all".to_vec())]).await;
+    let server = start_real(dir.path(), &[]).await;
+    let not_image = submit(&server, json!({"initial_image_url": format!("{host}/text.jpg")})).await;
+    let missing = submit(&server, json!({"initial_image_url": format!("{host}/missing.jpg")})).await;
+    let result = poll_final(&server, &not_image, None).await;
+    assert_eq!(
+        (result["status"].as_str(), result["error_code"].as_str()),
+        (Some("failed"), Some("INVALID_IMAGE"))
+    );
+    let result = poll_final(&server, &missing, None).await;
+    assert_eq!(result["error_code"], "IMAGE_FETCH_FAILED", "{result}");
+    assert!(result["message"].as_str().unwrap().contains("404"), "{result}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_store_fails_the_task_with_s3_upload_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_real(dir.path(), &[]).await;
+    // The image folder becomes a file: every write under it fails.
+    let images = dir.path().join("images");
+    std::fs::remove_dir_all(&images).ok();
+    std::fs::write(&images, b"not a folder").unwrap();
+    let task_id = submit(&server, json!({"prompt": "desk", "num_inference_steps": 2})).await;
+    let result = poll_final(&server, &task_id, None).await;
+    assert_eq!(
+        (result["status"].as_str(), result["error_code"].as_str(), result["message"].as_str()),
+        (Some("failed"), Some("S3_UPLOAD_FAILED"), Some("Failed to upload image to S3.")),
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_failure_falls_back_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    // A pipeline whose UNet is SDXL's: it loads, but fails on its first step (it wants more inputs).
+    let model = dir.path().join("broken-sd");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/fixtures");
+    copy_dir(&fixtures.join("tiny-sd15"), &model);
+    std::fs::copy(fixtures.join("tiny-sdxl/unet/model.onnx"), model.join("unet/model.onnx")).unwrap();
+    let server = start_real(dir.path(), &["--sd-model", model.to_str().unwrap()]).await;
+    let task_id = submit(&server, json!({"prompt": "a desk with a lamp", "num_inference_steps": 2})).await;
+    let result = poll_final(&server, &task_id, None).await;
+    assert_eq!(result["status"], "done", "{result}");
+    assert_eq!(result["processed_image_url"], Value::Null);
+    assert!(result["warnings"][0].as_str().unwrap().starts_with("Image generation failed"), "{result}");
+    assert!(assert_offers(&result, 3).contains(&"데스크 조명".to_string()));
+    server.stop().await;
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_diffusion_within_a_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_real(dir.path(), &[]).await;
+    let task_id =
+        submit(&server, json!({"prompt": "desk", "num_inference_steps": 150, "width": 512, "height": 512}))
+            .await;
+    let client = reqwest::Client::new();
+    let mut step = 0;
+    for _ in 0..400 {
+        let r: Value = client
+            .get(server.url(&format!("/v1/result/{task_id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if r["progress"]["stage"] == "diffusion" && r["progress"]["step"].as_u64().unwrap_or(0) >= 1 {
+            step = r["progress"]["step"].as_u64().unwrap();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(step >= 1, "diffusion never started");
+    let canceled: Value = client
+        .post(server.url(&format!("/v1/result/{task_id}/cancel")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(canceled["status"], "canceled", "{canceled}");
+    assert_eq!(canceled["error_code"], "CANCELED");
+    server.stop().await;
+}
