@@ -3,7 +3,7 @@ CARGO ?= cargo
 PHOTOS ?=
 ARGS ?=
 
-.PHONY: all ort models testdata assets build run test lint eval bench clean-assets
+.PHONY: all ort models testdata assets build run test lint eval clean-assets
 
 all: build
 
@@ -33,9 +33,6 @@ test: assets lint
 
 eval: models
 	$(CARGO) run --release -- eval --photos $(PHOTOS)
-
-bench: assets
-	$(CARGO) run --release --bin bench -- $(ARGS)
 
 clean-assets:
 	rm -rf assets
