@@ -18,13 +18,28 @@ pub enum RuntimeError {
         "cannot load ONNX Runtime from {path}: {reason}. Fetch it with `make ort` \
          (onnx/fetch_ort.sh) or point ORT_DYLIB_PATH at libonnxruntime.so"
     )]
-    Library { path: String, reason: String },
+    Library {
+        /// Where the library was looked for.
+        path: String,
+        /// The loader's message.
+        reason: String,
+    },
     /// The execution provider asked for could not be registered.
     #[error("execution provider {provider} is unavailable: {reason}")]
-    Provider { provider: &'static str, reason: String },
+    Provider {
+        /// The provider's name.
+        provider: &'static str,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// A model file is missing or ONNX Runtime refused it.
     #[error("cannot load model {path}: {reason}")]
-    Model { path: PathBuf, reason: String },
+    Model {
+        /// The model file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// Which execution provider sessions run on.
