@@ -1,0 +1,69 @@
+//! The `deskgen` binary's offline commands, run as a user runs them.
+
+use std::path::Path;
+use std::process::Command;
+
+fn deskgen() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_deskgen"));
+    command.current_dir(env!("CARGO_MANIFEST_DIR"));
+    command
+}
+
+#[test]
+fn models_lists_every_model_with_its_hash_and_signature() {
+    let output = deskgen().args(["models", "--json"]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let models: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let ids: Vec<&str> = models.as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    for id in ["ssd-mobilenet-v2-coco", "efficientnet-lite3", "sd-text_encoder", "sd-unet", "sd-vae_decoder"]
+    {
+        assert!(ids.contains(&id), "{id} missing from {ids:?}");
+    }
+    for model in models.as_array().unwrap() {
+        assert_eq!(model["sha256"].as_str().unwrap().len(), 64);
+        assert!(model["size_bytes"].as_u64().unwrap() > 0);
+        assert_eq!(model["execution_provider"], "cpu");
+        assert!(!model["inputs"].as_array().unwrap().is_empty());
+    }
+    let unet = models.as_array().unwrap().iter().find(|m| m["id"] == "sd-unet").unwrap();
+    assert!(unet["inputs"].to_string().contains("encoder_hidden_states"), "{unet}");
+}
+
+#[test]
+fn eval_scores_a_labelled_folder() {
+    let photos = tempfile::tempdir().unwrap();
+    let darknet = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/testdata/darknet");
+    std::fs::create_dir_all(photos.path().join("desk")).unwrap();
+    std::fs::create_dir_all(photos.path().join("not_desk")).unwrap();
+    for name in ["dog.jpg", "horses.jpg", "giraffe.jpg"] {
+        std::fs::copy(darknet.join(name), photos.path().join("not_desk").join(name)).unwrap();
+    }
+    let output = deskgen().args(["eval", "--json", "--photos"]).arg(photos.path()).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["total"], 3);
+    assert_eq!(report["correct"], 3, "none of these is a desk: {report}");
+    assert_eq!(report["confusion"]["not_desk_as_not_desk"], 3);
+    // The table people read: one photo is enough.
+    for name in ["horses.jpg", "giraffe.jpg"] {
+        std::fs::remove_file(photos.path().join("not_desk").join(name)).unwrap();
+    }
+    let text = deskgen().args(["eval", "--photos"]).arg(photos.path()).output().unwrap();
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(text.starts_with("accuracy 100.0% (1/1)"), "{text}");
+    assert!(text.contains("ok  not_desk/dog.jpg"), "{text}");
+}
+
+#[test]
+fn a_missing_model_is_a_clear_startup_error() {
+    let data = tempfile::tempdir().unwrap();
+    let output = deskgen()
+        .args(["serve", "--listen", "127.0.0.1:0", "--detector", "/nonexistent/detector.onnx", "--data-dir"])
+        .arg(data.path())
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let log = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("/nonexistent/detector.onnx") && log.contains("make models"), "{log}");
+}
