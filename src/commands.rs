@@ -1,12 +1,20 @@
-//! The offline subcommands: `deskgen eval` and `deskgen models`.
+//! The offline subcommands: `deskgen generate`, `deskgen eval` and `deskgen models`.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::{EvalCommand, ModelsCommand};
+use crate::api::validate::{GenerateInput, Invalid, Limits, validate};
+use crate::config::{EvalCommand, GenerateCommand, ModelsCommand};
 use crate::inference::Runtime;
 use crate::inference::vision::{ModelInfo, Vision, describe};
+use crate::pipeline::{DeskPipeline, Pipeline};
+use crate::tasks::worker::TaskContext;
+use crate::tasks::{ErrorCode, Progress, TaskError, TaskRecord, TaskStatus};
 
 /// Runs the vision models over a labelled folder and prints the report.
 pub fn eval(command: &EvalCommand, out: &mut impl Write) -> anyhow::Result<()> {
@@ -54,4 +62,191 @@ fn print_model(model: &ModelInfo, provider: &str, out: &mut impl Write) -> std::
     writeln!(out, "  size    {} bytes", model.size_bytes)?;
     writeln!(out, "  inputs  {}", model.inputs.join(", "))?;
     writeln!(out, "  outputs {}", model.outputs.join(", "))
+}
+
+/// Exit status of `deskgen generate` when the input was at fault (bad flags, photo, URL).
+pub const EXIT_BAD_INPUT: u8 = 2;
+/// Exit status of `deskgen generate` when the pipeline failed.
+pub const EXIT_FAILED: u8 = 1;
+
+/// Runs the pipeline once without a server: progress on stderr, the PNG to `--out`, the result
+/// (REST shape with `--json`) on `out`. Returns the process exit status.
+pub async fn generate(command: GenerateCommand, out: &mut impl Write) -> anyhow::Result<u8> {
+    let local_photo = command.image.as_deref().filter(|image| !image.contains("://")).map(str::to_string);
+    let input = GenerateInput {
+        initial_image_url: command.image.clone().filter(|_| local_photo.is_none()),
+        prompt: command.prompt.clone(),
+        negative_prompt: command.negative_prompt.clone(),
+        num_inference_steps: command.steps,
+        guidance_scale: command.guidance_scale,
+        height: command.height,
+        width: command.width,
+        strength: command.strength,
+        seed: command.seed,
+        scheduler: command.scheduler.clone(),
+        max_items_per_category: command.max_items_per_category,
+        ..GenerateInput::default()
+    };
+    if input.initial_image_url.is_none() && local_photo.is_none() && input.prompt.is_none() {
+        eprintln!("error: give --image, --prompt, or both");
+        return Ok(EXIT_BAD_INPUT);
+    }
+    let photo = match &local_photo {
+        Some(path) => match std::fs::read(path) {
+            Ok(bytes) => Some(Bytes::from(bytes)),
+            Err(e) => {
+                eprintln!("error: cannot read {path}: {e}");
+                return Ok(EXIT_BAD_INPUT);
+            }
+        },
+        None => None,
+    };
+
+    let store = crate::storage::build(&command.pipeline.storage, &command.data_dir).await?;
+    let config = command.pipeline.clone();
+    let loader_store = store.clone();
+    let pipeline = tokio::task::spawn_blocking(move || DeskPipeline::load(&config, loader_store)).await??;
+    let info = pipeline.info();
+    // A local photo passes validation as "present"; the pipeline gets its bytes directly.
+    let validated = validate(
+        GenerateInput {
+            initial_image_url: local_photo.as_ref().map(|_| "https://local.invalid/photo".to_string()),
+            ..input
+        },
+        &Limits { max_side: 2048 },
+        &info,
+    );
+    let (task_id, mut request) = match validated {
+        Ok(ok) => ok,
+        Err(Invalid::EmptyPrompt) => {
+            eprintln!("error: Prompt must not be empty.");
+            return Ok(EXIT_BAD_INPUT);
+        }
+        Err(Invalid::Rules(violations)) => {
+            for v in violations {
+                eprintln!("error: {}", v.description);
+            }
+            return Ok(EXIT_BAD_INPUT);
+        }
+    };
+    if local_photo.is_some() {
+        request.initial_image_url = None;
+    }
+    let mut record = TaskRecord::new(task_id.clone(), request);
+    let (ctx, updates) =
+        TaskContext::new(task_id, CancellationToken::new(), Instant::now() + Duration::from_secs(24 * 3600));
+    let display = tokio::spawn(show_progress(updates));
+    let outcome = match photo {
+        Some(bytes) => pipeline.run_with_photo(&record.request, Some(bytes), &ctx).await,
+        None => pipeline.run(&record, &ctx).await,
+    };
+    drop(ctx);
+    let _ = display.await;
+
+    record.completed_at = Some(chrono::Utc::now());
+    let status = match outcome {
+        Ok(mut output) => {
+            if let Some(url) = output.processed_image_url.clone() {
+                let key = store.key_for_url(&url).context("the store did not recognise its own URL")?;
+                let png = store.get(&key, u64::MAX).await?;
+                std::fs::write(&command.out, &png)
+                    .with_context(|| format!("writing {}", command.out.display()))?;
+                output.processed_image_url = Some(command.out.display().to_string());
+            }
+            if let Some(path) = &local_photo {
+                output.initial_image_url = Some(path.clone());
+            }
+            record.status = TaskStatus::Done;
+            record.output = Some(output);
+            0
+        }
+        Err(error) => {
+            let status = exit_status(&error);
+            record.status = TaskStatus::Failed;
+            record.error = Some(error);
+            status
+        }
+    };
+    if command.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&record.to_result_json())?)?;
+    } else {
+        summarise(&record, out)?;
+    }
+    Ok(status)
+}
+
+fn exit_status(error: &TaskError) -> u8 {
+    match error.code {
+        ErrorCode::InvalidInput | ErrorCode::InvalidImage | ErrorCode::ImageFetchFailed => EXIT_BAD_INPUT,
+        ErrorCode::ModelError
+        | ErrorCode::S3UploadFailed
+        | ErrorCode::ShoppingFailed
+        | ErrorCode::Canceled
+        | ErrorCode::Timeout
+        | ErrorCode::TaskNotFound
+        | ErrorCode::QueueFull
+        | ErrorCode::Unauthenticated
+        | ErrorCode::AlreadyFinished
+        | ErrorCode::NotReady
+        | ErrorCode::Internal => EXIT_FAILED,
+    }
+}
+
+fn summarise(record: &TaskRecord, out: &mut impl Write) -> std::io::Result<()> {
+    if let Some(error) = &record.error {
+        return writeln!(out, "failed: {} {}", error.code.as_str(), error.message);
+    }
+    let Some(output) = &record.output else { return Ok(()) };
+    if let Some(is_desk) = output.is_desk {
+        writeln!(out, "desk: {}", if is_desk { "yes" } else { "no" })?;
+    }
+    if let Some(caption) = &output.caption {
+        writeln!(out, "caption: {caption}")?;
+    }
+    match &output.processed_image_url {
+        Some(path) => writeln!(out, "image: {path}")?,
+        None => writeln!(out, "image: none")?,
+    }
+    for warning in &output.warnings {
+        writeln!(out, "warning: {warning}")?;
+    }
+    for recommendation in &output.recommendations {
+        writeln!(out, "{}:", recommendation.display_name)?;
+        for offer in &recommendation.items {
+            writeln!(out, "  {} {} ({}) {}", offer.price, offer.title, offer.mall, offer.link)?;
+        }
+    }
+    Ok(())
+}
+
+/// Shows progress on stderr: a bar on a terminal, plain lines otherwise.
+async fn show_progress(mut updates: watch::Receiver<Option<Progress>>) {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {msg:>10} [{bar:40}] {pos}/{len}")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        bar
+    });
+    let mut last: Option<Progress> = None;
+    while updates.changed().await.is_ok() {
+        let Some(progress) = updates.borrow_and_update().clone() else { continue };
+        if last.as_ref() == Some(&progress) {
+            continue;
+        }
+        match &bar {
+            Some(bar) => {
+                bar.set_message(progress.stage.clone());
+                bar.set_length(u64::from(progress.steps));
+                bar.set_position(u64::from(progress.step));
+            }
+            None => eprintln!("{} {}/{}", progress.stage, progress.step, progress.steps),
+        }
+        last = Some(progress);
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
 }

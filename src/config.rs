@@ -27,6 +27,58 @@ pub enum Command {
     Eval(EvalCommand),
     /// List the models the pipeline loads: id, path, sha256, size, inputs/outputs, execution provider.
     Models(ModelsCommand),
+    /// Run the whole pipeline once, locally, without a server; writes the PNG and prints the result.
+    Generate(Box<GenerateCommand>),
+}
+
+/// Settings of `deskgen generate`.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateCommand {
+    /// The desk photo: a local file, or an https/http/s3 URL.
+    #[arg(long, env = "DESKGEN_IMAGE")]
+    pub image: Option<String>,
+    /// The user's text; alone it means text-to-image.
+    #[arg(long, env = "DESKGEN_PROMPT")]
+    pub prompt: Option<String>,
+    /// What the image should not show (default: the configured list).
+    #[arg(long, env = "DESKGEN_NEGATIVE_PROMPT")]
+    pub negative_prompt: Option<String>,
+    /// Denoising steps (1..=150).
+    #[arg(long, env = "DESKGEN_STEPS")]
+    pub steps: Option<i64>,
+    /// Classifier-free guidance scale (0..=30).
+    #[arg(long, env = "DESKGEN_GUIDANCE_SCALE")]
+    pub guidance_scale: Option<f64>,
+    /// Output width in pixels (default: the model's native size).
+    #[arg(long, env = "DESKGEN_WIDTH")]
+    pub width: Option<i64>,
+    /// Output height in pixels (default: the model's native size).
+    #[arg(long, env = "DESKGEN_HEIGHT")]
+    pub height: Option<i64>,
+    /// How much of the photo to repaint, in (0, 1].
+    #[arg(long, env = "DESKGEN_STRENGTH")]
+    pub strength: Option<f64>,
+    /// Seed; the same seed and inputs give the same image.
+    #[arg(long, env = "DESKGEN_SEED")]
+    pub seed: Option<u64>,
+    /// Scheduler id (ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras).
+    #[arg(long, env = "DESKGEN_SCHEDULER")]
+    pub scheduler: Option<String>,
+    /// Offers per recommended category (1..=10).
+    #[arg(long, env = "DESKGEN_MAX_ITEMS_PER_CATEGORY")]
+    pub max_items_per_category: Option<i64>,
+    /// Where to write the generated PNG.
+    #[arg(long, env = "DESKGEN_OUT", default_value = "result.png")]
+    pub out: PathBuf,
+    /// Print the result JSON (the REST shape) instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Folder for the file object store while generating.
+    #[arg(long, env = "DESKGEN_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    /// Models, object store, photo fetching and shopping.
+    #[command(flatten)]
+    pub pipeline: PipelineConfig,
 }
 
 /// Settings of `deskgen eval`.

@@ -12,12 +12,13 @@ use deskgen::server::PipelineLoader;
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into()),
         )
         .init();
     match run(Cli::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(status) => ExitCode::from(status),
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
@@ -25,7 +26,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Serve(config) => {
             let listener = tokio::net::TcpListener::bind(config.listen)
@@ -43,10 +44,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tracing::info!("shutting down");
                 token.cancel();
             });
-            server.wait().await
+            server.wait().await.map(|()| 0)
         }
-        Command::Eval(command) => deskgen::commands::eval(&command, &mut std::io::stdout().lock()),
-        Command::Models(command) => deskgen::commands::models(&command, &mut std::io::stdout().lock()),
+        Command::Eval(command) => {
+            deskgen::commands::eval(&command, &mut std::io::stdout().lock()).map(|()| 0)
+        }
+        Command::Models(command) => {
+            deskgen::commands::models(&command, &mut std::io::stdout().lock()).map(|()| 0)
+        }
+        Command::Generate(command) => deskgen::commands::generate(*command, &mut std::io::stdout()).await,
     }
 }
 

@@ -67,3 +67,48 @@ fn a_missing_model_is_a_clear_startup_error() {
     let log = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
     assert!(log.contains("/nonexistent/detector.onnx") && log.contains("make models"), "{log}");
 }
+
+#[test]
+fn generate_runs_the_pipeline_locally_and_writes_the_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("result.png");
+    let photo = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/testdata/darknet/dog.jpg");
+    let output = deskgen()
+        .args(["generate", "--desk-threshold", "0", "--steps", "2", "--seed", "5", "--json", "--image"])
+        .arg(&photo)
+        .arg("--out")
+        .arg(&out)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["status"], "done");
+    assert_eq!(result["processed_image_url"], out.display().to_string());
+    let png = image::open(&out).unwrap();
+    assert_eq!((png.width(), png.height()), (256, 256));
+    let progress = String::from_utf8_lossy(&output.stderr);
+    assert!(progress.contains("diffusion 2/2"), "plain progress lines when not a terminal: {progress}");
+}
+
+#[test]
+fn generate_exit_codes_tell_bad_input_from_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        deskgen().arg("generate").args(args).arg("--data-dir").arg(dir.path()).output().unwrap()
+    };
+    let missing = run(&["--image", "/nonexistent/desk.jpg"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/desk.jpg"));
+    let blank = run(&["--prompt", " "]);
+    assert_eq!(blank.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&blank.stderr).contains("Prompt must not be empty."));
+    let steps = run(&["--prompt", "desk", "--steps", "0"]);
+    assert_eq!(steps.status.code(), Some(2));
+    let not_image = dir.path().join("notes.jpg");
+    std::fs::write(&not_image, b"plain text, not a photo").unwrap();
+    let invalid = run(&["--image", not_image.to_str().unwrap()]);
+    assert_eq!(invalid.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&invalid.stdout).contains("INVALID_IMAGE"));
+}

@@ -19,7 +19,9 @@ use crate::inference::{Runtime, RuntimeConfig};
 use crate::shopping::{ShoppingConfig, ShoppingProvider};
 use crate::storage::{ObjectStore, StorageConfig};
 use crate::tasks::worker::TaskContext;
-use crate::tasks::{BoundingBox, DetectedItem, ErrorCode, Recommendation, TaskError, TaskOutput, TaskRecord};
+use crate::tasks::{
+    BoundingBox, DetectedItem, ErrorCode, Recommendation, TaskError, TaskOutput, TaskRecord, TaskRequest,
+};
 
 /// Everything the pipeline loads: models, settings and the outside services it talks to.
 #[derive(Debug, Clone, clap::Args)]
@@ -188,77 +190,22 @@ impl DeskPipeline {
         timings.record("encode_png", started);
         Ok(png)
     }
-}
 
-/// Total size of the files under `dir`.
-fn dir_size(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|entry| match entry.file_type() {
-            Ok(t) if t.is_dir() => dir_size(&entry.path()),
-            _ => entry.metadata().map(|m| m.len()).unwrap_or(0),
-        })
-        .sum()
-}
-
-fn encode_png(image: &RgbImage) -> Vec<u8> {
-    let mut png = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut png)
-        .write_image(image.as_raw(), image.width(), image.height(), image::ExtendedColorType::Rgb8)
-        .expect("encoding to memory cannot fail");
-    png
-}
-
-/// Looks up every category at once; failures become warnings. Returns the time it took in ms.
-async fn shop(
-    provider: Arc<dyn ShoppingProvider>,
-    categories: Vec<Category>,
-    per_category: usize,
-) -> (Vec<Recommendation>, Vec<String>, f64) {
-    let started = Instant::now();
-    let lookups = categories.into_iter().map(|category| {
-        let provider = provider.clone();
-        async move {
-            let found = provider.search(&category.query, per_category).await;
-            (category, found)
-        }
-    });
-    let mut recommendations = Vec::new();
-    let mut warnings = Vec::new();
-    for (category, found) in futures::future::join_all(lookups).await {
-        match found {
-            Ok(mut offers) => {
-                offers.truncate(per_category);
-                recommendations.push(Recommendation {
-                    category: category.id.clone(),
-                    display_name: category.display.clone(),
-                    items: offers,
-                });
-            }
-            Err(e) => warnings.push(format!("Shopping lookup for {} failed: {e}", category.display)),
-        }
-    }
-    (recommendations, warnings, started.elapsed().as_secs_f64() * 1000.0)
-}
-
-#[async_trait]
-impl Pipeline for DeskPipeline {
-    async fn run(&self, task: &TaskRecord, ctx: &TaskContext) -> Result<TaskOutput, TaskError> {
-        let request = &task.request;
+    /// Runs a request whose photo (if any) is already in hand: decode, vision, plan, prompt,
+    /// generation, upload, shopping. `deskgen generate` uses it for local files.
+    pub async fn run_with_photo(
+        &self,
+        request: &TaskRequest,
+        photo_bytes: Option<Bytes>,
+        ctx: &TaskContext,
+    ) -> Result<TaskOutput, TaskError> {
         let mut timings = Stopwatch::default();
         let mut output =
             TaskOutput { initial_image_url: request.initial_image_url.clone(), ..TaskOutput::default() };
 
         let mut photo = None;
         let mut analysis = None;
-        if let Some(url) = &request.initial_image_url {
-            ctx.progress("fetch", 0, 1);
-            let started = Instant::now();
-            let bytes = self.fetch_photo(url).await?;
-            timings.record("fetch", started);
-            ctx.check()?;
+        if let Some(bytes) = photo_bytes {
             let vision = self.vision.clone();
             let started = Instant::now();
             let decoded = tokio::task::spawn_blocking(move || vision.decode(&bytes))
@@ -351,6 +298,9 @@ impl Pipeline for DeskPipeline {
                     timings.record("upload", started);
                     output.processed_image_url = Some(url);
                 }
+                Err(DiffusionError::InvalidParams { field, reason }) => {
+                    return Err(fail(ErrorCode::InvalidInput, format!("{field}: {reason}")));
+                }
                 Err(DiffusionError::Canceled) => {
                     ctx.check()?;
                     return Err(fail(ErrorCode::Canceled, "Canceled by the client."));
@@ -371,6 +321,79 @@ impl Pipeline for DeskPipeline {
         output.recommendations = recommendations;
         output.warnings.extend(warnings);
         output.timings_ms = timings.0;
+        Ok(output)
+    }
+}
+
+/// Total size of the files under `dir`.
+fn dir_size(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&entry.path()),
+            _ => entry.metadata().map(|m| m.len()).unwrap_or(0),
+        })
+        .sum()
+}
+
+fn encode_png(image: &RgbImage) -> Vec<u8> {
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(image.as_raw(), image.width(), image.height(), image::ExtendedColorType::Rgb8)
+        .expect("encoding to memory cannot fail");
+    png
+}
+
+/// Looks up every category at once; failures become warnings. Returns the time it took in ms.
+async fn shop(
+    provider: Arc<dyn ShoppingProvider>,
+    categories: Vec<Category>,
+    per_category: usize,
+) -> (Vec<Recommendation>, Vec<String>, f64) {
+    let started = Instant::now();
+    let lookups = categories.into_iter().map(|category| {
+        let provider = provider.clone();
+        async move {
+            let found = provider.search(&category.query, per_category).await;
+            (category, found)
+        }
+    });
+    let mut recommendations = Vec::new();
+    let mut warnings = Vec::new();
+    for (category, found) in futures::future::join_all(lookups).await {
+        match found {
+            Ok(mut offers) => {
+                offers.truncate(per_category);
+                recommendations.push(Recommendation {
+                    category: category.id.clone(),
+                    display_name: category.display.clone(),
+                    items: offers,
+                });
+            }
+            Err(e) => warnings.push(format!("Shopping lookup for {} failed: {e}", category.display)),
+        }
+    }
+    (recommendations, warnings, started.elapsed().as_secs_f64() * 1000.0)
+}
+
+#[async_trait]
+impl Pipeline for DeskPipeline {
+    async fn run(&self, task: &TaskRecord, ctx: &TaskContext) -> Result<TaskOutput, TaskError> {
+        let mut photo = None;
+        let mut fetch_ms = None;
+        if let Some(url) = &task.request.initial_image_url {
+            ctx.progress("fetch", 0, 1);
+            let started = Instant::now();
+            photo = Some(self.fetch_photo(url).await?);
+            fetch_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+            ctx.check()?;
+        }
+        let mut output = self.run_with_photo(&task.request, photo, ctx).await?;
+        if let Some(ms) = fetch_ms {
+            output.timings_ms.insert("fetch".into(), ms);
+        }
         Ok(output)
     }
 
