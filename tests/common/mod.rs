@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 
 /// A pipeline double: `steps` diffusion steps of `step_ms` each. Prompts steer it: "hold" waits for
 /// a permit from `gate` before starting; "fail" fails with MODEL_ERROR; "upload" fails with
-/// S3_UPLOAD_FAILED.
+/// S3_UPLOAD_FAILED; "notdesk" answers as for a photo without a desk (shopping only, no image).
 pub struct ScriptedPipeline {
     pub steps: u32,
     pub step_ms: u64,
@@ -53,10 +53,11 @@ impl Pipeline for ScriptedPipeline {
                 message: "Failed to upload image to S3.".into(),
             });
         }
+        let is_desk = !prompt.contains("notdesk");
         Ok(TaskOutput {
             initial_image_url: task.request.initial_image_url.clone(),
-            processed_image_url: Some(format!("http://example.invalid/{}.png", task.task_id)),
-            is_desk: Some(true),
+            processed_image_url: is_desk.then(|| format!("http://example.invalid/{}.png", task.task_id)),
+            is_desk: Some(is_desk),
             caption: Some("a desk with a laptop".into()),
             recommendations: vec![Recommendation {
                 category: "mouse".into(),
