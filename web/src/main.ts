@@ -54,6 +54,7 @@ interface Problem {
 }
 
 const STAGES: Record<string, string> = {
+  queued: "Waiting in the queue",
   fetch: "Downloading your photo",
   vision: "Looking at your desk",
   caption: "Describing the scene",
