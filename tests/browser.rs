@@ -87,6 +87,44 @@ async fn run_scenario(scenario: &str, server: &TestServer, env: &[(&str, &str)])
     assert!(stdout.contains(&format!("browser scenario {scenario}: ok")), "{stdout}\n{stderr}");
 }
 
+/// Every file under `dir`, by path relative to it.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(folder) = pending.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else {
+                files.push((path.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn the_committed_bundle_is_what_the_sources_build() {
+    install_node_modules();
+    let web = web_dir();
+    let out = tempfile::tempdir().unwrap();
+    for args in
+        [vec!["run", "-s", "generate"], vec!["exec", "--", "node", "build.mjs", out.path().to_str().unwrap()]]
+    {
+        let status = std::process::Command::new("npm").args(&args).current_dir(&web).status().unwrap();
+        assert!(status.success(), "npm {args:?} failed");
+    }
+    let built = files_under(out.path());
+    let committed = files_under(&web.join("dist"));
+    let names = |files: &[(PathBuf, Vec<u8>)]| files.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&committed), names(&built));
+    for ((path, committed), (_, built)) in committed.iter().zip(&built) {
+        assert!(committed == built, "web/dist/{} is stale: run `make web` and commit it", path.display());
+    }
+}
+
 #[tokio::test]
 async fn the_page_and_its_assets_are_served_without_an_api_key() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,13 +1,16 @@
-// Bundles the page into dist/: one minified ES module, the stylesheet and index.html.
-// Same sources and pinned packages give byte-identical output, so dist/ is committed.
+// Bundles the page into dist/ (or the folder given as the first argument): one minified ES
+// module, the stylesheet and index.html. The same sources and pinned packages give byte-identical
+// output, so dist/ is committed and tests/browser.rs checks it against a fresh build.
 import { copyFileSync, mkdirSync, rmSync } from "node:fs";
+import { join } from "node:path";
 import { build } from "esbuild";
 
-rmSync("dist", { recursive: true, force: true });
-mkdirSync("dist/assets", { recursive: true });
+const out = process.argv[2] ?? "dist";
+rmSync(out, { recursive: true, force: true });
+mkdirSync(join(out, "assets"), { recursive: true });
 await build({
   entryPoints: ["src/main.ts"],
-  outfile: "dist/assets/app.js",
+  outfile: join(out, "assets/app.js"),
   bundle: true,
   format: "esm",
   target: "es2022",
@@ -15,5 +18,5 @@ await build({
   banner: { js: "/* deskgen demo page. Bundles @bufbuild/protobuf and @connectrpc/connect(-web), Apache-2.0. */" },
   logLevel: "warning",
 });
-copyFileSync("src/style.css", "dist/assets/style.css");
-copyFileSync("src/index.html", "dist/index.html");
+copyFileSync("src/style.css", join(out, "assets/style.css"));
+copyFileSync("src/index.html", join(out, "index.html"));
