@@ -342,7 +342,6 @@ async function run(): Promise<void> {
 }
 
 restoreApiKey();
-resultHeading.tabIndex = -1;
 form.addEventListener("submit", (event) => {
   event.preventDefault();
   void run();
