@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use common::{ScriptedPipeline, TestServer, serve_config, start};
+use common::{ScriptedPipeline, TestServer, darknet, photo_host, serve_config, start, start_real};
 use image::{Rgb, RgbImage};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -34,7 +34,7 @@ fn install_node_modules() {
         return;
     }
     let status = std::process::Command::new("npm")
-        .args(["ci", "--no-audit", "--no-fund"])
+        .args(["ci", "--ignore-scripts", "--no-audit", "--no-fund"])
         .current_dir(&web)
         .status()
         .expect("npm (Node.js 20) is needed for the browser tests");
@@ -195,6 +195,27 @@ async fn in_chromium_a_wrong_api_key_shows_an_error_and_the_right_one_works() {
         "auth",
         &server,
         &[("DESKGEN_IMAGES", images.path().to_str().unwrap()), ("DESKGEN_API_KEY", "page-key")],
+    )
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_chromium_the_real_pipeline_turns_a_photo_into_an_image_and_cards() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = photo_host(vec![("desk.jpg", std::fs::read(darknet("dog.jpg")).unwrap())]).await;
+    // Any photo counts as a desk at threshold 0, so the tiny Stable Diffusion model runs.
+    let server = start_real(dir.path(), &["--desk-threshold", "0"]).await;
+    let photo = format!("{host}/desk.jpg");
+    let screenshot = screenshot_path("demo-real.png");
+    run_scenario(
+        "real",
+        &server,
+        &[
+            ("DESKGEN_PHOTO_URL", photo.as_str()),
+            ("DESKGEN_SCREENSHOT", screenshot.to_str().unwrap()),
+            ("DESKGEN_TIMEOUT_MS", "180000"),
+        ],
     )
     .await;
     server.stop().await;

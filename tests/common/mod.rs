@@ -2,13 +2,14 @@
 
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use clap::Parser;
 use deskgen::config::{Cli, Command, ServeConfig};
-use deskgen::pipeline::{ModelInfo, Pipeline, PipelineInfo};
+use deskgen::pipeline::{DeskPipeline, ModelInfo, Pipeline, PipelineInfo};
 use deskgen::server::{PipelineLoader, RunningServer};
 use deskgen::shopping::Offer;
 use deskgen::tasks::worker::TaskContext;
@@ -180,4 +181,48 @@ pub async fn poll_final(server: &TestServer, task_id: &str, key: Option<&str>) -
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("task {task_id} never finished");
+}
+
+/// A photo from Debian's darknet package, fetched by `make testdata`.
+pub fn darknet(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/testdata/darknet").join(name);
+    assert!(path.is_file(), "{} is missing: run `make testdata`", path.display());
+    path
+}
+
+/// Serves files from memory on 127.0.0.1, as a photo host would.
+pub async fn photo_host(files: Vec<(&'static str, Vec<u8>)>) -> String {
+    let mut router = axum::Router::new();
+    for (name, bytes) in files {
+        router = router.route(
+            &format!("/{name}"),
+            axum::routing::get(move || {
+                let bytes = bytes.clone();
+                async move { ([("content-type", "image/jpeg")], bytes) }
+            }),
+        );
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    format!("http://{addr}")
+}
+
+/// The server with the real pipeline (vision models, tiny Stable Diffusion, file store, sample
+/// catalog), allowed to fetch photos from 127.0.0.1 and serving its images at its own address.
+pub async fn start_real(data_dir: &Path, extra: &[&str]) -> TestServer {
+    let mut args = vec!["--fetch-allow", "127.0.0.1", "--fetch-allow-http", "--intra-threads", "1"];
+    args.extend_from_slice(extra);
+    let mut config = serve_config(data_dir, &args);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    config.pipeline.storage.image_base_url = format!("http://127.0.0.1:{port}");
+    let pipeline_config = config.pipeline.clone();
+    let loader: PipelineLoader =
+        Box::new(
+            move |store| Ok(Arc::new(DeskPipeline::load(&pipeline_config, store)?) as Arc<dyn Pipeline>),
+        );
+    start_with_loader(config, loader).await
 }

@@ -194,21 +194,30 @@ const scenarios = {
     assert.deepEqual(problems, []);
   },
 
-  /** The real pipeline on a real photo: a generated image and shopping cards. */
+  /** The real pipeline on a real photo: the photo, the generated PNG from /v1/images, the cards. */
   async real(context) {
     const { page, problems } = await openPage(context);
-    await fill(page, { photo: photoUrl, prompt: "a tidy desk with a lamp" });
-    await page.getByLabel("Steps").fill("2");
+    await fill(page, { photo: photoUrl, prompt: "warm wooden tones" });
+    await page.locator("summary").click();
+    await page.getByLabel("Steps").fill("4");
     const progress = await submit(page);
     assert.equal(await page.locator("#error").isHidden(), true, `no error expected: ${await errorText(page)}`);
-    assert.ok(progress.length > 0, "progress shown");
+    assert.ok(progress.some((t) => t.startsWith("Drawing the new setup")), `progress seen: ${progress}`);
     await assertImageLoaded(page, "#original-image");
+    await assertImageLoaded(page, "#generated-image");
+    const generated = await page.locator("#generated-image").evaluate((img) => [img.src, img.naturalWidth]);
+    assert.ok(generated[0].startsWith(`${base}/v1/images/`) && generated[0].endsWith(".png"), `${generated}`);
+    assert.equal(generated[1], 256, "the tiny model's native size");
     const groups = await shoppingCards(page);
-    assert.ok(groups.length > 0 && groups.every((g) => g.cards.length > 0), JSON.stringify(groups));
-    if (await page.locator("#generated-image").isVisible()) {
-      await assertImageLoaded(page, "#generated-image");
-    } else {
-      assert.match(await page.locator("#result-note").textContent(), /desk|generated/);
+    assert.ok(groups.length > 0, "shopping groups");
+    for (const group of groups) {
+      assert.match(group.category, /[가-힣]/, "Korean display names");
+      assert.ok(group.cards.length > 0, group.category);
+      for (const card of group.cards) {
+        assert.ok(card.title && card.link?.startsWith("https://"), JSON.stringify(card));
+        assert.match(card.price, /^\d+원$/);
+        assert.ok(card.mall, JSON.stringify(card));
+      }
     }
     await screenshot(page);
     assert.deepEqual(problems, []);
