@@ -43,7 +43,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         match update.status() {
             TaskStatus::Done => {
-                println!("image: {}", update.processed_image_url.as_deref().unwrap_or("(none)"));
+                match &update.processed_image_url {
+                    Some(url) => println!("image: {url}"),
+                    None => println!("no image: {}", update.warnings.join(" ")),
+                }
                 for recommendation in &update.recommendations {
                     for item in &recommendation.items {
                         println!(
