@@ -3,55 +3,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
 
-use common::{TestServer, poll_final, serve_config, start_with_loader};
-use deskgen::pipeline::{DeskPipeline, Pipeline};
-use deskgen::server::PipelineLoader;
+use common::{TestServer, darknet, photo_host, poll_final, start_real};
 use serde_json::{Value, json};
-
-fn darknet(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/testdata/darknet").join(name);
-    assert!(path.is_file(), "{} is missing: run `make testdata`", path.display());
-    path
-}
-
-/// Serves files from memory on 127.0.0.1, as a photo host would.
-async fn photo_host(files: Vec<(&'static str, Vec<u8>)>) -> String {
-    let mut router = axum::Router::new();
-    for (name, bytes) in files {
-        router = router.route(
-            &format!("/{name}"),
-            axum::routing::get(move || {
-                let bytes = bytes.clone();
-                async move { ([("content-type", "image/jpeg")], bytes) }
-            }),
-        );
-    }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    format!("http://{addr}")
-}
-
-async fn start_real(data_dir: &Path, extra: &[&str]) -> TestServer {
-    let mut args = vec!["--fetch-allow", "127.0.0.1", "--fetch-allow-http", "--intra-threads", "1"];
-    args.extend_from_slice(extra);
-    let mut config = serve_config(data_dir, &args);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
-    config.pipeline.storage.image_base_url = format!("http://127.0.0.1:{port}");
-    let pipeline_config = config.pipeline.clone();
-    let loader: PipelineLoader =
-        Box::new(
-            move |store| Ok(Arc::new(DeskPipeline::load(&pipeline_config, store)?) as Arc<dyn Pipeline>),
-        );
-    start_with_loader(config, loader).await
-}
 
 async fn submit(server: &TestServer, body: Value) -> String {
     let r = reqwest::Client::new().post(server.url("/v1/generate")).json(&body).send().await.unwrap();

@@ -5,6 +5,7 @@ pub mod errors;
 pub mod grpc;
 pub mod rest;
 pub mod validate;
+pub mod web;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -187,6 +188,8 @@ pub fn rest_router(state: Arc<AppState>) -> Router {
         .route("/info", get(rest::info))
         .route("/metrics", get(rest::metrics))
         .route("/openapi.json", get(rest::openapi))
+        .route("/", get(web::index))
+        .route("/assets/{file}", get(web::asset))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

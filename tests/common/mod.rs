@@ -2,13 +2,14 @@
 
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use clap::Parser;
 use deskgen::config::{Cli, Command, ServeConfig};
-use deskgen::pipeline::{ModelInfo, Pipeline, PipelineInfo};
+use deskgen::pipeline::{DeskPipeline, ModelInfo, Pipeline, PipelineInfo};
 use deskgen::server::{PipelineLoader, RunningServer};
 use deskgen::shopping::Offer;
 use deskgen::tasks::worker::TaskContext;
@@ -17,7 +18,7 @@ use tokio::sync::Semaphore;
 
 /// A pipeline double: `steps` diffusion steps of `step_ms` each. Prompts steer it: "hold" waits for
 /// a permit from `gate` before starting; "fail" fails with MODEL_ERROR; "upload" fails with
-/// S3_UPLOAD_FAILED.
+/// S3_UPLOAD_FAILED; "notdesk" answers as for a photo without a desk (shopping only, no image).
 pub struct ScriptedPipeline {
     pub steps: u32,
     pub step_ms: u64,
@@ -53,10 +54,11 @@ impl Pipeline for ScriptedPipeline {
                 message: "Failed to upload image to S3.".into(),
             });
         }
+        let is_desk = !prompt.contains("notdesk");
         Ok(TaskOutput {
             initial_image_url: task.request.initial_image_url.clone(),
-            processed_image_url: Some(format!("http://example.invalid/{}.png", task.task_id)),
-            is_desk: Some(true),
+            processed_image_url: is_desk.then(|| format!("http://example.invalid/{}.png", task.task_id)),
+            is_desk: Some(is_desk),
             caption: Some("a desk with a laptop".into()),
             recommendations: vec![Recommendation {
                 category: "mouse".into(),
@@ -179,4 +181,48 @@ pub async fn poll_final(server: &TestServer, task_id: &str, key: Option<&str>) -
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("task {task_id} never finished");
+}
+
+/// A photo from Debian's darknet package, fetched by `make testdata`.
+pub fn darknet(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/testdata/darknet").join(name);
+    assert!(path.is_file(), "{} is missing: run `make testdata`", path.display());
+    path
+}
+
+/// Serves files from memory on 127.0.0.1, as a photo host would.
+pub async fn photo_host(files: Vec<(&'static str, Vec<u8>)>) -> String {
+    let mut router = axum::Router::new();
+    for (name, bytes) in files {
+        router = router.route(
+            &format!("/{name}"),
+            axum::routing::get(move || {
+                let bytes = bytes.clone();
+                async move { ([("content-type", "image/jpeg")], bytes) }
+            }),
+        );
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    format!("http://{addr}")
+}
+
+/// The server with the real pipeline (vision models, tiny Stable Diffusion, file store, sample
+/// catalog), allowed to fetch photos from 127.0.0.1 and serving its images at its own address.
+pub async fn start_real(data_dir: &Path, extra: &[&str]) -> TestServer {
+    let mut args = vec!["--fetch-allow", "127.0.0.1", "--fetch-allow-http", "--intra-threads", "1"];
+    args.extend_from_slice(extra);
+    let mut config = serve_config(data_dir, &args);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    config.pipeline.storage.image_base_url = format!("http://127.0.0.1:{port}");
+    let pipeline_config = config.pipeline.clone();
+    let loader: PipelineLoader =
+        Box::new(
+            move |store| Ok(Arc::new(DeskPipeline::load(&pipeline_config, store)?) as Arc<dyn Pipeline>),
+        );
+    start_with_loader(config, loader).await
 }

@@ -1,0 +1,250 @@
+// Drives the demo page in Debian's Chromium through playwright-core; run by tests/browser.rs.
+//
+//   node web/tests/demo.mjs SCENARIO
+//
+// Environment: DESKGEN_URL (the server), DESKGEN_SCREENSHOT (where to save the page once a result
+// shows), DESKGEN_IMAGES (folder of PNGs served for http://example.invalid/ images, as the scripted
+// pipeline's results point there), DESKGEN_PHOTO_URL (the desk photo to submit), DESKGEN_API_KEY,
+// DESKGEN_TIMEOUT_MS (how long a generation may take). Exits non-zero on the first failed check.
+
+import assert from "node:assert/strict";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+
+const base = process.env.DESKGEN_URL;
+assert.ok(base, "DESKGEN_URL is required");
+const timeout = Number(process.env.DESKGEN_TIMEOUT_MS ?? 30000);
+const photoUrl = process.env.DESKGEN_PHOTO_URL ?? "http://example.invalid/desk.png";
+
+// Flags that keep Chromium off the (closed) network and quiet in a container.
+const FLAGS = [
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--no-first-run",
+  "--disable-quic",
+];
+
+/** Serves the scripted pipeline's example.invalid images (photo, result, products) from DESKGEN_IMAGES. */
+async function serveExampleImages(context) {
+  const folder = process.env.DESKGEN_IMAGES;
+  if (!folder) return;
+  await context.route(/^https?:\/\/example\.invalid\//, (route) => {
+    const path = new URL(route.request().url()).pathname;
+    const name = path.startsWith("/p/") ? "product.png" : path === "/desk.png" ? "original.png" : "generated.png";
+    return route.fulfill({ contentType: "image/png", body: readFileSync(join(folder, name)) });
+  });
+}
+
+/** The page in use, for the report when a check fails. */
+let current;
+
+/** Opens the page and checks that it loaded from this origin alone and filled its options. */
+async function openPage(context) {
+  const page = await context.newPage();
+  current = page;
+  const problems = [];
+  page.on("pageerror", (err) => problems.push(`page error: ${err.message}`));
+  // Only the page's own origin, plus the images a result points at.
+  const allowed = [new URL(base).origin, new URL(photoUrl).origin, "http://example.invalid", "https://example.invalid"];
+  page.on("request", (request) => {
+    if (request.url().startsWith("data:")) return;
+    const origin = new URL(request.url()).origin;
+    if (!allowed.includes(origin)) problems.push(`request to ${request.url()}`);
+  });
+  await page.goto(base, { waitUntil: "load" });
+  await page.getByRole("heading", { name: "deskgen", level: 1 }).waitFor();
+  // GetInfo over grpc-web fills the scheduler choices.
+  await page.locator("#scheduler option[value]:not([value=''])").first().waitFor({ state: "attached" });
+  return { page, problems };
+}
+
+async function fill(page, { photo, prompt, key }) {
+  await page.getByLabel("Desk photo URL").fill(photo ?? "");
+  await page.getByLabel("What would you like?").fill(prompt ?? "");
+  if (key !== undefined) await page.getByLabel("API key").fill(key);
+}
+
+/** Submits and returns every progress text shown until the result or an error appears. */
+async function submit(page) {
+  const seen = [];
+  const watcher = setInterval(async () => {
+    const text = await page.locator("#progress-text").textContent().catch(() => null);
+    if (text && seen.at(-1) !== text) seen.push(text);
+  }, 20);
+  await page.getByRole("button", { name: "Generate" }).click();
+  try {
+    await page.locator("#result:not([hidden]), #error:not([hidden])").first().waitFor({ timeout });
+  } finally {
+    clearInterval(watcher);
+  }
+  return seen;
+}
+
+async function errorText(page) {
+  return (await page.locator("#error").textContent()) ?? "";
+}
+
+async function assertImageLoaded(page, selector) {
+  const image = page.locator(selector);
+  await image.waitFor();
+  await page.waitForFunction((s) => {
+    const img = document.querySelector(s);
+    return img && img.complete && img.naturalWidth > 0;
+  }, selector, { timeout });
+}
+
+/** The shopping cards as the page shows them, by category heading. */
+async function shoppingCards(page) {
+  return page.locator("#shopping .category").evaluateAll((groups) => groups.map((group) => ({
+    category: group.querySelector("h3")?.textContent,
+    cards: [...group.querySelectorAll(".card")].map((card) => ({
+      title: card.querySelector("a, span")?.textContent,
+      link: card.querySelector("a")?.href,
+      price: card.querySelector(".price")?.textContent,
+      mall: card.querySelector(".mall")?.textContent,
+      image: card.querySelector("img")?.getAttribute("src"),
+    })),
+  })));
+}
+
+async function screenshot(page) {
+  const path = process.env.DESKGEN_SCREENSHOT;
+  if (path) await page.screenshot({ path, fullPage: true });
+}
+
+const scenarios = {
+  /** Scripted pipeline: options, live progress, images, cards, errors, fallback. */
+  async scripted(context) {
+    const { page, problems } = await openPage(context);
+    const schedulers = await page.locator("#scheduler option").evaluateAll((os) => os.map((o) => o.value));
+    assert.deepEqual(schedulers, ["", "ddim", "euler"]);
+    assert.equal(await page.locator("#lora-field").isHidden(), true, "no LoRA list when none exist");
+
+    await fill(page, { photo: photoUrl, prompt: "a minimal wooden desk with warm light" });
+    const progress = await submit(page);
+    assert.equal(await page.locator("#error").isHidden(), true, `no error expected: ${await errorText(page)}`);
+    assert.ok(progress.some((t) => /Drawing the new setup: step \d+ of \d+/.test(t)), `progress seen: ${progress}`);
+    await assertImageLoaded(page, "#original-image");
+    await assertImageLoaded(page, "#generated-image");
+    assert.equal(await page.locator("#original-image").getAttribute("src"), photoUrl);
+    assert.match(await page.locator("#generated-image").getAttribute("src"), /^http:\/\/example\.invalid\/.+\.png$/);
+    const groups = await shoppingCards(page);
+    assert.deepEqual(groups, [{
+      category: "마우스",
+      cards: [{
+        title: "무선 마우스",
+        link: "https://example.invalid/p/1",
+        price: "21990원",
+        mall: "네이버",
+        image: "https://example.invalid/p/1.jpg",
+      }],
+    }]);
+    assert.equal(await page.locator("#result-note").isHidden(), true, "no note for a desk");
+    await screenshot(page);
+
+    // Not a desk: the fallback message and the cards, no generated image.
+    await fill(page, { photo: photoUrl, prompt: "notdesk" });
+    await submit(page);
+    assert.match(await page.locator("#result-note").textContent(), /does not look like a desk/);
+    assert.equal(await page.locator("#generated-image").isHidden(), true, "no generated image");
+    assert.match(await page.locator("#generated .placeholder").textContent(), /No new image/);
+    assert.equal((await shoppingCards(page))[0].category, "마우스");
+
+    // A failed task reads as a sentence, with its code.
+    await fill(page, { photo: photoUrl, prompt: "fail" });
+    await submit(page);
+    assert.match(await errorText(page), /The image model failed.*scripted failure.*MODEL_ERROR/s);
+    assert.equal(await page.locator("#result").isHidden(), true, "no result after a failure");
+
+    // Validation errors come from grpc-status-details-bin and mark the field.
+    await fill(page, { photo: "", prompt: "   " });
+    await submit(page);
+    assert.match(await errorText(page), /Prompt must not be empty\..*INVALID_INPUT/s);
+    assert.equal(await page.getByLabel("What would you like?").getAttribute("aria-invalid"), "true");
+    await fill(page, { photo: "ftp://example.invalid/desk.png", prompt: "desk" });
+    await submit(page);
+    assert.match(await errorText(page), /initial_image_url must be an absolute/);
+    assert.equal(await page.getByLabel("Desk photo URL").getAttribute("aria-invalid"), "true");
+    assert.equal(await page.getByLabel("What would you like?").getAttribute("aria-invalid"), null);
+
+    assert.deepEqual(problems, []);
+  },
+
+  /** A server with an API key: a wrong key shows an error, the right one works and is remembered. */
+  async auth(context) {
+    const key = process.env.DESKGEN_API_KEY;
+    assert.ok(key, "DESKGEN_API_KEY is required");
+    const { page, problems } = await openPage(context);
+    await fill(page, { photo: photoUrl, prompt: "desk", key: "not-the-key" });
+    await submit(page);
+    assert.match(await errorText(page), /API key was not accepted.*UNAUTHENTICATED/s);
+    assert.equal(await page.getByLabel("API key").getAttribute("aria-invalid"), "true");
+
+    await fill(page, { photo: photoUrl, prompt: "desk", key });
+    await submit(page);
+    assert.equal(await page.locator("#error").isHidden(), true, `no error expected: ${await errorText(page)}`);
+    assert.equal((await shoppingCards(page))[0].category, "마우스");
+    await page.reload();
+    assert.equal(await page.getByLabel("API key").inputValue(), key, "kept in sessionStorage");
+    assert.deepEqual(problems, []);
+  },
+
+  /** The real pipeline on a real photo: the photo, the generated PNG from /v1/images, the cards. */
+  async real(context) {
+    const { page, problems } = await openPage(context);
+    await fill(page, { photo: photoUrl, prompt: "warm wooden tones" });
+    await page.locator("summary").click();
+    await page.getByLabel("Steps").fill("4");
+    const progress = await submit(page);
+    assert.equal(await page.locator("#error").isHidden(), true, `no error expected: ${await errorText(page)}`);
+    assert.ok(progress.some((t) => t.startsWith("Drawing the new setup")), `progress seen: ${progress}`);
+    await assertImageLoaded(page, "#original-image");
+    await assertImageLoaded(page, "#generated-image");
+    const generated = await page.locator("#generated-image").evaluate((img) => [img.src, img.naturalWidth]);
+    assert.ok(generated[0].startsWith(`${base}/v1/images/`) && generated[0].endsWith(".png"), `${generated}`);
+    assert.equal(generated[1], 256, "the tiny model's native size");
+    const groups = await shoppingCards(page);
+    assert.ok(groups.length > 0, "shopping groups");
+    for (const group of groups) {
+      assert.match(group.category, /[가-힣]/, "Korean display names");
+      assert.ok(group.cards.length > 0, group.category);
+      for (const card of group.cards) {
+        assert.ok(card.title && card.link?.startsWith("https://"), JSON.stringify(card));
+        assert.match(card.price, /^\d+원$/);
+        assert.ok(card.mall, JSON.stringify(card));
+      }
+    }
+    await screenshot(page);
+    assert.deepEqual(problems, []);
+  },
+};
+
+const scenario = scenarios[process.argv[2]];
+assert.ok(scenario, `unknown scenario ${process.argv[2]}; one of ${Object.keys(scenarios)}`);
+const profile = mkdtempSync(join(tmpdir(), "deskgen-chromium-"));
+const context = await chromium.launchPersistentContext(profile, {
+  executablePath: process.env.DESKGEN_CHROMIUM ?? "/usr/bin/chromium",
+  headless: true,
+  args: FLAGS,
+  viewport: { width: 1100, height: 900 },
+});
+try {
+  await serveExampleImages(context);
+  await scenario(context);
+  console.log(`browser scenario ${process.argv[2]}: ok`);
+} catch (err) {
+  if (current) {
+    console.error(`page text when it failed:\n${await current.locator("body").innerText().catch(() => "?")}`);
+    const shot = process.env.DESKGEN_SCREENSHOT?.replace(/\.png$/, "-failed.png");
+    if (shot) await current.screenshot({ path: shot, fullPage: true }).catch(() => {});
+  }
+  throw err;
+} finally {
+  await context.close();
+  rmSync(profile, { recursive: true, force: true });
+}
