@@ -3,7 +3,7 @@ CARGO ?= cargo
 PHOTOS ?=
 ARGS ?=
 
-.PHONY: all ort models testdata assets build run test lint eval clean-assets
+.PHONY: all ort models testdata assets system-deps build run test lint eval web clean-assets
 
 all: build
 
@@ -18,6 +18,10 @@ testdata:
 
 assets: models testdata
 
+# Debian packages the tests drive: Chromium for the demo page.
+system-deps:
+	@command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
+
 build: ort
 	$(CARGO) build --release
 
@@ -28,11 +32,15 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-test: assets lint
+test: assets system-deps lint
 	$(CARGO) test --all-targets
 
 eval: models
 	$(CARGO) run --release -- eval --photos $(PHOTOS)
+
+# Rebuilds the committed demo page bundle (web/dist) from web/src and proto/.
+web:
+	cd web && npm ci --ignore-scripts --no-audit --no-fund && npm run build
 
 clean-assets:
 	rm -rf assets
