@@ -74,7 +74,7 @@ fn generate_runs_the_pipeline_locally_and_writes_the_png() {
     let out = dir.path().join("result.png");
     let photo = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/testdata/darknet/dog.jpg");
     let output = deskgen()
-        .args(["generate", "--desk-threshold", "0", "--steps", "2", "--seed", "5", "--json", "--image"])
+        .args(["generate", "--desk-threshold", "0", "--steps", "4", "--seed", "5", "--json", "--image"])
         .arg(&photo)
         .arg("--out")
         .arg(&out)
@@ -89,7 +89,8 @@ fn generate_runs_the_pipeline_locally_and_writes_the_png() {
     let png = image::open(&out).unwrap();
     assert_eq!((png.width(), png.height()), (256, 256));
     let progress = String::from_utf8_lossy(&output.stderr);
-    assert!(progress.contains("diffusion 2/2"), "plain progress lines when not a terminal: {progress}");
+    // Strength 0.75 of 4 steps: img2img runs the last 3, and progress says so from the start.
+    assert!(progress.contains("diffusion 0/3\n") && progress.contains("diffusion 3/3\n"), "{progress}");
 }
 
 #[test]

@@ -13,6 +13,7 @@ use image::{ImageEncoder, RgbImage};
 use super::plan::{Category, PipelineSettings, PromptInput};
 use super::{ModelInfo, Pipeline, PipelineInfo};
 use crate::fetch::{FetchConfig, FetchError, Fetcher};
+use crate::inference::diffusion::schedulers::img2img_start_index;
 use crate::inference::diffusion::{DiffusionError, GenerateParams, SchedulerKind, StableDiffusion};
 use crate::inference::vision::{SceneAnalysis, Vision, VisionConfig};
 use crate::inference::{Runtime, RuntimeConfig};
@@ -285,7 +286,13 @@ impl DeskPipeline {
                 init_image: photo,
                 guidance_rescale: 0.0,
             };
-            ctx.progress("diffusion", 0, request.num_inference_steps);
+            // img2img runs only the last `strength` of the schedule (at least one step).
+            let steps = request.num_inference_steps as usize;
+            let to_run = match params.init_image {
+                Some(_) => (steps - img2img_start_index(steps, params.strength)).max(1),
+                None => steps,
+            };
+            ctx.progress("diffusion", 0, to_run as u32);
             match self.generate(params, ctx, &mut timings).await {
                 Ok(png) => {
                     ctx.progress("upload", 0, 1);
