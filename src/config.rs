@@ -25,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve gRPC, grpc-web and REST on one listener, with embedded workers.
     Serve(Box<ServeConfig>),
+    /// Run tasks from a shared Redis queue, without the API (health and metrics only).
+    Worker(Box<WorkerConfig>),
     /// Measure the desk decision over a folder of labelled photos (desk/ and not_desk/).
     Eval(EvalCommand),
     /// List the models the pipeline loads: id, path, sha256, size, inputs/outputs, execution provider.
