@@ -17,6 +17,8 @@ use deskgen::tasks::TaskRecord;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+const PASSWORD: &str = "test-only-password";
+
 /// A `redis-server` of its own for one test, on a free port, without persistence.
 struct RedisServer {
     child: Option<Child>,
@@ -43,6 +45,8 @@ impl RedisServer {
                 "",
                 "--appendonly",
                 "no",
+                "--requirepass",
+                PASSWORD,
             ])
             .arg("--dir")
             .arg(self.dir.path())
@@ -55,19 +59,23 @@ impl RedisServer {
             });
         self.child = Some(child);
         let client = redis::Client::open(self.url()).unwrap();
+        let mut last_error = None;
         for _ in 0..200 {
-            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
-            {
-                return;
+            match client.get_multiplexed_async_connection().await {
+                Ok(mut conn) => match redis::cmd("PING").query_async::<String>(&mut conn).await {
+                    Ok(_) => return,
+                    Err(e) => last_error = Some(e),
+                },
+                Err(e) => last_error = Some(e),
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("redis-server did not answer on port {}", self.port);
+        panic!("redis-server did not answer on port {}: {last_error:?}", self.port);
     }
 
+    /// The URL nodes use: password and database included, as in production.
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        format!("redis://:{PASSWORD}@127.0.0.1:{}/3", self.port)
     }
 
     fn kill(&mut self) {
@@ -230,7 +238,7 @@ async fn wait_step(server: &TestServer, task_id: &str, step: u64) {
 async fn count_final_updates(redis: &RedisServer, task_id: String) -> tokio::task::JoinHandle<usize> {
     let client = redis::Client::open(redis.url()).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
-    pubsub.subscribe("deskgen:updates").await.unwrap();
+    pubsub.subscribe("deskgen:updates:3").await.unwrap();
     tokio::spawn(async move {
         let mut finals = 0;
         let mut messages = pubsub.into_on_message();

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::work::Backoff;
-use super::{CANCELS, CONNECT_TIMEOUT, RESPONSE_TIMEOUT, RedisQueueError, Shared, UPDATES, lock};
+use super::{CONNECT_TIMEOUT, RESPONSE_TIMEOUT, RedisQueueError, Shared, lock};
 use crate::tasks::TaskRecord;
 
 /// A task watched on this node, and the version of the record its watchers have.
@@ -82,24 +82,22 @@ impl Shared {
 
     fn dispatch(&self, message: &Msg) {
         let Ok(payload) = message.get_payload::<String>() else { return };
-        match message.get_channel_name() {
-            UPDATES => {
-                // "<version> <task id> <record JSON>", as commit.lua publishes it.
-                let mut parts = payload.splitn(3, ' ');
-                let (Some(version), Some(task_id), Some(json)) = (parts.next(), parts.next(), parts.next())
-                else {
-                    return;
-                };
-                if !lock(&self.watchers).contains_key(task_id) {
-                    return;
-                }
-                match (version.parse(), serde_json::from_str(json)) {
-                    (Ok(version), Ok(record)) => self.apply(task_id, version, record),
-                    _ => tracing::warn!(%task_id, "unreadable task update"),
-                }
-            }
-            CANCELS => self.cancel_running(&payload),
-            _ => {}
+        let channel = message.get_channel_name();
+        if channel == self.cancels_channel {
+            self.cancel_running(&payload);
+            return;
+        }
+        // "<version> <task id> <record JSON>", as commit.lua publishes it.
+        let mut parts = payload.splitn(3, ' ');
+        let (Some(version), Some(task_id), Some(json)) = (parts.next(), parts.next(), parts.next()) else {
+            return;
+        };
+        if !lock(&self.watchers).contains_key(task_id) {
+            return;
+        }
+        match (version.parse(), serde_json::from_str(json)) {
+            (Ok(version), Ok(record)) => self.apply(task_id, version, record),
+            _ => tracing::warn!(%task_id, "unreadable task update"),
         }
     }
 }
@@ -141,7 +139,7 @@ pub(super) async fn events_task(shared: Arc<Shared>) {
 async fn subscribe(shared: &Shared) -> Result<::redis::aio::PubSub, RedisQueueError> {
     let subscribing = async {
         let mut pubsub = shared.client.get_async_pubsub().await?;
-        pubsub.subscribe(&[UPDATES, CANCELS]).await?;
+        pubsub.subscribe(&[&shared.updates_channel, &shared.cancels_channel]).await?;
         Ok(pubsub)
     };
     tokio::time::timeout(CONNECT_TIMEOUT + RESPONSE_TIMEOUT, subscribing)

@@ -9,7 +9,8 @@
 //!   A worker claims entries with XREADGROUP, keeps them with a heartbeat while it runs them, and
 //!   acknowledges them with the final state; entries idle past the visibility timeout (their worker
 //!   died) are taken over with XAUTOCLAIM.
-//! - channels `updates` (every record write, for watchers on any node) and `cancels`.
+//! - channels `updates:{db}` (every record write, for watchers on any node) and `cancels:{db}`;
+//!   channels are not per database in Redis, so the name carries it.
 //!
 //! Every write goes through one Lua script guarded by the version the writer read or by the
 //! worker's owner token, so a task reaches exactly one final state even when a worker that was
@@ -40,8 +41,6 @@ use crate::config::RedisUrl;
 const QUEUED: &str = "deskgen:queued";
 const WORK: &str = "deskgen:work";
 const GROUP: &str = "deskgen-workers";
-const UPDATES: &str = "deskgen:updates";
-const CANCELS: &str = "deskgen:cancels";
 
 /// Longest a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -130,6 +129,10 @@ struct Shared {
     running: Mutex<HashMap<String, Running>>,
     /// Tasks watched on this node, by id.
     watchers: Mutex<HashMap<String, Watched>>,
+    /// Where every record write is published.
+    updates_channel: String,
+    /// Where cancels of running tasks are published.
+    cancels_channel: String,
     /// Cancelled when the queue is dropped; stops the background tasks.
     stop: CancellationToken,
 }
@@ -155,6 +158,7 @@ impl RedisQueue {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
         let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let db = client.get_connection_info().redis_settings().db();
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
             client,
@@ -169,6 +173,8 @@ impl RedisQueue {
             },
             running: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
+            updates_channel: format!("deskgen:updates:{db}"),
+            cancels_channel: format!("deskgen:cancels:{db}"),
             stop: stop.clone(),
         });
         shared.ensure_group().await?;
@@ -244,7 +250,7 @@ impl Shared {
             .arg(if record.status.is_final() { "1" } else { "0" })
             .arg(ttl)
             .arg(GROUP)
-            .arg(UPDATES)
+            .arg(&self.updates_channel)
             .invoke_async(&mut self.conn())
             .await?;
         if version > 0 && record.status.is_final() {
@@ -315,7 +321,7 @@ impl Shared {
                         .request_cancel
                         .key(task_key(task_id))
                         .arg(task_id)
-                        .arg(CANCELS)
+                        .arg(&self.cancels_channel)
                         .invoke_async(&mut self.conn())
                         .await
                         .map_err(|e| BackendError::from(RedisQueueError::from(e)))?;

@@ -178,6 +178,9 @@ impl Shared {
             self.release(&entry).await?;
             return Ok(None);
         };
+        if taken_over {
+            tracing::warn!(%task_id, entry = %entry.id, "taking over a task whose worker stopped");
+        }
         for _ in 0..CAS_ATTEMPTS {
             let Some(Stored { version, mut record, cancel_requested }) = self.load(&task_id).await? else {
                 self.release(&entry).await?;
@@ -189,9 +192,6 @@ impl Shared {
             }
             let owner = format!("{}/{}", self.options.consumer, uuid::Uuid::new_v4());
             let interrupted = record.status == TaskStatus::Processing;
-            if taken_over {
-                tracing::warn!(%task_id, attempts = record.attempts, "taking over a task whose worker stopped");
-            }
             if interrupted && cancel_requested {
                 end(&mut record, TaskStatus::Canceled, ErrorCode::Canceled, "Canceled by the client.".into());
             } else if record.attempts >= self.options.max_attempts {
