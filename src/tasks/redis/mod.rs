@@ -346,16 +346,9 @@ impl Shared {
 
     /// Tasks claimed by a worker and not yet acknowledged.
     async fn pending(&self) -> Result<usize, RedisQueueError> {
-        let summary: ::redis::Value =
+        let summary: ::redis::streams::StreamPendingReply =
             ::redis::cmd("XPENDING").arg(WORK).arg(GROUP).query_async(&mut self.conn()).await?;
-        let count = match summary {
-            ::redis::Value::Array(fields) => fields.first().and_then(|v| match v {
-                ::redis::Value::Int(n) => usize::try_from(*n).ok(),
-                _ => None,
-            }),
-            _ => None,
-        };
-        Ok(count.unwrap_or(0))
+        Ok(summary.count())
     }
 }
 

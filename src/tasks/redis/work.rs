@@ -318,8 +318,9 @@ async fn heartbeat_task(
     cancel: CancellationToken,
     stop: CancellationToken,
 ) {
-    let mut tick =
-        tokio::time::interval((shared.options.visibility_timeout / 3).max(Duration::from_millis(10)));
+    let period = (shared.options.visibility_timeout / 3).max(Duration::from_millis(10));
+    // The claim itself counts as the first beat.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
