@@ -234,7 +234,7 @@ async fn wait_step(server: &TestServer, task_id: &str, step: u64) {
     panic!("task {task_id} never reached step {step}");
 }
 
-/// Every final state published for `task_id`, as seen on the updates channel.
+/// How many final states are published for `task_id`.
 async fn count_final_updates(redis: &RedisServer, task_id: String) -> tokio::task::JoinHandle<usize> {
     let client = redis::Client::open(redis.url()).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
@@ -242,7 +242,9 @@ async fn count_final_updates(redis: &RedisServer, task_id: String) -> tokio::tas
     tokio::spawn(async move {
         let mut finals = 0;
         let mut messages = pubsub.into_on_message();
-        while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(3), messages.next()).await {
+        // Quiet for a while after a final state: no second one is coming.
+        let quiet = |finals| Duration::from_millis(if finals == 0 { 10_000 } else { 500 });
+        while let Ok(Some(message)) = tokio::time::timeout(quiet(finals), messages.next()).await {
             let payload: String = message.get_payload().unwrap();
             let mut parts = payload.splitn(3, ' ');
             let (_, id, json) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
