@@ -97,6 +97,9 @@ pub async fn start(
     }
     let queue: Arc<dyn TaskQueue> = match &config.queue {
         QueueBackend::Memory => {
+            if config.workers == 0 {
+                tracing::warn!("--workers 0 with the memory queue: nothing will run the tasks");
+            }
             let store = TaskStore::open(&config.data_dir)
                 .with_context(|| format!("opening {}", config.data_dir.display()))?;
             Arc::new(MemoryQueue::open(store, config.max_queue_depth, config.max_attempts)?)

@@ -341,6 +341,8 @@ async fn a_killed_workers_task_is_taken_over_and_finishes_once() {
     // Taken over no sooner than the visibility timeout after the last heartbeat (a third of it
     // before the kill at most), then run from the start (30 × 40 ms).
     assert!(took >= Duration::from_millis(1000 - 334 + 1200), "{took:?}");
+    // Two starts: the survivor's own run outlasts the visibility timeout, so its heartbeats are
+    // what kept it from being taken over a second time.
     let record = redis.record("orphan").await;
     assert_eq!(record.attempts, 2);
     assert_eq!(finals.await.unwrap(), 1, "exactly one final state");
@@ -403,7 +405,8 @@ async fn cancel_on_one_node_reaches_the_worker_running_a_task_from_another() {
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["status"], "canceled", "{body}");
-    assert!(asked.elapsed() < Duration::from_secs(1), "{:?}", asked.elapsed());
+    // Through pub/sub, not the heartbeat's flag check (a third of the 30 s visibility timeout).
+    assert!(asked.elapsed() < Duration::from_secs(3), "{:?}", asked.elapsed());
     let seen_on_a = poll_final(&node_a, &running, None).await;
     assert_eq!(
         (seen_on_a["status"].as_str(), seen_on_a["error_code"].as_str()),
