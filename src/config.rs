@@ -1,7 +1,9 @@
 //! Command-line configuration: one clap-derived struct per subcommand, every flag with an env var.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -23,6 +25,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve gRPC, grpc-web and REST on one listener, with embedded workers.
     Serve(Box<ServeConfig>),
+    /// Run tasks from a shared Redis queue, without the API (health and metrics only).
+    Worker(Box<WorkerConfig>),
     /// Measure the desk decision over a folder of labelled photos (desk/ and not_desk/).
     Eval(EvalCommand),
     /// List the models the pipeline loads: id, path, sha256, size, inputs/outputs, execution provider.
@@ -121,15 +125,24 @@ pub struct ServeConfig {
     /// Folder for the task store (and stored images with the file object store).
     #[arg(long, env = "DESKGEN_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
-    /// Workers running tasks in this process.
+    /// Where tasks wait and results live: `memory` (embedded, under --data-dir) or a Redis URL
+    /// (`redis://[:password@]host:port/db`, `rediss://` for TLS) shared by API nodes and workers.
+    #[arg(long, env = "DESKGEN_QUEUE", default_value = "memory")]
+    pub queue: QueueBackend,
+    /// Workers running tasks in this process (0 with a Redis queue: an API-only node).
     #[arg(long, env = "DESKGEN_WORKERS", default_value_t = 1)]
     pub workers: usize,
-    /// Most tasks waiting in the queue; more are refused with 429 / RESOURCE_EXHAUSTED.
+    /// Most tasks waiting in the queue, across all nodes with Redis; more are refused with 429 /
+    /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "DESKGEN_MAX_QUEUE_DEPTH", default_value_t = 100)]
     pub max_queue_depth: usize,
-    /// Starts a task gets when the process stops under it; after that it fails.
+    /// Starts a task gets when the process running it stops; after that it fails.
     #[arg(long, env = "DESKGEN_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
+    /// With Redis: how long a task may go without its worker's heartbeat before another worker
+    /// takes it over.
+    #[arg(long, env = "DESKGEN_VISIBILITY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub visibility_timeout: Duration,
     /// How long finished results are kept (e.g. 7d, 12h).
     #[arg(long, env = "DESKGEN_RESULT_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
     pub result_ttl: Duration,
@@ -159,9 +172,120 @@ pub struct ServeConfig {
     pub webhook: WebhookConfig,
 }
 
+/// Settings of `deskgen worker`: a GPU host that runs tasks from Redis and serves only health and
+/// metrics.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerConfig {
+    /// Address for `/healthcheck` and `/metrics`.
+    #[arg(long, env = "DESKGEN_WORKER_LISTEN", default_value = "127.0.0.1:9090")]
+    pub listen: SocketAddr,
+    /// The Redis queue shared with the API nodes (`redis://…` or `rediss://…`).
+    #[arg(long, env = "DESKGEN_QUEUE")]
+    pub queue: RedisUrl,
+    /// Name in metrics and logs; unique per worker process (default: the host name).
+    #[arg(long, env = "DESKGEN_WORKER_NAME")]
+    pub name: Option<String>,
+    /// Folder for stored images with the file object store (shared with the API nodes, or use S3).
+    #[arg(long, env = "DESKGEN_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    /// Tasks this process runs at once.
+    #[arg(long, env = "DESKGEN_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+    /// Starts a task gets when the process running it stops; after that it fails.
+    #[arg(long, env = "DESKGEN_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// How long a task may go without this worker's heartbeat before another worker takes it over.
+    #[arg(long, env = "DESKGEN_VISIBILITY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub visibility_timeout: Duration,
+    /// How long finished results are kept (e.g. 7d, 12h).
+    #[arg(long, env = "DESKGEN_RESULT_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub result_ttl: Duration,
+    /// Longest a task may run before it fails with TIMEOUT.
+    #[arg(long, env = "DESKGEN_TASK_DEADLINE", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub task_deadline: Duration,
+    /// On SIGTERM/Ctrl-C, how long running tasks may take to finish; the rest are taken over by
+    /// other workers after the visibility timeout.
+    #[arg(long, env = "DESKGEN_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Models, object store, photo fetching and shopping.
+    #[command(flatten)]
+    pub pipeline: PipelineConfig,
+    /// Webhook delivery.
+    #[command(flatten)]
+    pub webhook: WebhookConfig,
+}
+
+/// Which task queue backend a node uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueBackend {
+    /// In-process queue over the embedded store: one node does everything.
+    Memory,
+    /// Redis shared by any number of API nodes and workers.
+    Redis(RedisUrl),
+}
+
+/// A Redis connection URL; shown without its password in logs and `--help`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+/// Why a queue setting did not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueUrlError {
+    /// Neither `memory` nor a Redis URL.
+    #[error("expected `memory` or a redis:// or rediss:// URL")]
+    UnknownScheme,
+    /// A Redis URL the client rejects.
+    #[error("invalid Redis URL: {0}")]
+    Invalid(String),
+}
+
+impl RedisUrl {
+    /// The URL with its credentials, for connecting.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for RedisUrl {
+    type Err = QueueUrlError;
+
+    fn from_str(s: &str) -> Result<RedisUrl, QueueUrlError> {
+        if !(s.starts_with("redis://") || s.starts_with("rediss://")) {
+            return Err(QueueUrlError::UnknownScheme);
+        }
+        redis::Client::open(s).map_err(|e| QueueUrlError::Invalid(e.to_string()))?;
+        Ok(RedisUrl(s.to_string()))
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    /// Scheme, host, port and database; never the user or password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (scheme, rest) = self.0.split_once("://").unwrap_or(("redis", &self.0));
+        let without_credentials = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        write!(f, "{scheme}://{without_credentials}")
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({self})")
+    }
+}
+
+impl FromStr for QueueBackend {
+    type Err = QueueUrlError;
+
+    fn from_str(s: &str) -> Result<QueueBackend, QueueUrlError> {
+        if s == "memory" { Ok(QueueBackend::Memory) } else { s.parse().map(QueueBackend::Redis) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+
+    use super::{QueueBackend, QueueUrlError, RedisUrl};
 
     #[test]
     fn every_flag_has_a_unique_name_and_an_env_var() {
@@ -179,5 +303,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn redis_urls_never_show_their_password() {
+        let url: RedisUrl = "redis://:s3cret@cache.internal:6380/2".parse().unwrap();
+        assert_eq!(url.to_string(), "redis://cache.internal:6380/2");
+        assert!(!format!("{url:?}").contains("s3cret"));
+        assert_eq!(url.as_str(), "redis://:s3cret@cache.internal:6380/2");
+    }
+
+    #[test]
+    fn queue_backend_is_memory_or_a_redis_url() {
+        assert_eq!("memory".parse::<QueueBackend>().unwrap(), QueueBackend::Memory);
+        assert!(matches!("rediss://h:1/0".parse::<QueueBackend>().unwrap(), QueueBackend::Redis(_)));
+        assert!(matches!("postgres://h".parse::<QueueBackend>(), Err(QueueUrlError::UnknownScheme)));
     }
 }

@@ -1,13 +1,14 @@
 //! The `deskgen` command: parses the configuration and hands over to the library.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use deskgen::config::{Cli, Command};
-use deskgen::pipeline::{DeskPipeline, Pipeline};
-use deskgen::server::PipelineLoader;
+use deskgen::pipeline::{DeskPipeline, Pipeline, PipelineConfig};
+use deskgen::server::{PipelineLoader, RunningServer};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -29,22 +30,16 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Serve(config) => {
-            let listener = tokio::net::TcpListener::bind(config.listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", config.listen))?;
-            tracing::info!(addr = %config.listen, "listening");
-            let pipeline_config = config.pipeline.clone();
-            let loader: PipelineLoader = Box::new(move |store| {
-                Ok(Arc::new(DeskPipeline::load(&pipeline_config, store)?) as Arc<dyn Pipeline>)
-            });
+            let listener = bind(config.listen).await?;
+            let loader = pipeline_loader(config.pipeline.clone());
             let server = deskgen::server::start(*config, listener, loader).await?;
-            let token = server.shutdown_token();
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                tracing::info!("shutting down");
-                token.cancel();
-            });
-            server.wait().await.map(|()| 0)
+            until_signal(server).await.map(|()| 0)
+        }
+        Command::Worker(config) => {
+            let listener = bind(config.listen).await?;
+            let loader = pipeline_loader(config.pipeline.clone());
+            let server = deskgen::server::start_worker(*config, listener, loader).await?;
+            until_signal(server).await.map(|()| 0)
         }
         Command::Eval(command) => {
             deskgen::commands::eval(&command, &mut std::io::stdout().lock()).map(|()| 0)
@@ -54,6 +49,29 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Generate(command) => deskgen::commands::generate(*command, &mut std::io::stdout()).await,
     }
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(%addr, "listening");
+    Ok(listener)
+}
+
+/// The real pipeline, loaded over the object store the server builds.
+fn pipeline_loader(config: PipelineConfig) -> PipelineLoader {
+    Box::new(move |store| Ok(Arc::new(DeskPipeline::load(&config, store)?) as Arc<dyn Pipeline>))
+}
+
+/// Runs `server` until it stops, or stops it gracefully on Ctrl-C / SIGTERM.
+async fn until_signal(server: RunningServer) -> anyhow::Result<()> {
+    let token = server.shutdown_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+    server.wait().await
 }
 
 async fn shutdown_signal() {

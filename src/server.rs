@@ -6,6 +6,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -21,12 +26,12 @@ use crate::api::grpc::pb::result_server::ResultServer;
 use crate::api::grpc::{Services, check_auth, pb};
 use crate::api::validate::Limits;
 use crate::api::{self, About, AppState};
-use crate::config::ServeConfig;
+use crate::config::{QueueBackend, RedisUrl, ServeConfig, WorkerConfig};
 use crate::fetch::UrlPolicy;
 use crate::pipeline::Pipeline;
 use crate::storage::ObjectStore;
 use crate::tasks::worker::worker_task;
-use crate::tasks::{MemoryQueue, TaskQueue, TaskStore};
+use crate::tasks::{MemoryQueue, RedisOptions, RedisQueue, TaskQueue, TaskStore};
 use crate::webhook::WebhookSender;
 
 /// Builds the pipeline over the service's object store; runs on a blocking thread while the
@@ -90,10 +95,26 @@ pub async fn start(
     if keys.is_open() {
         tracing::warn!("no API key configured: anyone who can reach {addr} can submit tasks");
     }
-    let store = TaskStore::open(&config.data_dir)
-        .with_context(|| format!("opening {}", config.data_dir.display()))?;
-    let queue: Arc<dyn TaskQueue> =
-        Arc::new(MemoryQueue::open(store, config.max_queue_depth, config.max_attempts)?);
+    let queue: Arc<dyn TaskQueue> = match &config.queue {
+        QueueBackend::Memory => {
+            if config.workers == 0 {
+                tracing::warn!("--workers 0 with the memory queue: nothing will run the tasks");
+            }
+            let store = TaskStore::open(&config.data_dir)
+                .with_context(|| format!("opening {}", config.data_dir.display()))?;
+            Arc::new(MemoryQueue::open(store, config.max_queue_depth, config.max_attempts)?)
+        }
+        QueueBackend::Redis(url) => {
+            let options = RedisOptions {
+                capacity: config.max_queue_depth,
+                max_attempts: config.max_attempts,
+                visibility_timeout: config.visibility_timeout,
+                result_ttl: config.result_ttl,
+                consumer: consumer_name(&host_name()),
+            };
+            Arc::new(connect_redis(url, options).await?)
+        }
+    };
     let objects = crate::storage::build(&config.pipeline.storage, &config.data_dir).await?;
     let shutdown = CancellationToken::new();
     let (webhooks, deliveries) = WebhookSender::spawn(
@@ -183,30 +204,24 @@ async fn run(
         axum::serve(listener, app).with_graceful_shutdown(serve_shutdown.cancelled_owned()).await
     });
 
-    let mut workers = JoinSet::new();
-    let loading = tokio::task::spawn_blocking(move || loader(objects));
-    let pipeline = tokio::select! {
-        loaded = loading => loaded.context("model loading panicked")?.context("loading models")?,
-        _ = shutdown.cancelled() => {
-            finish(Some(server), workers, config.shutdown_grace).await;
-            return Ok(());
-        }
+    let Some(pipeline) = load_pipeline(loader, objects, &shutdown).await? else {
+        finish(Some(server), JoinSet::new(), config.shutdown_grace).await;
+        return Ok(());
     };
     let _ = state.pipeline.set(pipeline.info());
     for name in SERVICE_NAMES.into_iter().chain([""]) {
         health.set_service_status(name, ServingStatus::Serving).await;
     }
     tracing::info!(workers = config.workers, "models loaded; ready");
-    for index in 0..config.workers {
-        workers.spawn(worker_task(
-            index,
-            queue.clone(),
-            pipeline.clone(),
-            webhooks.clone(),
-            config.task_deadline,
-            shutdown.clone(),
-        ));
-    }
+    let workers = spawn_workers(
+        &host_name(),
+        config.workers,
+        &queue,
+        &pipeline,
+        &webhooks,
+        config.task_deadline,
+        &shutdown,
+    );
     let upkeep = tokio::spawn(purge_task(queue, config.result_ttl, shutdown.clone()));
     let listener_ended = tokio::select! {
         _ = shutdown.cancelled() => None,
@@ -226,8 +241,46 @@ async fn run(
     }
 }
 
-/// After shutdown: stop accepting, let running tasks finish within `grace`; what is left stays
-/// persisted as processing and runs again at the next start.
+/// Loads the models on a blocking thread; `None` when shutdown comes first.
+async fn load_pipeline(
+    loader: PipelineLoader,
+    objects: Arc<dyn ObjectStore>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Arc<dyn Pipeline>>> {
+    tokio::select! {
+        loaded = tokio::task::spawn_blocking(move || loader(objects)) => {
+            Ok(Some(loaded.context("model loading panicked")?.context("loading models")?))
+        }
+        _ = shutdown.cancelled() => Ok(None),
+    }
+}
+
+/// Starts `count` workers named `{node}-{index}`.
+fn spawn_workers(
+    node: &str,
+    count: usize,
+    queue: &Arc<dyn TaskQueue>,
+    pipeline: &Arc<dyn Pipeline>,
+    webhooks: &WebhookSender,
+    deadline: Duration,
+    shutdown: &CancellationToken,
+) -> JoinSet<()> {
+    let mut workers = JoinSet::new();
+    for index in 0..count {
+        workers.spawn(worker_task(
+            format!("{node}-{index}"),
+            queue.clone(),
+            pipeline.clone(),
+            webhooks.clone(),
+            deadline,
+            shutdown.clone(),
+        ));
+    }
+    workers
+}
+
+/// After shutdown: stop accepting, let running tasks finish within `grace`; what is left runs
+/// again at the next start (memory) or on another worker after the visibility timeout (Redis).
 async fn finish(
     server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     mut workers: JoinSet<()>,
@@ -235,10 +288,7 @@ async fn finish(
 ) {
     let drained = tokio::time::timeout(grace, async { while workers.join_next().await.is_some() {} }).await;
     if drained.is_err() {
-        tracing::warn!(
-            ?grace,
-            "tasks still running after the grace period; they will run again at the next start"
-        );
+        tracing::warn!(?grace, "tasks still running after the grace period; they will run again");
         workers.abort_all();
     }
     // Long-lived streams (SSE, WatchResult) would hold graceful shutdown open; bound the wait.
@@ -264,4 +314,140 @@ async fn purge_task(queue: Arc<dyn TaskQueue>, ttl: Duration, shutdown: Cancella
             Err(e) => tracing::warn!(error = %e, "cannot purge expired results"),
         }
     }
+}
+
+/// This host's name, for worker names and Redis consumer names.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "deskgen".to_string())
+}
+
+/// A consumer name unique to this process, so two processes on one host never share pending work.
+fn consumer_name(node: &str) -> String {
+    format!("{node}-{}", std::process::id())
+}
+
+async fn connect_redis(url: &RedisUrl, options: RedisOptions) -> anyhow::Result<RedisQueue> {
+    RedisQueue::connect(url, options).await.with_context(|| format!("connecting to the Redis queue at {url}"))
+}
+
+/// What a worker node's health and metrics endpoints see.
+struct WorkerState {
+    name: String,
+    queue: Arc<dyn TaskQueue>,
+    models_loaded: OnceLock<()>,
+    metrics: PrometheusHandle,
+}
+
+/// Starts a worker-only node: runs tasks from the Redis queue with `config.workers` workers and
+/// serves `/healthcheck` and `/metrics` on `listener`; models load in the background.
+pub async fn start_worker(
+    config: WorkerConfig,
+    listener: TcpListener,
+    loader: PipelineLoader,
+) -> anyhow::Result<RunningServer> {
+    let addr = listener.local_addr()?;
+    let name = config.name.clone().unwrap_or_else(host_name);
+    let options = RedisOptions {
+        // Workers never submit; the queue limit is the API nodes' setting.
+        capacity: 0,
+        max_attempts: config.max_attempts,
+        visibility_timeout: config.visibility_timeout,
+        result_ttl: config.result_ttl,
+        consumer: consumer_name(&name),
+    };
+    let queue: Arc<dyn TaskQueue> = Arc::new(connect_redis(&config.queue, options).await?);
+    let objects = crate::storage::build(&config.pipeline.storage, &config.data_dir).await?;
+    let shutdown = CancellationToken::new();
+    let (webhooks, deliveries) = WebhookSender::spawn(
+        &config.webhook,
+        UrlPolicy::from_config(&config.pipeline.fetch),
+        shutdown.clone(),
+    )?;
+    let state =
+        Arc::new(WorkerState { name, queue, models_loaded: OnceLock::new(), metrics: metrics_handle() });
+    let app = api::with_request_metrics(
+        axum::Router::new()
+            .route("/healthcheck", get(worker_health))
+            .route("/metrics", get(worker_metrics))
+            .with_state(state.clone()),
+    );
+    let services = Background { queue: state.queue.clone(), objects, webhooks, deliveries };
+    let handle = tokio::spawn(run_worker(config, listener, app, state, services, loader, shutdown.clone()));
+    Ok(RunningServer { addr, shutdown, handle })
+}
+
+async fn run_worker(
+    config: WorkerConfig,
+    listener: TcpListener,
+    app: axum::Router,
+    state: Arc<WorkerState>,
+    services: Background,
+    loader: PipelineLoader,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let Background { queue, objects, webhooks, deliveries } = services;
+    let serve_shutdown = shutdown.clone();
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(serve_shutdown.cancelled_owned()).await
+    });
+    let Some(pipeline) = load_pipeline(loader, objects, &shutdown).await? else {
+        finish(Some(server), JoinSet::new(), config.shutdown_grace).await;
+        return Ok(());
+    };
+    let _ = state.models_loaded.set(());
+    tracing::info!(worker = %state.name, workers = config.workers, "models loaded; taking tasks");
+    let workers = spawn_workers(
+        &state.name,
+        config.workers,
+        &queue,
+        &pipeline,
+        &webhooks,
+        config.task_deadline,
+        &shutdown,
+    );
+    let listener_ended = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        ended = &mut server => {
+            shutdown.cancel();
+            Some(ended)
+        }
+    };
+    let still_serving = if listener_ended.is_none() { Some(server) } else { None };
+    finish(still_serving, workers, config.shutdown_grace).await;
+    // Completed-task webhooks queued during the grace period go out before the process ends.
+    let _ = tokio::time::timeout(Duration::from_secs(5), deliveries).await;
+    match listener_ended {
+        Some(ended) => Ok(ended.context("listener task panicked")??),
+        None => Ok(()),
+    }
+}
+
+/// GET /healthcheck on a worker: 200 once its models are loaded and Redis answers, else 503.
+async fn worker_health(State(state): State<Arc<WorkerState>>) -> Response {
+    let models = state.models_loaded.get().is_some();
+    let depth = state.queue.queue_depth().await;
+    let queue = match &depth {
+        Ok(depth) => serde_json::json!({"backend": state.queue.backend(), "state": "ok", "depth": depth}),
+        Err(e) => {
+            serde_json::json!({"backend": state.queue.backend(), "state": "unreachable", "error": e.to_string()})
+        }
+    };
+    let ready = models && depth.is_ok();
+    let body = serde_json::json!({
+        "status": if ready { "ok" } else { "starting" },
+        "worker": state.name,
+        "components": {"models": if models { "ready" } else { "loading" }, "queue": queue},
+    });
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+/// GET /metrics on a worker: Prometheus text.
+async fn worker_metrics(State(state): State<Arc<WorkerState>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }

@@ -6,6 +6,7 @@
 pub mod json;
 pub mod memory;
 pub mod model;
+pub mod redis;
 pub mod store;
 pub mod worker;
 
@@ -15,6 +16,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use self::redis::{RedisOptions, RedisQueue, RedisQueueError};
 pub use memory::MemoryQueue;
 pub use model::{
     BoundingBox, DetectedItem, ErrorCode, LoraWeight, Progress, Recommendation, TaskError, TaskOutput,

@@ -61,23 +61,24 @@ impl TaskContext {
     }
 }
 
-/// Runs tasks from `hub` until `shutdown` fires; the task in hand is finished first.
+/// Runs tasks from `queue` until `shutdown` fires; the task in hand is finished first. `name`
+/// labels its logs and its `deskgen_worker_tasks_total` series.
 pub async fn worker_task(
-    index: usize,
+    name: String,
     queue: Arc<dyn TaskQueue>,
     pipeline: Arc<dyn Pipeline>,
     webhooks: WebhookSender,
     deadline: Duration,
     shutdown: CancellationToken,
 ) {
-    tracing::debug!(worker = index, "worker started");
+    tracing::debug!(worker = %name, "worker started");
     while let Some(claimed) = queue.next(&shutdown).await {
         let task_id = claimed.record.task_id.clone();
         let started = Instant::now();
         let (ctx, updates) = TaskContext::new(task_id.clone(), claimed.cancel, started + deadline);
         let forwarder =
             tokio::spawn(progress_task(queue.clone(), webhooks.clone(), claimed.record.clone(), updates));
-        tracing::info!(%task_id, attempt = claimed.record.attempts, worker = index, "task started");
+        tracing::info!(%task_id, attempt = claimed.record.attempts, worker = %name, "task started");
         notify(&webhooks, &claimed.record, WebhookEvent::Start);
         let outcome = pipeline.run(&claimed.record, &ctx).await;
         let outcome = match (outcome, ctx.check()) {
@@ -90,6 +91,7 @@ pub async fn worker_task(
         let _ = forwarder.await;
         if let Some(record) = queue.finish(&task_id, outcome).await {
             let secs = started.elapsed().as_secs_f64();
+            metrics::counter!("deskgen_worker_tasks_total", "worker" => name.clone()).increment(1);
             metrics::histogram!("deskgen_task_seconds", "status" => record.status.as_str()).record(secs);
             if let Some(output) = &record.output {
                 for (stage, ms) in &output.timings_ms {
@@ -101,7 +103,7 @@ pub async fn worker_task(
             notify(&webhooks, &record, WebhookEvent::Completed);
         }
     }
-    tracing::debug!(worker = index, "worker stopped");
+    tracing::debug!(worker = %name, "worker stopped");
 }
 
 /// Publishes a task's progress to the queue (and its webhook) until the task's context is dropped.

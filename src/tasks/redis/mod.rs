@@ -1,0 +1,426 @@
+//! The Redis backend: any number of API nodes and GPU workers share one Redis.
+//!
+//! Layout in Redis (every name starts with `deskgen:`):
+//! - `task:{id}`: a hash with the JSON `record`, its `status`, a `version` bumped on every write,
+//!   the `owner` token of the worker running it, its work-stream `entry`, and a `cancel` flag.
+//!   Final records expire after the result TTL.
+//! - `queued`: the set of queued task ids; its size is the global queue depth.
+//! - `work`: a stream with one entry per task, read by the consumer group `deskgen-workers`.
+//!   A worker claims entries with XREADGROUP, keeps them with a heartbeat while it runs them, and
+//!   acknowledges them with the final state; entries idle past the visibility timeout (their worker
+//!   died) are taken over with XAUTOCLAIM.
+//! - channels `updates:{db}` (every record write, for watchers on any node) and `cancels:{db}`;
+//!   channels are not per database in Redis, so the name carries it.
+//!
+//! Every write goes through one Lua script guarded by the version the writer read or by the
+//! worker's owner token, so a task reaches exactly one final state even when a worker that was
+//! presumed dead wakes up.
+
+mod events;
+mod work;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use ::redis::{Client, Script};
+use async_trait::async_trait;
+use chrono::Utc;
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use self::events::Watched;
+use self::work::Running;
+use super::{
+    BackendError, CancelError, Claimed, ErrorCode, Progress, SubmitError, TaskError, TaskOutput, TaskQueue,
+    TaskRecord, TaskRequest, TaskStatus,
+};
+use crate::config::RedisUrl;
+
+const QUEUED: &str = "deskgen:queued";
+const WORK: &str = "deskgen:work";
+const GROUP: &str = "deskgen-workers";
+
+/// Longest a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest Redis may take to answer one command.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often a compare-and-set is retried when another writer got there first.
+const CAS_ATTEMPTS: usize = 8;
+
+fn task_key(task_id: &str) -> String {
+    format!("deskgen:task:{task_id}")
+}
+
+/// Errors of the Redis backend.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisQueueError {
+    /// Redis could not be reached or refused a command.
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    /// A stored record could not be read back.
+    #[error("redis: corrupt record of task {task_id}: {source}")]
+    Corrupt {
+        /// The task whose record is corrupt.
+        task_id: String,
+        /// Why it did not parse.
+        source: serde_json::Error,
+    },
+    /// Redis did not answer in time.
+    #[error("redis: no answer within {0:?}")]
+    Timeout(Duration),
+    /// The record kept changing under a compare-and-set.
+    #[error("redis: task {0} changed too often to update it; retry")]
+    Contended(String),
+}
+
+impl From<RedisQueueError> for BackendError {
+    fn from(e: RedisQueueError) -> Self {
+        BackendError(e.to_string())
+    }
+}
+
+/// Settings of a Redis queue node.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// Most queued tasks across all nodes.
+    pub capacity: usize,
+    /// Starts a task gets before it fails instead of being taken over again.
+    pub max_attempts: u32,
+    /// How long a running task may go without a heartbeat before another worker takes it over.
+    pub visibility_timeout: Duration,
+    /// How long final records are kept.
+    pub result_ttl: Duration,
+    /// This process's consumer name in the consumer group.
+    pub consumer: String,
+}
+
+/// A task as stored: its record, the version it was read at, and whether a cancel was requested.
+struct Stored {
+    version: u64,
+    record: TaskRecord,
+    cancel_requested: bool,
+}
+
+/// Who may write a record: whoever read this version, or the worker holding this owner token.
+enum Guard<'a> {
+    Version(u64),
+    Owner(&'a str),
+}
+
+struct Scripts {
+    submit: Script,
+    commit: Script,
+    heartbeat: Script,
+    request_cancel: Script,
+}
+
+/// State shared by the queue and its background tasks.
+struct Shared {
+    client: Client,
+    conn: ConnectionManager,
+    /// Connections for blocking stream reads, which would stall every other command on the shared
+    /// multiplexed connection.
+    blocking: Mutex<Vec<MultiplexedConnection>>,
+    options: RedisOptions,
+    scripts: Scripts,
+    /// Tasks this process runs, by id.
+    running: Mutex<HashMap<String, Running>>,
+    /// Tasks watched on this node, by id.
+    watchers: Mutex<HashMap<String, Watched>>,
+    /// Where every record write is published.
+    updates_channel: String,
+    /// Where cancels of running tasks are published.
+    cancels_channel: String,
+    /// Cancelled when the queue is dropped; stops the background tasks.
+    stop: CancellationToken,
+}
+
+/// The task queue and store in Redis, shared by every API node and worker.
+pub struct RedisQueue {
+    shared: Arc<Shared>,
+    _stop: DropGuard,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl RedisQueue {
+    /// Connects to Redis, creates the consumer group if needed, and starts listening for task
+    /// updates and cancels. Fails when Redis cannot be reached now; later outages are retried.
+    pub async fn connect(url: &RedisUrl, options: RedisOptions) -> Result<RedisQueue, RedisQueueError> {
+        let client = Client::open(url.as_str())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let db = client.get_connection_info().redis_settings().db();
+        let stop = CancellationToken::new();
+        let shared = Arc::new(Shared {
+            client,
+            conn,
+            blocking: Mutex::new(Vec::new()),
+            options,
+            scripts: Scripts {
+                submit: Script::new(include_str!("submit.lua")),
+                commit: Script::new(include_str!("commit.lua")),
+                heartbeat: Script::new(include_str!("heartbeat.lua")),
+                request_cancel: Script::new(include_str!("request_cancel.lua")),
+            },
+            running: Mutex::new(HashMap::new()),
+            watchers: Mutex::new(HashMap::new()),
+            updates_channel: format!("deskgen:updates:{db}"),
+            cancels_channel: format!("deskgen:cancels:{db}"),
+            stop: stop.clone(),
+        });
+        shared.ensure_group().await?;
+        tracing::info!(redis = %url, consumer = %shared.options.consumer, "connected to the Redis task queue");
+        tokio::spawn(events::events_task(shared.clone()));
+        tokio::spawn(gauges_task(shared.clone()));
+        Ok(RedisQueue { shared, _stop: stop.drop_guard() })
+    }
+}
+
+impl Shared {
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Creates the work stream and its consumer group unless they exist (again, after Redis lost
+    /// its data).
+    async fn ensure_group(&self) -> Result<(), RedisQueueError> {
+        let created: Result<(), _> = ::redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(WORK)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.conn())
+            .await;
+        match created {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => Ok(other?),
+        }
+    }
+
+    /// The stored task, if any.
+    async fn load(&self, task_id: &str) -> Result<Option<Stored>, RedisQueueError> {
+        let (version, record, cancel): (Option<u64>, Option<String>, Option<String>) = ::redis::cmd("HMGET")
+            .arg(task_key(task_id))
+            .arg("version")
+            .arg("record")
+            .arg("cancel")
+            .query_async(&mut self.conn())
+            .await?;
+        let (Some(version), Some(record)) = (version, record) else { return Ok(None) };
+        let record = serde_json::from_str(&record)
+            .map_err(|source| RedisQueueError::Corrupt { task_id: task_id.to_string(), source })?;
+        Ok(Some(Stored { version, record, cancel_requested: cancel.as_deref() == Some("1") }))
+    }
+
+    /// Writes `record` if `guard` still holds; the new version, or `None` when it did not.
+    async fn commit(
+        &self,
+        guard: Guard<'_>,
+        record: &TaskRecord,
+        owner: &str,
+    ) -> Result<Option<u64>, RedisQueueError> {
+        let (kind, value) = match guard {
+            Guard::Version(version) => ("version", version.to_string()),
+            Guard::Owner(owner) => ("owner", owner.to_string()),
+        };
+        let json = serde_json::to_string(record).expect("task records serialise");
+        let ttl = self.options.result_ttl.as_secs().max(1);
+        let version: u64 = self
+            .scripts
+            .commit
+            .key(task_key(&record.task_id))
+            .key(QUEUED)
+            .key(WORK)
+            .arg(kind)
+            .arg(value)
+            .arg(&record.task_id)
+            .arg(json)
+            .arg(record.status.as_str())
+            .arg(owner)
+            .arg(if record.status.is_final() { "1" } else { "0" })
+            .arg(ttl)
+            .arg(GROUP)
+            .arg(&self.updates_channel)
+            .invoke_async(&mut self.conn())
+            .await?;
+        if version > 0 && record.status.is_final() {
+            metrics::counter!("deskgen_tasks_finished_total", "status" => record.status.as_str())
+                .increment(1);
+        }
+        Ok((version > 0).then_some(version))
+    }
+
+    async fn submit(&self, task_id: String, request: TaskRequest) -> Result<(TaskRecord, bool), SubmitError> {
+        let record = TaskRecord::new(task_id, request);
+        let json = serde_json::to_string(&record).expect("task records serialise");
+        let (outcome, existing): (i64, String) = self
+            .scripts
+            .submit
+            .key(task_key(&record.task_id))
+            .key(QUEUED)
+            .key(WORK)
+            .arg(&record.task_id)
+            .arg(json)
+            .arg(self.options.capacity)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| BackendError::from(RedisQueueError::from(e)))?;
+        match outcome {
+            1 => {
+                metrics::counter!("deskgen_tasks_submitted_total").increment(1);
+                Ok((record, true))
+            }
+            0 => {
+                let existing = serde_json::from_str(&existing).map_err(|source| {
+                    BackendError::from(RedisQueueError::Corrupt { task_id: record.task_id.clone(), source })
+                })?;
+                Ok((existing, false))
+            }
+            _ => {
+                metrics::counter!("deskgen_tasks_rejected_total").increment(1);
+                Err(SubmitError::QueueFull(self.options.capacity))
+            }
+        }
+    }
+
+    async fn cancel(&self, task_id: &str) -> Result<TaskRecord, CancelError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let stored = self.load(task_id).await.map_err(BackendError::from)?;
+            let Some(Stored { version, mut record, .. }) = stored else {
+                return Err(CancelError::NotFound(task_id.to_string()));
+            };
+            match record.status {
+                TaskStatus::Queued => {
+                    record.status = TaskStatus::Canceled;
+                    record.completed_at = Some(Utc::now());
+                    record.error = Some(TaskError {
+                        code: ErrorCode::Canceled,
+                        message: "Canceled by the client.".into(),
+                    });
+                    let committed = self
+                        .commit(Guard::Version(version), &record, "")
+                        .await
+                        .map_err(BackendError::from)?;
+                    if committed.is_some() {
+                        return Ok(record);
+                    }
+                }
+                TaskStatus::Processing => {
+                    let flagged: i64 = self
+                        .scripts
+                        .request_cancel
+                        .key(task_key(task_id))
+                        .arg(task_id)
+                        .arg(&self.cancels_channel)
+                        .invoke_async(&mut self.conn())
+                        .await
+                        .map_err(|e| BackendError::from(RedisQueueError::from(e)))?;
+                    if flagged == 1 {
+                        return Ok(record);
+                    }
+                }
+                status @ (TaskStatus::Done | TaskStatus::Failed | TaskStatus::Canceled) => {
+                    return Err(CancelError::AlreadyFinished(task_id.to_string(), status.as_str()));
+                }
+            }
+        }
+        Err(BackendError::from(RedisQueueError::Contended(task_id.to_string())).into())
+    }
+
+    /// Queued tasks across all nodes.
+    async fn queue_depth(&self) -> Result<usize, RedisQueueError> {
+        let depth: usize = ::redis::cmd("SCARD").arg(QUEUED).query_async(&mut self.conn()).await?;
+        metrics::gauge!("deskgen_queue_depth").set(depth as f64);
+        Ok(depth)
+    }
+
+    /// Tasks claimed by a worker and not yet acknowledged.
+    async fn pending(&self) -> Result<usize, RedisQueueError> {
+        let summary: ::redis::streams::StreamPendingReply =
+            ::redis::cmd("XPENDING").arg(WORK).arg(GROUP).query_async(&mut self.conn()).await?;
+        Ok(summary.count())
+    }
+}
+
+/// Keeps the queue gauges current on every node, whether or not anything scrapes health.
+async fn gauges_task(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.stop.cancelled() => return,
+        }
+        // Errors show in health; the gauges just keep their last value.
+        let _ = shared.queue_depth().await;
+        if let Ok(pending) = shared.pending().await {
+            metrics::gauge!("deskgen_queue_pending").set(pending as f64);
+        }
+    }
+}
+
+#[async_trait]
+impl TaskQueue for RedisQueue {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    /// Queues a new task unless its id is known or the global queue is full, atomically.
+    async fn submit(&self, task_id: String, request: TaskRequest) -> Result<(TaskRecord, bool), SubmitError> {
+        self.shared.submit(task_id, request).await
+    }
+
+    /// The current record of a task.
+    async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, BackendError> {
+        Ok(self.shared.load(task_id).await?.map(|stored| stored.record))
+    }
+
+    /// A receiver fed by this node's subscription to task updates; it closes after the final state.
+    async fn watch(&self, task_id: &str) -> Result<Option<watch::Receiver<TaskRecord>>, BackendError> {
+        Ok(self.shared.watch(task_id).await?)
+    }
+
+    /// Queued tasks across all nodes.
+    async fn queue_depth(&self) -> Result<usize, BackendError> {
+        Ok(self.shared.queue_depth().await?)
+    }
+
+    /// The global queue limit.
+    fn capacity(&self) -> usize {
+        self.shared.options.capacity
+    }
+
+    /// Takes over a task whose worker died, or waits for a new one; retries while Redis is down.
+    async fn next(&self, shutdown: &CancellationToken) -> Option<Claimed> {
+        self.shared.next(shutdown).await
+    }
+
+    /// Publishes progress of a task this process runs (best effort: progress is latest-wins).
+    async fn progress(&self, task_id: &str, progress: Progress) {
+        self.shared.progress(task_id, progress).await
+    }
+
+    /// Records the final state unless another worker took the task over meanwhile.
+    async fn finish(&self, task_id: &str, outcome: Result<TaskOutput, TaskError>) -> Option<TaskRecord> {
+        self.shared.finish(task_id, outcome).await
+    }
+
+    /// Cancels a queued task at once, or flags a running one and tells its worker, on any node.
+    async fn cancel(&self, task_id: &str) -> Result<TaskRecord, CancelError> {
+        self.shared.cancel(task_id).await
+    }
+
+    /// Redis expires final records by itself; nothing to do here.
+    async fn purge_expired(&self, _ttl: Duration) -> Result<usize, BackendError> {
+        Ok(0)
+    }
+}

@@ -1,0 +1,525 @@
+//! Scale-out over a real Redis: API nodes and workers in one process, each worker in its own
+//! runtime so a test can kill it mid-task.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use common::{ScriptedPipeline, TestServer, poll_final, serve_config, start};
+use deskgen::api::grpc::pb;
+use deskgen::config::{Cli, WorkerConfig};
+use deskgen::pipeline::Pipeline;
+use deskgen::server::{PipelineLoader, RunningServer};
+use deskgen::tasks::TaskRecord;
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+const PASSWORD: &str = "test-only-password";
+
+/// A `redis-server` of its own for one test, on a free port, without persistence.
+struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    async fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut server = RedisServer { child: None, port, dir: tempfile::tempdir().unwrap() };
+        server.spawn().await;
+        server
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--requirepass",
+                PASSWORD,
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}); `make test` installs it (apt-get install redis-server)"
+                )
+            });
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut last_error = None;
+        for _ in 0..200 {
+            match client.get_multiplexed_async_connection().await {
+                Ok(mut conn) => match redis::cmd("PING").query_async::<String>(&mut conn).await {
+                    Ok(_) => return,
+                    Err(e) => last_error = Some(e),
+                },
+                Err(e) => last_error = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("redis-server did not answer on port {}: {last_error:?}", self.port);
+    }
+
+    /// The URL nodes use: password and database included, as in production.
+    fn url(&self) -> String {
+        format!("redis://:{PASSWORD}@127.0.0.1:{}/3", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Kills the server and starts an empty one on the same port.
+    async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+    }
+
+    /// The stored record of a task, attempts included (the API does not show them).
+    async fn record(&self, task_id: &str) -> TaskRecord {
+        let json: String = redis::cmd("HGET")
+            .arg(format!("deskgen:task:{task_id}"))
+            .arg("record")
+            .query_async(&mut self.connection().await)
+            .await
+            .unwrap();
+        serde_json::from_str(&json).unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `deskgen worker` node in a runtime of its own: dropping that runtime kills it mid-task, the
+/// way a crashed GPU host stops (no final state, no goodbye to Redis).
+struct WorkerNode {
+    base: String,
+    _data: tempfile::TempDir,
+    runtime: Option<tokio::runtime::Runtime>,
+    server: Option<RunningServer>,
+}
+
+impl WorkerNode {
+    async fn start(
+        redis: &RedisServer,
+        name: &str,
+        args: &[&str],
+        pipeline: Arc<ScriptedPipeline>,
+    ) -> WorkerNode {
+        let url = redis.url();
+        let data = tempfile::tempdir().unwrap();
+        let data_dir = data.path().to_str().unwrap().to_string();
+        let mut argv = vec![
+            "deskgen",
+            "worker",
+            "--queue",
+            &url,
+            "--name",
+            name,
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data_dir,
+        ];
+        argv.extend_from_slice(args);
+        let config: WorkerConfig = match Cli::parse_from(argv).command {
+            deskgen::config::Command::Worker(config) => *config,
+            other => panic!("not a worker command: {other:?}"),
+        };
+        let (runtime, server, base) = std::thread::spawn(move || {
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            let (server, base) = runtime.block_on(async {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let base = format!("http://{}", listener.local_addr().unwrap());
+                let loader: PipelineLoader = Box::new(move |_| Ok(pipeline as Arc<dyn Pipeline>));
+                (deskgen::server::start_worker(config, listener, loader).await.unwrap(), base)
+            });
+            (runtime, server, base)
+        })
+        .join()
+        .unwrap();
+        let node = WorkerNode { base, _data: data, runtime: Some(runtime), server: Some(server) };
+        wait_health(&node.base, 200).await;
+        node
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Stops the worker process dead: its tasks end without a final state or acknowledgement.
+    fn kill(mut self) {
+        self.server.take();
+        self.runtime.take().unwrap().shutdown_background();
+    }
+
+    async fn stop(mut self) {
+        self.server.take().unwrap().stop().await.unwrap();
+        self.runtime.take().unwrap().shutdown_background();
+    }
+}
+
+impl Drop for WorkerNode {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// An API-only node on `redis`.
+async fn api_node(redis: &RedisServer, dir: &tempfile::TempDir, args: &[&str]) -> TestServer {
+    let url = redis.url();
+    let mut argv = vec!["--queue", &url, "--workers", "0"];
+    argv.extend_from_slice(args);
+    start(serve_config(dir.path(), &argv), ScriptedPipeline::new(1, 1)).await
+}
+
+async fn wait_health(base: &str, want: u16) {
+    let client = reqwest::Client::new();
+    for _ in 0..400 {
+        if let Ok(r) = client.get(format!("{base}/healthcheck")).send().await
+            && r.status() == want
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{base}/healthcheck never answered {want}");
+}
+
+async fn submit(server: &TestServer, body: Value) -> (u16, Value) {
+    let r = reqwest::Client::new().post(server.url("/v1/generate")).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+async fn get(server: &TestServer, path: &str) -> Value {
+    reqwest::get(server.url(path)).await.unwrap().json().await.unwrap()
+}
+
+/// Waits until the task is processing and has made `step` diffusion steps.
+async fn wait_step(server: &TestServer, task_id: &str, step: u64) {
+    for _ in 0..400 {
+        let body = get(server, &format!("/v1/result/{task_id}")).await;
+        if body["progress"]["step"].as_u64().is_some_and(|s| s >= step) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("task {task_id} never reached step {step}");
+}
+
+/// How many final states are published for `task_id`.
+async fn count_final_updates(redis: &RedisServer, task_id: String) -> tokio::task::JoinHandle<usize> {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("deskgen:updates:3").await.unwrap();
+    tokio::spawn(async move {
+        let mut finals = 0;
+        let mut messages = pubsub.into_on_message();
+        // Quiet for a while after a final state: no second one is coming.
+        let quiet = |finals| Duration::from_millis(if finals == 0 { 10_000 } else { 500 });
+        while let Ok(Some(message)) = tokio::time::timeout(quiet(finals), messages.next()).await {
+            let payload: String = message.get_payload().unwrap();
+            let mut parts = payload.splitn(3, ' ');
+            let (_, id, json) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+            let record: TaskRecord = serde_json::from_str(json).unwrap();
+            if id == task_id && record.status.is_final() {
+                finals += 1;
+            }
+        }
+        finals
+    })
+}
+
+#[tokio::test]
+async fn submit_on_one_api_node_and_follow_it_on_another() {
+    let redis = RedisServer::start().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let node_a = api_node(&redis, &dir_a, &[]).await;
+    let node_b = api_node(&redis, &dir_b, &[]).await;
+    let pipeline = ScriptedPipeline::new(8, 25);
+    let worker_1 = WorkerNode::start(&redis, "follow-1", &[], pipeline.clone()).await;
+    let worker_2 = WorkerNode::start(&redis, "follow-2", &[], pipeline).await;
+    assert_eq!(get(&node_a, "/info").await["queue_backend"], "redis");
+    assert_eq!(get(&node_b, "/healthcheck").await["components"]["queue"]["backend"], "redis");
+
+    let (status, body) = submit(&node_a, json!({"prompt": "desk", "task_id": "shared-1", "seed": 5})).await;
+    assert_eq!((status, body["status"].as_str()), (202, Some("queued")), "{body}");
+    let text = reqwest::get(node_b.url("/v1/result/shared-1/events")).await.unwrap().text().await.unwrap();
+    let events: Vec<(String, Value)> = text
+        .split("\n\n")
+        .filter(|chunk| chunk.contains("data:"))
+        .map(|chunk| {
+            let name = chunk.lines().find_map(|l| l.strip_prefix("event:")).unwrap().trim().to_string();
+            let data = chunk.lines().find_map(|l| l.strip_prefix("data:")).unwrap().trim();
+            (name, serde_json::from_str(data).unwrap())
+        })
+        .collect();
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|(name, e)| name == "progress" && e["progress"]["stage"] == "diffusion")
+        .filter_map(|(_, e)| e["progress"]["step"].as_u64())
+        .collect();
+    assert!(!steps.is_empty() && steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    let (last_name, last) = events.last().unwrap();
+    assert_eq!((last_name.as_str(), last["status"].as_str()), ("result", Some("done")), "{last}");
+
+    let polled = poll_final(&node_b, "shared-1", None).await;
+    assert_eq!(polled["processed_image_url"], last["processed_image_url"]);
+    assert_eq!(polled["seed"], 5);
+    // The same id on the other node is the same task.
+    let (status, again) = submit(&node_b, json!({"prompt": "other", "task_id": "shared-1"})).await;
+    assert_eq!((status, again["status"].as_str()), (202, Some("done")));
+
+    // gRPC WatchResult on node B for a task submitted on node A.
+    let (_, body) = submit(&node_a, json!({"prompt": "desk"})).await;
+    let task_id = body["task_id"].as_str().unwrap().to_string();
+    let mut results = pb::result_client::ResultClient::new(node_b.grpc_channel().await);
+    let mut stream =
+        results.watch_result(pb::GetResultRequest { task_id: task_id.clone() }).await.unwrap().into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = stream.message().await.unwrap() {
+        events.push(event);
+    }
+    assert!(events.iter().any(|e| e.progress.as_ref().is_some_and(|p| p.step > 0)), "{events:?}");
+    assert_eq!(events.last().unwrap().status(), pb::TaskStatus::Done);
+    let missing = reqwest::get(node_b.url("/v1/result/nope")).await.unwrap();
+    assert_eq!(missing.status(), 404);
+
+    worker_1.stop().await;
+    worker_2.stop().await;
+    node_a.stop().await;
+    node_b.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_workers_task_is_taken_over_and_finishes_once() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = api_node(&redis, &dir, &[]).await;
+    let args = ["--visibility-timeout", "1s", "--max-attempts", "3"];
+    let pipeline = ScriptedPipeline::new(30, 40);
+    let doomed = WorkerNode::start(&redis, "doomed", &args, pipeline.clone()).await;
+
+    let (_, body) = submit(&node, json!({"prompt": "desk", "task_id": "orphan"})).await;
+    assert_eq!(body["status"], "queued");
+    let finals = count_final_updates(&redis, "orphan".into()).await;
+    wait_step(&node, "orphan", 3).await;
+    let survivor = WorkerNode::start(&redis, "survivor", &args, pipeline).await;
+    let killed_at = Instant::now();
+    doomed.kill();
+
+    let result = poll_final(&node, "orphan", None).await;
+    assert_eq!(result["status"], "done", "{result}");
+    let took = killed_at.elapsed();
+    // Taken over no sooner than the visibility timeout after the last heartbeat (a third of it
+    // before the kill at most), then run from the start (30 × 40 ms).
+    assert!(took >= Duration::from_millis(1000 - 334 + 1200), "{took:?}");
+    // Two starts: the survivor's own run outlasts the visibility timeout, so its heartbeats are
+    // what kept it from being taken over a second time.
+    let record = redis.record("orphan").await;
+    assert_eq!(record.attempts, 2);
+    assert_eq!(finals.await.unwrap(), 1, "exactly one final state");
+    let metrics = reqwest::get(survivor.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("deskgen_tasks_reclaimed_total"), "{metrics}");
+    assert!(metrics.contains("deskgen_worker_tasks_total{worker=\"survivor-0\"}"), "{metrics}");
+    survivor.stop().await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn a_task_that_outlives_max_attempts_fails_with_a_clear_error() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = api_node(&redis, &dir, &[]).await;
+    let args = ["--visibility-timeout", "500ms", "--max-attempts", "1"];
+    let pipeline = ScriptedPipeline::new(100, 20);
+    let doomed = WorkerNode::start(&redis, "once", &args, pipeline.clone()).await;
+    let (_, body) = submit(&node, json!({"prompt": "desk"})).await;
+    let task_id = body["task_id"].as_str().unwrap().to_string();
+    wait_step(&node, &task_id, 1).await;
+    doomed.kill();
+    let survivor = WorkerNode::start(&redis, "twice", &args, pipeline).await;
+
+    let result = poll_final(&node, &task_id, None).await;
+    assert_eq!(
+        (result["status"].as_str(), result["error_code"].as_str()),
+        (Some("failed"), Some("INTERNAL"))
+    );
+    let message = result["message"].as_str().unwrap();
+    assert!(message.contains("stopped 1 times") && message.contains("--max-attempts 1"), "{message}");
+    assert_eq!(redis.record(&task_id).await.attempts, 1);
+    survivor.stop().await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_on_one_node_reaches_the_worker_running_a_task_from_another() {
+    let redis = RedisServer::start().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let node_a = api_node(&redis, &dir_a, &[]).await;
+    let node_b = api_node(&redis, &dir_b, &[]).await;
+    let worker = WorkerNode::start(&redis, "cancel", &[], ScriptedPipeline::new(500, 20)).await;
+
+    let (_, running) = submit(&node_a, json!({"prompt": "long"})).await;
+    let running = running["task_id"].as_str().unwrap().to_string();
+    wait_step(&node_a, &running, 1).await;
+    // The only worker is busy: this one waits, and a cancel ends it at once.
+    let (_, queued) = submit(&node_a, json!({"prompt": "second"})).await;
+    let queued = queued["task_id"].as_str().unwrap().to_string();
+    let cancel = |id: &str| {
+        reqwest::Client::new().post(node_b.url(&format!("/v1/result/{id}/cancel"))).json(&json!({})).send()
+    };
+    let r = cancel(&queued).await.unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!((body["status"].as_str(), body["error_code"].as_str()), (Some("canceled"), Some("CANCELED")));
+
+    let asked = Instant::now();
+    let r = cancel(&running).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "canceled", "{body}");
+    // Through pub/sub, not the heartbeat's flag check (a third of the 30 s visibility timeout).
+    assert!(asked.elapsed() < Duration::from_secs(3), "{:?}", asked.elapsed());
+    let seen_on_a = poll_final(&node_a, &running, None).await;
+    assert_eq!(
+        (seen_on_a["status"].as_str(), seen_on_a["error_code"].as_str()),
+        (Some("canceled"), Some("CANCELED"))
+    );
+    let again = cancel(&running).await.unwrap();
+    assert_eq!(again.status(), 409);
+    assert_eq!(get(&node_a, "/healthcheck").await["components"]["queue"]["depth"], 0);
+
+    worker.stop().await;
+    node_a.stop().await;
+    node_b.stop().await;
+}
+
+#[tokio::test]
+async fn nodes_ride_out_a_redis_restart() {
+    let mut redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = api_node(&redis, &dir, &[]).await;
+    let worker = WorkerNode::start(&redis, "restart", &[], ScriptedPipeline::new(2, 5)).await;
+    let (_, body) = submit(&node, json!({"prompt": "before"})).await;
+    let before = body["task_id"].as_str().unwrap().to_string();
+    assert_eq!(poll_final(&node, &before, None).await["status"], "done");
+
+    redis.kill();
+    wait_health(&node.base, 503).await;
+    wait_health(&worker.base, 503).await;
+    let (status, body) = submit(&node, json!({"prompt": "while down"})).await;
+    assert_eq!((status, body["error_code"].as_str()), (503, Some("NOT_READY")), "{body}");
+
+    redis.restart().await;
+    wait_health(&node.base, 200).await;
+    wait_health(&worker.base, 200).await;
+    // Prefer: wait answers from this node's subscription, so it proves that came back too.
+    let r = reqwest::Client::new()
+        .post(node.url("/v1/generate"))
+        .header("prefer", "wait=20")
+        .json(&json!({"prompt": "after"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "done");
+
+    worker.stop().await;
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn five_hundred_tasks_across_two_workers_under_a_global_queue_limit() {
+    const TASKS: usize = 500;
+    let redis = RedisServer::start().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let limit = TASKS.to_string();
+    let node_a = api_node(&redis, &dir_a, &["--max-queue-depth", &limit]).await;
+    let node_b = api_node(&redis, &dir_b, &["--max-queue-depth", &limit]).await;
+
+    // No workers yet: both nodes fill one queue.
+    let submitted = Instant::now();
+    let ids: Vec<String> = futures::stream::iter(0..TASKS)
+        .map(|i| {
+            let node = if i % 2 == 0 { &node_a } else { &node_b };
+            async move {
+                let (status, body) =
+                    submit(node, json!({"prompt": "desk", "task_id": format!("load-{i}")})).await;
+                assert_eq!(status, 202, "{body}");
+                body["task_id"].as_str().unwrap().to_string()
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let submit_secs = submitted.elapsed().as_secs_f64();
+    let (status, body) = submit(&node_a, json!({"prompt": "one too many"})).await;
+    assert_eq!((status, body["error_code"].as_str()), (429, Some("QUEUE_FULL")));
+    let mut client = pb::generate_client::GenerateClient::new(node_b.grpc_channel().await);
+    let refused = client
+        .generate(pb::GenerateRequest { prompt: Some("desk".into()), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(get(&node_b, "/healthcheck").await["components"]["queue"]["depth"], TASKS);
+
+    let started = Instant::now();
+    let pipeline = ScriptedPipeline::new(2, 1);
+    let args = ["--workers", "4"];
+    let worker_1 = WorkerNode::start(&redis, "load-1", &args, pipeline.clone()).await;
+    let worker_2 = WorkerNode::start(&redis, "load-2", &args, pipeline).await;
+    for id in &ids {
+        assert_eq!(poll_final(&node_b, id, None).await["status"], "done");
+    }
+    let wall = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{TASKS} tasks: submitted through 2 API nodes in {submit_secs:.2} s; run by 2 workers × 4 in {wall:.2} s ({:.0} tasks/s)",
+        TASKS as f64 / wall
+    );
+    assert_eq!(get(&node_a, "/healthcheck").await["components"]["queue"]["depth"], 0);
+
+    let metrics = reqwest::get(worker_1.url("/metrics")).await.unwrap().text().await.unwrap();
+    let per_worker = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("deskgen_worker_tasks_total{{worker=\"{prefix}-")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let (by_1, by_2) = (per_worker("load-1"), per_worker("load-2"));
+    eprintln!("tasks run: load-1 {by_1}, load-2 {by_2}");
+    assert_eq!(by_1 + by_2, TASKS as f64, "{metrics}");
+    assert!(by_1 > 0.0 && by_2 > 0.0, "both workers took tasks: {by_1} / {by_2}");
+
+    worker_1.stop().await;
+    worker_2.stop().await;
+    node_a.stop().await;
+    node_b.stop().await;
+}
