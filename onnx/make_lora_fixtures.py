@@ -65,7 +65,32 @@ def _peft_adapter(model, targets, rank: int, alpha: float, seed: int):
     model.add_adapter(config, adapter_name="fixture")
     _randomize(model, seed, 0.1)
     state = get_peft_model_state_dict(model, adapter_name="fixture")
-    return {k: v.detach().clone().contiguous() for k, v in state.items()}, config
+    # reproducible metadata: no temp path, targets in a fixed order (peft keeps them in a set)
+    meta = dict(config.to_dict(), base_model_name_or_path=None, target_modules=sorted(targets))
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}, meta
+
+
+def _rewrite_sorted(path: pathlib.Path) -> None:
+    """Rewrite a safetensors file with tensors and metadata in sorted order (same content).
+
+    The safetensors writer orders the header by hash, so the bytes of two runs differ; this keeps
+    the committed files byte-reproducible.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = dict(sorted((f.metadata() or {}).items()))
+        tensors = {k: f.get_tensor(k).contiguous() for k in sorted(f.keys())}
+    dtypes = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    header, blobs, offset = {"__metadata__": metadata}, [], 0
+    for key, t in tensors.items():
+        blob = t.numpy().tobytes()
+        header[key] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
 
 
 def build_adapters(ckpt: pathlib.Path, loras_out: pathlib.Path) -> None:
@@ -87,8 +112,8 @@ def build_adapters(ckpt: pathlib.Path, loras_out: pathlib.Path) -> None:
         unet_lora_layers=unet_state,
         text_encoder_lora_layers=te_state,
         weight_name="minimal-desk.safetensors",
-        unet_lora_adapter_metadata=unet_cfg.to_dict(),
-        text_encoder_lora_adapter_metadata=te_cfg.to_dict(),
+        unet_lora_adapter_metadata=unet_cfg,
+        text_encoder_lora_adapter_metadata=te_cfg,
     )
     (loras_out / "minimal-desk.json").write_text(
         json.dumps({"trigger_words": ["minimal desk", "clean lines"]}, indent=2) + "\n"
@@ -115,6 +140,8 @@ def build_adapters(ckpt: pathlib.Path, loras_out: pathlib.Path) -> None:
     )
     (loras_out / "cozy-desk.txt").write_text("cozy desk, warm light\n")
     for p in sorted(loras_out.iterdir()):
+        if p.suffix == ".safetensors":
+            _rewrite_sorted(p)
         p.chmod(0o644)  # safetensors writes through a private temp file
         print(f"loras: {p.name} {p.stat().st_size} bytes", file=sys.stderr)
 
