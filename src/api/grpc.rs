@@ -73,7 +73,7 @@ impl From<pb::GenerateRequest> for GenerateInput {
             loras: (!r.loras.is_empty()).then(|| {
                 r.loras
                     .into_iter()
-                    .map(|l| LoraInput { name: l.name, weight: Some(f64::from(l.weight)) })
+                    .map(|l| LoraInput { name: l.name, weight: l.weight.map(f64::from) })
                     .collect()
             }),
             webhook_url: r.webhook_url,
