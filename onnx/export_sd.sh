@@ -32,6 +32,11 @@
 # After the export every tokenizer directory is given a tokenizer.json (fast tokenizer file),
 # because the Rust side reads tokenizer/tokenizer.json with the `tokenizers` crate and many
 # checkpoints ship only vocab.json + merges.txt.
+#
+# Then onnx/weights_map.py writes unet/weights_map.json and text_encoder*/weights_map.json: which
+# ONNX initializer holds each PyTorch weight, and whether it is stored transposed (the exporter
+# renames Linear weights to `onnx::MatMul_N` and transposes them). deskgen needs these maps to merge
+# LoRA adapters; a model exported without them serves requests without LoRA only.
 set -euo pipefail
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit "${1:-2}"; }
@@ -105,4 +110,8 @@ for d in sorted(out.glob("tokenizer*")):
         tok.backend_tokenizer.save(str(d / "tokenizer.json"))
         print(f"export_sd.sh: wrote {d / 'tokenizer.json'}", file=sys.stderr)
 PY
+
+MAP_ARGS=()
+if [[ "$DTYPE" == fp16 ]]; then MAP_ARGS=(--fp16); fi
+"$VENV/bin/python" "$HERE/weights_map.py" "$MODEL" "$OUT" "${MAP_ARGS[@]}"
 echo "export_sd.sh: exported $MODEL -> $OUT ($DTYPE)" >&2

@@ -11,8 +11,11 @@ Stages (default: all):
   reference   run optimum's ORT pipelines on the exported files -> fixtures/reference/{sd15,sdxl}
   schedulers  diffusers scheduler tables -> fixtures/reference/schedulers.json
   caption-ref captioner token ids -> fixtures/reference/captioner
+  loras       tiny LoRA adapters for tiny-sd15 (peft and kohya format) -> onnx/loras (see
+              make_lora_fixtures.py)
+  lora-ref    diffusers-fused LoRA references -> fixtures/reference/lora
   selfcheck   re-run one case and assert bit-identical output
-  manifest    write fixtures/manifest.fixtures.json
+  manifest    write fixtures/manifest.fixtures.json (fixtures and onnx/loras)
 """
 from __future__ import annotations
 
@@ -962,6 +965,16 @@ def write_manifest(out: pathlib.Path) -> None:
             "size": p.stat().st_size,
             "made_by": "onnx/make_fixtures.sh",
         })
+    # the LoRA adapters live beside the fixtures (onnx/loras is the service's default --lora-dir)
+    loras = out.parent / "loras"
+    for p in sorted(loras.glob("*")) if loras.is_dir() else []:
+        entries.append({
+            "id": f"../loras/{p.name}",
+            "path": f"onnx/loras/{p.name}",
+            "sha256": sha256(p),
+            "size": p.stat().st_size,
+            "made_by": "onnx/make_fixtures.sh",
+        })
     write_json(out / "manifest.fixtures.json", entries)
 
 
@@ -976,7 +989,8 @@ def main() -> None:
     FIXTURES["out"] = out
     stages = args.stages
     if "all" in stages:
-        stages = ["models", "captioner", "reference", "schedulers", "caption-ref", "selfcheck", "manifest"]
+        stages = ["models", "captioner", "reference", "schedulers", "caption-ref", "loras", "lora-ref",
+                  "selfcheck", "manifest"]
     work_ctx = tempfile.TemporaryDirectory(prefix="deskgen-fixtures-") if args.work is None else None
     work = pathlib.Path(args.work or work_ctx.name)
     work.mkdir(parents=True, exist_ok=True)
@@ -1015,6 +1029,21 @@ def main() -> None:
         write_json(cases_path, doc)
         if (work / "ckpt-captioner").exists():
             checks["captioner_ort_vs_torch"] = caption_parity(work, ref)
+
+    loras = out.parent / "loras"
+    if ("loras" in stages or "lora-ref" in stages) and not (work / "ckpt-sd15").exists():
+        build_sd15(work / "ckpt-sd15", work)  # seeded: the checkpoint tiny-sd15 was exported from
+    if "loras" in stages:
+        import make_lora_fixtures
+
+        make_lora_fixtures.build_adapters(work / "ckpt-sd15", loras)
+
+    if "lora-ref" in stages:
+        import make_lora_fixtures
+
+        checks["lora_fused_by_diffusers_vs_w_plus_scaled_ba_max_abs_diff"] = make_lora_fixtures.lora_reference(
+            work / "ckpt-sd15", loras, ref, work, sys.modules[__name__]
+        )
 
     if "selfcheck" in stages:
         checks["rerun_max_abs_diff"] = selfcheck(out)

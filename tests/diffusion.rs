@@ -70,6 +70,7 @@ fn params(prompt: &str, scheduler: SchedulerKind) -> GenerateParams {
         scheduler,
         init_image: None,
         guidance_rescale: 0.0,
+        loras: vec![],
     }
 }
 
@@ -301,6 +302,7 @@ fn generations_match_reference_images() {
                 scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
                 init_image,
                 guidance_rescale: 0.0,
+                loras: vec![],
             };
             let noise = shared("noise");
             let denoised = pipeline.generate_with_noise(&params, noise.view(), &mut keep_going()).unwrap();

@@ -73,7 +73,7 @@ impl From<pb::GenerateRequest> for GenerateInput {
             loras: (!r.loras.is_empty()).then(|| {
                 r.loras
                     .into_iter()
-                    .map(|l| LoraInput { name: l.name, weight: Some(f64::from(l.weight)) })
+                    .map(|l| LoraInput { name: l.name, weight: l.weight.map(f64::from) })
                     .collect()
             }),
             webhook_url: r.webhook_url,
@@ -234,13 +234,19 @@ impl Info for Services {
                 max_guidance_scale: super::validate::MAX_GUIDANCE,
                 max_queue_depth: self.state.queue.capacity() as u32,
                 max_body_bytes: self.state.max_body_bytes as u64,
+                max_lora_weight: pipeline.map(|p| p.max_lora_weight).unwrap_or_default(),
             }),
             queue_backend: info.about.queue_backend,
             schedulers: info.schedulers,
             loras: info
                 .loras
                 .into_iter()
-                .map(|name| pb::LoraInfo { name, rank: 0, target_modules: vec![], trigger_words: vec![] })
+                .map(|l| pb::LoraInfo {
+                    name: l.name,
+                    rank: l.rank,
+                    target_modules: l.target_modules,
+                    trigger_words: l.trigger_words,
+                })
                 .collect(),
             object_store: info.object_store.unwrap_or_default(),
             shopping_provider: info.shopping_provider.unwrap_or_default(),

@@ -24,7 +24,7 @@ use tower_http::cors::{Any, CorsLayer};
 use self::auth::ApiKeys;
 use self::errors::ApiError;
 use self::validate::{GenerateInput, Limits};
-use crate::pipeline::{ModelInfo, PipelineInfo};
+use crate::pipeline::{LoraInfo, ModelInfo, PipelineInfo};
 use crate::tasks::{TaskQueue, TaskRecord};
 use crate::webhook::WebhookSender;
 
@@ -66,8 +66,8 @@ pub struct InfoDocument {
     pub models: Vec<ModelInfo>,
     /// Schedulers a request may name.
     pub schedulers: Vec<String>,
-    /// LoRA adapters a request may name.
-    pub loras: Vec<String>,
+    /// LoRA adapters a request may name, with rank, target modules and trigger words.
+    pub loras: Vec<LoraInfo>,
     /// Where generated images go.
     pub object_store: Option<String>,
     /// Where shopping offers come from.
@@ -154,6 +154,7 @@ impl AppState {
                 "max_guidance_scale": validate::MAX_GUIDANCE,
                 "max_queue_depth": self.queue.capacity(),
                 "max_body_bytes": self.max_body_bytes,
+                "max_lora_weight": pipeline.map(|p| p.max_lora_weight),
             }),
             about: self.about.clone(),
         }

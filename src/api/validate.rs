@@ -2,6 +2,7 @@
 
 use serde::Deserialize;
 
+use crate::inference::diffusion::lora::{check_name, extract_prompt_loras};
 use crate::pipeline::PipelineInfo;
 use crate::tasks::{LoraWeight, TaskRequest};
 
@@ -19,8 +20,6 @@ pub const MAX_STEPS: u32 = 150;
 pub const MAX_GUIDANCE: f32 = 30.0;
 /// Longest prompt, in characters.
 pub const MAX_PROMPT_CHARS: usize = 10_000;
-/// Largest |weight| of one LoRA adapter.
-pub const MAX_LORA_WEIGHT: f32 = 4.0;
 const WEBHOOK_EVENTS: [&str; 3] = ["start", "progress", "completed"];
 
 /// A generation request as received, before validation (REST JSON and gRPC map onto it).
@@ -155,15 +154,32 @@ pub fn validate(
         );
     }
     let mut loras = Vec::new();
+    let mut check_lora = |field: &'static str, name: &str, weight: f64| {
+        let max = info.max_lora_weight;
+        if let Err(reason) = check_name(name) {
+            bad(field, format!("{reason}."));
+        } else if !info.loras.iter().any(|l| l.name == name) {
+            let known: Vec<&str> = info.loras.iter().map(|l| l.name.as_str()).collect();
+            let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+            bad(field, format!("Unknown LoRA '{name}'; known: {known}."));
+        } else if !weight.is_finite() || weight.abs() > f64::from(max) {
+            bad(field, format!("LoRA '{name}' weight must be between -{max} and {max}."));
+        }
+    };
     for lora in input.loras.unwrap_or_default() {
         let weight = lora.weight.unwrap_or(1.0);
-        if !info.loras.contains(&lora.name) {
-            let known = if info.loras.is_empty() { "none".to_string() } else { info.loras.join(", ") };
-            bad("loras", format!("Unknown LoRA '{}'; known: {known}.", lora.name));
-        } else if !weight.is_finite() || weight.abs() > f64::from(MAX_LORA_WEIGHT) {
-            bad("loras", format!("LoRA weight must be between -{MAX_LORA_WEIGHT} and {MAX_LORA_WEIGHT}."));
-        }
+        check_lora("loras", &lora.name, weight);
         loras.push(LoraWeight { name: lora.name, weight: weight as f32 });
+    }
+    // `<lora:name:weight>` in the prompt: checked here, taken out of the text by the pipeline.
+    match input.prompt.as_deref().map(extract_prompt_loras) {
+        Some(Ok(tagged)) => {
+            for (name, weight) in &tagged.loras {
+                check_lora("prompt", name, f64::from(*weight));
+            }
+        }
+        Some(Err(reason)) => bad("prompt", format!("{reason}.")),
+        None => {}
     }
     if let Some(url) = &input.webhook_url {
         check_url(&mut bad, "webhook_url", url, &["https", "http"]);

@@ -9,6 +9,7 @@ use std::sync::{Mutex, OnceLock};
 use ort::environment::Environment;
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::value::DynValue;
 
 /// Errors while loading the runtime or building a session.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,16 @@ pub enum RuntimeError {
         /// What went wrong.
         reason: String,
     },
+}
+
+/// New values for some initializers of a model file (see [`Runtime::session_with_overrides`]).
+#[derive(Debug, Default)]
+pub struct InitializerOverrides {
+    /// (byte offset in the model file, bytes of the same length to put there) for values stored in
+    /// the file itself.
+    pub patches: Vec<(u64, Vec<u8>)>,
+    /// (initializer name, value) for values kept in external data files.
+    pub external: Vec<(String, DynValue)>,
 }
 
 /// Which execution provider sessions run on.
@@ -169,12 +180,46 @@ impl Runtime {
 
     /// Builds a session from a model file, naming the file in any error.
     pub fn session(&self, path: &Path) -> Result<Session, RuntimeError> {
+        self.session_with_overrides(path, InitializerOverrides::default())
+    }
+
+    /// Builds a session from a model file with some initializer values replaced; the file stays
+    /// untouched. Values stored in the file are patched into a copy of its bytes; values in
+    /// external data files are handed over with `AddExternalInitializers`. Both take effect before
+    /// graph optimization (`AddInitializer` would not: optimizations that rewrite weights, such as
+    /// the NCHWc Conv layout, would still read the file's values).
+    pub fn session_with_overrides(
+        &self,
+        path: &Path,
+        overrides: InitializerOverrides,
+    ) -> Result<Session, RuntimeError> {
+        let fail = |reason: String| RuntimeError::Model { path: path.to_path_buf(), reason };
         if !path.is_file() {
-            return Err(RuntimeError::Model { path: path.to_path_buf(), reason: "file not found".into() });
+            return Err(fail("file not found".into()));
         }
-        self.builder()?
-            .commit_from_file(path)
-            .map_err(|e| RuntimeError::Model { path: path.to_path_buf(), reason: e.to_string() })
+        let mut builder = self.builder()?;
+        for (name, value) in overrides.external {
+            builder = builder
+                .with_external_initializer(&name, value)
+                .map_err(|e| fail(format!("cannot override initializer {name:?}: {e}")))?;
+        }
+        if overrides.patches.is_empty() {
+            return builder.commit_from_file(path).map_err(|e| fail(e.to_string()));
+        }
+        let mut bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+        for (offset, patch) in &overrides.patches {
+            let range = *offset as usize..*offset as usize + patch.len();
+            bytes
+                .get_mut(range)
+                .ok_or_else(|| fail(format!("patch at byte {offset} is outside the file")))?
+                .copy_from_slice(patch);
+        }
+        // Loaded from memory, the model finds its external data files by this folder.
+        let folder = path.parent().unwrap_or(Path::new(".")).to_string_lossy().into_owned();
+        builder = builder
+            .with_config_entry("session.model_external_initializers_file_folder_path", folder)
+            .map_err(|e| fail(e.to_string()))?;
+        builder.commit_from_memory(&bytes).map_err(|e| fail(e.to_string()))
     }
 }
 

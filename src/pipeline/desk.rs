@@ -11,8 +11,9 @@ use bytes::Bytes;
 use image::{ImageEncoder, RgbImage};
 
 use super::plan::{Category, PipelineSettings, PromptInput};
-use super::{ModelInfo, Pipeline, PipelineInfo};
+use super::{LoraInfo, ModelInfo, Pipeline, PipelineInfo};
 use crate::fetch::{FetchConfig, FetchError, Fetcher};
+use crate::inference::diffusion::lora::{LoraOptions, extract_prompt_loras};
 use crate::inference::diffusion::schedulers::img2img_start_index;
 use crate::inference::diffusion::{DiffusionError, GenerateParams, SchedulerKind, StableDiffusion};
 use crate::inference::vision::{SceneAnalysis, Vision, VisionConfig};
@@ -21,7 +22,8 @@ use crate::shopping::{ShoppingConfig, ShoppingProvider};
 use crate::storage::{ObjectStore, StorageConfig};
 use crate::tasks::worker::TaskContext;
 use crate::tasks::{
-    BoundingBox, DetectedItem, ErrorCode, Recommendation, TaskError, TaskOutput, TaskRecord, TaskRequest,
+    BoundingBox, DetectedItem, ErrorCode, LoraWeight, Recommendation, TaskError, TaskOutput, TaskRecord,
+    TaskRequest,
 };
 
 /// Everything the pipeline loads: models, settings and the outside services it talks to.
@@ -37,6 +39,18 @@ pub struct PipelineConfig {
     /// pipeline whose images are noise; see README for real weights).
     #[arg(long, env = "DESKGEN_SD_MODEL", default_value = "onnx/fixtures/tiny-sd15")]
     pub sd_model: PathBuf,
+    /// Folder of LoRA adapters (`*.safetensors`, diffusers/peft or kohya format, trigger words in
+    /// `<name>.json` / `<name>.txt`) that requests may name; files that do not fit the model are
+    /// skipped with a warning.
+    #[arg(long, env = "DESKGEN_LORA_DIR", default_value = "onnx/loras")]
+    pub lora_dir: PathBuf,
+    /// How many merged UNet/text-encoder session sets (one per distinct set of LoRA names and
+    /// weights) are kept for reuse; each holds a copy of the models it changes. 0 merges per request.
+    #[arg(long, env = "DESKGEN_LORA_CACHE_SIZE", default_value_t = 2)]
+    pub lora_cache_size: usize,
+    /// Largest |weight| a request may give one LoRA adapter (negative weights down to -this work).
+    #[arg(long, env = "DESKGEN_MAX_LORA_WEIGHT", default_value_t = 2.0)]
+    pub max_lora_weight: f32,
     /// Category table and prompt templates (TOML); the built-in config/pipeline.toml when unset.
     #[arg(long, env = "DESKGEN_PIPELINE_CONFIG")]
     pub pipeline_config: Option<PathBuf>,
@@ -60,6 +74,8 @@ pub struct DeskPipeline {
     shopping: Arc<dyn ShoppingProvider>,
     settings: PipelineSettings,
     models: Vec<ModelInfo>,
+    loras: Vec<LoraInfo>,
+    max_lora_weight: f32,
     max_image_bytes: u64,
 }
 
@@ -83,7 +99,34 @@ impl DeskPipeline {
         let runtime = Runtime::init(&config.runtime)?;
         let provider = runtime.provider().as_str().to_string();
         let vision = Vision::load(&runtime, &config.vision)?;
-        let diffusion = StableDiffusion::load(&runtime, &config.sd_model)?;
+        let mut diffusion = StableDiffusion::load(&runtime, &config.sd_model)?;
+        anyhow::ensure!(
+            config.max_lora_weight.is_finite() && config.max_lora_weight > 0.0,
+            "--max-lora-weight must be a positive number, not {}",
+            config.max_lora_weight
+        );
+        let lora_options = LoraOptions {
+            dir: config.lora_dir.clone(),
+            cache_size: config.lora_cache_size,
+            max_weight: config.max_lora_weight,
+        };
+        for rejected in diffusion.load_loras(&lora_options)? {
+            tracing::warn!(path = %rejected.path.display(), error = %rejected.error, "LoRA adapter skipped");
+        }
+        let loras = diffusion
+            .lora_library()
+            .map(|library| {
+                library
+                    .adapters()
+                    .map(|a| LoraInfo {
+                        name: a.name.clone(),
+                        rank: a.rank as u32,
+                        target_modules: a.target_modules.clone(),
+                        trigger_words: a.trigger_words.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let settings = PipelineSettings::load(config.pipeline_config.as_deref())?;
         let shopping = crate::shopping::build(&config.shopping)?;
         let fetcher = Fetcher::new(&config.fetch)?;
@@ -113,6 +156,8 @@ impl DeskPipeline {
             shopping,
             settings,
             models,
+            loras,
+            max_lora_weight: config.max_lora_weight,
             max_image_bytes: config.fetch.max_image_bytes,
         })
     }
@@ -173,6 +218,7 @@ impl DeskPipeline {
         ctx: &TaskContext,
         timings: &mut Stopwatch,
     ) -> Result<Vec<u8>, DiffusionError> {
+        let with_loras = !params.loras.is_empty();
         let diffusion = self.diffusion.clone();
         let step_ctx = ctx.clone();
         let generated = tokio::task::spawn_blocking(move || {
@@ -183,6 +229,9 @@ impl DeskPipeline {
         })
         .await
         .map_err(|e| DiffusionError::Inference { model: "pipeline", reason: e.to_string() })??;
+        if with_loras {
+            timings.0.insert("lora".into(), generated.timings.lora_ms);
+        }
         timings.0.insert("text_encode".into(), generated.timings.text_encode_ms);
         timings.0.insert("unet".into(), generated.timings.unet_ms);
         timings.0.insert("vae".into(), generated.timings.vae_ms);
@@ -190,6 +239,41 @@ impl DeskPipeline {
         let png = encode_png(&generated.image);
         timings.record("encode_png", started);
         Ok(png)
+    }
+
+    /// The user's text without `<lora:…>` tags (none if nothing else is left) and the adapters to
+    /// apply: the request's `loras`, then tags for adapters it does not name (a name in both keeps
+    /// the request's weight; a tag given twice keeps the last).
+    fn requested_loras(
+        &self,
+        prompt: Option<&str>,
+        requested: &[LoraWeight],
+    ) -> Result<RequestedLoras, TaskError> {
+        let mut loras: Vec<(String, f32)> = requested.iter().map(|l| (l.name.clone(), l.weight)).collect();
+        let Some(prompt) = prompt else { return Ok(RequestedLoras { user_text: None, loras }) };
+        let tagged = extract_prompt_loras(prompt).map_err(|e| fail(ErrorCode::InvalidInput, e))?;
+        for (name, weight) in tagged.loras {
+            if !requested.iter().any(|l| l.name == name) {
+                loras.retain(|(n, _)| *n != name);
+                loras.push((name, weight));
+            }
+        }
+        let user_text = Some(tagged.text).filter(|t| !t.trim().is_empty());
+        Ok(RequestedLoras { user_text, loras })
+    }
+
+    /// Trigger words of the adapters that take part (weight not 0), each once, in request order.
+    fn trigger_words(&self, loras: &[(String, f32)]) -> Vec<String> {
+        let mut words: Vec<String> = Vec::new();
+        for (name, _) in loras.iter().filter(|(_, w)| *w != 0.0) {
+            let Some(info) = self.loras.iter().find(|l| &l.name == name) else { continue };
+            for word in &info.trigger_words {
+                if !words.contains(word) {
+                    words.push(word.clone());
+                }
+            }
+        }
+        words
     }
 
     /// Runs a request whose photo (if any) is already in hand: decode, vision, plan, prompt,
@@ -201,6 +285,10 @@ impl DeskPipeline {
         ctx: &TaskContext,
     ) -> Result<TaskOutput, TaskError> {
         let mut timings = Stopwatch::default();
+        // `<lora:name:weight>` tags leave the text before it reaches the planner or the tokenizer.
+        let RequestedLoras { user_text, loras } =
+            self.requested_loras(request.prompt.as_deref(), &request.loras)?;
+        let user_text = user_text.as_deref();
         let mut output =
             TaskOutput { initial_image_url: request.initial_image_url.clone(), ..TaskOutput::default() };
 
@@ -239,7 +327,7 @@ impl DeskPipeline {
 
         let plan: Vec<Category> = self
             .settings
-            .plan(analysis.as_ref().map(|a| a.items.as_slice()), request.prompt.as_deref())
+            .plan(analysis.as_ref().map(|a| a.items.as_slice()), user_text)
             .into_iter()
             .cloned()
             .collect();
@@ -254,11 +342,12 @@ impl DeskPipeline {
         let is_desk = analysis.as_ref().is_none_or(|a| a.is_desk);
         if is_desk {
             let categories: Vec<&Category> = plan.iter().collect();
+            let triggers = self.trigger_words(&loras);
             let prompt = self.settings.prompt(&PromptInput {
                 caption: output.caption.as_deref(),
                 categories: &categories,
-                user_text: request.prompt.as_deref(),
-                triggers: &[],
+                user_text,
+                triggers: &triggers,
             });
             let negative =
                 request.negative_prompt.clone().unwrap_or_else(|| self.settings.prompt.negative.clone());
@@ -285,6 +374,7 @@ impl DeskPipeline {
                 scheduler,
                 init_image: photo,
                 guidance_rescale: 0.0,
+                loras,
             };
             // img2img runs only the last `strength` of the schedule (at least one step).
             let steps = request.num_inference_steps as usize;
@@ -330,6 +420,14 @@ impl DeskPipeline {
         output.timings_ms = timings.0;
         Ok(output)
     }
+}
+
+/// A request's text and adapters once `<lora:…>` tags are taken out of the prompt.
+struct RequestedLoras {
+    /// The user's text without the tags; none if nothing else was there.
+    user_text: Option<String>,
+    /// (name, weight) of every adapter to apply.
+    loras: Vec<(String, f32)>,
 }
 
 /// Total size of the files under `dir`.
@@ -411,7 +509,8 @@ impl Pipeline for DeskPipeline {
             default_scheduler: self.diffusion.default_scheduler().as_str().to_string(),
             native_size: self.diffusion.native_size().0,
             size_multiple: self.diffusion.config().size_multiple as u32,
-            loras: vec![],
+            loras: self.loras.clone(),
+            max_lora_weight: self.max_lora_weight,
             negative_prompt: self.settings.prompt.negative.clone(),
             object_store: self.store.kind().to_string(),
             shopping_provider: self.shopping.name().to_string(),

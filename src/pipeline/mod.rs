@@ -26,6 +26,19 @@ pub struct ModelInfo {
     pub execution_provider: String,
 }
 
+/// One LoRA adapter as /info describes it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoraInfo {
+    /// The name requests use (`loras[].name`, `<lora:name:weight>`).
+    pub name: String,
+    /// Its largest rank.
+    pub rank: u32,
+    /// Module kinds it changes, prefixed by sub-model (`unet.to_q`, `text_encoder.q_proj`).
+    pub target_modules: Vec<String>,
+    /// Words that invoke it; added to the prompt's `{triggers}` when it is used.
+    pub trigger_words: Vec<String>,
+}
+
 /// What the pipeline offers, for /info and for request defaults.
 #[derive(Debug, Clone, Serialize)]
 pub struct PipelineInfo {
@@ -40,7 +53,9 @@ pub struct PipelineInfo {
     /// Image sides must be multiples of this (8, or more for deep UNets).
     pub size_multiple: u32,
     /// LoRA adapters a request may name.
-    pub loras: Vec<String>,
+    pub loras: Vec<LoraInfo>,
+    /// Largest |weight| a request may give one LoRA adapter.
+    pub max_lora_weight: f32,
     /// The negative prompt used when a request gives none.
     pub negative_prompt: String,
     /// Where generated images go ("file" or "s3").

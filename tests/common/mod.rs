@@ -94,6 +94,7 @@ impl Pipeline for ScriptedPipeline {
             native_size: 512,
             size_multiple: 8,
             loras: vec![],
+            max_lora_weight: 2.0,
             negative_prompt: "blurry".into(),
             object_store: "file".into(),
             shopping_provider: "catalog".into(),

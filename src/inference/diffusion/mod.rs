@@ -19,6 +19,7 @@
 //! VAE's latent distribution, so it draws nothing for the encoder.
 
 mod config;
+pub mod lora;
 mod pipeline;
 pub mod schedulers;
 mod tensor;
@@ -82,6 +83,9 @@ pub enum DiffusionError {
         /// The rule it breaks.
         reason: String,
     },
+    /// A LoRA adapter could not be read, does not fit the model, or was asked for wrongly.
+    #[error(transparent)]
+    Lora(#[from] lora::LoraError),
     /// The progress callback asked to stop.
     #[error("generation canceled")]
     Canceled,

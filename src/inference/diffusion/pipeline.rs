@@ -3,6 +3,7 @@
 
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use image::RgbImage;
@@ -14,12 +15,13 @@ use rand_distr::StandardNormal;
 
 use super::DiffusionError;
 use super::config::{ModelFamily, PipelineConfig};
+use super::lora::{LoraError, LoraLibrary, LoraOptions, MergedCache, MergedModels, ModelPart, RejectedLora};
 use super::schedulers::{SchedulerKind, img2img_start_index};
 use super::text_encoder::TextEncoder;
 use super::tokenizer::ClipTokenizer;
 use super::unet::{Unet, time_ids};
 use super::vae::VaeHalf;
-use crate::inference::Runtime;
+use crate::inference::{InitializerOverrides, Runtime};
 
 /// The most denoising steps a request may ask for.
 pub const MAX_STEPS: u32 = 150;
@@ -28,12 +30,23 @@ pub const MAX_STEPS: u32 = 150;
 /// by several workers; their UNet calls take turns.
 pub struct StableDiffusion {
     config: PipelineConfig,
+    runtime: Runtime,
     tokenizers: Vec<ClipTokenizer>,
     text_encoders: Vec<TextEncoder>,
     unet: Unet,
     vae_encoder: Option<VaeHalf>,
     vae_decoder: VaeHalf,
+    loras: Option<Loras>,
 }
+
+/// The adapters this pipeline can apply and the merged sessions built for recent requests.
+struct Loras {
+    library: LoraLibrary,
+    cache: MergedCache<Unet, TextEncoder>,
+}
+
+/// Sessions with merged LoRA weights, `None` where the base session serves.
+type Merged = MergedModels<Unet, TextEncoder>;
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -60,11 +73,16 @@ pub struct GenerateParams {
     pub init_image: Option<RgbImage>,
     /// Rescales guided predictions toward the conditional one's spread (Lin et al. 2023), in [0, 1].
     pub guidance_rescale: f32,
+    /// LoRA adapters (name, weight) merged into the UNet and text encoders for this generation;
+    /// weight 0 leaves an adapter out, so an all-zero list runs the base model.
+    pub loras: Vec<(String, f32)>,
 }
 
 /// Milliseconds spent in each sub-model during one generation.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Timings {
+    /// Finding or building the sessions with merged LoRA weights (0 without adapters).
+    pub lora_ms: f64,
     /// Tokenizing and text encoding.
     pub text_encode_ms: f64,
     /// All UNet steps, including the scheduler arithmetic between them.
@@ -141,7 +159,7 @@ impl StableDiffusion {
                 reason: "both tokenizers must have the same model_max_length".into(),
             });
         }
-        let unet = Unet::load(runtime, dir, xl)?;
+        let unet = Unet::load(runtime, dir, xl, InitializerOverrides::default())?;
         let vae_encoder = if dir.join("vae_encoder/model.onnx").is_file() {
             Some(VaeHalf::encoder(runtime, dir)?)
         } else {
@@ -149,7 +167,79 @@ impl StableDiffusion {
         };
         let vae_decoder = VaeHalf::decoder(runtime, dir)?;
         tracing::info!(dir = %dir.display(), family = ?config.family, img2img = vae_encoder.is_some(), "diffusion pipeline loaded");
-        Ok(StableDiffusion { config, tokenizers, text_encoders, unet, vae_encoder, vae_decoder })
+        Ok(StableDiffusion {
+            config,
+            runtime: runtime.clone(),
+            tokenizers,
+            text_encoders,
+            unet,
+            vae_encoder,
+            vae_decoder,
+            loras: None,
+        })
+    }
+
+    /// Makes the adapters in `options.dir` that fit this model available to requests (replacing any
+    /// loaded before); returns the files that were left out, with the reason.
+    pub fn load_loras(&mut self, options: &LoraOptions) -> Result<Vec<RejectedLora>, DiffusionError> {
+        let (library, rejected) = LoraLibrary::scan(options, &self.config.dir, self.config.family)?;
+        for adapter in library.adapters() {
+            tracing::info!(name = %adapter.name, rank = adapter.rank, targets = ?adapter.target_modules, "LoRA adapter available");
+        }
+        self.loras = Some(Loras { library, cache: MergedCache::new(options.cache_size) });
+        Ok(rejected)
+    }
+
+    /// The adapters requests may name, if any were loaded.
+    pub fn lora_library(&self) -> Option<&LoraLibrary> {
+        self.loras.as_ref().map(|l| &l.library)
+    }
+
+    /// How many sets of merged sessions are cached now.
+    pub fn cached_lora_sets(&self) -> usize {
+        self.loras.as_ref().map_or(0, |l| l.cache.len())
+    }
+
+    /// The merged sessions for `requested`, or `None` when no adapter with a non-zero weight is
+    /// asked for (the base sessions serve, at no cost).
+    fn merged(&self, requested: &[(String, f32)]) -> Result<Option<Arc<Merged>>, DiffusionError> {
+        let Some((first, _)) = requested.first() else { return Ok(None) };
+        let loras = self
+            .loras
+            .as_ref()
+            .ok_or_else(|| LoraError::Unknown { name: first.clone(), known: Vec::new() })?;
+        let set = loras.library.resolve(requested)?;
+        if set.is_empty() {
+            return Ok(None);
+        }
+        let (merged, hit) = loras.cache.get_or_build(&set, || {
+            let mut overrides = loras.library.overrides(&set)?;
+            let dir = &self.config.dir;
+            let xl = self.config.family == ModelFamily::StableDiffusionXl;
+            let build_error = |part: ModelPart| {
+                move |e: DiffusionError| LoraError::Merge { part: part.as_str(), reason: e.to_string() }
+            };
+            let unet = match overrides.remove(&ModelPart::Unet) {
+                Some(values) => {
+                    Some(Unet::load(&self.runtime, dir, xl, values).map_err(build_error(ModelPart::Unet))?)
+                }
+                None => None,
+            };
+            let mut text_encoders = Vec::new();
+            for (encoder, part) in
+                self.text_encoders.iter().zip([ModelPart::TextEncoder, ModelPart::TextEncoder2])
+            {
+                text_encoders.push(match overrides.remove(&part) {
+                    Some(values) => Some(
+                        encoder.with_initializers(&self.runtime, dir, values).map_err(build_error(part))?,
+                    ),
+                    None => None,
+                });
+            }
+            Ok(MergedModels { unet, text_encoders })
+        })?;
+        tracing::debug!(loras = ?requested, cache_hit = hit, "LoRA sessions ready");
+        Ok(Some(merged))
     }
 
     /// The model's training resolution as (width, height): 512² for SD 1.x, 1024² for SDXL.
@@ -215,6 +305,17 @@ impl StableDiffusion {
         negative_prompt: &str,
         guided: bool,
     ) -> Result<PromptEmbeddings, DiffusionError> {
+        self.encode_prompt_with(None, prompt, negative_prompt, guided)
+    }
+
+    /// [`Self::encode_prompt`] with the text encoders of `merged` where it has them.
+    fn encode_prompt_with(
+        &self,
+        merged: Option<&Merged>,
+        prompt: &str,
+        negative_prompt: &str,
+        guided: bool,
+    ) -> Result<PromptEmbeddings, DiffusionError> {
         let xl = self.config.family == ModelFamily::StableDiffusionXl;
         // SDXL was trained with zeroed embeddings standing in for "no negative prompt".
         let zero_negative =
@@ -222,7 +323,8 @@ impl StableDiffusion {
         let texts: &[&str] = if guided && !zero_negative { &[negative_prompt, prompt] } else { &[prompt] };
         let mut hidden_states = Vec::with_capacity(self.text_encoders.len());
         let mut pooled = None;
-        for (tokenizer, encoder) in self.tokenizers.iter().zip(&self.text_encoders) {
+        for (index, (tokenizer, base)) in self.tokenizers.iter().zip(&self.text_encoders).enumerate() {
+            let encoder = merged.and_then(|m| m.text_encoders.get(index)?.as_ref()).unwrap_or(base);
             let mut input_ids = Array2::zeros((texts.len(), tokenizer.max_length()));
             for (mut row, text) in input_ids.outer_iter_mut().zip(texts) {
                 row.assign(&ndarray::Array1::from(tokenizer.encode(text)?));
@@ -296,8 +398,13 @@ impl StableDiffusion {
     ) -> Result<Denoised, DiffusionError> {
         let mut timings = Timings::default();
         let started = Instant::now();
+        let merged = self.merged(&params.loras)?;
+        let merged = merged.as_deref();
+        let unet = merged.and_then(|m| m.unet.as_ref()).unwrap_or(&self.unet);
+        timings.lora_ms = elapsed_ms(started);
+        let started = Instant::now();
         let guided = params.guidance_scale > 1.0;
-        let embeddings = self.encode_prompt(&params.prompt, &params.negative_prompt, guided)?;
+        let embeddings = self.encode_prompt_with(merged, &params.prompt, &params.negative_prompt, guided)?;
         timings.text_encode_ms = elapsed_ms(started);
 
         let mut scheduler = params.scheduler.build(&self.config.scheduler);
@@ -330,8 +437,8 @@ impl StableDiffusion {
         let added = embeddings
             .pooled_prompt_embeds
             .map(|pooled| (pooled, time_ids(params.height as usize, params.width as usize, rows)));
-        let conditioning = self.unet.conditioning(embeddings.prompt_embeds, added);
-        let mut buffers = self.unet.buffers([rows, channels, latent_h, latent_w])?;
+        let conditioning = unet.conditioning(embeddings.prompt_embeds, added);
+        let mut buffers = unet.buffers([rows, channels, latent_h, latent_w])?;
         let mut noise_pred = Array4::<f32>::zeros(latents.raw_dim());
         let run = &timesteps[start..];
         for (done, &timestep) in run.iter().enumerate() {
@@ -339,11 +446,11 @@ impl StableDiffusion {
                 row.assign(&latents.index_axis(Axis(0), 0));
             }
             scheduler.scale_model_input(buffers.sample.view_mut(), timestep);
-            self.unet.predict(&mut buffers, timestep, &conditioning, |prediction| {
+            unet.predict(&mut buffers, timestep, &conditioning, |prediction| {
                 guide(prediction, noise_pred.view_mut(), params.guidance_scale, params.guidance_rescale);
             })?;
             scheduler.step(noise_pred.view(), timestep, latents.view_mut(), rng);
-            if self.unet.is_half() {
+            if unet.is_half() {
                 // diffusers casts each step's result back to the model's float16.
                 latents.mapv_inplace(|l| half::f16::from_f32(l).to_f32());
             }

@@ -11,7 +11,7 @@ use ort::value::TensorRef;
 use super::DiffusionError;
 use super::config::{config_error, required_file};
 use super::tensor::{inference_error, output_f32};
-use crate::inference::Runtime;
+use crate::inference::{InitializerOverrides, Runtime};
 
 /// One text encoder session and the outputs the pipeline reads from it.
 pub(crate) struct TextEncoder {
@@ -31,8 +31,36 @@ impl TextEncoder {
         hidden_output: String,
         pooled_output: Option<String>,
     ) -> Result<TextEncoder, DiffusionError> {
+        Self::load_with(runtime, dir, model, hidden_output, pooled_output, InitializerOverrides::default())
+    }
+
+    /// The same encoder as `self` with `overrides` replacing some initializers (merged LoRA weights).
+    pub(crate) fn with_initializers(
+        &self,
+        runtime: &Runtime,
+        dir: &Path,
+        overrides: InitializerOverrides,
+    ) -> Result<TextEncoder, DiffusionError> {
+        Self::load_with(
+            runtime,
+            dir,
+            self.model,
+            self.hidden_output.clone(),
+            self.pooled_output.clone(),
+            overrides,
+        )
+    }
+
+    fn load_with(
+        runtime: &Runtime,
+        dir: &Path,
+        model: &'static str,
+        hidden_output: String,
+        pooled_output: Option<String>,
+        overrides: InitializerOverrides,
+    ) -> Result<TextEncoder, DiffusionError> {
         let path = required_file(dir, &format!("{model}/model.onnx"))?;
-        let session = runtime.session(&path)?;
+        let session = runtime.session_with_overrides(&path, overrides)?;
         let has_output = |name: &str| session.outputs().iter().any(|o| o.name() == name);
         for name in std::iter::once(&hidden_output).chain(pooled_output.as_ref()) {
             if !has_output(name) {

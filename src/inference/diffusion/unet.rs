@@ -13,7 +13,7 @@ use ort::value::{DynValue, Tensor, TensorRef};
 use super::DiffusionError;
 use super::config::{config_error, required_file};
 use super::tensor::{FloatType, ModelTensor, inference_error, output_f32};
-use crate::inference::Runtime;
+use crate::inference::{InitializerOverrides, Runtime};
 
 const MODEL: &str = "unet";
 const OUTPUT: &str = "out_sample";
@@ -57,14 +57,16 @@ enum TimestepValue {
 }
 
 impl Unet {
-    /// Loads `dir/unet/model.onnx` and checks its inputs; `size_conditioned` for SDXL.
+    /// Loads `dir/unet/model.onnx` with `overrides` replacing some initializers (merged LoRA
+    /// weights) and checks its inputs; `size_conditioned` for SDXL.
     pub(crate) fn load(
         runtime: &Runtime,
         dir: &Path,
         size_conditioned: bool,
+        overrides: InitializerOverrides,
     ) -> Result<Unet, DiffusionError> {
         let path = required_file(dir, "unet/model.onnx")?;
-        let session = runtime.session(&path)?;
+        let session = runtime.session_with_overrides(&path, overrides)?;
         let mut required = vec!["sample", "timestep", "encoder_hidden_states"];
         if size_conditioned {
             required.extend(["text_embeds", "time_ids"]);

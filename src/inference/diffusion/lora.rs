@@ -1,0 +1,953 @@
+//! LoRA adapters applied at request time.
+//!
+//! An adapter changes some weights of the UNet and text encoders by a low-rank product:
+//! `W' = W + weight · scale · (B · A)`, with `A` (`lora_A` / `lora_down`) `[rank, in]`, `B`
+//! (`lora_B` / `lora_up`) `[out, rank]` and `scale = alpha / rank` (`alpha / √rank` for rsLoRA).
+//! Conv weights use the same product on their flattened `[out, in·kh·kw]` form.
+//!
+//! Two file layouts are read, both safetensors:
+//! - diffusers / peft: `unet.<module>.lora_A.weight`, `text_encoder.<module>.lora_B.weight`, …;
+//!   alpha from a per-module `.alpha` tensor, else from the peft config diffusers stores in the
+//!   metadata (`lora_adapter_metadata`), else alpha = rank.
+//! - kohya: `lora_unet_<module with _>.lora_down.weight`, `lora_te_…` / `lora_te1_…` /
+//!   `lora_te2_…`, with a scalar `.alpha` per module.
+//!
+//! The exporter renames and transposes weights, so the merge goes through
+//! `<part>/weights_map.json` (written by `onnx/export_sd.sh`): PyTorch name → ONNX initializer and
+//! whether it is stored transposed. Merged weights replace the initializers of a new session
+//! (ONNX Runtime's `AddInitializer`); the base sessions are never touched, and a request without
+//! adapters uses them directly. Merged sessions are kept in a small LRU keyed by the set of
+//! (adapter, weight) pairs.
+
+mod onnx_weights;
+mod safetensors;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ndarray::{Array2, ArrayD, IxDyn};
+use ort::value::{DynValue, Tensor};
+use serde::Deserialize;
+
+use self::onnx_weights::FloatKind;
+use self::safetensors::Header;
+use super::config::ModelFamily;
+use crate::inference::InitializerOverrides;
+
+/// The sub-models an adapter can change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ModelPart {
+    /// The denoising UNet.
+    Unet,
+    /// The (first) CLIP text encoder.
+    TextEncoder,
+    /// SDXL's second text encoder.
+    TextEncoder2,
+}
+
+impl ModelPart {
+    /// The sub-model's folder in the export layout, also the key prefix in diffusers' format.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelPart::Unet => "unet",
+            ModelPart::TextEncoder => "text_encoder",
+            ModelPart::TextEncoder2 => "text_encoder_2",
+        }
+    }
+
+    const ALL: [ModelPart; 3] = [ModelPart::Unet, ModelPart::TextEncoder, ModelPart::TextEncoder2];
+}
+
+/// Everything that can go wrong reading, checking or applying an adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    /// The adapter file could not be read.
+    #[error("LoRA file {}: {reason}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's or parser's message.
+        reason: String,
+    },
+    /// The file is not a valid safetensors file (bad header, truncated, NaN values, …).
+    #[error("LoRA file {} is corrupt: {reason}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The file is valid safetensors but not a LoRA layout this service applies.
+    #[error("LoRA '{name}' is not in a supported format: {reason}")]
+    Format {
+        /// The adapter's name.
+        name: String,
+        /// What was found instead.
+        reason: String,
+    },
+    /// The adapter was made for another model family.
+    #[error("LoRA '{name}' is for {adapter}, but the loaded model is {model}")]
+    WrongFamily {
+        /// The adapter's name.
+        name: String,
+        /// The family the adapter was trained on.
+        adapter: &'static str,
+        /// The family of the loaded model.
+        model: &'static str,
+    },
+    /// The adapter changes a weight the model's weights map does not list.
+    #[error(
+        "LoRA '{name}' targets {part} weight '{module}', which the model's {part}/weights_map.json does not list \
+         (the adapter is for another architecture, or the export could not map that weight)"
+    )]
+    UnknownTarget {
+        /// The adapter's name.
+        name: String,
+        /// The sub-model.
+        part: &'static str,
+        /// The module as the adapter names it.
+        module: String,
+    },
+    /// Ranks or shapes of the adapter do not fit the weight it targets.
+    #[error("LoRA '{name}' does not fit {part} weight '{module}': {reason}")]
+    Shape {
+        /// The adapter's name.
+        name: String,
+        /// The sub-model.
+        part: &'static str,
+        /// The PyTorch weight name.
+        module: String,
+        /// The mismatch.
+        reason: String,
+    },
+    /// The model was exported without the weights map adapters need, or the map is stale.
+    #[error("cannot apply LoRA adapters to {}: {reason}", path.display())]
+    WeightsMap {
+        /// The map (or the model file it describes).
+        path: PathBuf,
+        /// What is missing or wrong; how to fix it.
+        reason: String,
+    },
+    /// A request named an adapter that is not loaded.
+    #[error("unknown LoRA '{name}'; known: {}", if known.is_empty() { "none".to_string() } else { known.join(", ") })]
+    Unknown {
+        /// The name asked for.
+        name: String,
+        /// The adapters that are available.
+        known: Vec<String>,
+    },
+    /// A request gave a weight outside the configured bound.
+    #[error("LoRA '{name}' weight {weight} is outside -{max}..={max}")]
+    Weight {
+        /// The adapter's name.
+        name: String,
+        /// The weight asked for.
+        weight: f32,
+        /// The configured bound (`--max-lora-weight`).
+        max: f32,
+    },
+    /// Reading base weights from the ONNX file or building the merged session failed.
+    #[error("merging LoRA into {part}: {reason}")]
+    Merge {
+        /// The sub-model.
+        part: &'static str,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Where adapters come from and how many merged sessions are kept.
+#[derive(Debug, Clone)]
+pub struct LoraOptions {
+    /// Folder of `*.safetensors` adapters (with optional `<name>.json` / `<name>.txt` sidecars).
+    pub dir: PathBuf,
+    /// Merged session sets kept for reuse; 0 builds one per request.
+    pub cache_size: usize,
+    /// Largest |weight| a request may give one adapter.
+    pub max_weight: f32,
+}
+
+/// File layouts adapters come in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraFormat {
+    /// diffusers / peft: `lora_A` / `lora_B`.
+    Peft,
+    /// kohya-ss: `lora_unet_…` / `lora_te_…`, `lora_down` / `lora_up`, `.alpha`.
+    Kohya,
+}
+
+/// One low-rank update of one weight.
+#[derive(Debug, Clone)]
+struct LoraModule {
+    part: ModelPart,
+    /// PyTorch parameter name, e.g. `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight`.
+    weight: String,
+    down: String,
+    up: String,
+    rank: usize,
+    scale: f32,
+}
+
+/// An adapter found in the LoRA folder and checked against the model.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// The name requests use: the file name without `.safetensors`.
+    pub name: String,
+    /// The file.
+    pub path: PathBuf,
+    /// Its layout.
+    pub format: LoraFormat,
+    /// The largest rank of its modules.
+    pub rank: usize,
+    /// Module kinds it changes, e.g. `unet.to_q`, `text_encoder.q_proj`.
+    pub target_modules: Vec<String>,
+    /// Words that invoke what it was trained on (from a sidecar or the file's metadata).
+    pub trigger_words: Vec<String>,
+    header: Header,
+    modules: Vec<LoraModule>,
+}
+
+impl LoraAdapter {
+    /// The sub-models it changes.
+    pub fn parts(&self) -> BTreeSet<ModelPart> {
+        self.modules.iter().map(|m| m.part).collect()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct MappedWeight {
+    initializer: String,
+    transposed: bool,
+    shape: Vec<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WeightsMapFile {
+    format: String,
+    onnx_sha256: String,
+    weights: BTreeMap<String, MappedWeight>,
+}
+
+/// One sub-model's weights map, or why it cannot be used.
+#[derive(Debug)]
+struct PartMap {
+    onnx: PathBuf,
+    map: Result<BTreeMap<String, MappedWeight>, String>,
+    /// Kohya's flattened module name (`down_blocks_1_…_to_q`) → PyTorch weight name.
+    kohya: BTreeMap<String, String>,
+}
+
+/// The adapters usable with one model, and the means to merge them.
+#[derive(Debug)]
+pub struct LoraLibrary {
+    adapters: BTreeMap<String, LoraAdapter>,
+    maps: BTreeMap<ModelPart, PartMap>,
+    max_weight: f32,
+}
+
+/// An adapter that was found but cannot be used, and why.
+#[derive(Debug)]
+pub struct RejectedLora {
+    /// The file.
+    pub path: PathBuf,
+    /// Why it was left out.
+    pub error: LoraError,
+}
+
+impl LoraLibrary {
+    /// Lists the adapters in `options.dir` that fit the model in `model_dir` (`family`); files that
+    /// cannot be used are returned beside it with the reason. A missing folder holds no adapters.
+    pub fn scan(
+        options: &LoraOptions,
+        model_dir: &Path,
+        family: ModelFamily,
+    ) -> Result<(LoraLibrary, Vec<RejectedLora>), LoraError> {
+        let mut library =
+            LoraLibrary { adapters: BTreeMap::new(), maps: BTreeMap::new(), max_weight: options.max_weight };
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&options.dir) {
+            Ok(entries) => entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(LoraError::Io { path: options.dir.clone(), reason: e.to_string() }),
+        };
+        files.sort();
+        if files.is_empty() {
+            return Ok((library, Vec::new()));
+        }
+        for part in ModelPart::ALL {
+            let onnx = model_dir.join(part.as_str()).join("model.onnx");
+            if onnx.is_file() {
+                library.maps.insert(part, PartMap::load(&onnx));
+            }
+        }
+        let mut rejected = Vec::new();
+        for path in files {
+            match library.load_adapter(&path, family) {
+                Ok(adapter) => {
+                    library.adapters.insert(adapter.name.clone(), adapter);
+                }
+                Err(error) => rejected.push(RejectedLora { path, error }),
+            }
+        }
+        Ok((library, rejected))
+    }
+
+    /// The usable adapters, by name.
+    pub fn adapters(&self) -> impl Iterator<Item = &LoraAdapter> {
+        self.adapters.values()
+    }
+
+    /// The configured bound on |weight|.
+    pub fn max_weight(&self) -> f32 {
+        self.max_weight
+    }
+
+    /// Checks a request's adapters and weights: names must be known, weights within the bound.
+    /// Weight 0 drops an adapter; a name given twice keeps the last weight. Sorted by name.
+    pub fn resolve(&self, requested: &[(String, f32)]) -> Result<Vec<(&LoraAdapter, f32)>, LoraError> {
+        let mut chosen = BTreeMap::new();
+        for (name, weight) in requested {
+            let adapter = self.adapters.get(name).ok_or_else(|| LoraError::Unknown {
+                name: name.clone(),
+                known: self.adapters.keys().cloned().collect(),
+            })?;
+            if !(weight.is_finite() && weight.abs() <= self.max_weight) {
+                return Err(LoraError::Weight { name: name.clone(), weight: *weight, max: self.max_weight });
+            }
+            chosen.insert(name.as_str(), (adapter, *weight));
+        }
+        Ok(chosen.into_values().filter(|(_, w)| *w != 0.0).collect())
+    }
+
+    fn load_adapter(&self, path: &Path, family: ModelFamily) -> Result<LoraAdapter, LoraError> {
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        check_name(&name).map_err(|reason| LoraError::Format { name: name.clone(), reason })?;
+        let header = safetensors::read_header(path)
+            .map_err(|reason| LoraError::Corrupt { path: path.to_path_buf(), reason })?;
+        let format_error = |reason: String| LoraError::Format { name: name.clone(), reason };
+        let keys: Vec<&str> = header.tensors.keys().map(String::as_str).collect();
+        if keys.iter().any(|k| k.contains("dora_scale") || k.contains("lora_magnitude_vector")) {
+            return Err(format_error("DoRA adapters are not supported".into()));
+        }
+        if let Some(family_of_adapter) = adapter_family(&header)
+            && family_of_adapter != family
+        {
+            return Err(LoraError::WrongFamily {
+                name,
+                adapter: family_name(family_of_adapter),
+                model: family_name(family),
+            });
+        }
+        let kohya = keys.iter().any(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te"));
+        let (format, pairs) = if kohya {
+            (LoraFormat::Kohya, self.kohya_pairs(&name, &header)?)
+        } else {
+            (LoraFormat::Peft, peft_pairs(&name, &header)?)
+        };
+        if pairs.is_empty() {
+            return Err(format_error(
+                "no lora_A/lora_B or lora_down/lora_up tensors for the UNet or text encoders".into(),
+            ));
+        }
+        let peft_config = PeftConfig::from_metadata(&header.metadata).map_err(&format_error)?;
+        let mut modules = Vec::new();
+        for pair in pairs {
+            modules.push(self.check_module(&name, path, &header, pair, &peft_config)?);
+        }
+        let rank = modules.iter().map(|m| m.rank).max().unwrap_or(0);
+        let target_modules: BTreeSet<String> =
+            modules.iter().map(|m| format!("{}.{}", m.part.as_str(), module_kind(&m.weight))).collect();
+        Ok(LoraAdapter {
+            trigger_words: trigger_words(path, &header.metadata),
+            name,
+            path: path.to_path_buf(),
+            format,
+            rank,
+            target_modules: target_modules.into_iter().collect(),
+            header,
+            modules,
+        })
+    }
+
+    /// Kohya keys → (part, PyTorch weight, down key, up key, alpha key), through the weights maps.
+    fn kohya_pairs(&self, name: &str, header: &Header) -> Result<Vec<KeyPair>, LoraError> {
+        let mut pairs = Vec::new();
+        for key in header.tensors.keys() {
+            let Some(base) = key.strip_suffix(".lora_down.weight") else {
+                if !(key.ends_with(".lora_up.weight") || key.ends_with(".alpha")) {
+                    return Err(LoraError::Format {
+                        name: name.into(),
+                        reason: format!(
+                            "unexpected tensor {key:?} (LyCORIS and other networks are not supported)"
+                        ),
+                    });
+                }
+                continue;
+            };
+            let (part, flat) = if let Some(rest) = base.strip_prefix("lora_unet_") {
+                (ModelPart::Unet, rest)
+            } else if let Some(rest) = base.strip_prefix("lora_te2_") {
+                (ModelPart::TextEncoder2, rest)
+            } else if let Some(rest) =
+                base.strip_prefix("lora_te1_").or_else(|| base.strip_prefix("lora_te_"))
+            {
+                (ModelPart::TextEncoder, rest)
+            } else {
+                return Err(LoraError::Format {
+                    name: name.into(),
+                    reason: format!("unexpected tensor {key:?}"),
+                });
+            };
+            let map = self.part_map(name, part, flat)?;
+            if let Err(reason) = &map.map {
+                return Err(LoraError::WeightsMap { path: map.onnx.clone(), reason: reason.clone() });
+            }
+            let weight = map.kohya.get(flat).cloned().ok_or_else(|| LoraError::UnknownTarget {
+                name: name.into(),
+                part: part.as_str(),
+                module: flat.into(),
+            })?;
+            pairs.push(KeyPair {
+                part,
+                weight,
+                down: key.clone(),
+                up: format!("{base}.lora_up.weight"),
+                alpha: Some(format!("{base}.alpha")),
+            });
+        }
+        Ok(pairs)
+    }
+
+    fn part_map(&self, name: &str, part: ModelPart, module: &str) -> Result<&PartMap, LoraError> {
+        self.maps.get(&part).ok_or_else(|| LoraError::UnknownTarget {
+            name: name.into(),
+            part: part.as_str(),
+            module: format!("{module} (the model has no {})", part.as_str()),
+        })
+    }
+
+    fn check_module(
+        &self,
+        name: &str,
+        path: &Path,
+        header: &Header,
+        pair: KeyPair,
+        peft: &PeftConfig,
+    ) -> Result<LoraModule, LoraError> {
+        let part_map = self.part_map(name, pair.part, &pair.weight)?;
+        let map = part_map.map.as_ref().map_err(|reason| LoraError::WeightsMap {
+            path: part_map.onnx.clone(),
+            reason: reason.clone(),
+        })?;
+        let module = pair.weight.trim_end_matches(".weight").to_string();
+        let target = map.get(&pair.weight).ok_or_else(|| LoraError::UnknownTarget {
+            name: name.into(),
+            part: pair.part.as_str(),
+            module: module.clone(),
+        })?;
+        let shape_error = |reason: String| LoraError::Shape {
+            name: name.into(),
+            part: pair.part.as_str(),
+            module: pair.weight.clone(),
+            reason,
+        };
+        let down = &header.tensors[&pair.down];
+        let up = header
+            .tensors
+            .get(&pair.up)
+            .ok_or_else(|| shape_error(format!("{} has no matching {}", pair.down, pair.up)))?;
+        let rank = down.shape.first().copied().unwrap_or(0);
+        let down_rest: usize = down.shape.iter().skip(1).product();
+        let up_rest: usize = up.shape.iter().skip(1).product();
+        let out = target.shape.first().copied().unwrap_or(0);
+        let weight_rest: usize = target.shape.iter().skip(1).product();
+        if rank == 0 || down.shape.len() < 2 || up.shape.len() < 2 {
+            return Err(shape_error(format!("down {:?} and up {:?} are not matrices", down.shape, up.shape)));
+        }
+        if up_rest != rank {
+            return Err(shape_error(format!(
+                "rank mismatch: down {:?} has rank {rank}, up {:?} expects {up_rest}",
+                down.shape, up.shape
+            )));
+        }
+        if up.shape[0] != out || down_rest != weight_rest {
+            return Err(shape_error(format!(
+                "up {:?} · down {:?} does not give the weight's shape {:?}",
+                up.shape, down.shape, target.shape
+            )));
+        }
+        let alpha = match pair.alpha.as_ref().and_then(|k| header.tensors.get(k).map(|e| (k, e))) {
+            Some((key, entry)) => {
+                if entry.len() != 1 {
+                    return Err(shape_error(format!(
+                        "{key} must hold one number, not shape {:?}",
+                        entry.shape
+                    )));
+                }
+                safetensors::read_tensor(path, header, key).map_err(|reason| LoraError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: format!("{key}: {reason}"),
+                })?[0]
+            }
+            None => peft.alpha(pair.part, &module).unwrap_or(rank as f32),
+        };
+        let scale = if peft.rslora(pair.part) { alpha / (rank as f32).sqrt() } else { alpha / rank as f32 };
+        Ok(LoraModule { part: pair.part, weight: pair.weight, down: pair.down, up: pair.up, rank, scale })
+    }
+
+    /// The initializers to override per part for `set` (parts the set leaves alone are absent).
+    pub(crate) fn overrides(
+        &self,
+        set: &[(&LoraAdapter, f32)],
+    ) -> Result<BTreeMap<ModelPart, InitializerOverrides>, LoraError> {
+        let parts: BTreeSet<ModelPart> = set.iter().flat_map(|(a, _)| a.parts()).collect();
+        parts.into_iter().map(|part| Ok((part, self.merged_initializers(set, part)?))).collect()
+    }
+
+    /// The merged initializers of `part` for `set`, ready to replace those of the base model.
+    fn merged_initializers(
+        &self,
+        set: &[(&LoraAdapter, f32)],
+        part: ModelPart,
+    ) -> Result<InitializerOverrides, LoraError> {
+        let merge_error = |reason: String| LoraError::Merge { part: part.as_str(), reason };
+        let part_map =
+            self.maps.get(&part).ok_or_else(|| merge_error("the model has no such part".into()))?;
+        let map = part_map.map.as_ref().map_err(|r| merge_error(r.clone()))?;
+        let mut targets: BTreeMap<&str, &MappedWeight> = BTreeMap::new();
+        for (adapter, _) in set {
+            for module in adapter.modules.iter().filter(|m| m.part == part) {
+                let mapped = map
+                    .get(&module.weight)
+                    .ok_or_else(|| merge_error(format!("{} is not mapped", module.weight)))?;
+                targets.insert(module.weight.as_str(), mapped);
+            }
+        }
+        let names: BTreeSet<&str> = targets.values().map(|t| t.initializer.as_str()).collect();
+        let mut base = onnx_weights::read_initializers(&part_map.onnx, &names).map_err(merge_error)?;
+        // Accumulate in PyTorch's [out, in·k·k] layout, as diffusers fuses.
+        let mut merged: BTreeMap<&str, MergeTarget> = BTreeMap::new();
+        for (weight, mapped) in &targets {
+            let init = base
+                .remove(&mapped.initializer)
+                .ok_or_else(|| merge_error(format!("{} missing", mapped.initializer)))?;
+            let expected: usize = mapped.shape.iter().product();
+            if init.values.len() != expected {
+                return Err(merge_error(format!(
+                    "initializer {} has shape {:?}, the map says {:?} (re-export the model)",
+                    mapped.initializer, init.dims, mapped.shape
+                )));
+            }
+            let out = mapped.shape[0];
+            let matrix = if mapped.transposed {
+                Array2::from_shape_vec((expected / out, out), init.values)
+                    .map(|m| m.reversed_axes().as_standard_layout().into_owned())
+            } else {
+                Array2::from_shape_vec((out, expected / out), init.values)
+            }
+            .map_err(|e| merge_error(e.to_string()))?;
+            merged.insert(
+                weight,
+                MergeTarget { matrix, kind: init.kind, dims: init.dims, offset: init.offset_in_model },
+            );
+        }
+        for (adapter, weight) in set {
+            let data = safetensors::read_data(&adapter.path, &adapter.header)
+                .map_err(|reason| LoraError::Corrupt { path: adapter.path.clone(), reason })?;
+            for module in adapter.modules.iter().filter(|m| m.part == part) {
+                let tensor = |key: &str| {
+                    let entry = &adapter.header.tensors[key];
+                    safetensors::to_f32(&data, entry).map_err(|reason| LoraError::Corrupt {
+                        path: adapter.path.clone(),
+                        reason: format!("{key}: {reason}"),
+                    })
+                };
+                let (down, up) = (tensor(&module.down)?, tensor(&module.up)?);
+                let MergeTarget { matrix, .. } = merged
+                    .get_mut(module.weight.as_str())
+                    .ok_or_else(|| merge_error(module.weight.clone()))?;
+                let (out, cols) = matrix.dim();
+                let down = Array2::from_shape_vec((module.rank, cols), down)
+                    .map_err(|e| merge_error(e.to_string()))?;
+                let up =
+                    Array2::from_shape_vec((out, module.rank), up).map_err(|e| merge_error(e.to_string()))?;
+                let factor = weight * module.scale;
+                matrix.scaled_add(factor, &up.dot(&down));
+            }
+        }
+        let mut overrides = InitializerOverrides::default();
+        for (weight, MergeTarget { matrix, kind, dims, offset }) in merged {
+            let mapped = targets[weight];
+            let matrix = if mapped.transposed { matrix.reversed_axes() } else { matrix };
+            let values: Vec<f32> = matrix.as_standard_layout().iter().copied().collect();
+            match offset {
+                Some(offset) => overrides.patches.push((offset, kind.encode(&values))),
+                None => overrides
+                    .external
+                    .push((mapped.initializer.clone(), to_value(values, kind, &dims).map_err(merge_error)?)),
+            }
+        }
+        Ok(overrides)
+    }
+}
+
+/// A weight being merged, in PyTorch's `[out, in·k·k]` layout, and how the model stores it.
+struct MergeTarget {
+    matrix: Array2<f32>,
+    kind: FloatKind,
+    dims: Vec<usize>,
+    /// Where the values sit in the model file (`None`: in an external data file).
+    offset: Option<u64>,
+}
+
+/// The tensors of one module in an adapter file.
+struct KeyPair {
+    part: ModelPart,
+    weight: String,
+    down: String,
+    up: String,
+    alpha: Option<String>,
+}
+
+/// diffusers / peft keys → module pairs.
+fn peft_pairs(name: &str, header: &Header) -> Result<Vec<KeyPair>, LoraError> {
+    const DOWN: [(&str, &str); 3] = [
+        (".lora_A.weight", ".lora_B.weight"),
+        (".lora.down.weight", ".lora.up.weight"),
+        (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+    ];
+    let mut pairs = Vec::new();
+    for key in header.tensors.keys() {
+        let Some((base, up_suffix)) = DOWN.iter().find_map(|(d, u)| key.strip_suffix(d).map(|b| (b, *u)))
+        else {
+            let known_other = [".lora_B.weight", ".lora.up.weight", ".lora_linear_layer.up.weight", ".alpha"];
+            if !known_other.iter().any(|s| key.ends_with(s)) {
+                return Err(LoraError::Format {
+                    name: name.into(),
+                    reason: format!("unexpected tensor {key:?}"),
+                });
+            }
+            continue;
+        };
+        let (part, module) = if let Some(rest) = base.strip_prefix("unet.") {
+            (ModelPart::Unet, rest)
+        } else if let Some(rest) = base.strip_prefix("text_encoder_2.") {
+            (ModelPart::TextEncoder2, rest)
+        } else if let Some(rest) = base.strip_prefix("text_encoder.") {
+            (ModelPart::TextEncoder, rest)
+        } else if let Some(rest) = base.strip_prefix("base_model.model.") {
+            (ModelPart::Unet, rest)
+        } else {
+            return Err(LoraError::Format {
+                name: name.into(),
+                reason: format!("tensor {key:?} names no sub-model (unet., text_encoder., text_encoder_2.)"),
+            });
+        };
+        pairs.push(KeyPair {
+            part,
+            weight: format!("{}.weight", legacy_module_name(module)),
+            down: key.clone(),
+            up: format!("{base}{up_suffix}"),
+            alpha: Some(format!("{base}.alpha")),
+        });
+    }
+    Ok(pairs)
+}
+
+/// diffusers' old attention-processor names (`attn1.processor.to_q_lora`) → module names (`attn1.to_q`).
+fn legacy_module_name(module: &str) -> String {
+    let module = module.replace(".processor.", ".");
+    for (old, new) in
+        [("to_q_lora", "to_q"), ("to_k_lora", "to_k"), ("to_v_lora", "to_v"), ("to_out_lora", "to_out.0")]
+    {
+        if let Some(prefix) = module.strip_suffix(old) {
+            return format!("{prefix}{new}");
+        }
+    }
+    module
+}
+
+/// The peft `LoraConfig`s diffusers stores in `lora_adapter_metadata`, flattened with a part prefix.
+#[derive(Debug, Default)]
+struct PeftConfig(serde_json::Map<String, serde_json::Value>);
+
+impl PeftConfig {
+    fn from_metadata(metadata: &BTreeMap<String, String>) -> Result<PeftConfig, String> {
+        let Some(text) = metadata.get("lora_adapter_metadata") else { return Ok(PeftConfig::default()) };
+        let config: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
+            .map_err(|e| format!("lora_adapter_metadata is not a JSON object: {e}"))?;
+        if config.iter().any(|(k, v)| k.ends_with("use_dora") && v.as_bool() == Some(true)) {
+            return Err("DoRA adapters are not supported".into());
+        }
+        Ok(PeftConfig(config))
+    }
+
+    fn get(&self, part: ModelPart, key: &str) -> Option<&serde_json::Value> {
+        self.0.get(&format!("{}.{key}", part.as_str()))
+    }
+
+    /// `alpha_pattern` (matched as a module-name suffix, as peft does for plain names), else `lora_alpha`.
+    fn alpha(&self, part: ModelPart, module: &str) -> Option<f32> {
+        let from_pattern = self.get(part, "alpha_pattern").and_then(|p| p.as_object()).and_then(|patterns| {
+            patterns
+                .iter()
+                .find(|(pattern, _)| module == pattern.as_str() || module.ends_with(&format!(".{pattern}")))
+                .and_then(|(_, v)| v.as_f64())
+        });
+        from_pattern.or_else(|| self.get(part, "lora_alpha").and_then(|v| v.as_f64())).map(|a| a as f32)
+    }
+
+    fn rslora(&self, part: ModelPart) -> bool {
+        self.get(part, "use_rslora").and_then(|v| v.as_bool()).unwrap_or(false)
+    }
+}
+
+impl PartMap {
+    fn load(onnx: &Path) -> PartMap {
+        let map_path = onnx.with_file_name("weights_map.json");
+        let map = (|| {
+            let text = std::fs::read_to_string(&map_path).map_err(|_| {
+                format!("{} is missing; re-export the model with onnx/export_sd.sh", map_path.display())
+            })?;
+            let file: WeightsMapFile =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", map_path.display()))?;
+            if file.format != "deskgen.weights_map.v1" {
+                return Err(format!("{}: unknown format {:?}", map_path.display(), file.format));
+            }
+            let actual =
+                crate::inference::sha256_file(onnx).map_err(|e| format!("{}: {e}", onnx.display()))?;
+            if actual != file.onnx_sha256 {
+                return Err(format!(
+                    "{} describes another export of {} (sha256 differs); re-export with onnx/export_sd.sh",
+                    map_path.display(),
+                    onnx.display()
+                ));
+            }
+            Ok(file.weights)
+        })();
+        let kohya = map
+            .as_ref()
+            .map(|weights| {
+                weights
+                    .keys()
+                    .filter_map(|w| w.strip_suffix(".weight").map(|m| (m.replace('.', "_"), w.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        PartMap { onnx: onnx.to_path_buf(), map, kohya }
+    }
+}
+
+/// A family the adapter declares or its keys reveal; `None` when nothing says.
+fn adapter_family(header: &Header) -> Option<ModelFamily> {
+    let meta = |k: &str| header.metadata.get(k).map(|v| v.to_ascii_lowercase());
+    if let Some(version) = meta("ss_base_model_version") {
+        if version.starts_with("sdxl") {
+            return Some(ModelFamily::StableDiffusionXl);
+        }
+        if version.starts_with("sd_v1") || version.starts_with("sd_v2") {
+            return Some(ModelFamily::StableDiffusion);
+        }
+    }
+    if let Some(arch) = meta("modelspec.architecture") {
+        if arch.contains("xl") {
+            return Some(ModelFamily::StableDiffusionXl);
+        }
+        if arch.starts_with("stable-diffusion-v") {
+            return Some(ModelFamily::StableDiffusion);
+        }
+    }
+    let keys = || header.tensors.keys();
+    let xl_keys = keys().any(|k| k.starts_with("lora_te2_") || k.starts_with("text_encoder_2."))
+        // kohya trains SDXL on the original (sgm) UNet, whose blocks have these names
+        || keys().any(|k| {
+            k.starts_with("lora_unet_input_blocks_") || k.starts_with("lora_unet_output_blocks_") || k.starts_with("lora_unet_middle_block_")
+        });
+    xl_keys.then_some(ModelFamily::StableDiffusionXl)
+}
+
+fn family_name(family: ModelFamily) -> &'static str {
+    match family {
+        ModelFamily::StableDiffusion => "Stable Diffusion 1.x/2.x",
+        ModelFamily::StableDiffusionXl => "SDXL",
+    }
+}
+
+/// A short name for what a weight is: `to_q`, `to_out.0`, `q_proj`, `proj_in`, `conv1`.
+fn module_kind(weight: &str) -> String {
+    let parts: Vec<&str> = weight.trim_end_matches(".weight").split('.').collect();
+    match parts.as_slice() {
+        [.., kind, index] if index.parse::<usize>().is_ok() => format!("{kind}.{index}"),
+        [.., kind] => (*kind).to_string(),
+        [] => String::new(),
+    }
+}
+
+/// Adapter names are plain file names: letters, digits, `.`, `_`, `-`, not starting with `.`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "LoRA name {name:?} must be 1 to 128 letters, digits, '.', '_' or '-' (no path separators), not starting with '.'"
+        ))
+    }
+}
+
+/// Trigger words: `<name>.json` (`{"trigger_words": [...]}`), else `<name>.txt` (comma or line
+/// separated), else the file's metadata (`modelspec.trigger_phrase`, `trigger_words`).
+fn trigger_words(path: &Path, metadata: &BTreeMap<String, String>) -> Vec<String> {
+    #[derive(Deserialize)]
+    struct Sidecar {
+        trigger_words: Vec<String>,
+    }
+    let split = |text: &str| -> Vec<String> {
+        text.split([',', '\n']).map(str::trim).filter(|w| !w.is_empty()).map(String::from).collect()
+    };
+    if let Ok(text) = std::fs::read_to_string(path.with_extension("json")) {
+        match serde_json::from_str::<Sidecar>(&text) {
+            Ok(sidecar) => return sidecar.trigger_words,
+            Err(e) => {
+                tracing::warn!(path = %path.with_extension("json").display(), error = %e, "ignoring LoRA sidecar")
+            }
+        }
+    }
+    if let Ok(text) = std::fs::read_to_string(path.with_extension("txt")) {
+        return split(&text);
+    }
+    for key in ["modelspec.trigger_phrase", "trigger_words"] {
+        if let Some(value) = metadata.get(key) {
+            return serde_json::from_str::<Vec<String>>(value).unwrap_or_else(|_| split(value));
+        }
+    }
+    Vec::new()
+}
+
+fn to_value(values: Vec<f32>, kind: FloatKind, dims: &[usize]) -> Result<DynValue, String> {
+    let shape = IxDyn(dims);
+    let value = match kind {
+        FloatKind::F32 => {
+            Tensor::from_array(ArrayD::from_shape_vec(shape, values).map_err(|e| e.to_string())?)
+                .map(Tensor::into_dyn)
+        }
+        FloatKind::F16 => {
+            let halves = values.into_iter().map(half::f16::from_f32).collect();
+            Tensor::from_array(ArrayD::from_shape_vec(shape, halves).map_err(|e| e.to_string())?)
+                .map(Tensor::into_dyn)
+        }
+        FloatKind::Bf16 => {
+            let halves = values.into_iter().map(half::bf16::from_f32).collect();
+            Tensor::from_array(ArrayD::from_shape_vec(shape, halves).map_err(|e| e.to_string())?)
+                .map(Tensor::into_dyn)
+        }
+    };
+    value.map_err(|e| e.to_string())
+}
+
+/// `<lora:name>` or `<lora:name:weight>` tags taken out of a prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLoras {
+    /// The prompt without the tags (whitespace collapsed where a tag was).
+    pub text: String,
+    /// (name, weight) per tag, in order; weight 1 when the tag gives none.
+    pub loras: Vec<(String, f32)>,
+}
+
+/// Takes `<lora:name[:weight]>` tags out of `prompt`; `Err` names a malformed tag.
+pub fn extract_prompt_loras(prompt: &str) -> Result<PromptLoras, String> {
+    let mut text = String::with_capacity(prompt.len());
+    let mut loras = Vec::new();
+    let mut rest = prompt;
+    while let Some(start) = rest.find("<lora:") {
+        text.push_str(&rest[..start]);
+        let after = &rest[start + "<lora:".len()..];
+        let end =
+            after.find('>').ok_or_else(|| format!("LoRA tag '{}' is not closed with '>'", &rest[start..]))?;
+        let body = &after[..end];
+        let tag = &rest[start..start + "<lora:".len() + end + 1];
+        let (name, weight) = match body.rsplit_once(':') {
+            Some((name, weight)) => {
+                let weight = weight
+                    .trim()
+                    .parse::<f32>()
+                    .map_err(|_| format!("LoRA tag '{tag}' has weight '{weight}', which is not a number"))?;
+                (name.trim(), weight)
+            }
+            None => (body.trim(), 1.0),
+        };
+        if name.is_empty() {
+            return Err(format!("LoRA tag '{tag}' names no adapter"));
+        }
+        loras.push((name.to_string(), weight));
+        text.push(' ');
+        rest = &after[end + 1..];
+    }
+    text.push_str(rest);
+    let text = if loras.is_empty() { text } else { text.split_whitespace().collect::<Vec<_>>().join(" ") };
+    Ok(PromptLoras { text, loras })
+}
+
+/// Merged sessions of one (adapter, weight) set: `None` where the base session serves.
+pub(crate) struct MergedModels<U, T> {
+    pub(crate) unet: Option<U>,
+    pub(crate) text_encoders: Vec<Option<T>>,
+}
+
+/// The adapter names and weight bits of a set, sorted by name.
+type CacheKey = Vec<(String, u32)>;
+type CacheEntry<U, T> = (CacheKey, Arc<MergedModels<U, T>>);
+
+/// A least-recently-used cache of merged sessions.
+pub(crate) struct MergedCache<U, T> {
+    capacity: usize,
+    entries: Mutex<VecDeque<CacheEntry<U, T>>>,
+}
+
+impl<U, T> MergedCache<U, T> {
+    pub(crate) fn new(capacity: usize) -> MergedCache<U, T> {
+        MergedCache { capacity, entries: Mutex::new(VecDeque::new()) }
+    }
+
+    /// The cached sessions for `set`, or those `build` makes (cached unless capacity is 0).
+    /// `build` runs without the lock held, so other sets stay available meanwhile; the bool is
+    /// whether it was a hit.
+    pub(crate) fn get_or_build(
+        &self,
+        set: &[(&LoraAdapter, f32)],
+        build: impl FnOnce() -> Result<MergedModels<U, T>, LoraError>,
+    ) -> Result<(Arc<MergedModels<U, T>>, bool), LoraError> {
+        let key: CacheKey = set.iter().map(|(a, w)| (a.name.clone(), w.to_bits())).collect();
+        {
+            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(at) = entries.iter().position(|(k, _)| *k == key) {
+                let entry = entries.remove(at).expect("position is in range");
+                let models = entry.1.clone();
+                entries.push_back(entry);
+                return Ok((models, true));
+            }
+        }
+        let models = Arc::new(build()?);
+        if self.capacity > 0 {
+            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            entries.retain(|(k, _)| *k != key);
+            while entries.len() >= self.capacity {
+                entries.pop_front();
+            }
+            entries.push_back((key, models.clone()));
+        }
+        Ok((models, false))
+    }
+
+    /// How many merged sets are held.
+    pub(crate) fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
