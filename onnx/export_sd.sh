@@ -23,7 +23,7 @@
 #   --target         cpu (default): the plain graph, which runs on any execution provider.
 #                    cuda: the export is then fused for ONNX Runtime's CUDA provider by
 #                    onnx/optimize_sd.py (MultiHeadAttention, GroupNorm, BiasSplitGelu, NhwcConv:
-#                    operators with CUDA kernels only; about 3x faster UNet steps on an H200, see
+#                    operators with CUDA kernels only; UNet steps 2.6x faster on an H200, see
 #                    docs/gpu.md). OUT_DIR then holds cpu/ (plain) and cuda/ (fused), and deskgen
 #                    loads the one matching --execution-provider. Use with --fp16.
 #                    Either way the export folder gets deskgen-export.json, which records per
