@@ -18,9 +18,10 @@ testdata:
 
 assets: models testdata
 
-# Debian packages the tests drive: Chromium for the demo page.
+# Debian packages the tests drive: Chromium for the demo page, Redis for the scale-out backend.
 system-deps:
-	@command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
+	@command -v chromium >/dev/null && command -v redis-server >/dev/null || \
+		(apt-get update && apt-get install -y --no-install-recommends chromium redis-server)
 
 build: ort
 	$(CARGO) build --release

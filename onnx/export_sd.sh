@@ -7,7 +7,8 @@
 #   OUT_DIR/unet/model.onnx  vae_encoder/model.onnx  vae_decoder/model.onnx
 #
 # Usage:
-#   onnx/export_sd.sh MODEL_DIR_OR_ID OUT_DIR [--fp16] [--device cpu|cuda] [--opset N] [--atol X]
+#   onnx/export_sd.sh MODEL_DIR_OR_ID OUT_DIR [--fp16] [--target cpu|cuda] [--device cpu|cuda]
+#                     [--opset N] [--atol X]
 #   onnx/export_sd.sh --ensure-venv     only create/update the venv
 #
 #   MODEL_DIR_OR_ID  a local diffusers checkpoint directory or a Hugging Face model id
@@ -19,6 +20,15 @@
 #                    meant for CPU: for real checkpoints prefer `--fp16 --device cuda`. optimum's
 #                    post-export validation compares against PyTorch with --atol (default 1e-2
 #                    for fp16; fp16 rounding alone gives ~3e-3..1.5e-2 differences).
+#   --target         cpu (default): the plain graph, which runs on any execution provider.
+#                    cuda: the export is then fused for ONNX Runtime's CUDA provider by
+#                    onnx/optimize_sd.py (MultiHeadAttention, GroupNorm, BiasSplitGelu, NhwcConv:
+#                    operators with CUDA kernels only; UNet steps 2.6x faster on an H200, see
+#                    docs/gpu.md). OUT_DIR then holds cpu/ (plain) and cuda/ (fused), and deskgen
+#                    loads the one matching --execution-provider. Use with --fp16.
+#                    Either way the export folder gets deskgen-export.json, which records per
+#                    sub-model the provider its graph needs; deskgen refuses a CUDA-only graph on
+#                    the CPU with a clear error.
 #   --device         device used for tracing (default cpu).
 #   --opset          ONNX opset (default: optimum's choice, 18 for these models).
 #   --atol           validation tolerance passed to optimum (default: optimum's, or 1e-2 with --fp16).
@@ -50,11 +60,12 @@ VENV="${DESKGEN_EXPORT_VENV:-$HOME/.cache/deskgen/venv-export}"
 MODE=export
 if [[ "$1" == "--ensure-venv" ]]; then MODE=venv; shift; set -- x x "$@"; fi
 MODEL="$1"; OUT="$2"; shift 2
-DTYPE=fp32; DEVICE=cpu; OPSET=(); ATOL=()
+DTYPE=fp32; DEVICE=cpu; TARGET=cpu; OPSET=(); ATOL=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --fp16) DTYPE=fp16 ;;
     --device) DEVICE="$2"; shift ;;
+    --target) TARGET="$2"; shift ;;
     --opset) OPSET=(--opset "$2"); shift ;;
     --atol) ATOL=(--atol "$2"); shift ;;
     -h|--help) usage 0 ;;
@@ -95,6 +106,12 @@ if [[ "$DTYPE" == fp16 && "$DEVICE" == cpu ]]; then
   echo "export_sd.sh: note: fp16 export traced on CPU; for real checkpoints prefer --device cuda" >&2
 fi
 
+case "$TARGET" in
+  cpu) PLAIN="$OUT" ;;
+  cuda) PLAIN="$OUT/cpu" ;;
+  *) echo "export_sd.sh: --target must be cpu or cuda" >&2; exit 2 ;;
+esac
+OUT_ROOT="$OUT"; OUT="$PLAIN"
 mkdir -p "$OUT"
 "$VENV/bin/optimum-cli" export onnx --model "$MODEL" --task text-to-image \
   --dtype "$DTYPE" "${DEV_ARGS[@]}" "${OPSET[@]}" "${ATOL[@]}" "$OUT"
@@ -110,8 +127,17 @@ for d in sorted(out.glob("tokenizer*")):
         tok.backend_tokenizer.save(str(d / "tokenizer.json"))
         print(f"export_sd.sh: wrote {d / 'tokenizer.json'}", file=sys.stderr)
 PY
-
 MAP_ARGS=()
 if [[ "$DTYPE" == fp16 ]]; then MAP_ARGS=(--fp16); fi
 "$VENV/bin/python" "$HERE/weights_map.py" "$MODEL" "$OUT" "${MAP_ARGS[@]}"
-echo "export_sd.sh: exported $MODEL -> $OUT ($DTYPE)" >&2
+# The plain graph runs anywhere.
+"$VENV/bin/python" - "$OUT" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+models = {d.name: {"execution_provider": "any"} for d in sorted(out.iterdir()) if (d / "model.onnx").is_file()}
+(out / "deskgen-export.json").write_text(json.dumps({"target": "cpu", "models": models}, indent=2) + "\n")
+PY
+if [[ "$TARGET" == cuda ]]; then
+  TQDM_DISABLE=1 "$VENV/bin/python" "$HERE/optimize_sd.py" "$PLAIN" "$OUT_ROOT/cuda"
+fi
+echo "export_sd.sh: exported $MODEL -> $OUT_ROOT ($DTYPE, target $TARGET)" >&2

@@ -5,6 +5,11 @@
 #
 #   ORT_PKG=onnxruntime      (default, CPU)  |  onnxruntime-gpu (CUDA 13 build, ~255 MB wheel)
 #   ORT_VERSION=1.31.1
+#
+# The GPU package's provider libraries (libonnxruntime_providers_cuda.so and _shared.so) must sit
+# next to the core library, where ONNX Runtime looks for them: they are linked into assets/lib too,
+# and the script fails when the wheel did not hold them. CUDA 13 and cuDNN 9 themselves are not in
+# the wheel (see docs/gpu.md).
 set -euo pipefail
 
 pkg=${ORT_PKG:-onnxruntime}
@@ -46,7 +51,23 @@ PY
   mv "$tmp"/x/* "$cache/"
 fi
 
+providers=()
+if [ "$pkg" = onnxruntime-gpu ]; then
+  providers=(libonnxruntime_providers_shared.so libonnxruntime_providers_cuda.so)
+fi
+for p in "${providers[@]}"; do
+  if [ ! -s "$cache/$p" ]; then
+    echo "fetch_ort: $pkg $version has no $p" >&2
+    exit 1
+  fi
+done
+
 mkdir -p "$root/assets/lib"
+# Drop the links of a previously fetched package, so CPU and GPU libraries never mix.
+rm -f "$root"/assets/lib/libonnxruntime*
 for f in "$cache"/*; do ln -sf "$f" "$root/assets/lib/$(basename "$f")"; done
+for p in "${providers[@]}"; do
+  [ -e "$root/assets/lib/$p" ] || { echo "fetch_ort: $p not linked next to the core library" >&2; exit 1; }
+done
 ln -sf "$cache/$lib" "$root/assets/lib/libonnxruntime.so"
 echo "ONNX Runtime $pkg $version: $root/assets/lib/libonnxruntime.so"

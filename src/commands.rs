@@ -1,4 +1,5 @@
-//! The offline subcommands: `deskgen generate`, `deskgen eval` and `deskgen models`.
+//! The offline subcommands: `deskgen generate`, `deskgen eval`, `deskgen models` and
+//! `deskgen bench`.
 
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -9,8 +10,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::validate::{GenerateInput, Invalid, Limits, validate};
-use crate::config::{EvalCommand, GenerateCommand, ModelsCommand};
+use crate::config::{BenchCommand, EvalCommand, GenerateCommand, ModelsCommand};
 use crate::inference::Runtime;
+use crate::inference::diffusion::{GenerateParams, StableDiffusion, resolve_variant};
 use crate::inference::vision::{ModelInfo, Vision, describe};
 use crate::pipeline::{DeskPipeline, Pipeline};
 use crate::tasks::worker::TaskContext;
@@ -28,12 +30,13 @@ pub fn eval(command: &EvalCommand, out: &mut impl Write) -> anyhow::Result<()> {
 pub fn models(command: &ModelsCommand, out: &mut impl Write) -> anyhow::Result<()> {
     let runtime = Runtime::init(&command.runtime)?;
     let mut models = Vision::load(&runtime, &command.vision)?.models();
+    let sd_dir = resolve_variant(&command.sd_model, runtime.provider());
     for part in ["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"] {
-        let path = command.sd_model.join(part).join("model.onnx");
+        let path = sd_dir.join(part).join("model.onnx");
         if part.ends_with("_2") && !path.exists() {
             continue;
         }
-        let session = runtime.session(&path)?;
+        let session = runtime.for_model(part).session(&path)?;
         models.push(describe(&format!("sd-{part}"), &path, &session)?);
     }
     let provider = runtime.provider().as_str();
@@ -53,6 +56,71 @@ pub fn models(command: &ModelsCommand, out: &mut impl Write) -> anyhow::Result<(
         print_model(model, provider, out).context("writing the model list")?;
     }
     Ok(())
+}
+
+/// Times Stable Diffusion text-to-image generations and prints one JSON report.
+pub fn bench(command: &BenchCommand, out: &mut impl Write) -> anyhow::Result<()> {
+    let runtime = Runtime::init(&command.runtime)?;
+    let started = Instant::now();
+    let diffusion = StableDiffusion::load(&runtime, &command.sd_model)?;
+    let load_ms = elapsed_ms(started);
+    let started = Instant::now();
+    diffusion.warm_up()?;
+    let warm_up_ms = elapsed_ms(started);
+    let (width, height) = diffusion.native_size();
+    let scheduler = match &command.scheduler {
+        Some(name) => name.parse()?,
+        None => diffusion.default_scheduler(),
+    };
+    let mut runs = Vec::new();
+    for &steps in &command.steps {
+        for run in 0..command.runs {
+            let params = GenerateParams {
+                prompt: command.prompt.clone(),
+                negative_prompt: "blurry, low resolution, distorted".into(),
+                num_inference_steps: steps,
+                guidance_scale: 7.5,
+                width,
+                height,
+                strength: 1.0,
+                seed: u64::from(run),
+                scheduler,
+                init_image: None,
+                guidance_rescale: 0.0,
+                loras: Vec::new(),
+            };
+            let started = Instant::now();
+            let generated = diffusion.generate(&params, &mut |_, _| std::ops::ControlFlow::Continue(()))?;
+            let end_to_end_ms = elapsed_ms(started);
+            let t = generated.timings;
+            let per_step = |ms: f64| ms / f64::from(t.steps.max(1));
+            runs.push(serde_json::json!({
+                "steps": steps,
+                "end_to_end_ms": end_to_end_ms,
+                "text_encode_ms": t.text_encode_ms,
+                "unet_loop_ms": t.unet_ms,
+                "vae_ms": t.vae_ms,
+                "unet_step_ms": per_step(t.unet_ms),
+                "unet_run_step_ms": per_step(t.unet_run_ms),
+                "transfer_step_ms": per_step(t.transfer_ms),
+            }));
+        }
+    }
+    let report = serde_json::json!({
+        "model": diffusion.config().dir,
+        "execution_provider": runtime.for_model("unet").provider().as_str(),
+        "size": [width, height],
+        "scheduler": scheduler.as_str(),
+        "load_ms": load_ms,
+        "warm_up_ms": warm_up_ms,
+        "runs": runs,
+    });
+    writeln!(out, "{report}")?;
+    Ok(())
+}
+
+fn elapsed_ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
 }
 
 fn print_model(model: &ModelInfo, provider: &str, out: &mut impl Write) -> std::io::Result<()> {

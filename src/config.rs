@@ -33,6 +33,8 @@ pub enum Command {
     Models(ModelsCommand),
     /// Run the whole pipeline once, locally, without a server; writes the PNG and prints the result.
     Generate(Box<GenerateCommand>),
+    /// Time Stable Diffusion text-to-image at the model's native size and print a JSON report.
+    Bench(BenchCommand),
 }
 
 /// Settings of `deskgen generate`.
@@ -83,6 +85,33 @@ pub struct GenerateCommand {
     /// Models, object store, photo fetching and shopping.
     #[command(flatten)]
     pub pipeline: PipelineConfig,
+}
+
+/// Settings of `deskgen bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchCommand {
+    /// ONNX Runtime settings.
+    #[command(flatten)]
+    pub runtime: crate::inference::RuntimeConfig,
+    /// Stable Diffusion pipeline folder (or a folder holding `cpu/` and `cuda/` exports).
+    #[arg(long, env = "DESKGEN_SD_MODEL", default_value = "onnx/fixtures/tiny-sd15")]
+    pub sd_model: PathBuf,
+    /// Denoising step counts to time, each with guidance 7.5.
+    #[arg(long, env = "DESKGEN_BENCH_STEPS", value_delimiter = ',', default_value = "30,50")]
+    pub steps: Vec<u32>,
+    /// Generations per step count.
+    #[arg(long, env = "DESKGEN_BENCH_RUNS", default_value_t = 2)]
+    pub runs: u32,
+    /// Scheduler (the model's own when unset).
+    #[arg(long, env = "DESKGEN_BENCH_SCHEDULER")]
+    pub scheduler: Option<String>,
+    /// Prompt of every generation.
+    #[arg(
+        long,
+        env = "DESKGEN_BENCH_PROMPT",
+        default_value = "a tidy wooden desk with a monitor and a lamp, photo"
+    )]
+    pub prompt: String,
 }
 
 /// Settings of `deskgen eval`.

@@ -48,6 +48,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             deskgen::commands::models(&command, &mut std::io::stdout().lock()).map(|()| 0)
         }
         Command::Generate(command) => deskgen::commands::generate(*command, &mut std::io::stdout()).await,
+        Command::Bench(command) => {
+            deskgen::commands::bench(&command, &mut std::io::stdout().lock()).map(|()| 0)
+        }
     }
 }
 

@@ -4,7 +4,10 @@ pub mod diffusion;
 pub mod runtime;
 pub mod vision;
 
-pub use runtime::{ExecutionProvider, InitializerOverrides, Runtime, RuntimeConfig, RuntimeError};
+pub use runtime::{
+    ArenaExtend, ConvAlgoSearch, ExecutionProvider, InitializerOverrides, Runtime, RuntimeConfig,
+    RuntimeError,
+};
 
 /// Hex sha256 of a model file, read in chunks (model files are large).
 pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {

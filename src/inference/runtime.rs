@@ -88,11 +88,53 @@ pub struct RuntimeConfig {
     /// Threads each session uses inside one operator (0 = ONNX Runtime's choice).
     #[arg(long, env = "DESKGEN_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
+    /// Sub-models that stay on the CPU when the provider is CUDA, e.g. `text_encoder,vae_encoder`.
+    #[arg(long, env = "DESKGEN_CPU_MODELS", value_delimiter = ',')]
+    pub cpu_models: Vec<String>,
+    /// How CUDA picks cuDNN convolution algorithms: exhaustive (benchmarks each on the first run),
+    /// heuristic, or default (no search; least memory).
+    #[arg(long, env = "DESKGEN_CUDNN_CONV_ALGO_SEARCH", value_enum, default_value = "exhaustive")]
+    pub cudnn_conv_algo_search: ConvAlgoSearch,
+    /// Most bytes each CUDA session's memory arena may hold (0 = no limit).
+    #[arg(long, env = "DESKGEN_GPU_MEM_LIMIT", default_value_t = 0)]
+    pub gpu_mem_limit: usize,
+    /// How a CUDA memory arena grows: next-power-of-two (fewer allocations) or same-as-requested
+    /// (less memory held).
+    #[arg(long, env = "DESKGEN_ARENA_EXTEND_STRATEGY", value_enum, default_value = "next-power-of-two")]
+    pub arena_extend_strategy: ArenaExtend,
+}
+
+/// cuDNN convolution algorithm search (ONNX Runtime's `cudnn_conv_algo_search`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConvAlgoSearch {
+    /// Benchmark every algorithm on the first run of each shape.
+    Exhaustive,
+    /// cuDNN's heuristics, no benchmarking.
+    Heuristic,
+    /// Always implicit precomputed GEMM.
+    Default,
+}
+
+/// Growth of a CUDA memory arena (ONNX Runtime's `arena_extend_strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArenaExtend {
+    /// Double the arena's chunks.
+    NextPowerOfTwo,
+    /// Grow by exactly what was asked for.
+    SameAsRequested,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { execution_provider: ExecutionProvider::Cpu, device_id: 0, intra_threads: 0 }
+        RuntimeConfig {
+            execution_provider: ExecutionProvider::Cpu,
+            device_id: 0,
+            intra_threads: 0,
+            cpu_models: Vec::new(),
+            cudnn_conv_algo_search: ConvAlgoSearch::Exhaustive,
+            gpu_mem_limit: 0,
+            arena_extend_strategy: ArenaExtend::NextPowerOfTwo,
+        }
     }
 }
 
@@ -142,10 +184,10 @@ impl Runtime {
         let active = match config.execution_provider {
             ExecutionProvider::Cpu => ExecutionProvider::Cpu,
             ExecutionProvider::Cuda => {
-                cuda_available(config)?;
+                cuda_available()?;
                 ExecutionProvider::Cuda
             }
-            ExecutionProvider::Auto => match cuda_available(config) {
+            ExecutionProvider::Auto => match cuda_available() {
                 Ok(()) => ExecutionProvider::Cuda,
                 Err(e) => {
                     tracing::warn!(error = %e, "CUDA unavailable, running on CPU");
@@ -159,6 +201,20 @@ impl Runtime {
     /// The provider sessions run on (`auto` resolved).
     pub fn provider(&self) -> ExecutionProvider {
         self.active
+    }
+
+    /// The CUDA device sessions run on, when the provider is CUDA.
+    pub fn cuda_device(&self) -> Option<i32> {
+        (self.active == ExecutionProvider::Cuda).then_some(self.config.device_id)
+    }
+
+    /// This runtime for sub-model `model`: on the CPU when `--cpu-models` names it.
+    pub fn for_model(&self, model: &str) -> Runtime {
+        let mut runtime = self.clone();
+        if self.config.cpu_models.iter().any(|m| m == model) {
+            runtime.active = ExecutionProvider::Cpu;
+        }
+        runtime
     }
 
     /// A session builder with this runtime's threads, optimisation level and provider.
@@ -225,8 +281,25 @@ impl Runtime {
 
 #[cfg(feature = "cuda")]
 fn with_cuda(builder: SessionBuilder, config: &RuntimeConfig) -> Result<SessionBuilder, String> {
-    let cuda = ort::ep::CUDA::default().with_device_id(config.device_id).build().error_on_failure();
-    builder.with_execution_providers([cuda]).map_err(|e| e.to_string())
+    use ort::ep::ArenaExtendStrategy;
+    use ort::ep::cuda::ConvAlgorithmSearch;
+    let search = match config.cudnn_conv_algo_search {
+        ConvAlgoSearch::Exhaustive => ConvAlgorithmSearch::Exhaustive,
+        ConvAlgoSearch::Heuristic => ConvAlgorithmSearch::Heuristic,
+        ConvAlgoSearch::Default => ConvAlgorithmSearch::Default,
+    };
+    let strategy = match config.arena_extend_strategy {
+        ArenaExtend::NextPowerOfTwo => ArenaExtendStrategy::NextPowerOfTwo,
+        ArenaExtend::SameAsRequested => ArenaExtendStrategy::SameAsRequested,
+    };
+    let mut cuda = ort::ep::CUDA::default()
+        .with_device_id(config.device_id)
+        .with_conv_algorithm_search(search)
+        .with_arena_extend_strategy(strategy);
+    if config.gpu_mem_limit > 0 {
+        cuda = cuda.with_memory_limit(config.gpu_mem_limit);
+    }
+    builder.with_execution_providers([cuda.build().error_on_failure()]).map_err(|e| e.to_string())
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -234,10 +307,59 @@ fn with_cuda(_builder: SessionBuilder, _config: &RuntimeConfig) -> Result<Sessio
     Err("this binary was built without the `cuda` feature".to_string())
 }
 
+/// The provider libraries the onnxruntime-gpu package puts next to the core library.
 #[cfg(feature = "cuda")]
-fn cuda_available(config: &RuntimeConfig) -> Result<(), RuntimeError> {
+const PROVIDER_LIBRARIES: [&str; 2] =
+    ["libonnxruntime_providers_shared.so", "libonnxruntime_providers_cuda.so"];
+
+/// The libraries in `names` that `load` cannot load (by file name, through the loader's search path).
+#[cfg(feature = "cuda")]
+fn missing_libraries<'a>(names: &[&'a str], mut load: impl FnMut(&str) -> bool) -> Vec<&'a str> {
+    names.iter().copied().filter(|name| !load(name)).collect()
+}
+
+/// What is missing for the CUDA provider and how to install it; `None` when nothing is.
+#[cfg(feature = "cuda")]
+fn missing_cuda_message(providers: &[&str], cuda: &[&str], core_library: &str) -> Option<String> {
+    let mut parts = Vec::new();
+    if !providers.is_empty() {
+        parts.push(format!(
+            "{} not next to {core_library} (fetch the GPU build with \
+             `ORT_PKG=onnxruntime-gpu make ort`, which links them there)",
+            providers.join(", ")
+        ));
+    }
+    if !cuda.is_empty() {
+        parts.push(format!(
+            "cannot load {} (CUDA 13 and cuDNN 9: `pip install nvidia-cuda-runtime nvidia-cublas \
+             nvidia-cufft nvidia-curand nvidia-cuda-nvrtc nvidia-cudnn-cu13` and add each package's \
+             lib folder to LD_LIBRARY_PATH, or install NVIDIA's cuda-libraries-13-0 and libcudnn9-cuda-13 \
+             packages)",
+            cuda.join(", ")
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_available() -> Result<(), RuntimeError> {
     use ort::ep::ExecutionProvider as _;
-    let reason = match ort::ep::CUDA::default().with_device_id(config.device_id).is_available() {
+    let library = library_path();
+    // A bare file name is found through the loader's search path, and so are the providers then.
+    let core_dir = Path::new(&library).parent().filter(|d| !d.as_os_str().is_empty());
+    let providers = match core_dir {
+        Some(dir) => missing_libraries(&PROVIDER_LIBRARIES, |name| dir.join(name).is_file()),
+        None => Vec::new(),
+    };
+    // cuDNN's own parts (libcudnn_*.so.9) are loaded by libcudnn itself when first needed.
+    let wanted: Vec<&str> =
+        ort::ep::cuda::CUDA_DYLIBS.iter().chain(&ort::ep::cuda::CUDNN_DYLIBS[..1]).copied().collect();
+    // Loaded libraries stay loaded: the CUDA provider loads the same ones moments later.
+    let cuda = missing_libraries(&wanted, |name| ort::util::preload_dylib(name).is_ok());
+    if let Some(reason) = missing_cuda_message(&providers, &cuda, &library) {
+        return Err(RuntimeError::Provider { provider: "cuda", reason });
+    }
+    let reason = match ort::ep::CUDA::is_available() {
         Ok(true) => return Ok(()),
         Ok(false) => {
             "the runtime library has no CUDA provider (fetch it with ORT_PKG=onnxruntime-gpu make ort)".into()
@@ -248,9 +370,41 @@ fn cuda_available(config: &RuntimeConfig) -> Result<(), RuntimeError> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_available(_config: &RuntimeConfig) -> Result<(), RuntimeError> {
+fn cuda_available() -> Result<(), RuntimeError> {
     Err(RuntimeError::Provider {
         provider: "cuda",
         reason: "this binary was built without the `cuda` feature (cargo build --features cuda)".into(),
     })
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_each_missing_library_with_how_to_install_it() {
+        let cuda =
+            missing_libraries(&["libcudart.so.13", "libcudnn.so.9"], |name| name.starts_with("libcudart"));
+        assert_eq!(cuda, ["libcudnn.so.9"]);
+        let message =
+            missing_cuda_message(&["libonnxruntime_providers_cuda.so"], &cuda, "lib/libonnxruntime.so")
+                .expect("something is missing");
+        assert!(message.contains("libonnxruntime_providers_cuda.so not next to lib/libonnxruntime.so"));
+        assert!(message.contains("ORT_PKG=onnxruntime-gpu"));
+        assert!(message.contains("cannot load libcudnn.so.9"));
+        assert!(message.contains("nvidia-cudnn-cu13"));
+        assert_eq!(missing_cuda_message(&[], &[], "lib/libonnxruntime.so"), None);
+    }
+
+    #[test]
+    fn cpu_models_stay_on_the_cpu() {
+        let runtime = Runtime {
+            env: environment().expect("the runtime library loads"),
+            config: RuntimeConfig { cpu_models: vec!["text_encoder".into()], ..RuntimeConfig::default() },
+            active: ExecutionProvider::Cuda,
+        };
+        assert_eq!(runtime.for_model("text_encoder").provider(), ExecutionProvider::Cpu);
+        assert_eq!(runtime.for_model("unet").provider(), ExecutionProvider::Cuda);
+        assert_eq!(runtime.for_model("unet").cuda_device(), Some(0));
+    }
 }

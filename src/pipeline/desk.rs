@@ -127,6 +127,17 @@ impl DeskPipeline {
                     .collect()
             })
             .unwrap_or_default();
+        if runtime.for_model("unet").provider() == crate::inference::ExecutionProvider::Cuda {
+            // The first run of each shape on CUDA searches cuDNN's algorithms (about a second):
+            // pay it here, before health reports SERVING, not in the first request.
+            let timings = diffusion.warm_up()?;
+            tracing::info!(
+                unet_ms = timings.unet_ms,
+                vae_ms = timings.vae_ms,
+                "diffusion pipeline warmed up"
+            );
+        }
+        let sd_dir = diffusion.config().dir.clone();
         let settings = PipelineSettings::load(config.pipeline_config.as_deref())?;
         let shopping = crate::shopping::build(&config.shopping)?;
         let fetcher = Fetcher::new(&config.fetch)?;
@@ -143,9 +154,9 @@ impl DeskPipeline {
             .collect();
         models.push(ModelInfo {
             id: "stable-diffusion".into(),
-            path: config.sd_model.display().to_string(),
-            sha256: crate::inference::sha256_file(&config.sd_model.join("unet/model.onnx"))?,
-            size_bytes: dir_size(&config.sd_model),
+            path: sd_dir.display().to_string(),
+            sha256: crate::inference::sha256_file(&sd_dir.join("unet/model.onnx"))?,
+            size_bytes: dir_size(&sd_dir),
             execution_provider: provider,
         });
         Ok(DeskPipeline {

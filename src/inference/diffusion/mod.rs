@@ -27,6 +27,7 @@ mod text_encoder;
 mod tokenizer;
 mod unet;
 mod vae;
+mod variant;
 
 use std::path::PathBuf;
 
@@ -38,6 +39,7 @@ pub use pipeline::{
 };
 pub use schedulers::{Scheduler, SchedulerKind, UnknownScheduler};
 pub use tokenizer::ClipTokenizer;
+pub use variant::{MANIFEST, resolve_variant};
 
 /// Everything that can go wrong loading or running a diffusion pipeline.
 #[derive(Debug, thiserror::Error)]

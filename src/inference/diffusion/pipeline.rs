@@ -21,6 +21,7 @@ use super::text_encoder::TextEncoder;
 use super::tokenizer::ClipTokenizer;
 use super::unet::{Unet, time_ids};
 use super::vae::VaeHalf;
+use super::variant::{ExportManifest, resolve_variant};
 use crate::inference::{InitializerOverrides, Runtime};
 
 /// The most denoising steps a request may ask for.
@@ -87,6 +88,13 @@ pub struct Timings {
     pub text_encode_ms: f64,
     /// All UNet steps, including the scheduler arithmetic between them.
     pub unet_ms: f64,
+    /// The UNet session runs alone, summed over the steps.
+    pub unet_run_ms: f64,
+    /// Copies of samples and predictions between host and GPU memory, summed over the steps (zero
+    /// on the CPU).
+    pub transfer_ms: f64,
+    /// UNet steps run.
+    pub steps: u32,
     /// VAE encoding (image-to-image) and decoding.
     pub vae_ms: f64,
 }
@@ -126,8 +134,16 @@ impl StableDiffusion {
     /// Loads the pipeline in `dir` (optimum's ONNX layout), building one session per sub-model.
     /// Without `vae_encoder/model.onnx` only text-to-image is available.
     pub fn load(runtime: &Runtime, dir: impl AsRef<Path>) -> Result<StableDiffusion, DiffusionError> {
-        let dir = dir.as_ref();
+        let dir = resolve_variant(dir.as_ref(), runtime.provider());
+        let dir = dir.as_path();
         let config = PipelineConfig::load(dir)?;
+        let manifest = ExportManifest::load(dir)?;
+        // Each sub-model on its own provider (`--cpu-models`), refused where its graph cannot run.
+        let placed = |model: &str| -> Result<Runtime, DiffusionError> {
+            let placed = runtime.for_model(model);
+            manifest.check(dir, model, placed.provider())?;
+            Ok(placed)
+        };
         let xl = config.family == ModelFamily::StableDiffusionXl;
         let mut tokenizers = vec![ClipTokenizer::from_dir(&dir.join("tokenizer"))?];
         let text_encoders = if xl {
@@ -136,14 +152,14 @@ impl StableDiffusion {
             let penultimate = |layers: usize| format!("hidden_states.{}", layers.saturating_sub(1));
             vec![
                 TextEncoder::load(
-                    runtime,
+                    &placed("text_encoder")?,
                     dir,
                     "text_encoder",
                     penultimate(config.text_encoder_layers[0]),
                     None,
                 )?,
                 TextEncoder::load(
-                    runtime,
+                    &placed("text_encoder_2")?,
                     dir,
                     "text_encoder_2",
                     penultimate(config.text_encoder_layers[1]),
@@ -151,7 +167,13 @@ impl StableDiffusion {
                 )?,
             ]
         } else {
-            vec![TextEncoder::load(runtime, dir, "text_encoder", "last_hidden_state".to_string(), None)?]
+            vec![TextEncoder::load(
+                &placed("text_encoder")?,
+                dir,
+                "text_encoder",
+                "last_hidden_state".to_string(),
+                None,
+            )?]
         };
         if tokenizers.iter().any(|t| t.max_length() != tokenizers[0].max_length()) {
             return Err(DiffusionError::Config {
@@ -159,13 +181,13 @@ impl StableDiffusion {
                 reason: "both tokenizers must have the same model_max_length".into(),
             });
         }
-        let unet = Unet::load(runtime, dir, xl, InitializerOverrides::default())?;
+        let unet = Unet::load(&placed("unet")?, dir, xl, InitializerOverrides::default())?;
         let vae_encoder = if dir.join("vae_encoder/model.onnx").is_file() {
-            Some(VaeHalf::encoder(runtime, dir)?)
+            Some(VaeHalf::encoder(&placed("vae_encoder")?, dir)?)
         } else {
             None
         };
-        let vae_decoder = VaeHalf::decoder(runtime, dir)?;
+        let vae_decoder = VaeHalf::decoder(&placed("vae_decoder")?, dir)?;
         tracing::info!(dir = %dir.display(), family = ?config.family, img2img = vae_encoder.is_some(), "diffusion pipeline loaded");
         Ok(StableDiffusion {
             config,
@@ -220,9 +242,10 @@ impl StableDiffusion {
                 move |e: DiffusionError| LoraError::Merge { part: part.as_str(), reason: e.to_string() }
             };
             let unet = match overrides.remove(&ModelPart::Unet) {
-                Some(values) => {
-                    Some(Unet::load(&self.runtime, dir, xl, values).map_err(build_error(ModelPart::Unet))?)
-                }
+                Some(values) => Some(
+                    Unet::load(&self.runtime.for_model("unet"), dir, xl, values)
+                        .map_err(build_error(ModelPart::Unet))?,
+                ),
                 None => None,
             };
             let mut text_encoders = Vec::new();
@@ -231,7 +254,9 @@ impl StableDiffusion {
             {
                 text_encoders.push(match overrides.remove(&part) {
                     Some(values) => Some(
-                        encoder.with_initializers(&self.runtime, dir, values).map_err(build_error(part))?,
+                        encoder
+                            .with_initializers(&self.runtime.for_model(part.as_str()), dir, values)
+                            .map_err(build_error(part))?,
                     ),
                     None => None,
                 });
@@ -240,6 +265,27 @@ impl StableDiffusion {
         })?;
         tracing::debug!(loras = ?requested, cache_hit = hit, "LoRA sessions ready");
         Ok(Some(merged))
+    }
+
+    /// Runs one guided step at the native size, so that session set-up and CUDA's cuDNN algorithm
+    /// search happen before the first request (on CUDA the first run of a shape takes about a second).
+    pub fn warm_up(&self) -> Result<Timings, DiffusionError> {
+        let (width, height) = self.native_size();
+        let params = GenerateParams {
+            prompt: "a desk".into(),
+            negative_prompt: String::new(),
+            num_inference_steps: 1,
+            guidance_scale: 7.5,
+            width,
+            height,
+            strength: 1.0,
+            seed: 0,
+            scheduler: self.config.default_scheduler,
+            init_image: None,
+            guidance_rescale: 0.0,
+            loras: Vec::new(),
+        };
+        Ok(self.generate(&params, &mut |_, _| ControlFlow::Continue(()))?.timings)
     }
 
     /// The model's training resolution as (width, height): 512² for SD 1.x, 1024² for SDXL.
@@ -438,7 +484,7 @@ impl StableDiffusion {
             .pooled_prompt_embeds
             .map(|pooled| (pooled, time_ids(params.height as usize, params.width as usize, rows)));
         let conditioning = unet.conditioning(embeddings.prompt_embeds, added);
-        let mut buffers = unet.buffers([rows, channels, latent_h, latent_w])?;
+        let mut buffers = unet.buffers([rows, channels, latent_h, latent_w], &conditioning)?;
         let mut noise_pred = Array4::<f32>::zeros(latents.raw_dim());
         let run = &timesteps[start..];
         for (done, &timestep) in run.iter().enumerate() {
@@ -446,9 +492,12 @@ impl StableDiffusion {
                 row.assign(&latents.index_axis(Axis(0), 0));
             }
             scheduler.scale_model_input(buffers.sample.view_mut(), timestep);
-            unet.predict(&mut buffers, timestep, &conditioning, |prediction| {
+            let cost = unet.predict(&mut buffers, timestep, &conditioning, |prediction| {
                 guide(prediction, noise_pred.view_mut(), params.guidance_scale, params.guidance_rescale);
             })?;
+            timings.unet_run_ms += cost.run_ms;
+            timings.transfer_ms += cost.transfer_ms;
+            timings.steps += 1;
             scheduler.step(noise_pred.view(), timestep, latents.view_mut(), rng);
             if unet.is_half() {
                 // diffusers casts each step's result back to the model's float16.

@@ -5,7 +5,7 @@ use half::f16;
 use ndarray::{Array, ArrayView, ArrayViewD, CowArray, Dimension, IxDyn, Zip};
 use ort::session::{Session, SessionInputValue};
 use ort::value::TensorElementType;
-use ort::value::{DynValue, Outlet, TensorRef};
+use ort::value::{DynValue, Outlet, Tensor, TensorRef, TensorValueTypeMarker, Value};
 
 use super::DiffusionError;
 
@@ -74,6 +74,14 @@ impl<D: Dimension + 'static> ModelTensor<D> {
         }
     }
 
+    /// An owned copy as a session value, for binding to a device.
+    pub(crate) fn to_value(&self) -> ort::Result<DynValue> {
+        Ok(match self {
+            ModelTensor::F32(a) => Tensor::from_array(a.clone())?.into_dyn(),
+            ModelTensor::F16(a) => Tensor::from_array(a.clone())?.into_dyn(),
+        })
+    }
+
     /// A session input borrowing this tensor.
     pub(crate) fn input(&self) -> ort::Result<SessionInputValue<'_>> {
         Ok(match self {
@@ -84,8 +92,8 @@ impl<D: Dimension + 'static> ModelTensor<D> {
 }
 
 /// A float output as float32: borrowed when the model produced float32, converted otherwise.
-pub(crate) fn output_f32<'v>(
-    value: &'v DynValue,
+pub(crate) fn output_f32<'v, T: TensorValueTypeMarker + ?Sized>(
+    value: &'v Value<T>,
     model: &'static str,
 ) -> Result<CowArray<'v, f32, IxDyn>, DiffusionError> {
     if let Ok(view) = value.try_extract_array::<f32>() {

@@ -2,13 +2,14 @@
 
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use half::f16;
 use ndarray::{Array0, Array1, Array2, Array3, Array4, ArrayD, ArrayView4, Ix2, Ix3, Ix4, IxDyn};
-use ort::memory::Allocator;
-use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session, SessionInputValue};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{HasSelectedOutputs, IoBinding, OutputSelector, RunOptions, Session, SessionInputValue};
 use ort::value::TensorElementType;
-use ort::value::{DynValue, Tensor, TensorRef};
+use ort::value::{DynTensor, DynValue, Tensor, TensorRef};
 
 use super::DiffusionError;
 use super::config::{config_error, required_file};
@@ -23,6 +24,8 @@ pub(crate) struct Unet {
     session: Mutex<Session>,
     float_type: FloatType,
     timestep: TimestepInput,
+    /// The CUDA device the session runs on; `None` on the CPU.
+    cuda_device: Option<i32>,
 }
 
 /// How the export takes the timestep: optimum writes a rank-0 float32, older exports a rank-1
@@ -49,6 +52,28 @@ pub(crate) struct UnetBuffers {
     sample_f16: Option<Array4<f16>>,
     timestep: TimestepValue,
     options: RunOptions<HasSelectedOutputs>,
+    /// On CUDA: inputs and output bound in GPU memory.
+    device: Option<DeviceBuffers>,
+}
+
+/// A generation's UNet buffers on a CUDA device. The conditioning is copied to the GPU once per
+/// generation and the output is written in GPU memory; per step only the sample goes up and the
+/// prediction comes back, because the schedulers run on the host.
+struct DeviceBuffers {
+    binding: IoBinding,
+    /// The prediction in GPU memory, bound as the session's output.
+    output: DynTensor,
+    /// The prediction copied back for the scheduler.
+    host_output: DynTensor,
+}
+
+/// Where one UNet step's time went, in milliseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct StepCost {
+    /// The session run alone (on CUDA: the GPU's work, synchronised).
+    pub(crate) run_ms: f64,
+    /// Copies between host and device memory (zero on the CPU).
+    pub(crate) transfer_ms: f64,
 }
 
 enum TimestepValue {
@@ -99,7 +124,7 @@ impl Unet {
             .ok_or_else(|| {
                 config_error(&path, "input \"timestep\" must be a float or int64 scalar or 1-element tensor")
             })?;
-        Ok(Unet { session: Mutex::new(session), float_type, timestep })
+        Ok(Unet { session: Mutex::new(session), float_type, timestep, cuda_device: runtime.cuda_device() })
     }
 
     /// Whether the model runs in float16.
@@ -121,8 +146,12 @@ impl Unet {
         }
     }
 
-    /// Buffers for samples of `shape` (`[batch, channels, h, w]`).
-    pub(crate) fn buffers(&self, shape: [usize; 4]) -> Result<UnetBuffers, DiffusionError> {
+    /// Buffers for samples of `shape` (`[batch, channels, h, w]`) conditioned on `conditioning`.
+    pub(crate) fn buffers(
+        &self,
+        shape: [usize; 4],
+        conditioning: &UnetConditioning,
+    ) -> Result<UnetBuffers, DiffusionError> {
         let fail = inference_error(MODEL);
         let output: DynValue = match self.float_type {
             FloatType::F32 => Tensor::<f32>::new(&Allocator::default(), shape).map_err(&fail)?.into_dyn(),
@@ -139,12 +168,48 @@ impl Unet {
             }
             _ => TimestepValue::Float(ModelTensor::new(FloatType::F32, ArrayD::zeros(timestep_shape))),
         };
+        let device = match self.cuda_device {
+            Some(device_id) => Some(self.device_buffers(device_id, shape, conditioning).map_err(&fail)?),
+            None => None,
+        };
         Ok(UnetBuffers {
             sample: Array4::zeros(shape),
             sample_f16: (self.float_type == FloatType::F16).then(|| Array4::from_elem(shape, f16::ZERO)),
             timestep,
             options,
+            device,
         })
+    }
+
+    fn device_buffers(
+        &self,
+        device_id: i32,
+        shape: [usize; 4],
+        conditioning: &UnetConditioning,
+    ) -> ort::Result<DeviceBuffers> {
+        let session = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let gpu = Allocator::new(
+            &session,
+            MemoryInfo::new(AllocationDevice::CUDA, device_id, AllocatorType::Device, MemoryType::Default)?,
+        )?;
+        let (mut output, host_output) = match self.float_type {
+            FloatType::F32 => (
+                Tensor::<f32>::new(&gpu, shape)?.upcast(),
+                Tensor::<f32>::new(&Allocator::default(), shape)?.upcast(),
+            ),
+            FloatType::F16 => (
+                Tensor::<f16>::new(&gpu, shape)?.upcast(),
+                Tensor::<f16>::new(&Allocator::default(), shape)?.upcast(),
+            ),
+        };
+        let mut binding = session.create_binding()?;
+        binding.bind_output(OUTPUT, &mut output)?;
+        binding.bind_input("encoder_hidden_states", &conditioning.encoder_hidden_states.to_value()?)?;
+        if let Some((text_embeds, time_ids)) = &conditioning.added {
+            binding.bind_input("text_embeds", &text_embeds.to_value()?)?;
+            binding.bind_input("time_ids", &time_ids.to_value()?)?;
+        }
+        Ok(DeviceBuffers { binding, output, host_output })
     }
 
     /// Runs the UNet on `buffers.sample` at `timestep` and hands its prediction to `consume`.
@@ -154,7 +219,7 @@ impl Unet {
         timestep: f32,
         conditioning: &UnetConditioning,
         consume: impl FnOnce(ArrayView4<'_, f32>),
-    ) -> Result<(), DiffusionError> {
+    ) -> Result<StepCost, DiffusionError> {
         let fail = inference_error(MODEL);
         if let Some(halves) = &mut buffers.sample_f16 {
             ndarray::Zip::from(halves).and(&buffers.sample).for_each(|h, &s| *h = f16::from_f32(s));
@@ -162,6 +227,9 @@ impl Unet {
         match &mut buffers.timestep {
             TimestepValue::Float(t) => t.assign(Array0::from_elem((), timestep).into_dyn().view()),
             TimestepValue::Int(t) => t.fill(timestep as i64),
+        }
+        if buffers.device.is_some() {
+            return self.predict_on_device(buffers, consume);
         }
         let sample: SessionInputValue<'_> = match &buffers.sample_f16 {
             Some(halves) => TensorRef::from_array_view(halves.view()).map_err(&fail)?.into(),
@@ -181,15 +249,60 @@ impl Unet {
             inputs.push(("time_ids".into(), time_ids.input().map_err(&fail)?));
         }
         let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let started = Instant::now();
         let outputs = session.run_with_options(inputs, &buffers.options).map_err(&fail)?;
-        let prediction = output_f32(&outputs[OUTPUT], MODEL)?;
-        let prediction = prediction
-            .view()
-            .into_dimensionality::<Ix4>()
-            .map_err(|e| DiffusionError::Inference { model: MODEL, reason: e.to_string() })?;
-        consume(prediction);
-        Ok(())
+        let cost = StepCost { run_ms: elapsed_ms(started), transfer_ms: 0.0 };
+        consume(as_4d(&output_f32(&outputs[OUTPUT], MODEL)?)?);
+        Ok(cost)
     }
+
+    /// One step through the device binding: the sample and timestep go up, the prediction comes back.
+    fn predict_on_device(
+        &self,
+        buffers: &mut UnetBuffers,
+        consume: impl FnOnce(ArrayView4<'_, f32>),
+    ) -> Result<StepCost, DiffusionError> {
+        let fail = inference_error(MODEL);
+        let UnetBuffers { sample, sample_f16, timestep, device: Some(device), .. } = buffers else {
+            return Err(DiffusionError::Inference { model: MODEL, reason: "no device buffers".into() });
+        };
+        let sample: DynValue = match sample_f16 {
+            Some(halves) => Tensor::from_array(halves.clone()).map_err(&fail)?.into_dyn(),
+            None => Tensor::from_array(sample.clone()).map_err(&fail)?.into_dyn(),
+        };
+        let timestep = match timestep {
+            TimestepValue::Float(t) => t.to_value(),
+            TimestepValue::Int(t) => Tensor::from_array(t.clone()).map(Tensor::into_dyn),
+        }
+        .map_err(&fail)?;
+        let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let started = Instant::now();
+        device.binding.bind_input("sample", &sample).map_err(&fail)?;
+        device.binding.bind_input("timestep", &timestep).map_err(&fail)?;
+        device.binding.synchronize_inputs().map_err(&fail)?;
+        let mut transfer_ms = elapsed_ms(started);
+        let started = Instant::now();
+        session.run_binding(&device.binding).map_err(&fail)?;
+        let run_ms = elapsed_ms(started);
+        let started = Instant::now();
+        device.output.copy_into(&mut device.host_output).map_err(&fail)?;
+        transfer_ms += elapsed_ms(started);
+        consume(as_4d(&output_f32(&device.host_output, MODEL)?)?);
+        Ok(StepCost { run_ms, transfer_ms })
+    }
+}
+
+fn as_4d<'a>(
+    prediction: &'a ndarray::CowArray<'_, f32, IxDyn>,
+) -> Result<ArrayView4<'a, f32>, DiffusionError> {
+    prediction
+        .view()
+        .into_dimensionality::<Ix4>()
+        .map_err(|e| DiffusionError::Inference { model: MODEL, reason: e.to_string() })
+}
+
+fn elapsed_ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
 }
 
 /// SDXL's size conditioning `[original_h, original_w, crop_top, crop_left, target_h, target_w]`,
