@@ -241,7 +241,9 @@ def main():
             continue
         os.makedirs(os.path.join(dst, sub), exist_ok=True)
         for entry in os.listdir(os.path.join(src, sub)):
-            if entry.endswith(".json"):
+            # weights_map.json names the plain graph's initializers, which fusion renames or packs:
+            # LoRA adapters are merged into the plain export only.
+            if entry.endswith(".json") and entry != "weights_map.json":
                 shutil.copyfile(os.path.join(src, sub, entry), os.path.join(dst, sub, entry))
         try:
             result = optimize(model_path, os.path.join(dst, sub, "model.onnx"), model_type, cpu_safe)
