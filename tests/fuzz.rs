@@ -19,6 +19,9 @@ use rand::seq::IndexedRandom;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// The LoRA weight limit the fuzzed pipeline reports.
+const MAX_LORA_WEIGHT: f32 = 2.0;
+
 fn budget() -> Duration {
     let secs = std::env::var("DESKGEN_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(4.0);
     Duration::from_secs_f64(secs)
@@ -106,7 +109,13 @@ fn info() -> PipelineInfo {
         default_scheduler: "ddim".into(),
         native_size: 512,
         size_multiple: 8,
-        loras: vec!["cozy".into()],
+        loras: vec![deskgen::pipeline::LoraInfo {
+            name: "cozy".into(),
+            rank: 4,
+            target_modules: vec!["unet.to_q".into()],
+            trigger_words: vec!["cozy".into()],
+        }],
+        max_lora_weight: MAX_LORA_WEIGHT,
         negative_prompt: String::new(),
         object_store: "file".into(),
         shopping_provider: "catalog".into(),
@@ -200,7 +209,7 @@ fn check_request(bytes: &[u8]) {
                 assert!(!text.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\t' | '\r')));
             }
             for lora in &request.loras {
-                assert!(lora.weight.is_finite() && lora.weight.abs() <= 4.0);
+                assert!(lora.weight.is_finite() && lora.weight.abs() <= MAX_LORA_WEIGHT);
             }
         }
     }

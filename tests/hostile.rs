@@ -290,7 +290,7 @@ async fn hostile_grpc_messages_get_their_codes() {
         (
             "LoRA weight NaN",
             pb::GenerateRequest {
-                loras: vec![pb::LoraWeight { name: "x".into(), weight: f32::NAN }],
+                loras: vec![pb::LoraWeight { name: "x".into(), weight: Some(f32::NAN) }],
                 ..base()
             },
         ),

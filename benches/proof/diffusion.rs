@@ -55,7 +55,7 @@ fn python_runs(settings: &Settings) -> anyhow::Result<(Vec<f64>, String)> {
 struct RustRun {
     total_ms: f64,
     unet_ms: f64,
-    unet_session_ms: f64,
+    unet_run_ms: f64,
 }
 
 fn rust_runs(pipeline: &StableDiffusion, runs: usize) -> anyhow::Result<Vec<RustRun>> {
@@ -79,7 +79,7 @@ fn rust_runs(pipeline: &StableDiffusion, runs: usize) -> anyhow::Result<Vec<Rust
         out.push(RustRun {
             total_ms: started.elapsed().as_secs_f64() * 1000.0,
             unet_ms: generated.timings.unet_ms,
-            unet_session_ms: generated.timings.unet_session_ms,
+            unet_run_ms: generated.timings.unet_run_ms,
         });
     }
     Ok(out)
@@ -99,9 +99,8 @@ pub async fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()>
 
     let rust_total: Vec<f64> = rust.iter().map(|r| r.total_ms).collect();
     let step_ms: Vec<f64> = rust.iter().map(|r| r.unet_ms / f64::from(STEPS)).collect();
-    let overhead_ms: Vec<f64> =
-        rust.iter().map(|r| (r.unet_ms - r.unet_session_ms) / f64::from(STEPS)).collect();
-    let overhead_share: Vec<f64> = rust.iter().map(|r| (r.unet_ms - r.unet_session_ms) / r.unet_ms).collect();
+    let overhead_ms: Vec<f64> = rust.iter().map(|r| (r.unet_ms - r.unet_run_ms) / f64::from(STEPS)).collect();
+    let overhead_share: Vec<f64> = rust.iter().map(|r| (r.unet_ms - r.unet_run_ms) / r.unet_ms).collect();
     let ratio = percentile(&rust_total, 50.0) / percentile(&python, 50.0);
     let share = percentile(&overhead_share, 50.0);
     let lines = vec![
