@@ -196,12 +196,17 @@ impl Drop for Process {
 
 impl Process {
     fn spawn(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Process {
+        Process::spawn_command("serve", data_dir, args, env)
+    }
+
+    /// `deskgen <command>` (serve or worker) on a free port.
+    fn spawn_command(command: &str, data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Process {
         let port = free_port();
         let log = data_dir.with_extension(format!("{port}.log"));
         let output = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_deskgen"))
             .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .args([command, "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
             .arg(data_dir)
             .args(["--intra-threads", "1", "--image-base-url", &format!("http://127.0.0.1:{port}")])
             .args(args)
@@ -553,6 +558,73 @@ async fn kill_9_with_tasks_queued_and_running_loses_no_task() {
     for id in &ids {
         assert_eq!(server.result(id).await["status"], "done", "{id} survived two kills");
     }
+}
+
+/// A redis-server on a free port, without persistence; killed when dropped.
+struct Redis {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_redis() -> Redis {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server is installed (apt-get install redis-server)");
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Redis { child, url: format!("redis://127.0.0.1:{port}/0"), _dir: dir }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_mode_kill_9_of_a_worker_mid_task_is_taken_over() {
+    let redis = start_redis().await;
+    let data = tempfile::tempdir().unwrap();
+    let queue = ["--queue", redis.url.as_str(), "--visibility-timeout", "2s"];
+    let mut api = Process::spawn(&data.path().join("api"), &[&queue[..], &["--workers", "0"]].concat(), &[]);
+    api.wait_ready().await;
+    let mut doomed = Process::spawn_command(
+        "worker",
+        &data.path().join("doomed"),
+        &[&queue[..], &["--name", "doomed"]].concat(),
+        &[],
+    );
+    doomed.wait_ready().await;
+    let task_id = api.submit(json!({"prompt": "a tidy desk", "num_inference_steps": 30, "seed": 5})).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while api.result(&task_id).await["status"] != "processing" {
+        assert!(Instant::now() < deadline, "never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    doomed.child.kill().unwrap();
+    doomed.child.wait().unwrap();
+    let mut rescuer = Process::spawn_command(
+        "worker",
+        &data.path().join("rescuer"),
+        &[&queue[..], &["--name", "rescuer"]].concat(),
+        &[],
+    );
+    rescuer.wait_ready().await;
+    let result = api.poll_final(&task_id, Duration::from_secs(120)).await;
+    assert_eq!(result["status"], "done", "{result}");
+    assert!(result["processed_image_url"].is_string(), "{result}");
 }
 
 /// `make soak`: ten rounds of submitting while killing the server at random moments; every task
