@@ -71,6 +71,7 @@ fn rust_runs(pipeline: &StableDiffusion, runs: usize) -> anyhow::Result<Vec<Rust
         scheduler: SchedulerKind::Ddim,
         init_image: None,
         guidance_rescale: 0.0,
+        loras: Vec::new(),
     };
     let mut out = Vec::new();
     for _ in 0..runs {
