@@ -55,7 +55,7 @@ impl Server {
             ])
             .arg(data.path())
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
