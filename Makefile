@@ -2,8 +2,9 @@
 CARGO ?= cargo
 PHOTOS ?=
 ARGS ?=
+FUZZ_SECS ?= 300
 
-.PHONY: all ort models testdata assets system-deps build run test lint eval web clean-assets
+.PHONY: all ort models testdata assets system-deps build run test lint eval web bench soak fuzz clean-assets
 
 all: build
 
@@ -42,6 +43,19 @@ eval: models
 # Rebuilds the committed demo page bundle (web/dist) from web/src and proto/.
 web:
 	cd web && npm ci --ignore-scripts --no-audit --no-fund && npm run build
+
+# Figures for docs/performance.md: prints a table, writes target/bench/report.json.
+bench: models
+	@command -v wrk >/dev/null || (apt-get update && apt-get install -y --no-install-recommends wrk)
+	$(CARGO) bench --bench proof
+
+# Long fault runs (repeated kill -9 under submissions) and a longer fuzz pass.
+soak: assets system-deps
+	$(CARGO) test --release --test faults -- --ignored --nocapture
+	DESKGEN_FUZZ_SECS=120 $(CARGO) test --release --test fuzz -- --nocapture
+
+fuzz: testdata
+	DESKGEN_FUZZ_SECS=$(FUZZ_SECS) $(CARGO) test --release --test fuzz -- --nocapture
 
 clean-assets:
 	rm -rf assets

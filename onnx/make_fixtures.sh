@@ -8,16 +8,10 @@
 #   onnx/make_fixtures.sh STAGE...   run only some stages (see onnx/make_fixtures.py)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-VENV="${DESKGEN_EXPORT_VENV:-$HOME/.cache/deskgen/venv-export}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 export PYTHONHASHSEED=0 OMP_NUM_THREADS=2 CUBLAS_WORKSPACE_CONFIG=:4096:8 CUDA_VISIBLE_DEVICES=""
 
-# export_sd.sh owns the venv: `--help` makes it exit before exporting, after the venv is ready.
-if [[ ! -x "$VENV/bin/python" || ! -f "$VENV/.deskgen-requirements.sha256" ||
-      "$(cat "$VENV/.deskgen-requirements.sha256")" != "$(sha256sum "$HERE/requirements-export.txt" | cut -d' ' -f1)" ]]; then
-  bash "$HERE/export_sd.sh" --ensure-venv
-fi
-PY="$VENV/bin/python"
+PY="$(bash "$HERE/ensure_venv.sh")"
 
 if [[ "${1:-}" == "--verify" ]]; then
   shift

@@ -41,7 +41,9 @@ fn parse_input(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Gene
     if value.get("prompt").and_then(Value::as_str).is_some_and(|p| p.trim().is_empty()) {
         return Err(ApiError::EmptyPrompt);
     }
-    serde_json::from_value(value)
+    // From the bytes, not the parsed value: a `Value` keeps only the last of repeated keys, and a
+    // proxy that read the first one would have checked a different request.
+    serde_json::from_slice(&body)
         .map_err(|e| ApiError::Invalid(vec![Violation { field: "body", description: format!("{e}.") }]))
 }
 

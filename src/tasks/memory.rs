@@ -4,7 +4,7 @@
 //! each change); every change of status is persisted before it is published.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,14 +26,73 @@ struct Live {
 struct HubState {
     tasks: HashMap<String, Live>,
     queue: VecDeque<String>,
+    /// Submissions holding a queue slot while their record is being made durable; the receiver
+    /// says whether that worked.
+    admitting: HashMap<String, (TaskRecord, watch::Receiver<Option<bool>>)>,
 }
+
+/// A new record to make durable, and where to say whether it was.
+type Admission = (TaskRecord, watch::Sender<Option<bool>>);
 
 /// The embedded task queue and store.
 pub struct MemoryQueue {
-    store: TaskStore,
-    state: Mutex<HubState>,
-    work_available: Notify,
+    store: Arc<TaskStore>,
+    state: Arc<Mutex<HubState>>,
+    work_available: Arc<Notify>,
     capacity: usize,
+    admissions: std::sync::mpsc::Sender<Admission>,
+    admission_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for MemoryQueue {
+    /// Closes the store before returning, as a queue without the admission thread would: a new
+    /// queue can open the same data directory right after.
+    fn drop(&mut self) {
+        let (closed, _) = std::sync::mpsc::channel();
+        drop(std::mem::replace(&mut self.admissions, closed));
+        if let Some(thread) = self.admission_thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn lock(state: &Mutex<HubState>) -> std::sync::MutexGuard<'_, HubState> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Makes submitted tasks durable in groups, then queues them: each commit takes every record
+/// waiting at that moment, so concurrent submissions share one disk flush instead of queueing for
+/// one each. Runs on its own thread (a flush blocks); a submitter that goes away meanwhile does not
+/// stop its task from being queued. Ends when the queue is dropped.
+fn admission_worker(
+    store: Arc<TaskStore>,
+    state: Arc<Mutex<HubState>>,
+    work_available: Arc<Notify>,
+    admissions: std::sync::mpsc::Receiver<Admission>,
+) {
+    while let Ok(first) = admissions.recv() {
+        let mut group = vec![first];
+        group.extend(admissions.try_iter());
+        let records: Vec<TaskRecord> = group.iter().map(|(record, _)| record.clone()).collect();
+        let stored = store.put_all(&records);
+        if let Err(e) = &stored {
+            tracing::error!(error = %e, tasks = records.len(), "cannot persist submitted tasks");
+        }
+        let mut hub = lock(&state);
+        for (record, done) in group {
+            hub.admitting.remove(&record.task_id);
+            if stored.is_ok() {
+                let task_id = record.task_id.clone();
+                let (tx, _) = watch::channel(record);
+                hub.tasks.insert(task_id.clone(), Live { record: tx, cancel: CancellationToken::new() });
+                hub.queue.push_back(task_id);
+                metrics::counter!("deskgen_tasks_submitted_total").increment(1);
+                work_available.notify_one();
+            }
+            done.send_replace(Some(stored.is_ok()));
+        }
+        metrics::gauge!("deskgen_queue_depth").set(hub.queue.len() as f64);
+    }
 }
 
 impl MemoryQueue {
@@ -67,11 +126,27 @@ impl MemoryQueue {
             state.tasks.insert(record.task_id.clone(), Live { record: tx, cancel: CancellationToken::new() });
         }
         metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
-        Ok(MemoryQueue { store, state: Mutex::new(state), work_available: Notify::new(), capacity })
+        let store = Arc::new(store);
+        let state = Arc::new(Mutex::new(state));
+        let work_available = Arc::new(Notify::new());
+        let (admissions, pending) = std::sync::mpsc::channel();
+        let (writer, hub, notify) = (store.clone(), state.clone(), work_available.clone());
+        let admission_thread = std::thread::Builder::new()
+            .name("task-admission".into())
+            .spawn(move || admission_worker(writer, hub, notify, pending))
+            .map_err(|e| StoreError::Database(e.to_string()))?;
+        Ok(MemoryQueue {
+            store,
+            state,
+            work_available,
+            capacity,
+            admissions,
+            admission_thread: Some(admission_thread),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     fn try_claim(&self) -> Option<Claimed> {
@@ -113,24 +188,38 @@ impl TaskQueue for MemoryQueue {
     /// Queues a new task, or returns the existing one when `task_id` is already known (idempotent
     /// resubmission). The flag says whether the task was created by this call.
     async fn submit(&self, task_id: String, request: TaskRequest) -> Result<(TaskRecord, bool), SubmitError> {
-        let mut state = self.lock();
-        if let Some(live) = state.tasks.get(&task_id) {
-            return Ok((live.record.borrow().clone(), false));
+        let (record, mut stored, created) = {
+            let mut state = self.lock();
+            if let Some(live) = state.tasks.get(&task_id) {
+                return Ok((live.record.borrow().clone(), false));
+            }
+            if let Some((record, stored)) = state.admitting.get(&task_id) {
+                // The same id is being admitted by another call: answer as it will be answered.
+                (record.clone(), stored.clone(), false)
+            } else {
+                // Tasks being admitted hold their queue slot, so the limit holds under concurrency.
+                if state.queue.len() + state.admitting.len() >= self.capacity {
+                    metrics::counter!("deskgen_tasks_rejected_total").increment(1);
+                    return Err(SubmitError::QueueFull(self.capacity));
+                }
+                let record = TaskRecord::new(task_id.clone(), request);
+                let (done, stored) = watch::channel(None);
+                state.admitting.insert(task_id.clone(), (record.clone(), stored.clone()));
+                if self.admissions.send((record.clone(), done)).is_err() {
+                    state.admitting.remove(&task_id);
+                    return Err(BackendError("the task admission thread stopped".into()).into());
+                }
+                (record, stored, true)
+            }
+        };
+        // Acknowledged only once durable (the admission thread has queued it by then): a kill -9
+        // loses nothing that was acknowledged.
+        let durable = matches!(stored.wait_for(Option::is_some).await.as_deref(), Ok(Some(true)));
+        if durable {
+            Ok((record, created))
+        } else {
+            Err(BackendError("the task could not be stored".into()).into())
         }
-        if state.queue.len() >= self.capacity {
-            metrics::counter!("deskgen_tasks_rejected_total").increment(1);
-            return Err(SubmitError::QueueFull(self.capacity));
-        }
-        let record = TaskRecord::new(task_id.clone(), request);
-        self.store.put(&record).map_err(BackendError::from)?;
-        let (tx, _) = watch::channel(record.clone());
-        state.tasks.insert(task_id.clone(), Live { record: tx, cancel: CancellationToken::new() });
-        state.queue.push_back(task_id);
-        metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
-        metrics::counter!("deskgen_tasks_submitted_total").increment(1);
-        drop(state);
-        self.work_available.notify_one();
-        Ok((record, true))
     }
 
     /// The current record of a task.

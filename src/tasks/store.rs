@@ -57,6 +57,19 @@ impl TaskStore {
         tx.commit().map_err(db_err)
     }
 
+    /// Writes several records in one transaction: one commit (and one disk flush) for all.
+    pub fn put_all(&self, records: &[TaskRecord]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = tx.open_table(TASKS).map_err(db_err)?;
+            for record in records {
+                let bytes = serde_json::to_vec(record).map_err(db_err)?;
+                table.insert(record.task_id.as_str(), bytes.as_slice()).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
     /// Every stored record, oldest first.
     pub fn load_all(&self) -> Result<Vec<TaskRecord>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;

@@ -212,8 +212,14 @@ pub async fn photo_host(files: Vec<(&'static str, Vec<u8>)>) -> String {
 /// The server with the real pipeline (vision models, tiny Stable Diffusion, file store, sample
 /// catalog), allowed to fetch photos from 127.0.0.1 and serving its images at its own address.
 pub async fn start_real(data_dir: &Path, extra: &[&str]) -> TestServer {
-    let mut args = vec!["--fetch-allow", "127.0.0.1", "--fetch-allow-http", "--intra-threads", "1"];
+    let mut args = vec!["--fetch-allow", "127.0.0.1", "--fetch-allow-http"];
     args.extend_from_slice(extra);
+    start_real_guarded(data_dir, &args).await
+}
+
+/// The same without the loopback allowance: the fetch policy is `args`' alone.
+pub async fn start_real_guarded(data_dir: &Path, args: &[&str]) -> TestServer {
+    let args = [&["--intra-threads", "1"], args].concat();
     let mut config = serve_config(data_dir, &args);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();

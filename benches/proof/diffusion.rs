@@ -1,0 +1,142 @@
+//! The Rust diffusion pipeline against the Python reference on the same ONNX files, thread count,
+//! scheduler (DDIM), size, steps and guidance; and the denoising loop's own cost per step.
+
+use std::ops::ControlFlow;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use deskgen::inference::diffusion::{GenerateParams, SchedulerKind, StableDiffusion};
+use deskgen::inference::{Runtime, RuntimeConfig};
+use serde_json::{Value, json};
+
+use crate::Settings;
+use crate::report::{Report, percentile, summary, verdict};
+use crate::server::repo_path;
+
+const MODEL: &str = "onnx/fixtures/tiny-sd15";
+const STEPS: u32 = 20;
+const SIZE: u32 = 256;
+const PROMPT: &str = "a realistic photo of a tidy wooden desk with a monitor and a lamp";
+const NEGATIVE: &str = "blurry, low resolution, distorted";
+
+/// The interpreter of the export venv (created on first use), or BENCH_PYTHON.
+fn python() -> anyhow::Result<String> {
+    if let Ok(python) = std::env::var("BENCH_PYTHON") {
+        return Ok(python);
+    }
+    let out = Command::new("bash").arg(repo_path("onnx/ensure_venv.sh")).output()?;
+    if !out.status.success() {
+        bail!("onnx/ensure_venv.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+fn python_runs(settings: &Settings) -> anyhow::Result<(Vec<f64>, String)> {
+    let out = Command::new(python()?)
+        .current_dir(repo_path(""))
+        .arg(repo_path("benches/reference_sd.py"))
+        .arg(MODEL)
+        .args(["--threads", &settings.threads.to_string(), "--steps", &STEPS.to_string()])
+        .args(["--runs", &settings.runs.to_string(), "--size", &SIZE.to_string()])
+        .args(["--prompt", PROMPT, "--negative", NEGATIVE])
+        .env("OMP_NUM_THREADS", settings.threads.to_string())
+        .env("TOKENIZERS_PARALLELISM", "false")
+        .output()
+        .context("running the Python reference")?;
+    if !out.status.success() {
+        bail!("the Python reference failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let doc: Value = serde_json::from_slice(&out.stdout).context("the Python reference's JSON")?;
+    let runs = doc["runs_ms"].as_array().context("runs_ms")?.iter().filter_map(Value::as_f64).collect();
+    Ok((runs, doc["onnxruntime"].as_str().unwrap_or("?").to_string()))
+}
+
+struct RustRun {
+    total_ms: f64,
+    unet_ms: f64,
+    unet_run_ms: f64,
+}
+
+fn rust_runs(pipeline: &StableDiffusion, runs: usize) -> anyhow::Result<Vec<RustRun>> {
+    let params = GenerateParams {
+        prompt: PROMPT.into(),
+        negative_prompt: NEGATIVE.into(),
+        num_inference_steps: STEPS,
+        guidance_scale: 7.5,
+        width: SIZE,
+        height: SIZE,
+        strength: 1.0,
+        seed: 0,
+        scheduler: SchedulerKind::Ddim,
+        init_image: None,
+        guidance_rescale: 0.0,
+        loras: Vec::new(),
+    };
+    let mut out = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        let generated = pipeline.generate(&params, &mut |_, _| ControlFlow::Continue(()))?;
+        out.push(RustRun {
+            total_ms: started.elapsed().as_secs_f64() * 1000.0,
+            unet_ms: generated.timings.unet_ms,
+            unet_run_ms: generated.timings.unet_run_ms,
+        });
+    }
+    Ok(out)
+}
+
+pub async fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
+    let runtime =
+        Runtime::init(&RuntimeConfig { intra_threads: settings.threads, ..RuntimeConfig::default() })?;
+    let pipeline = StableDiffusion::load(&runtime, repo_path(MODEL))?;
+    // Warm-up, then half the Rust runs before the Python ones and half after, so drift in the
+    // machine's load falls on both sides.
+    rust_runs(&pipeline, 2)?;
+    let half = settings.runs.div_ceil(2);
+    let mut rust = rust_runs(&pipeline, half)?;
+    let (python, ort_version) = tokio::task::block_in_place(|| python_runs(settings))?;
+    rust.extend(rust_runs(&pipeline, settings.runs - half)?);
+
+    let rust_total: Vec<f64> = rust.iter().map(|r| r.total_ms).collect();
+    let step_ms: Vec<f64> = rust.iter().map(|r| r.unet_ms / f64::from(STEPS)).collect();
+    let overhead_ms: Vec<f64> = rust.iter().map(|r| (r.unet_ms - r.unet_run_ms) / f64::from(STEPS)).collect();
+    let overhead_share: Vec<f64> = rust.iter().map(|r| (r.unet_ms - r.unet_run_ms) / r.unet_ms).collect();
+    let ratio = percentile(&rust_total, 50.0) / percentile(&python, 50.0);
+    let share = percentile(&overhead_share, 50.0);
+    let lines = vec![
+        format!(
+            "txt2img {SIZE}x{SIZE}, {STEPS} DDIM steps, guidance 7.5, {} threads, {} runs each",
+            settings.threads, settings.runs
+        ),
+        format!(
+            "Rust   end to end   median {:>8.1} ms   p95 {:>8.1} ms",
+            percentile(&rust_total, 50.0),
+            percentile(&rust_total, 95.0)
+        ),
+        format!(
+            "Python end to end   median {:>8.1} ms   p95 {:>8.1} ms   (optimum ORTStableDiffusionPipeline, onnxruntime {ort_version})",
+            percentile(&python, 50.0),
+            percentile(&python, 95.0)
+        ),
+        format!("Rust / Python       {ratio:>8.3}x   (target <= 0.9x: {})", verdict(ratio <= 0.9)),
+        format!("UNet step           median {:>8.3} ms", percentile(&step_ms, 50.0)),
+        format!(
+            "outside session.run median {:>8.4} ms per step = {:.3}% of the step (target < 1%: {})",
+            percentile(&overhead_ms, 50.0),
+            share * 100.0,
+            verdict(share < 0.01)
+        ),
+    ];
+    report.section(
+        "diffusion",
+        json!({
+            "model": MODEL, "steps": STEPS, "size": SIZE, "scheduler": "ddim", "threads": settings.threads,
+            "rust_ms": summary(&rust_total), "python_ms": summary(&python), "python_onnxruntime": ort_version,
+            "rust_over_python": ratio, "unet_step_ms": summary(&step_ms),
+            "outside_session_run_ms_per_step": summary(&overhead_ms), "outside_session_run_share": share,
+        }),
+        lines,
+    );
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! `make bench`: the service's figures on this machine, printed as a table and written to
+//! `target/bench/report.json`.
+//!
+//! - cold start of the release binary to ready (health SERVING) with the default models;
+//! - per-stage latency of one task on the embedded defaults (median and p95);
+//! - the Rust diffusion pipeline against the Python reference (optimum's ORTStableDiffusionPipeline)
+//!   on the same ONNX files and thread count, and the denoising loop's cost outside `session.run`;
+//! - the API under load with the workers off (`--workers 0`): REST through `wrk`, gRPC through a
+//!   small client here, at 1, 16 and 64 connections, against a minimal axum/tonic server built
+//!   here (the machine's ceiling);
+//! - resident memory idle, after 1,000 tasks and after 1,000 more.
+//!
+//! Knobs (environment): BENCH_ONLY (comma list of cold,stages,diffusion,api,memory), BENCH_RUNS
+//! (20), BENCH_THREADS (2), BENCH_LOAD_SECS (5), BENCH_MEMORY_TASKS (1000), BENCH_PYTHON (the
+//! reference's interpreter; default: the export venv, created by onnx/ensure_venv.sh).
+
+mod ceiling;
+mod diffusion;
+mod load;
+mod report;
+mod server;
+mod stages;
+
+use std::time::Duration;
+
+use report::Report;
+
+/// Benchmark settings from the environment.
+pub struct Settings {
+    only: Option<Vec<String>>,
+    runs: usize,
+    threads: usize,
+    load_secs: u64,
+    memory_tasks: usize,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let number = |name: &str, default: usize| {
+            std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+        };
+        Settings {
+            only: std::env::var("BENCH_ONLY")
+                .ok()
+                .map(|v| v.split(',').map(|s| s.trim().to_string()).collect()),
+            runs: number("BENCH_RUNS", 20).max(1),
+            threads: number("BENCH_THREADS", 2).max(1),
+            load_secs: number("BENCH_LOAD_SECS", 5).max(1) as u64,
+            memory_tasks: number("BENCH_MEMORY_TASKS", 1000),
+        }
+    }
+
+    fn wants(&self, part: &str) -> bool {
+        self.only.as_ref().is_none_or(|only| only.iter().any(|p| p == part))
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    if let Ok(addr) = std::env::var(ceiling::ADDR_VAR) {
+        return ceiling::serve(&addr);
+    }
+    // `cargo test --all-targets` (make test) runs bench targets too, without `--bench`: stay out.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("benchmark skipped: run it with `make bench` (cargo bench --bench proof)");
+        return Ok(());
+    }
+    let settings = Settings::from_env();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(run(settings))
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let mut report = Report::new(&settings);
+    eprintln!("load average at start: {}", report.load_at_start);
+    if settings.wants("cold") {
+        server::cold_start(&settings, &mut report).await?;
+    }
+    if settings.wants("stages") || settings.wants("memory") {
+        stages::run(&settings, &mut report).await?;
+    }
+    if settings.wants("diffusion") {
+        diffusion::run(&settings, &mut report).await?;
+    }
+    if settings.wants("api") {
+        load::run(&settings, &mut report).await?;
+    }
+    report.finish();
+    report.print();
+    let path = report.write()?;
+    eprintln!("report written to {}", path.display());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    Ok(())
+}
