@@ -31,7 +31,7 @@ use crate::fetch::UrlPolicy;
 use crate::pipeline::Pipeline;
 use crate::storage::ObjectStore;
 use crate::tasks::worker::worker_task;
-use crate::tasks::{MemoryQueue, RedisOptions, RedisQueue, TaskQueue, TaskStore};
+use crate::tasks::{MemoryQueue, RedisOptions, RedisQueue, TaskQueue};
 use crate::webhook::WebhookSender;
 
 /// Builds the pipeline over the service's object store; runs on a blocking thread while the
@@ -100,9 +100,9 @@ pub async fn start(
             if config.workers == 0 {
                 tracing::warn!("--workers 0 with the memory queue: nothing will run the tasks");
             }
-            let store = TaskStore::open(&config.data_dir)
+            let queue = MemoryQueue::open(&config.data_dir, config.max_queue_depth, config.max_attempts)
                 .with_context(|| format!("opening {}", config.data_dir.display()))?;
-            Arc::new(MemoryQueue::open(store, config.max_queue_depth, config.max_attempts)?)
+            Arc::new(queue)
         }
         QueueBackend::Redis(url) => {
             let options = RedisOptions {

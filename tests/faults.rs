@@ -504,6 +504,29 @@ async fn webhook_receiver_down_is_retried_on_schedule_and_the_result_is_unaffect
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submissions_acknowledged_just_before_a_kill_9_are_kept() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("server");
+    let mut server = Process::spawn(&dir, &["--workers", "0"], &[]);
+    server.wait_ready().await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(server.submit(json!({"prompt": format!("desk {n}")})).await);
+    }
+    // Killed right after the last acknowledgement, well inside one checkpoint interval.
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+
+    let mut server = Process::spawn(&dir, &["--workers", "0"], &[]);
+    server.wait_ready().await;
+    for id in &ids {
+        let result = server.result(id).await;
+        assert_eq!(result["status"], "queued", "{id}: {result}");
+        assert_eq!(result["task_id"], *id, "{result}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_with_tasks_queued_and_running_loses_no_task() {
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().join("server");

@@ -1,9 +1,13 @@
 //! The embedded backend: a bounded in-process FIFO queue over the redb task store.
 //!
-//! Every known task sits in memory behind a `watch` channel (so pollers, SSE and `WatchResult` see
-//! each change); every change of status is persisted before it is published.
+//! Live tasks (queued or running) sit in memory behind a `watch` channel, so pollers, SSE and
+//! `WatchResult` see each change; finished tasks leave memory and are read from the store. A new
+//! task is journaled before it is acknowledged and committed to the store at the next checkpoint
+//! (see [`super::journal`]); every later change of status is committed before it is published.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,6 +16,7 @@ use chrono::Utc;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::journal::{CHECKPOINT_INTERVAL, Journal};
 use super::{
     BackendError, CancelError, Claimed, ErrorCode, Progress, StoreError, SubmitError, TaskError, TaskOutput,
     TaskQueue, TaskRecord, TaskRequest, TaskStatus, TaskStore,
@@ -22,17 +27,14 @@ struct Live {
     cancel: CancellationToken,
 }
 
-#[derive(Default)]
 struct HubState {
+    /// Queued and running tasks (and a finished one whose final state could not be stored).
     tasks: HashMap<String, Live>,
     queue: VecDeque<String>,
-    /// Submissions holding a queue slot while their record is being made durable; the receiver
-    /// says whether that worked.
-    admitting: HashMap<String, (TaskRecord, watch::Receiver<Option<bool>>)>,
+    journal: Journal,
+    /// Tasks appended to the journal since the last checkpoint.
+    journaled: Vec<String>,
 }
-
-/// A new record to make durable, and where to say whether it was.
-type Admission = (TaskRecord, watch::Sender<Option<bool>>);
 
 /// The embedded task queue and store.
 pub struct MemoryQueue {
@@ -40,17 +42,16 @@ pub struct MemoryQueue {
     state: Arc<Mutex<HubState>>,
     work_available: Arc<Notify>,
     capacity: usize,
-    admissions: std::sync::mpsc::Sender<Admission>,
-    admission_thread: Option<std::thread::JoinHandle<()>>,
+    stop_checkpoints: Option<std::sync::mpsc::Sender<()>>,
+    checkpointer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for MemoryQueue {
-    /// Closes the store before returning, as a queue without the admission thread would: a new
-    /// queue can open the same data directory right after.
+    /// Checkpoints the journal and closes the store before returning: a new queue can open the same
+    /// data directory right after.
     fn drop(&mut self) {
-        let (closed, _) = std::sync::mpsc::channel();
-        drop(std::mem::replace(&mut self.admissions, closed));
-        if let Some(thread) = self.admission_thread.take() {
+        drop(self.stop_checkpoints.take());
+        if let Some(thread) = self.checkpointer.take() {
             let _ = thread.join();
         }
     }
@@ -60,46 +61,60 @@ fn lock(state: &Mutex<HubState>) -> std::sync::MutexGuard<'_, HubState> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Makes submitted tasks durable in groups, then queues them: each commit takes every record
-/// waiting at that moment, so concurrent submissions share one disk flush instead of queueing for
-/// one each. Runs on its own thread (a flush blocks); a submitter that goes away meanwhile does not
-/// stop its task from being queued. Ends when the queue is dropped.
-fn admission_worker(
-    store: Arc<TaskStore>,
-    state: Arc<Mutex<HubState>>,
-    work_available: Arc<Notify>,
-    admissions: std::sync::mpsc::Receiver<Admission>,
-) {
-    while let Ok(first) = admissions.recv() {
-        let mut group = vec![first];
-        group.extend(admissions.try_iter());
-        let records: Vec<TaskRecord> = group.iter().map(|(record, _)| record.clone()).collect();
-        let stored = store.put_all(&records);
-        if let Err(e) = &stored {
-            tracing::error!(error = %e, tasks = records.len(), "cannot persist submitted tasks");
+/// Commits the tasks journaled since the last checkpoint to the store in one transaction (one disk
+/// flush). Each goes in as it is now; a task that has since been claimed or finished is in the
+/// store already, newer, and stays as it is. On failure the tasks stay journaled for the next try.
+fn checkpoint(store: &TaskStore, state: &Mutex<HubState>) {
+    let (ids, records) = {
+        let mut hub = lock(state);
+        if hub.journaled.is_empty() {
+            return;
         }
-        let mut hub = lock(&state);
-        for (record, done) in group {
-            hub.admitting.remove(&record.task_id);
-            if stored.is_ok() {
-                let task_id = record.task_id.clone();
-                let (tx, _) = watch::channel(record);
-                hub.tasks.insert(task_id.clone(), Live { record: tx, cancel: CancellationToken::new() });
-                hub.queue.push_back(task_id);
-                metrics::counter!("deskgen_tasks_submitted_total").increment(1);
-                work_available.notify_one();
+        if let Err(e) = hub.journal.rotate() {
+            tracing::error!(error = %e, "cannot rotate the submission journal");
+            return;
+        }
+        let ids = std::mem::take(&mut hub.journaled);
+        let records: Vec<TaskRecord> =
+            ids.iter().filter_map(|id| hub.tasks.get(id)).map(|live| live.record.borrow().clone()).collect();
+        (ids, records)
+    };
+    match store.insert_missing(&records) {
+        Ok(()) => {
+            if let Err(e) = lock(state).journal.checkpointed() {
+                tracing::warn!(error = %e, "cannot remove a checkpointed journal");
             }
-            done.send_replace(Some(stored.is_ok()));
         }
-        metrics::gauge!("deskgen_queue_depth").set(hub.queue.len() as f64);
+        Err(e) => {
+            tracing::error!(error = %e, tasks = ids.len(), "cannot commit journaled tasks; retrying");
+            lock(state).journaled.extend(ids);
+        }
+    }
+}
+
+/// Checkpoints every [`CHECKPOINT_INTERVAL`] on its own thread (a commit blocks on the disk), and
+/// once more when the queue is dropped.
+fn checkpoints(store: Arc<TaskStore>, state: Arc<Mutex<HubState>>, stop: std::sync::mpsc::Receiver<()>) {
+    loop {
+        let stopping = !matches!(stop.recv_timeout(CHECKPOINT_INTERVAL), Err(RecvTimeoutError::Timeout));
+        checkpoint(&store, &state);
+        if stopping {
+            return;
+        }
     }
 }
 
 impl MemoryQueue {
-    /// Opens the store and restores its tasks: queued ones are queued again; ones that were running
-    /// when the process stopped run again, up to `max_attempts` starts, then fail.
-    pub fn open(store: TaskStore, capacity: usize, max_attempts: u32) -> Result<MemoryQueue, StoreError> {
-        let mut state = HubState::default();
+    /// Opens the store and journal in `dir` and restores their tasks: queued ones are queued again;
+    /// ones that were running when the process stopped run again, up to `max_attempts` starts, then
+    /// fail.
+    pub fn open(dir: &Path, capacity: usize, max_attempts: u32) -> Result<MemoryQueue, StoreError> {
+        let store = TaskStore::open(dir)?;
+        let (mut journal, journaled) = Journal::open(dir)?;
+        store.insert_missing(&journaled)?;
+        journal.reset()?;
+        let mut state =
+            HubState { tasks: HashMap::new(), queue: VecDeque::new(), journal, journaled: Vec::new() };
         for mut record in store.load_all()? {
             match record.status {
                 TaskStatus::Queued => state.queue.push_back(record.task_id.clone()),
@@ -119,8 +134,9 @@ impl MemoryQueue {
                         message: format!("Interrupted {} times; not retried again.", record.attempts),
                     });
                     store.put(&record)?;
+                    continue;
                 }
-                TaskStatus::Done | TaskStatus::Failed | TaskStatus::Canceled => {}
+                TaskStatus::Done | TaskStatus::Failed | TaskStatus::Canceled => continue,
             }
             let (tx, _) = watch::channel(record.clone());
             state.tasks.insert(record.task_id.clone(), Live { record: tx, cancel: CancellationToken::new() });
@@ -128,20 +144,19 @@ impl MemoryQueue {
         metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
         let store = Arc::new(store);
         let state = Arc::new(Mutex::new(state));
-        let work_available = Arc::new(Notify::new());
-        let (admissions, pending) = std::sync::mpsc::channel();
-        let (writer, hub, notify) = (store.clone(), state.clone(), work_available.clone());
-        let admission_thread = std::thread::Builder::new()
-            .name("task-admission".into())
-            .spawn(move || admission_worker(writer, hub, notify, pending))
+        let (stop_checkpoints, stop) = std::sync::mpsc::channel();
+        let (writer, hub) = (store.clone(), state.clone());
+        let checkpointer = std::thread::Builder::new()
+            .name("task-checkpoint".into())
+            .spawn(move || checkpoints(writer, hub, stop))
             .map_err(|e| StoreError::Database(e.to_string()))?;
         Ok(MemoryQueue {
             store,
             state,
-            work_available,
+            work_available: Arc::new(Notify::new()),
             capacity,
-            admissions,
-            admission_thread: Some(admission_thread),
+            stop_checkpoints: Some(stop_checkpoints),
+            checkpointer: Some(checkpointer),
         })
     }
 
@@ -188,48 +203,45 @@ impl TaskQueue for MemoryQueue {
     /// Queues a new task, or returns the existing one when `task_id` is already known (idempotent
     /// resubmission). The flag says whether the task was created by this call.
     async fn submit(&self, task_id: String, request: TaskRequest) -> Result<(TaskRecord, bool), SubmitError> {
-        let (record, mut stored, created) = {
-            let mut state = self.lock();
-            if let Some(live) = state.tasks.get(&task_id) {
-                return Ok((live.record.borrow().clone(), false));
-            }
-            if let Some((record, stored)) = state.admitting.get(&task_id) {
-                // The same id is being admitted by another call: answer as it will be answered.
-                (record.clone(), stored.clone(), false)
-            } else {
-                // Tasks being admitted hold their queue slot, so the limit holds under concurrency.
-                if state.queue.len() + state.admitting.len() >= self.capacity {
-                    metrics::counter!("deskgen_tasks_rejected_total").increment(1);
-                    return Err(SubmitError::QueueFull(self.capacity));
-                }
-                let record = TaskRecord::new(task_id.clone(), request);
-                let (done, stored) = watch::channel(None);
-                state.admitting.insert(task_id.clone(), (record.clone(), stored.clone()));
-                if self.admissions.send((record.clone(), done)).is_err() {
-                    state.admitting.remove(&task_id);
-                    return Err(BackendError("the task admission thread stopped".into()).into());
-                }
-                (record, stored, true)
-            }
-        };
-        // Acknowledged only once durable (the admission thread has queued it by then): a kill -9
-        // loses nothing that was acknowledged.
-        let durable = matches!(stored.wait_for(Option::is_some).await.as_deref(), Ok(Some(true)));
-        if durable {
-            Ok((record, created))
-        } else {
-            Err(BackendError("the task could not be stored".into()).into())
+        let mut state = self.lock();
+        if let Some(live) = state.tasks.get(&task_id) {
+            return Ok((live.record.borrow().clone(), false));
         }
+        if let Some(record) = self.store.get(&task_id).map_err(BackendError::from)? {
+            return Ok((record, false));
+        }
+        if state.queue.len() >= self.capacity {
+            metrics::counter!("deskgen_tasks_rejected_total").increment(1);
+            return Err(SubmitError::QueueFull(self.capacity));
+        }
+        let record = TaskRecord::new(task_id.clone(), request);
+        // Acknowledged only once journaled: a kill -9 loses nothing that was acknowledged.
+        state.journal.append(&record).map_err(BackendError::from)?;
+        state.journaled.push(task_id.clone());
+        let (tx, _) = watch::channel(record.clone());
+        state.tasks.insert(task_id.clone(), Live { record: tx, cancel: CancellationToken::new() });
+        state.queue.push_back(task_id);
+        metrics::counter!("deskgen_tasks_submitted_total").increment(1);
+        metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
+        self.work_available.notify_one();
+        Ok((record, true))
     }
 
     /// The current record of a task.
     async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, BackendError> {
-        Ok(self.lock().tasks.get(task_id).map(|live| live.record.borrow().clone()))
+        if let Some(live) = self.lock().tasks.get(task_id) {
+            return Ok(Some(live.record.borrow().clone()));
+        }
+        Ok(self.store.get(task_id)?)
     }
 
     /// A receiver that sees every change of a task, starting with its current state.
+    /// A finished task's receiver holds its final state and sees no further change.
     async fn watch(&self, task_id: &str) -> Result<Option<watch::Receiver<TaskRecord>>, BackendError> {
-        Ok(self.lock().tasks.get(task_id).map(|live| live.record.subscribe()))
+        if let Some(live) = self.lock().tasks.get(task_id) {
+            return Ok(Some(live.record.subscribe()));
+        }
+        Ok(self.store.get(task_id)?.map(|record| watch::channel(record).1))
     }
 
     /// Tasks waiting in the queue.
@@ -273,7 +285,7 @@ impl TaskQueue for MemoryQueue {
 
     /// Records the final state of a task a worker ran.
     async fn finish(&self, task_id: &str, outcome: Result<TaskOutput, TaskError>) -> Option<TaskRecord> {
-        let state = self.lock();
+        let mut state = self.lock();
         let live = state.tasks.get(task_id)?;
         let mut record = live.record.borrow().clone();
         record.progress = None;
@@ -289,18 +301,29 @@ impl TaskQueue for MemoryQueue {
                 record.error = Some(error);
             }
         }
-        if let Err(e) = self.store.put(&record) {
-            tracing::error!(error = %e, %task_id, "cannot persist the final state of a task");
+        let stored = self.store.put(&record);
+        if let Err(e) = &stored {
+            tracing::error!(error = %e, %task_id, "cannot persist the final state of a task; keeping it in memory");
         }
         metrics::counter!("deskgen_tasks_finished_total", "status" => record.status.as_str()).increment(1);
         live.record.send_replace(record.clone());
+        if stored.is_ok() {
+            state.tasks.remove(task_id);
+        }
         Some(record)
     }
 
     /// Cancels a queued task at once, or asks a running one to stop at its next check.
     async fn cancel(&self, task_id: &str) -> Result<TaskRecord, CancelError> {
         let mut state = self.lock();
-        let live = state.tasks.get(task_id).ok_or_else(|| CancelError::NotFound(task_id.to_string()))?;
+        let Some(live) = state.tasks.get(task_id) else {
+            return match self.store.get(task_id).map_err(BackendError::from)? {
+                Some(record) => {
+                    Err(CancelError::AlreadyFinished(task_id.to_string(), record.status.as_str()))
+                }
+                None => Err(CancelError::NotFound(task_id.to_string())),
+            };
+        };
         let mut record = live.record.borrow().clone();
         match record.status {
             TaskStatus::Queued => {
@@ -310,6 +333,7 @@ impl TaskQueue for MemoryQueue {
                     Some(TaskError { code: ErrorCode::Canceled, message: "Canceled by the client.".into() });
                 self.store.put(&record).map_err(BackendError::from)?;
                 live.record.send_replace(record.clone());
+                state.tasks.remove(task_id);
                 state.queue.retain(|id| id != task_id);
                 metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
                 metrics::counter!("deskgen_tasks_finished_total", "status" => "canceled").increment(1);
@@ -325,14 +349,9 @@ impl TaskQueue for MemoryQueue {
         }
     }
 
-    /// Drops finished tasks older than `ttl` from memory and the store.
+    /// Drops finished tasks older than `ttl` from the store (memory holds none).
     async fn purge_expired(&self, ttl: Duration) -> Result<usize, BackendError> {
         let cutoff = Utc::now() - chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
-        let expired = self.store.purge_completed_before(cutoff).map_err(BackendError::from)?;
-        let mut state = self.lock();
-        for id in &expired {
-            state.tasks.remove(id);
-        }
-        Ok(expired.len())
+        Ok(self.store.purge_completed_before(cutoff)?.len())
     }
 }

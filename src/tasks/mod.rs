@@ -3,6 +3,7 @@
 //! [`TaskQueue`] is the one place task state changes; the API and the workers only talk to it, so
 //! neither knows which backend runs underneath.
 
+pub mod journal;
 pub mod json;
 pub mod memory;
 pub mod model;

@@ -10,6 +10,10 @@ use super::model::TaskRecord;
 
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 
+/// The page cache of the database. Only live tasks are read often (and those are in memory too), so
+/// a small cache serves; redb's default (1 GiB) let the process grow with every task stored.
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Errors of the embedded task store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -39,7 +43,8 @@ impl TaskStore {
     /// Opens (or creates) `tasks.redb` in `dir`.
     pub fn open(dir: &Path) -> Result<TaskStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(db_err)?;
-        let db = Database::create(dir.join("tasks.redb")).map_err(db_err)?;
+        let db =
+            Database::builder().set_cache_size(CACHE_BYTES).create(dir.join("tasks.redb")).map_err(db_err)?;
         let tx = db.begin_write().map_err(db_err)?;
         tx.open_table(TASKS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
@@ -57,17 +62,31 @@ impl TaskStore {
         tx.commit().map_err(db_err)
     }
 
-    /// Writes several records in one transaction: one commit (and one disk flush) for all.
-    pub fn put_all(&self, records: &[TaskRecord]) -> Result<(), StoreError> {
+    /// Writes the records the store does not have yet, in one transaction (one disk flush for all);
+    /// a record already there is newer than the one given and is kept.
+    pub fn insert_missing(&self, records: &[TaskRecord]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             let mut table = tx.open_table(TASKS).map_err(db_err)?;
             for record in records {
+                if table.get(record.task_id.as_str()).map_err(db_err)?.is_some() {
+                    continue;
+                }
                 let bytes = serde_json::to_vec(record).map_err(db_err)?;
                 table.insert(record.task_id.as_str(), bytes.as_slice()).map_err(db_err)?;
             }
         }
         tx.commit().map_err(db_err)
+    }
+
+    /// One stored record.
+    pub fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let table = tx.open_table(TASKS).map_err(db_err)?;
+        let Some(value) = table.get(task_id).map_err(db_err)? else { return Ok(None) };
+        serde_json::from_slice(value.value())
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt { id: task_id.to_string(), source })
     }
 
     /// Every stored record, oldest first.
