@@ -16,7 +16,7 @@ use crate::inference::diffusion::{GenerateParams, StableDiffusion, resolve_varia
 use crate::inference::vision::{ModelInfo, Vision, describe};
 use crate::pipeline::{DeskPipeline, Pipeline};
 use crate::tasks::worker::TaskContext;
-use crate::tasks::{ErrorCode, Progress, TaskError, TaskRecord, TaskStatus};
+use crate::tasks::{ErrorCode, Progress, TaskError, TaskRecord, TaskStatus, new_task_id};
 
 /// Runs the vision models over a labelled folder and prints the report.
 pub fn eval(command: &EvalCommand, out: &mut impl Write) -> anyhow::Result<()> {
@@ -200,6 +200,7 @@ pub async fn generate(command: GenerateCommand, out: &mut impl Write) -> anyhow:
     if local_photo.is_some() {
         request.initial_image_url = None;
     }
+    let task_id = task_id.unwrap_or_else(new_task_id);
     let mut record = TaskRecord::new(task_id.clone(), request);
     let (ctx, updates) =
         TaskContext::new(task_id, CancellationToken::new(), Instant::now() + Duration::from_secs(24 * 3600));

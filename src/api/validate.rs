@@ -93,12 +93,12 @@ pub struct Limits {
     pub max_side: u32,
 }
 
-/// Checks `input` and fills in defaults; `task_id` is the id to use (client's or new).
+/// Checks `input` and fills in defaults; the task id is the client's, if it chose one.
 pub fn validate(
     input: GenerateInput,
     limits: &Limits,
     info: &PipelineInfo,
-) -> Result<(String, TaskRequest), Invalid> {
+) -> Result<(Option<String>, TaskRequest), Invalid> {
     let mut v = Vec::new();
     let mut bad = |field: &'static str, description: String| v.push(Violation { field, description });
 
@@ -205,9 +205,9 @@ pub fn validate(
                     "task_id must be 1 to 128 characters of A-Z, a-z, 0-9, '-', '_' or '.'.".into(),
                 );
             }
-            id
+            Some(id)
         }
-        None => uuid::Uuid::new_v4().to_string(),
+        None => None,
     };
     if !v.is_empty() {
         return Err(Invalid::Rules(v));

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::journal::{CHECKPOINT_INTERVAL, Journal};
 use super::{
     BackendError, CancelError, Claimed, ErrorCode, Progress, StoreError, SubmitError, TaskError, TaskOutput,
-    TaskQueue, TaskRecord, TaskRequest, TaskStatus, TaskStore,
+    TaskQueue, TaskRecord, TaskRequest, TaskStatus, TaskStore, new_task_id,
 };
 
 struct Live {
@@ -200,16 +200,26 @@ impl TaskQueue for MemoryQueue {
         "memory"
     }
 
-    /// Queues a new task, or returns the existing one when `task_id` is already known (idempotent
-    /// resubmission). The flag says whether the task was created by this call.
-    async fn submit(&self, task_id: String, request: TaskRequest) -> Result<(TaskRecord, bool), SubmitError> {
+    /// Queues a new task, or returns the existing one when the client-chosen `task_id` is already
+    /// known (idempotent resubmission). The flag says whether the task was created by this call.
+    async fn submit(
+        &self,
+        task_id: Option<String>,
+        request: TaskRequest,
+    ) -> Result<(TaskRecord, bool), SubmitError> {
         let mut state = self.lock();
-        if let Some(live) = state.tasks.get(&task_id) {
-            return Ok((live.record.borrow().clone(), false));
-        }
-        if let Some(record) = self.store.get(&task_id).map_err(BackendError::from)? {
-            return Ok((record, false));
-        }
+        let task_id = match task_id {
+            Some(task_id) => {
+                if let Some(live) = state.tasks.get(&task_id) {
+                    return Ok((live.record.borrow().clone(), false));
+                }
+                if let Some(record) = self.store.get(&task_id).map_err(BackendError::from)? {
+                    return Ok((record, false));
+                }
+                task_id
+            }
+            None => new_task_id(),
+        };
         if state.queue.len() >= self.capacity {
             metrics::counter!("deskgen_tasks_rejected_total").increment(1);
             return Err(SubmitError::QueueFull(self.capacity));

@@ -69,15 +69,25 @@ pub struct Claimed {
     pub cancel: CancellationToken,
 }
 
+/// A fresh task id (a random UUID): no task has it yet.
+pub fn new_task_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
 /// Where tasks wait, run and are remembered.
 #[async_trait]
 pub trait TaskQueue: Send + Sync + 'static {
     /// The backend's name for /info and health.
     fn backend(&self) -> &'static str;
 
-    /// Queues a new task, or returns the existing one when `task_id` is already known (idempotent
-    /// resubmission). The flag says whether this call created it.
-    async fn submit(&self, task_id: String, request: TaskRequest) -> Result<(TaskRecord, bool), SubmitError>;
+    /// Queues a new task, or returns the existing one when the client-chosen `task_id` is already
+    /// known (idempotent resubmission); without one the task gets a fresh id. The flag says whether
+    /// this call created the task.
+    async fn submit(
+        &self,
+        task_id: Option<String>,
+        request: TaskRequest,
+    ) -> Result<(TaskRecord, bool), SubmitError>;
 
     /// The current record of a task.
     async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, BackendError>;

@@ -69,11 +69,15 @@ impl TaskStore {
         {
             let mut table = tx.open_table(TASKS).map_err(db_err)?;
             for record in records {
-                if table.get(record.task_id.as_str()).map_err(db_err)?.is_some() {
-                    continue;
-                }
                 let bytes = serde_json::to_vec(record).map_err(db_err)?;
-                table.insert(record.task_id.as_str(), bytes.as_slice()).map_err(db_err)?;
+                // One lookup in the common case (absent); a record that was there goes back.
+                let replaced = table
+                    .insert(record.task_id.as_str(), bytes.as_slice())
+                    .map_err(db_err)?
+                    .map(|newer| newer.value().to_vec());
+                if let Some(newer) = replaced {
+                    table.insert(record.task_id.as_str(), newer.as_slice()).map_err(db_err)?;
+                }
             }
         }
         tx.commit().map_err(db_err)

@@ -34,7 +34,7 @@ use self::events::Watched;
 use self::work::Running;
 use super::{
     BackendError, CancelError, Claimed, ErrorCode, Progress, SubmitError, TaskError, TaskOutput, TaskQueue,
-    TaskRecord, TaskRequest, TaskStatus,
+    TaskRecord, TaskRequest, TaskStatus, new_task_id,
 };
 use crate::config::RedisUrl;
 
@@ -260,8 +260,12 @@ impl Shared {
         Ok((version > 0).then_some(version))
     }
 
-    async fn submit(&self, task_id: String, request: TaskRequest) -> Result<(TaskRecord, bool), SubmitError> {
-        let record = TaskRecord::new(task_id, request);
+    async fn submit(
+        &self,
+        task_id: Option<String>,
+        request: TaskRequest,
+    ) -> Result<(TaskRecord, bool), SubmitError> {
+        let record = TaskRecord::new(task_id.unwrap_or_else(new_task_id), request);
         let json = serde_json::to_string(&record).expect("task records serialise");
         let (outcome, existing): (i64, String) = self
             .scripts
@@ -375,7 +379,11 @@ impl TaskQueue for RedisQueue {
     }
 
     /// Queues a new task unless its id is known or the global queue is full, atomically.
-    async fn submit(&self, task_id: String, request: TaskRequest) -> Result<(TaskRecord, bool), SubmitError> {
+    async fn submit(
+        &self,
+        task_id: Option<String>,
+        request: TaskRequest,
+    ) -> Result<(TaskRecord, bool), SubmitError> {
         self.shared.submit(task_id, request).await
     }
 
