@@ -10,6 +10,7 @@ mod dpmpp_2m;
 mod euler;
 mod euler_ancestral;
 mod schedule;
+mod sigma_steps;
 
 use std::fmt;
 use std::str::FromStr;
