@@ -151,36 +151,17 @@ pub struct ServeConfig {
     /// Address to listen on for gRPC, grpc-web and REST.
     #[arg(long, env = "DESKGEN_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Folder for the task store (and stored images with the file object store).
-    #[arg(long, env = "DESKGEN_DATA_DIR", default_value = "data")]
-    pub data_dir: PathBuf,
     /// Where tasks wait and results live: `memory` (embedded, under --data-dir) or a Redis URL
     /// (`redis://[:password@]host:port/db`, `rediss://` for TLS) shared by API nodes and workers.
     #[arg(long, env = "DESKGEN_QUEUE", default_value = "memory")]
     pub queue: QueueBackend,
-    /// Workers running tasks in this process (0 with a Redis queue: an API-only node).
-    #[arg(long, env = "DESKGEN_WORKERS", default_value_t = 1)]
-    pub workers: usize,
     /// Most tasks waiting in the queue, across all nodes with Redis; more are refused with 429 /
     /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "DESKGEN_MAX_QUEUE_DEPTH", default_value_t = 100)]
     pub max_queue_depth: usize,
-    /// Starts a task gets when the process running it stops; after that it fails.
-    #[arg(long, env = "DESKGEN_MAX_ATTEMPTS", default_value_t = 3)]
-    pub max_attempts: u32,
-    /// With Redis: how long a task may go without its worker's heartbeat before another worker
-    /// takes it over.
-    #[arg(long, env = "DESKGEN_VISIBILITY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub visibility_timeout: Duration,
-    /// How long finished results are kept (e.g. 7d, 12h).
-    #[arg(long, env = "DESKGEN_RESULT_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
-    pub result_ttl: Duration,
-    /// Longest a task may run before it fails with TIMEOUT.
-    #[arg(long, env = "DESKGEN_TASK_DEADLINE", default_value = "10m", value_parser = humantime::parse_duration)]
-    pub task_deadline: Duration,
-    /// On SIGTERM/Ctrl-C, how long running tasks may take to finish; queued ones wait for the next start.
-    #[arg(long, env = "DESKGEN_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
+    /// Task store, workers, retries and lifetimes.
+    #[command(flatten)]
+    pub tasks: TaskConfig,
     /// API key clients must send as `Authorization: Bearer <key>` (repeatable; none = open API).
     #[arg(long = "api-key", env = "DESKGEN_API_KEYS", value_delimiter = ',', hide_env_values = true)]
     pub api_keys: Vec<String>,
@@ -214,16 +195,32 @@ pub struct WorkerConfig {
     /// Name in metrics and logs; unique per worker process (default: the host name).
     #[arg(long, env = "DESKGEN_WORKER_NAME")]
     pub name: Option<String>,
-    /// Folder for stored images with the file object store (shared with the API nodes, or use S3).
+    /// Task store, workers, retries and lifetimes.
+    #[command(flatten)]
+    pub tasks: TaskConfig,
+    /// Models, object store, photo fetching and shopping.
+    #[command(flatten)]
+    pub pipeline: PipelineConfig,
+    /// Webhook delivery.
+    #[command(flatten)]
+    pub webhook: WebhookConfig,
+}
+
+/// How a node keeps and runs tasks; the same for `serve` and `worker`.
+#[derive(Debug, Clone, Args)]
+pub struct TaskConfig {
+    /// Folder for the embedded task store and for images with the file object store (shared by
+    /// every node that serves them, or use S3).
     #[arg(long, env = "DESKGEN_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
-    /// Tasks this process runs at once.
+    /// Tasks this process runs at once (`serve` with a Redis queue: 0 makes an API-only node).
     #[arg(long, env = "DESKGEN_WORKERS", default_value_t = 1)]
     pub workers: usize,
     /// Starts a task gets when the process running it stops; after that it fails.
     #[arg(long, env = "DESKGEN_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
-    /// How long a task may go without this worker's heartbeat before another worker takes it over.
+    /// With Redis: how long a task may go without its worker's heartbeat before another worker
+    /// takes it over.
     #[arg(long, env = "DESKGEN_VISIBILITY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub visibility_timeout: Duration,
     /// How long finished results are kept (e.g. 7d, 12h).
@@ -232,16 +229,10 @@ pub struct WorkerConfig {
     /// Longest a task may run before it fails with TIMEOUT.
     #[arg(long, env = "DESKGEN_TASK_DEADLINE", default_value = "10m", value_parser = humantime::parse_duration)]
     pub task_deadline: Duration,
-    /// On SIGTERM/Ctrl-C, how long running tasks may take to finish; the rest are taken over by
-    /// other workers after the visibility timeout.
+    /// On SIGTERM/Ctrl-C, how long running tasks may take to finish; queued ones wait for the next
+    /// start (or, with Redis, for another worker after the visibility timeout).
     #[arg(long, env = "DESKGEN_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
-    /// Models, object store, photo fetching and shopping.
-    #[command(flatten)]
-    pub pipeline: PipelineConfig,
-    /// Webhook delivery.
-    #[command(flatten)]
-    pub webhook: WebhookConfig,
 }
 
 /// Which task queue backend a node uses.

@@ -97,25 +97,26 @@ pub async fn start(
     }
     let queue: Arc<dyn TaskQueue> = match &config.queue {
         QueueBackend::Memory => {
-            if config.workers == 0 {
+            if config.tasks.workers == 0 {
                 tracing::warn!("--workers 0 with the memory queue: nothing will run the tasks");
             }
-            let queue = MemoryQueue::open(&config.data_dir, config.max_queue_depth, config.max_attempts)
-                .with_context(|| format!("opening {}", config.data_dir.display()))?;
+            let queue =
+                MemoryQueue::open(&config.tasks.data_dir, config.max_queue_depth, config.tasks.max_attempts)
+                    .with_context(|| format!("opening {}", config.tasks.data_dir.display()))?;
             Arc::new(queue)
         }
         QueueBackend::Redis(url) => {
             let options = RedisOptions {
                 capacity: config.max_queue_depth,
-                max_attempts: config.max_attempts,
-                visibility_timeout: config.visibility_timeout,
-                result_ttl: config.result_ttl,
+                max_attempts: config.tasks.max_attempts,
+                visibility_timeout: config.tasks.visibility_timeout,
+                result_ttl: config.tasks.result_ttl,
                 consumer: consumer_name(&host_name()),
             };
             Arc::new(connect_redis(url, options).await?)
         }
     };
-    let objects = crate::storage::build(&config.pipeline.storage, &config.data_dir).await?;
+    let objects = crate::storage::build(&config.pipeline.storage, &config.tasks.data_dir).await?;
     let shutdown = CancellationToken::new();
     let (webhooks, deliveries) = WebhookSender::spawn(
         &config.webhook,
@@ -205,24 +206,24 @@ async fn run(
     });
 
     let Some(pipeline) = load_pipeline(loader, objects, &shutdown).await? else {
-        finish(Some(server), JoinSet::new(), config.shutdown_grace).await;
+        finish(Some(server), JoinSet::new(), config.tasks.shutdown_grace).await;
         return Ok(());
     };
     let _ = state.pipeline.set(pipeline.info());
     for name in SERVICE_NAMES.into_iter().chain([""]) {
         health.set_service_status(name, ServingStatus::Serving).await;
     }
-    tracing::info!(workers = config.workers, "models loaded; ready");
+    tracing::info!(workers = config.tasks.workers, "models loaded; ready");
     let workers = spawn_workers(
         &host_name(),
-        config.workers,
+        config.tasks.workers,
         &queue,
         &pipeline,
         &webhooks,
-        config.task_deadline,
+        config.tasks.task_deadline,
         &shutdown,
     );
-    let upkeep = tokio::spawn(purge_task(queue, config.result_ttl, shutdown.clone()));
+    let upkeep = tokio::spawn(purge_task(queue, config.tasks.result_ttl, shutdown.clone()));
     let listener_ended = tokio::select! {
         _ = shutdown.cancelled() => None,
         ended = &mut server => {
@@ -232,7 +233,7 @@ async fn run(
     };
     upkeep.abort();
     let still_serving = if listener_ended.is_none() { Some(server) } else { None };
-    finish(still_serving, workers, config.shutdown_grace).await;
+    finish(still_serving, workers, config.tasks.shutdown_grace).await;
     // Completed-task webhooks queued during the grace period go out before the process ends.
     let _ = tokio::time::timeout(Duration::from_secs(5), deliveries).await;
     match listener_ended {
@@ -343,7 +344,7 @@ struct WorkerState {
     metrics: PrometheusHandle,
 }
 
-/// Starts a worker-only node: runs tasks from the Redis queue with `config.workers` workers and
+/// Starts a worker-only node: runs tasks from the Redis queue with `config.tasks.workers` workers and
 /// serves `/healthcheck` and `/metrics` on `listener`; models load in the background.
 pub async fn start_worker(
     config: WorkerConfig,
@@ -355,13 +356,13 @@ pub async fn start_worker(
     let options = RedisOptions {
         // Workers never submit; the queue limit is the API nodes' setting.
         capacity: 0,
-        max_attempts: config.max_attempts,
-        visibility_timeout: config.visibility_timeout,
-        result_ttl: config.result_ttl,
+        max_attempts: config.tasks.max_attempts,
+        visibility_timeout: config.tasks.visibility_timeout,
+        result_ttl: config.tasks.result_ttl,
         consumer: consumer_name(&name),
     };
     let queue: Arc<dyn TaskQueue> = Arc::new(connect_redis(&config.queue, options).await?);
-    let objects = crate::storage::build(&config.pipeline.storage, &config.data_dir).await?;
+    let objects = crate::storage::build(&config.pipeline.storage, &config.tasks.data_dir).await?;
     let shutdown = CancellationToken::new();
     let (webhooks, deliveries) = WebhookSender::spawn(
         &config.webhook,
@@ -396,18 +397,18 @@ async fn run_worker(
         axum::serve(listener, app).with_graceful_shutdown(serve_shutdown.cancelled_owned()).await
     });
     let Some(pipeline) = load_pipeline(loader, objects, &shutdown).await? else {
-        finish(Some(server), JoinSet::new(), config.shutdown_grace).await;
+        finish(Some(server), JoinSet::new(), config.tasks.shutdown_grace).await;
         return Ok(());
     };
     let _ = state.models_loaded.set(());
-    tracing::info!(worker = %state.name, workers = config.workers, "models loaded; taking tasks");
+    tracing::info!(worker = %state.name, workers = config.tasks.workers, "models loaded; taking tasks");
     let workers = spawn_workers(
         &state.name,
-        config.workers,
+        config.tasks.workers,
         &queue,
         &pipeline,
         &webhooks,
-        config.task_deadline,
+        config.tasks.task_deadline,
         &shutdown,
     );
     let listener_ended = tokio::select! {
@@ -418,7 +419,7 @@ async fn run_worker(
         }
     };
     let still_serving = if listener_ended.is_none() { Some(server) } else { None };
-    finish(still_serving, workers, config.shutdown_grace).await;
+    finish(still_serving, workers, config.tasks.shutdown_grace).await;
     // Completed-task webhooks queued during the grace period go out before the process ends.
     let _ = tokio::time::timeout(Duration::from_secs(5), deliveries).await;
     match listener_ended {
