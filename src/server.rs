@@ -80,7 +80,22 @@ impl RunningServer {
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
-        .get_or_init(|| PrometheusBuilder::new().install_recorder().expect("no other metrics recorder"))
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new().install_recorder().expect("no other metrics recorder");
+            // Histogram samples wait in buckets until drained; with nobody scraping /metrics they
+            // would pile up for the life of the process.
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .expect("spawning the metrics upkeep thread");
+            handle
+        })
         .clone()
 }
 

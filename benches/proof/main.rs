@@ -8,11 +8,12 @@
 //! - the API under load with the workers off (`--workers 0`): REST through `wrk`, gRPC through a
 //!   small client here, at 1, 16 and 64 connections, against a minimal axum/tonic server built
 //!   here (the machine's ceiling);
-//! - resident memory idle, after 1,000 tasks and after 1,000 more.
+//! - resident memory idle and after each of three rounds of 1,000 tasks.
 //!
 //! Knobs (environment): BENCH_ONLY (comma list of cold,stages,diffusion,api,memory), BENCH_RUNS
-//! (20), BENCH_THREADS (2), BENCH_LOAD_SECS (5), BENCH_MEMORY_TASKS (1000), BENCH_PYTHON (the
-//! reference's interpreter; default: the export venv, created by onnx/ensure_venv.sh).
+//! (20), BENCH_THREADS (2), BENCH_LOAD_SECS (5), BENCH_MEMORY_TASKS (1000 per round),
+//! BENCH_MEMORY_PHASES (3 rounds), BENCH_PYTHON (the reference's interpreter; default: the export
+//! venv, created by onnx/ensure_venv.sh).
 
 mod ceiling;
 mod diffusion;
@@ -32,6 +33,7 @@ pub struct Settings {
     threads: usize,
     load_secs: u64,
     memory_tasks: usize,
+    memory_phases: usize,
 }
 
 impl Settings {
@@ -46,7 +48,8 @@ impl Settings {
             runs: number("BENCH_RUNS", 20).max(1),
             threads: number("BENCH_THREADS", 2).max(1),
             load_secs: number("BENCH_LOAD_SECS", 5).max(1) as u64,
-            memory_tasks: number("BENCH_MEMORY_TASKS", 1000),
+            memory_tasks: number("BENCH_MEMORY_TASKS", 1000).max(1),
+            memory_phases: number("BENCH_MEMORY_PHASES", 3).max(2),
         }
     }
 

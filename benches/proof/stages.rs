@@ -151,7 +151,8 @@ fn vision_stages(settings: &Settings) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     Ok((detect, classify))
 }
 
-/// RSS idle, after `memory_tasks` tasks and after as many again; the growth between the two.
+/// RSS idle and after each of `memory_phases` rounds of `memory_tasks` tasks; the growth over the
+/// last round, once allocator pools and caches have had the earlier rounds to warm up.
 async fn memory(
     settings: &Settings,
     report: &mut Report,
@@ -168,7 +169,7 @@ async fn memory(
     let client = reqwest::Client::new();
     let mut rss = vec![idle_rss];
     let started = Instant::now();
-    for _ in 0..2 {
+    for _ in 0..settings.memory_phases {
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut clients = tokio::task::JoinSet::new();
         for _ in 0..4 {
@@ -187,22 +188,22 @@ async fn memory(
         tokio::time::sleep(Duration::from_secs(1)).await;
         rss.push(server.rss_mib()?);
     }
-    let growth = (rss[2] - rss[1]) * 1000.0 / n as f64;
-    let lines = vec![
-        format!("RSS idle (default models)       {:>8.1} MiB", rss[0]),
-        format!("RSS after {n:>5} tasks            {:>8.1} MiB", rss[1]),
-        format!("RSS after {:>5} tasks            {:>8.1} MiB", 2 * n, rss[2]),
-        format!("growth per 1,000 tasks          {growth:>8.1} MiB   (target ~0)"),
-        format!(
-            "({} tasks in {:.0} s: photo, 2 steps at 64x64, 2 workers, 4 clients)",
-            2 * n,
-            started.elapsed().as_secs_f64()
-        ),
-    ];
+    let phases = rss.len() - 1;
+    let growth = (rss[phases] - rss[phases - 1]) * 1000.0 / n as f64;
+    let mut lines = vec![format!("RSS idle (default models)       {:>8.1} MiB", rss[0])];
+    for (phase, mib) in rss.iter().enumerate().skip(1) {
+        lines.push(format!("RSS after {:>5} tasks            {mib:>8.1} MiB", phase * n));
+    }
+    lines.push(format!("growth per 1,000 tasks (last)   {growth:>8.1} MiB   (target ~0)"));
+    lines.push(format!(
+        "({} tasks in {:.0} s: photo, 2 steps at 64x64, 2 workers, 4 clients)",
+        phases * n,
+        started.elapsed().as_secs_f64()
+    ));
     report.section(
         "memory",
-        json!({"rss_idle_mib": rss[0], "rss_after_first_mib": rss[1], "rss_after_second_mib": rss[2],
-               "tasks_per_phase": n, "growth_mib_per_1000_tasks": growth}),
+        json!({"rss_idle_mib": rss[0], "rss_after_each_phase_mib": &rss[1..], "tasks_per_phase": n,
+               "growth_mib_per_1000_tasks_last_phase": growth}),
         lines,
     );
     Ok(())

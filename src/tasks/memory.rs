@@ -32,8 +32,8 @@ struct HubState {
     tasks: HashMap<String, Live>,
     queue: VecDeque<String>,
     journal: Journal,
-    /// Tasks appended to the journal since the last checkpoint.
-    journaled: Vec<String>,
+    /// Tasks appended to the journal since the last checkpoint, as submitted.
+    journaled: Vec<TaskRecord>,
 }
 
 /// The embedded task queue and store.
@@ -62,10 +62,10 @@ fn lock(state: &Mutex<HubState>) -> std::sync::MutexGuard<'_, HubState> {
 }
 
 /// Commits the tasks journaled since the last checkpoint to the store in one transaction (one disk
-/// flush). Each goes in as it is now; a task that has since been claimed or finished is in the
-/// store already, newer, and stays as it is. On failure the tasks stay journaled for the next try.
+/// flush). A task that has since been claimed, canceled or finished is in the store already, newer,
+/// and stays as it is. On failure the tasks stay journaled for the next try.
 fn checkpoint(store: &TaskStore, state: &Mutex<HubState>) {
-    let (ids, records) = {
+    let records = {
         let mut hub = lock(state);
         if hub.journaled.is_empty() {
             return;
@@ -74,10 +74,7 @@ fn checkpoint(store: &TaskStore, state: &Mutex<HubState>) {
             tracing::error!(error = %e, "cannot rotate the submission journal");
             return;
         }
-        let ids = std::mem::take(&mut hub.journaled);
-        let records: Vec<TaskRecord> =
-            ids.iter().filter_map(|id| hub.tasks.get(id)).map(|live| live.record.borrow().clone()).collect();
-        (ids, records)
+        std::mem::take(&mut hub.journaled)
     };
     match store.insert_missing(&records) {
         Ok(()) => {
@@ -86,8 +83,8 @@ fn checkpoint(store: &TaskStore, state: &Mutex<HubState>) {
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, tasks = ids.len(), "cannot commit journaled tasks; retrying");
-            lock(state).journaled.extend(ids);
+            tracing::error!(error = %e, tasks = records.len(), "cannot commit journaled tasks; retrying");
+            lock(state).journaled.extend(records);
         }
     }
 }
@@ -227,7 +224,7 @@ impl TaskQueue for MemoryQueue {
         let record = TaskRecord::new(task_id.clone(), request);
         // Acknowledged only once journaled: a kill -9 loses nothing that was acknowledged.
         state.journal.append(&record).map_err(BackendError::from)?;
-        state.journaled.push(task_id.clone());
+        state.journaled.push(record.clone());
         let (tx, _) = watch::channel(record.clone());
         state.tasks.insert(task_id.clone(), Live { record: tx, cancel: CancellationToken::new() });
         state.queue.push_back(task_id);
