@@ -69,11 +69,9 @@ pub struct Claimed {
     pub cancel: CancellationToken,
 }
 
-/// A fresh task id, which no task has yet: a UUID v7, random after its millisecond timestamp, so
-/// new tasks sort last in the store's index and each checkpoint appends instead of rewriting pages
-/// all over it.
+/// A fresh task id, which no task has yet: a random UUID (v4, as the wire contract says).
 pub fn new_task_id() -> String {
-    uuid::Uuid::now_v7().to_string()
+    uuid::Uuid::new_v4().to_string()
 }
 
 /// Where tasks wait, run and are remembered.
