@@ -17,18 +17,6 @@ async fn post(server: &common::TestServer, path: &str, body: Value) -> (u16, Val
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-async fn post_raw(server: &common::TestServer, body: &'static str) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(server.url("/v1/generate"))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
 #[tokio::test]
 async fn rest_submit_and_poll_returns_the_product_spec_shape() {
     let dir = tempfile::tempdir().unwrap();
@@ -139,12 +127,12 @@ async fn every_validation_rule_has_its_status_and_body() {
     assert_eq!((status, body["error_code"].as_str()), (422, Some("INVALID_INPUT")));
     let (status, body) = post(&server, "/v1/generate", json!({"prompt": "d", "seed": -1})).await;
     assert_eq!((status, body["error_code"].as_str()), (422, Some("INVALID_INPUT")));
-    let (status, body) = post_raw(&server, "{\"prompt\": ").await;
+    let (status, body) = common::post_generate(&server, "{\"prompt\": ", None).await;
     assert_eq!(status, 400);
     assert!(body["detail"].as_str().unwrap().starts_with("Malformed JSON"), "{body}");
-    let (status, _) = post_raw(&server, "{\"prompt\": NaN}").await;
+    let (status, _) = common::post_generate(&server, "{\"prompt\": NaN}", None).await;
     assert_eq!(status, 400);
-    let (status, _) = post_raw(&server, "[1, 2]").await;
+    let (status, _) = common::post_generate(&server, "[1, 2]", None).await;
     assert_eq!(status, 400);
 
     // Over the body limit: 413 with a JSON body.

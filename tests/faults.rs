@@ -4,9 +4,10 @@
 //! S3-compatible server (s3s-fs), a local webhook receiver, wiremock standing in for Naver.
 
 mod common;
+#[path = "common/s3.rs"]
+mod s3;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
@@ -16,10 +17,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use common::{ScriptedPipeline, TestServer, poll_final, serve_config, start, start_real};
 use deskgen::api::grpc::pb;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnectionBuilder;
-use s3s::auth::SimpleAuth;
-use s3s::service::S3ServiceBuilder;
+use s3::{ACCESS_KEY, SECRET_KEY, start_s3};
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 use wiremock::matchers::{method, path};
@@ -155,30 +153,7 @@ async fn a_flood_while_workers_drain_finishes_every_accepted_task() {
     server.stop().await;
 }
 
-const ACCESS_KEY: &str = "AKIDESKGENFAULTS";
-const SECRET_KEY: &str = "deskgen-faults-secret";
 const BUCKET: &str = "desk-images";
-
-/// An s3s-fs server on `addr` (port 0 for any); abort the handle to take it down, connections and all.
-async fn start_s3(root: &Path, addr: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let mut builder = S3ServiceBuilder::new(s3s_fs::FileSystem::new(root).unwrap());
-    builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-    let service = builder.build();
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        let mut connections = JoinSet::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            let service = service.clone();
-            connections.spawn(async move {
-                let _ = ConnectionBuilder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (addr, server)
-}
 
 /// The `deskgen` binary as a child process; killed when dropped.
 struct Process {

@@ -11,7 +11,9 @@ use axum::body::Body;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
-use common::{ScriptedPipeline, TestServer, poll_final, serve_config, start, start_real_guarded};
+use common::{
+    ScriptedPipeline, TestServer, poll_final, post_generate, serve_config, start, start_real_guarded,
+};
 use deskgen::api::grpc::pb;
 use prost::Message;
 use serde_json::{Value, json};
@@ -19,19 +21,6 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic_types::StatusExt;
 
 const KEY: &str = "k3y-for-hostile-tests";
-
-async fn post_body(server: &TestServer, body: impl Into<reqwest::Body>) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(server.url("/v1/generate"))
-        .bearer_auth(KEY)
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
 
 /// What a REST answer must be: a status and, for errors, the body's code (or the spec's "detail").
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -137,18 +126,19 @@ async fn hostile_rest_bodies_get_their_codes() {
         ("10 MB JSON", format!(r#"{{"prompt": "{}"}}"#, "x".repeat(10 << 20)), TooLarge),
     ];
     for (case, body, expect) in cases {
-        let (status, answer) = post_body(&server, body).await;
+        let (status, answer) = post_generate(&server, body, Some(KEY)).await;
         expect.check(case, status, &answer);
     }
 
     // The same 10 MB without a Content-Length (chunked): cut off at the limit, not buffered whole.
     let chunk = bytes::Bytes::from(vec![b' '; 1 << 20]);
     let stream = futures::stream::iter((0..10).map(move |_| Ok::<_, std::io::Error>(chunk.clone())));
-    let (status, answer) = post_body(&server, reqwest::Body::wrap_stream(stream)).await;
+    let (status, answer) = post_generate(&server, reqwest::Body::wrap_stream(stream), Some(KEY)).await;
     Expect::TooLarge.check("10 MB chunked", status, &answer);
 
     // Invalid UTF-8 inside a JSON string.
-    let (status, answer) = post_body(&server, b"{\"prompt\": \"desk \xff\xfe\"}".to_vec()).await;
+    let (status, answer) =
+        post_generate(&server, b"{\"prompt\": \"desk \xff\xfe\"}".to_vec(), Some(KEY)).await;
     Expect::Detail.check("invalid UTF-8 in the body", status, &answer);
     server.stop().await;
 }
@@ -341,7 +331,7 @@ async fn webhook_urls_into_private_networks_are_refused_at_submission() {
         "https://[fd00:ec2::254]/latest",
     ] {
         let body = json!({"prompt": "d", "webhook_url": url}).to_string();
-        let (status, answer) = post_body(&server, body).await;
+        let (status, answer) = post_generate(&server, body, Some(KEY)).await;
         Expect::Invalid.check(url, status, &answer);
         assert!(
             answer["message"].as_str().unwrap().contains("webhook_url is not allowed"),

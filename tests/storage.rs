@@ -2,7 +2,6 @@
 //! on 127.0.0.1, and the file store served through its axum router.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use aws_config::{BehaviorVersion, SdkConfig};
@@ -11,39 +10,15 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use bytes::Bytes;
 use deskgen::storage::{self, ObjectStore, ObjectStoreKind, S3Store, StorageConfig, StorageError};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnectionBuilder;
-use s3s::auth::SimpleAuth;
-use s3s::service::S3ServiceBuilder;
-use tokio::task::JoinSet;
 use tower::ServiceExt;
 
-const ACCESS_KEY: &str = "AKIDESKGENTEST";
-const SECRET_KEY: &str = "deskgen-test-secret-key";
+#[path = "common/s3.rs"]
+mod s3;
+
+use s3::{ACCESS_KEY, SECRET_KEY, start_s3};
+
 const BUCKET: &str = "desk-images";
 const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89";
-
-/// An s3s-fs server with SigV4 auth over `root`; abort the handle to stop it, connections included.
-async fn start_s3(root: &Path) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let mut builder = S3ServiceBuilder::new(s3s_fs::FileSystem::new(root).unwrap());
-    builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-    let service = builder.build();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        // Owned by this task: aborting the task drops the set, which aborts every connection.
-        let mut connections = JoinSet::new();
-        while let Ok((stream, _)) = listener.accept().await {
-            let service = service.clone();
-            connections.spawn(async move {
-                let _ = ConnectionBuilder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (addr, server)
-}
 
 fn sdk_config(secret_key: &str) -> SdkConfig {
     SdkConfig::builder()
@@ -76,7 +51,7 @@ async fn s3_fixture(
 ) -> (S3Store, SocketAddr, tokio::task::JoinHandle<()>, tempfile::TempDir) {
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir(root.path().join(BUCKET)).unwrap();
-    let (addr, server) = start_s3(root.path()).await;
+    let (addr, server) = start_s3(root.path(), "127.0.0.1:0".parse().unwrap()).await;
     let store = S3Store::new(&config(s3_config(addr, BUCKET)), &sdk_config(SECRET_KEY)).unwrap();
     (store, addr, server, root)
 }

@@ -167,6 +167,23 @@ pub async fn wait_ready(server: &TestServer) {
     panic!("server never became ready");
 }
 
+/// POSTs raw bytes as JSON to /v1/generate (with `key` as bearer token, if any); the status and
+/// the body as JSON (null when it is none).
+pub async fn post_generate(
+    server: &TestServer,
+    body: impl Into<reqwest::Body>,
+    key: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut req =
+        reqwest::Client::new().post(server.url("/v1/generate")).header("content-type", "application/json");
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    let r = req.body(body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
 /// Polls REST until the task reaches a final state.
 pub async fn poll_final(server: &TestServer, task_id: &str, key: Option<&str>) -> serde_json::Value {
     let client = reqwest::Client::new();
