@@ -28,6 +28,8 @@ pub struct Journal {
     path: PathBuf,
     rotated: PathBuf,
     file: File,
+    /// Bytes of whole entries in `file`.
+    len: u64,
 }
 
 impl Journal {
@@ -40,14 +42,22 @@ impl Journal {
         let mut records = read_entries(&rotated)?;
         records.extend(read_entries(&path)?);
         let file = open_append(&path)?;
-        Ok((Journal { path, rotated, file }, records))
+        let len = file.metadata().map_err(|e| journal_err(&path, e))?.len();
+        Ok((Journal { path, rotated, file, len }, records))
     }
 
     /// Appends one task; once this returns, a crash of the process cannot lose it.
     pub fn append(&mut self, record: &TaskRecord) -> Result<(), StoreError> {
         let mut line = serde_json::to_vec(record).map_err(|e| journal_err(&self.path, e))?;
         line.push(b'\n');
-        self.file.write_all(&line).map_err(|e| journal_err(&self.path, e))
+        if let Err(e) = self.file.write_all(&line) {
+            // A part written before the error (a full disk) would run into the next entry and take
+            // it down with it when replayed: cut it off.
+            let _ = self.file.set_len(self.len);
+            return Err(journal_err(&self.path, e));
+        }
+        self.len += line.len() as u64;
+        Ok(())
     }
 
     /// Starts a new journal file, keeping the current one aside until [`Journal::checkpointed`].
@@ -59,6 +69,7 @@ impl Journal {
         }
         std::fs::rename(&self.path, &self.rotated).map_err(|e| journal_err(&self.path, e))?;
         self.file = open_append(&self.path)?;
+        self.len = 0;
         Ok(())
     }
 
@@ -70,7 +81,9 @@ impl Journal {
     /// Empties the journal once every task it held is durable in the store.
     pub fn reset(&mut self) -> Result<(), StoreError> {
         remove_if_present(&self.rotated)?;
-        self.file.set_len(0).map_err(|e| journal_err(&self.path, e))
+        self.file.set_len(0).map_err(|e| journal_err(&self.path, e))?;
+        self.len = 0;
+        Ok(())
     }
 }
 
