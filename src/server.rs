@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
@@ -26,9 +26,9 @@ use crate::api::grpc::pb::result_server::ResultServer;
 use crate::api::grpc::{Services, check_auth, pb};
 use crate::api::validate::Limits;
 use crate::api::{self, About, AppState};
-use crate::config::{QueueBackend, RedisUrl, ServeConfig, WorkerConfig};
+use crate::config::{QueueBackend, RedisUrl, ServeConfig, TaskConfig, WorkerConfig};
 use crate::fetch::UrlPolicy;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, PipelineInfo};
 use crate::storage::ObjectStore;
 use crate::tasks::worker::worker_task;
 use crate::tasks::{MemoryQueue, RedisOptions, RedisQueue, TaskQueue};
@@ -45,7 +45,7 @@ const SERVICE_NAMES: [&str; 3] = ["deskgen.v1.Generate", "deskgen.v1.Result", "d
 pub struct RunningServer {
     addr: SocketAddr,
     shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    handle: JoinHandle<anyhow::Result<()>>,
 }
 
 impl RunningServer {
@@ -191,7 +191,17 @@ pub async fn start(
     let app = api::with_request_metrics(routes).layer(api::cors());
 
     let services = Background { queue, objects, webhooks, deliveries };
-    let handle = tokio::spawn(run(config, listener, app, state, services, health, loader, shutdown.clone()));
+    let workers = config.tasks.workers;
+    let ready = move |info| async move {
+        let _ = state.pipeline.set(info);
+        for name in SERVICE_NAMES.into_iter().chain([""]) {
+            health.set_service_status(name, ServingStatus::Serving).await;
+        }
+        tracing::info!(workers, "models loaded; ready");
+    };
+    let server = serve(listener, app, &shutdown);
+    let node = run_node(config.tasks, host_name(), server, services, loader, shutdown.clone(), ready);
+    let handle = tokio::spawn(node);
     Ok(RunningServer { addr, shutdown, handle })
 }
 
@@ -200,45 +210,42 @@ struct Background {
     queue: Arc<dyn TaskQueue>,
     objects: Arc<dyn ObjectStore>,
     webhooks: WebhookSender,
-    deliveries: tokio::task::JoinHandle<()>,
+    deliveries: JoinHandle<()>,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run(
-    config: ServeConfig,
+/// Serves `app` on `listener` until `shutdown`, then lets open requests finish.
+fn serve(
     listener: TcpListener,
     app: axum::Router,
-    state: Arc<AppState>,
+    shutdown: &CancellationToken,
+) -> JoinHandle<std::io::Result<()>> {
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    })
+}
+
+/// The life of a node once its listener is up: load the models, say ready, run the workers and the
+/// result purge until shutdown (or until the listener ends), then give running tasks the grace
+/// period and let queued webhooks go out.
+async fn run_node<Ready: Future<Output = ()>>(
+    tasks: TaskConfig,
+    name: String,
+    mut server: JoinHandle<std::io::Result<()>>,
     services: Background,
-    health: tonic_health::server::HealthReporter,
     loader: PipelineLoader,
     shutdown: CancellationToken,
+    ready: impl FnOnce(PipelineInfo) -> Ready,
 ) -> anyhow::Result<()> {
     let Background { queue, objects, webhooks, deliveries } = services;
-    let serve_shutdown = shutdown.clone();
-    let mut server = tokio::spawn(async move {
-        axum::serve(listener, app).with_graceful_shutdown(serve_shutdown.cancelled_owned()).await
-    });
-
     let Some(pipeline) = load_pipeline(loader, objects, &shutdown).await? else {
-        finish(Some(server), JoinSet::new(), config.tasks.shutdown_grace).await;
+        finish(Some(server), JoinSet::new(), tasks.shutdown_grace).await;
         return Ok(());
     };
-    let _ = state.pipeline.set(pipeline.info());
-    for name in SERVICE_NAMES.into_iter().chain([""]) {
-        health.set_service_status(name, ServingStatus::Serving).await;
-    }
-    tracing::info!(workers = config.tasks.workers, "models loaded; ready");
-    let workers = spawn_workers(
-        &host_name(),
-        config.tasks.workers,
-        &queue,
-        &pipeline,
-        &webhooks,
-        config.tasks.task_deadline,
-        &shutdown,
-    );
-    let upkeep = tokio::spawn(purge_task(queue, config.tasks.result_ttl, shutdown.clone()));
+    ready(pipeline.info()).await;
+    let workers =
+        spawn_workers(&name, tasks.workers, &queue, &pipeline, &webhooks, tasks.task_deadline, &shutdown);
+    let upkeep = tokio::spawn(purge_task(queue, tasks.result_ttl, shutdown.clone()));
     let listener_ended = tokio::select! {
         _ = shutdown.cancelled() => None,
         ended = &mut server => {
@@ -248,7 +255,7 @@ async fn run(
     };
     upkeep.abort();
     let still_serving = if listener_ended.is_none() { Some(server) } else { None };
-    finish(still_serving, workers, config.tasks.shutdown_grace).await;
+    finish(still_serving, workers, tasks.shutdown_grace).await;
     // Completed-task webhooks queued during the grace period go out before the process ends.
     let _ = tokio::time::timeout(Duration::from_secs(5), deliveries).await;
     match listener_ended {
@@ -297,11 +304,7 @@ fn spawn_workers(
 
 /// After shutdown: stop accepting, let running tasks finish within `grace`; what is left runs
 /// again at the next start (memory) or on another worker after the visibility timeout (Redis).
-async fn finish(
-    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-    mut workers: JoinSet<()>,
-    grace: Duration,
-) {
+async fn finish(server: Option<JoinHandle<std::io::Result<()>>>, mut workers: JoinSet<()>, grace: Duration) {
     let drained = tokio::time::timeout(grace, async { while workers.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!(?grace, "tasks still running after the grace period; they will run again");
@@ -393,54 +396,15 @@ pub async fn start_worker(
             .with_state(state.clone()),
     );
     let services = Background { queue: state.queue.clone(), objects, webhooks, deliveries };
-    let handle = tokio::spawn(run_worker(config, listener, app, state, services, loader, shutdown.clone()));
+    let name = state.name.clone();
+    let ready = move |_| async move {
+        let _ = state.models_loaded.set(());
+        tracing::info!(worker = %state.name, workers = config.tasks.workers, "models loaded; taking tasks");
+    };
+    let server = serve(listener, app, &shutdown);
+    let node = run_node(config.tasks.clone(), name, server, services, loader, shutdown.clone(), ready);
+    let handle = tokio::spawn(node);
     Ok(RunningServer { addr, shutdown, handle })
-}
-
-async fn run_worker(
-    config: WorkerConfig,
-    listener: TcpListener,
-    app: axum::Router,
-    state: Arc<WorkerState>,
-    services: Background,
-    loader: PipelineLoader,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let Background { queue, objects, webhooks, deliveries } = services;
-    let serve_shutdown = shutdown.clone();
-    let mut server = tokio::spawn(async move {
-        axum::serve(listener, app).with_graceful_shutdown(serve_shutdown.cancelled_owned()).await
-    });
-    let Some(pipeline) = load_pipeline(loader, objects, &shutdown).await? else {
-        finish(Some(server), JoinSet::new(), config.tasks.shutdown_grace).await;
-        return Ok(());
-    };
-    let _ = state.models_loaded.set(());
-    tracing::info!(worker = %state.name, workers = config.tasks.workers, "models loaded; taking tasks");
-    let workers = spawn_workers(
-        &state.name,
-        config.tasks.workers,
-        &queue,
-        &pipeline,
-        &webhooks,
-        config.tasks.task_deadline,
-        &shutdown,
-    );
-    let listener_ended = tokio::select! {
-        _ = shutdown.cancelled() => None,
-        ended = &mut server => {
-            shutdown.cancel();
-            Some(ended)
-        }
-    };
-    let still_serving = if listener_ended.is_none() { Some(server) } else { None };
-    finish(still_serving, workers, config.tasks.shutdown_grace).await;
-    // Completed-task webhooks queued during the grace period go out before the process ends.
-    let _ = tokio::time::timeout(Duration::from_secs(5), deliveries).await;
-    match listener_ended {
-        Some(ended) => Ok(ended.context("listener task panicked")??),
-        None => Ok(()),
-    }
 }
 
 /// GET /healthcheck on a worker: 200 once its models are loaded and Redis answers, else 503.
