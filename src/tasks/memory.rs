@@ -295,19 +295,7 @@ impl TaskQueue for MemoryQueue {
         let mut state = self.lock();
         let live = state.tasks.get(task_id)?;
         let mut record = live.record.borrow().clone();
-        record.progress = None;
-        record.completed_at = Some(Utc::now());
-        match outcome {
-            Ok(output) => {
-                record.status = TaskStatus::Done;
-                record.output = Some(output);
-            }
-            Err(error) => {
-                record.status =
-                    if error.code == ErrorCode::Canceled { TaskStatus::Canceled } else { TaskStatus::Failed };
-                record.error = Some(error);
-            }
-        }
+        record.complete(outcome);
         let stored = self.store.put(&record);
         if let Err(e) = &stored {
             tracing::error!(error = %e, %task_id, "cannot persist the final state of a task; keeping it in memory");

@@ -263,4 +263,21 @@ impl TaskRecord {
             attempts: 0,
         }
     }
+
+    /// Ends the task: done with `output`, or canceled or failed with the error.
+    pub fn complete(&mut self, outcome: Result<TaskOutput, TaskError>) {
+        self.progress = None;
+        self.completed_at = Some(Utc::now());
+        match outcome {
+            Ok(output) => {
+                self.status = TaskStatus::Done;
+                self.output = Some(output);
+            }
+            Err(error) => {
+                self.status =
+                    if error.code == ErrorCode::Canceled { TaskStatus::Canceled } else { TaskStatus::Failed };
+                self.error = Some(error);
+            }
+        }
+    }
 }

@@ -265,19 +265,7 @@ impl Shared {
         outcome: Result<TaskOutput, TaskError>,
     ) -> Option<TaskRecord> {
         let Running { owner, mut record, .. } = lock(&self.running).remove(task_id)?;
-        record.progress = None;
-        record.completed_at = Some(Utc::now());
-        match outcome {
-            Ok(output) => {
-                record.status = TaskStatus::Done;
-                record.output = Some(output);
-            }
-            Err(error) => {
-                record.status =
-                    if error.code == ErrorCode::Canceled { TaskStatus::Canceled } else { TaskStatus::Failed };
-                record.error = Some(error);
-            }
-        }
+        record.complete(outcome);
         let give_up = Instant::now() + self.options.visibility_timeout;
         let mut backoff = Backoff::new();
         loop {
