@@ -10,15 +10,13 @@ mod npy;
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Instant;
 
-use common::{TestServer, poll_final, serve_config, start_with_loader};
+use common::{TestServer, poll_final, start_real_guarded};
 use deskgen::inference::diffusion::lora::{LoraError, LoraOptions, extract_prompt_loras};
 use deskgen::inference::diffusion::{DiffusionError, GenerateParams, SchedulerKind, StableDiffusion};
 use deskgen::inference::{Runtime, RuntimeConfig};
-use deskgen::pipeline::{DeskPipeline, Pipeline};
-use deskgen::server::PipelineLoader;
 use ndarray::{Array4, Ix4};
 use serde_json::{Value, json};
 
@@ -492,23 +490,6 @@ fn an_adapter_broken_after_listing_fails_that_request_only() {
 
 // ----------------------------------------------------------------------------- real server
 
-async fn start_real(data_dir: &Path, extra: &[&str]) -> TestServer {
-    let mut args = vec!["--intra-threads", "1"];
-    args.extend_from_slice(extra);
-    let mut config = serve_config(data_dir, &args);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
-    config.pipeline.storage.image_base_url = format!("http://127.0.0.1:{port}");
-    let pipeline_config = config.pipeline.clone();
-    let loader: PipelineLoader =
-        Box::new(
-            move |store| Ok(Arc::new(DeskPipeline::load(&pipeline_config, store)?) as Arc<dyn Pipeline>),
-        );
-    start_with_loader(config, loader).await
-}
-
 async fn post(server: &TestServer, body: Value) -> (u16, Value) {
     let r = reqwest::Client::new().post(server.url("/v1/generate")).json(&body).send().await.unwrap();
     (r.status().as_u16(), r.json().await.unwrap())
@@ -522,7 +503,7 @@ async fn server_lists_and_applies_adapters() {
         std::fs::copy(repo_path("onnx/loras").join(file), loras.path().join(file)).unwrap();
     }
     std::fs::write(loras.path().join("corrupt.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{}").unwrap();
-    let server = start_real(
+    let server = start_real_guarded(
         data.path(),
         &["--lora-dir", loras.path().to_str().unwrap(), "--max-lora-weight", "1.5", "--lora-cache-size", "1"],
     )
