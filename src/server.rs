@@ -28,11 +28,11 @@ use crate::api::validate::Limits;
 use crate::api::{self, About, AppState};
 use crate::config::{QueueBackend, RedisUrl, ServeConfig, TaskConfig, WorkerConfig};
 use crate::fetch::UrlPolicy;
-use crate::pipeline::{Pipeline, PipelineInfo};
+use crate::pipeline::{Pipeline, PipelineConfig, PipelineInfo};
 use crate::storage::ObjectStore;
 use crate::tasks::worker::worker_task;
 use crate::tasks::{MemoryQueue, RedisOptions, RedisQueue, TaskQueue};
-use crate::webhook::WebhookSender;
+use crate::webhook::{WebhookConfig, WebhookSender};
 
 /// Builds the pipeline over the service's object store; runs on a blocking thread while the
 /// listener already answers health checks.
@@ -131,23 +131,19 @@ pub async fn start(
             Arc::new(connect_redis(url, options).await?)
         }
     };
-    let objects = crate::storage::build(&config.pipeline.storage, &config.tasks.data_dir).await?;
     let shutdown = CancellationToken::new();
-    let (webhooks, deliveries) = WebhookSender::spawn(
-        &config.webhook,
-        UrlPolicy::from_config(&config.pipeline.fetch),
-        shutdown.clone(),
-    )?;
+    let background =
+        Background::start(queue, &config.pipeline, &config.webhook, &config.tasks, &shutdown).await?;
     let state = Arc::new(AppState {
-        queue: queue.clone(),
+        queue: background.queue.clone(),
         keys,
         limits: Limits { max_side: config.max_side },
-        webhooks: webhooks.clone(),
+        webhooks: background.webhooks.clone(),
         max_body_bytes: config.max_body_bytes,
         metrics: metrics_handle(),
         pipeline: OnceLock::new(),
         about: About {
-            queue_backend: queue.backend().into(),
+            queue_backend: background.queue.backend().into(),
             execution_provider: config.pipeline.runtime.execution_provider.as_str().into(),
         },
     });
@@ -185,12 +181,11 @@ pub async fn start(
     .into_axum_router()
     .layer(tonic_web::GrpcWebLayer::new());
     let mut routes = api::rest_router(state.clone()).merge(grpc);
-    if let Some(images) = objects.router() {
+    if let Some(images) = background.objects.router() {
         routes = routes.merge(images);
     }
     let app = api::with_request_metrics(routes).layer(api::cors());
 
-    let services = Background { queue, objects, webhooks, deliveries };
     let workers = config.tasks.workers;
     let ready = move |info| async move {
         let _ = state.pipeline.set(info);
@@ -200,7 +195,7 @@ pub async fn start(
         tracing::info!(workers, "models loaded; ready");
     };
     let server = serve(listener, app, &shutdown);
-    let node = run_node(config.tasks, host_name(), server, services, loader, shutdown.clone(), ready);
+    let node = run_node(config.tasks, host_name(), server, background, loader, shutdown.clone(), ready);
     let handle = tokio::spawn(node);
     Ok(RunningServer { addr, shutdown, handle })
 }
@@ -211,6 +206,22 @@ struct Background {
     objects: Arc<dyn ObjectStore>,
     webhooks: WebhookSender,
     deliveries: JoinHandle<()>,
+}
+
+impl Background {
+    /// Opens the object store and starts webhook delivery, which ends with `shutdown`.
+    async fn start(
+        queue: Arc<dyn TaskQueue>,
+        pipeline: &PipelineConfig,
+        webhook: &WebhookConfig,
+        tasks: &TaskConfig,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Background> {
+        let objects = crate::storage::build(&pipeline.storage, &tasks.data_dir).await?;
+        let (webhooks, deliveries) =
+            WebhookSender::spawn(webhook, UrlPolicy::from_config(&pipeline.fetch), shutdown.clone())?;
+        Ok(Background { queue, objects, webhooks, deliveries })
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown`, then lets open requests finish.
@@ -380,29 +391,28 @@ pub async fn start_worker(
         consumer: consumer_name(&name),
     };
     let queue: Arc<dyn TaskQueue> = Arc::new(connect_redis(&config.queue, options).await?);
-    let objects = crate::storage::build(&config.pipeline.storage, &config.tasks.data_dir).await?;
     let shutdown = CancellationToken::new();
-    let (webhooks, deliveries) = WebhookSender::spawn(
-        &config.webhook,
-        UrlPolicy::from_config(&config.pipeline.fetch),
-        shutdown.clone(),
-    )?;
-    let state =
-        Arc::new(WorkerState { name, queue, models_loaded: OnceLock::new(), metrics: metrics_handle() });
+    let background =
+        Background::start(queue, &config.pipeline, &config.webhook, &config.tasks, &shutdown).await?;
+    let state = Arc::new(WorkerState {
+        name,
+        queue: background.queue.clone(),
+        models_loaded: OnceLock::new(),
+        metrics: metrics_handle(),
+    });
     let app = api::with_request_metrics(
         axum::Router::new()
             .route("/healthcheck", get(worker_health))
             .route("/metrics", get(worker_metrics))
             .with_state(state.clone()),
     );
-    let services = Background { queue: state.queue.clone(), objects, webhooks, deliveries };
     let name = state.name.clone();
     let ready = move |_| async move {
         let _ = state.models_loaded.set(());
         tracing::info!(worker = %state.name, workers = config.tasks.workers, "models loaded; taking tasks");
     };
     let server = serve(listener, app, &shutdown);
-    let node = run_node(config.tasks.clone(), name, server, services, loader, shutdown.clone(), ready);
+    let node = run_node(config.tasks.clone(), name, server, background, loader, shutdown.clone(), ready);
     let handle = tokio::spawn(node);
     Ok(RunningServer { addr, shutdown, handle })
 }
