@@ -9,14 +9,16 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::validate::{GenerateInput, Invalid, Limits, validate};
+use crate::api::render::result_json;
 use crate::config::{BenchCommand, EvalCommand, GenerateCommand, ModelsCommand};
+use crate::core::validate::validate;
+use crate::core::{Failure, FailureCode, GenerateInput, GenerateOutput, Invalid, Limits, Progress};
 use crate::inference::Runtime;
 use crate::inference::diffusion::{GenerateParams, StableDiffusion, resolve_variant};
 use crate::inference::vision::{ModelInfo, Vision, describe};
-use crate::pipeline::{DeskPipeline, Pipeline};
-use crate::tasks::worker::TaskContext;
-use crate::tasks::{ErrorCode, Progress, TaskError, TaskRecord, TaskStatus, new_task_id};
+use crate::pipeline::{DeskPipeline, Pipeline, RunContext};
+use crate::storage::ObjectStore;
+use crate::tasks::{TaskRecord, new_task_id};
 
 /// Runs the vision models over a labelled folder and prints the report.
 pub fn eval(command: &EvalCommand, out: &mut impl Write) -> anyhow::Result<()> {
@@ -140,9 +142,71 @@ pub const EXIT_FAILED: u8 = 1;
 /// Runs the pipeline once without a server: progress on stderr, the PNG to `--out`, the result
 /// (REST shape with `--json`) on `out`. Returns the process exit status.
 pub async fn generate(command: GenerateCommand, out: &mut impl Write) -> anyhow::Result<u8> {
+    if command.image.is_none() && command.prompt.is_none() {
+        eprintln!("error: give --image, --prompt, or both");
+        return Ok(EXIT_BAD_INPUT);
+    }
     let local_photo = command.image.as_deref().filter(|image| !image.contains("://")).map(str::to_string);
+    let photo = match &local_photo {
+        Some(path) => match std::fs::read(path) {
+            Ok(bytes) => Some(Bytes::from(bytes)),
+            Err(e) => {
+                eprintln!("error: cannot read {path}: {e}");
+                return Ok(EXIT_BAD_INPUT);
+            }
+        },
+        None => None,
+    };
+    let store = crate::storage::build(&command.pipeline.storage, &command.data_dir).await?;
+    let config = command.pipeline.clone();
+    let loader_store = store.clone();
+    let pipeline = tokio::task::spawn_blocking(move || DeskPipeline::load(&config, loader_store)).await??;
+    // A local photo goes into the object store like an upload; the request names its key.
+    let stored_photo = match photo {
+        Some(bytes) => Some(store_photo(store.as_ref(), bytes).await?),
+        None => None,
+    };
     let input = GenerateInput {
         initial_image_url: command.image.clone().filter(|_| local_photo.is_none()),
+        stored_photo,
+        ..generate_input(&command)
+    };
+    let (task_id, request) = match validate(input, &Limits { max_side: 2048 }, &pipeline.info()) {
+        Ok(ok) => ok,
+        Err(invalid) => {
+            for line in invalid_lines(invalid) {
+                eprintln!("error: {line}");
+            }
+            return Ok(EXIT_BAD_INPUT);
+        }
+    };
+    let mut record = TaskRecord::new(task_id.unwrap_or_else(new_task_id), request);
+    let (ctx, updates) = RunContext::new(
+        record.task_id.clone(),
+        CancellationToken::new(),
+        Instant::now() + Duration::from_secs(24 * 3600),
+    );
+    let display = tokio::spawn(show_progress(updates));
+    let outcome = pipeline.run(&record.request, &ctx).await;
+    drop(ctx);
+    let _ = display.await;
+    let outcome = match outcome {
+        Ok(output) => Ok(save_image(store.as_ref(), output, &command, local_photo).await?),
+        Err(failure) => Err(failure),
+    };
+    let status = outcome.as_ref().err().map_or(0, exit_status);
+    record.complete(outcome);
+    if command.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&result_json(&record))?)?;
+    } else {
+        summarise(&record, out)?;
+    }
+    Ok(status)
+}
+
+/// The request the command's flags describe, before its photo is known.
+fn generate_input(command: &GenerateCommand) -> GenerateInput {
+    GenerateInput {
         prompt: command.prompt.clone(),
         negative_prompt: command.negative_prompt.clone(),
         num_inference_steps: command.steps,
@@ -154,110 +218,58 @@ pub async fn generate(command: GenerateCommand, out: &mut impl Write) -> anyhow:
         scheduler: command.scheduler.clone(),
         max_items_per_category: command.max_items_per_category,
         ..GenerateInput::default()
-    };
-    if input.initial_image_url.is_none() && local_photo.is_none() && input.prompt.is_none() {
-        eprintln!("error: give --image, --prompt, or both");
-        return Ok(EXIT_BAD_INPUT);
     }
-    let photo = match &local_photo {
-        Some(path) => match std::fs::read(path) {
-            Ok(bytes) => Some(Bytes::from(bytes)),
-            Err(e) => {
-                eprintln!("error: cannot read {path}: {e}");
-                return Ok(EXIT_BAD_INPUT);
-            }
-        },
-        None => None,
-    };
-
-    let store = crate::storage::build(&command.pipeline.storage, &command.data_dir).await?;
-    let config = command.pipeline.clone();
-    let loader_store = store.clone();
-    let pipeline = tokio::task::spawn_blocking(move || DeskPipeline::load(&config, loader_store)).await??;
-    let info = pipeline.info();
-    // A local photo passes validation as "present"; the pipeline gets its bytes directly.
-    let validated = validate(
-        GenerateInput {
-            initial_image_url: local_photo.as_ref().map(|_| "https://local.invalid/photo".to_string()),
-            ..input
-        },
-        &Limits { max_side: 2048 },
-        &info,
-    );
-    let (task_id, mut request) = match validated {
-        Ok(ok) => ok,
-        Err(Invalid::EmptyPrompt) => {
-            eprintln!("error: Prompt must not be empty.");
-            return Ok(EXIT_BAD_INPUT);
-        }
-        Err(Invalid::Rules(violations)) => {
-            for v in violations {
-                eprintln!("error: {}", v.description);
-            }
-            return Ok(EXIT_BAD_INPUT);
-        }
-    };
-    if local_photo.is_some() {
-        request.initial_image_url = None;
-    }
-    let task_id = task_id.unwrap_or_else(new_task_id);
-    let mut record = TaskRecord::new(task_id.clone(), request);
-    let (ctx, updates) =
-        TaskContext::new(task_id, CancellationToken::new(), Instant::now() + Duration::from_secs(24 * 3600));
-    let display = tokio::spawn(show_progress(updates));
-    let outcome = match photo {
-        Some(bytes) => pipeline.run_with_photo(&record.request, Some(bytes), &ctx).await,
-        None => pipeline.run(&record, &ctx).await,
-    };
-    drop(ctx);
-    let _ = display.await;
-
-    record.completed_at = Some(chrono::Utc::now());
-    let status = match outcome {
-        Ok(mut output) => {
-            if let Some(url) = output.processed_image_url.clone() {
-                let key = store.key_for_url(&url).context("the store did not recognise its own URL")?;
-                let png = store.get(&key, u64::MAX).await?;
-                std::fs::write(&command.out, &png)
-                    .with_context(|| format!("writing {}", command.out.display()))?;
-                output.processed_image_url = Some(command.out.display().to_string());
-            }
-            if let Some(path) = &local_photo {
-                output.initial_image_url = Some(path.clone());
-            }
-            record.status = TaskStatus::Done;
-            record.output = Some(output);
-            0
-        }
-        Err(error) => {
-            let status = exit_status(&error);
-            record.status = TaskStatus::Failed;
-            record.error = Some(error);
-            status
-        }
-    };
-    if command.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&record.to_result_json())?)?;
-    } else {
-        summarise(&record, out)?;
-    }
-    Ok(status)
 }
 
-fn exit_status(error: &TaskError) -> u8 {
+/// What was wrong with the request, a line each.
+fn invalid_lines(invalid: Invalid) -> Vec<String> {
+    match invalid {
+        Invalid::EmptyPrompt => vec!["Prompt must not be empty.".into()],
+        Invalid::Rules(violations) => violations.into_iter().map(|v| v.description).collect(),
+    }
+}
+
+/// Puts a local photo into the object store under an upload key; its bytes name its type.
+async fn store_photo(store: &dyn ObjectStore, bytes: Bytes) -> anyhow::Result<String> {
+    let extension = image::guess_format(&bytes)
+        .ok()
+        .and_then(|format| format.extensions_str().first().copied())
+        .unwrap_or("bin");
+    let key = crate::storage::new_upload_key(extension);
+    store.put_image(&key, bytes).await.context("storing the photo")?;
+    Ok(key)
+}
+
+/// Copies the generated PNG to `--out`; the result names the local files instead of the store's.
+async fn save_image(
+    store: &dyn ObjectStore,
+    mut output: GenerateOutput,
+    command: &GenerateCommand,
+    local_photo: Option<String>,
+) -> anyhow::Result<GenerateOutput> {
+    if let Some(url) = output.processed_image_url.clone() {
+        let key = store.key_for_url(&url).context("the store did not recognise its own URL")?;
+        let png = store.get(&key, u64::MAX).await?;
+        std::fs::write(&command.out, &png).with_context(|| format!("writing {}", command.out.display()))?;
+        output.processed_image_url = Some(command.out.display().to_string());
+    }
+    if local_photo.is_some() {
+        output.initial_image_url = local_photo;
+    }
+    Ok(output)
+}
+
+fn exit_status(error: &Failure) -> u8 {
     match error.code {
-        ErrorCode::InvalidInput | ErrorCode::InvalidImage | ErrorCode::ImageFetchFailed => EXIT_BAD_INPUT,
-        ErrorCode::ModelError
-        | ErrorCode::S3UploadFailed
-        | ErrorCode::ShoppingFailed
-        | ErrorCode::Canceled
-        | ErrorCode::Timeout
-        | ErrorCode::TaskNotFound
-        | ErrorCode::QueueFull
-        | ErrorCode::Unauthenticated
-        | ErrorCode::AlreadyFinished
-        | ErrorCode::NotReady
-        | ErrorCode::Internal => EXIT_FAILED,
+        FailureCode::InvalidInput | FailureCode::InvalidImage | FailureCode::ImageFetchFailed => {
+            EXIT_BAD_INPUT
+        }
+        FailureCode::ModelError
+        | FailureCode::S3UploadFailed
+        | FailureCode::ShoppingFailed
+        | FailureCode::Canceled
+        | FailureCode::Timeout
+        | FailureCode::Internal => EXIT_FAILED,
     }
 }
 

@@ -1,11 +1,13 @@
 //! deskgen: a desk photo in, an improved desk-setup image and shopping links out.
 //!
-//! A request enters through [`api`] (gRPC, grpc-web or REST on one listener), becomes a task in
-//! [`tasks`], and a worker runs it through [`pipeline`], which uses the models in [`inference`].
+//! A request enters through [`api`] (gRPC, grpc-web or REST on one listener), is parsed once into
+//! the [`core`] model, becomes a task in [`tasks`], and a worker runs it through [`pipeline`],
+//! which uses the models in [`inference`]. [`core`] knows no transport, queue or command line.
 
 pub mod api;
 pub mod commands;
 pub mod config;
+pub mod core;
 pub mod eval;
 pub mod fetch;
 pub mod inference;

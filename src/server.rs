@@ -24,13 +24,13 @@ use crate::api::grpc::pb::generate_server::GenerateServer;
 use crate::api::grpc::pb::info_server::InfoServer;
 use crate::api::grpc::pb::result_server::ResultServer;
 use crate::api::grpc::{Services, check_auth, pb};
-use crate::api::validate::Limits;
 use crate::api::{self, About, AppState};
 use crate::config::{QueueBackend, RedisUrl, ServeConfig, TaskConfig, WorkerConfig};
+use crate::core::{Limits, PipelineInfo};
 use crate::fetch::UrlPolicy;
-use crate::pipeline::{Pipeline, PipelineConfig, PipelineInfo};
+use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::storage::ObjectStore;
-use crate::tasks::worker::worker_task;
+use crate::tasks::worker::{Notifier, worker_task};
 use crate::tasks::{MemoryQueue, RedisOptions, RedisQueue, TaskQueue};
 use crate::webhook::{WebhookConfig, WebhookSender};
 
@@ -300,12 +300,13 @@ fn spawn_workers(
     shutdown: &CancellationToken,
 ) -> JoinSet<()> {
     let mut workers = JoinSet::new();
+    let notifier = Notifier { sender: webhooks.clone(), render: api::render::webhook_body };
     for index in 0..count {
         workers.spawn(worker_task(
             format!("{node}-{index}"),
             queue.clone(),
             pipeline.clone(),
-            webhooks.clone(),
+            notifier.clone(),
             deadline,
             shutdown.clone(),
         ));

@@ -12,9 +12,11 @@ mod common;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
-use deskgen::api::validate::{GenerateInput, Invalid, Limits, MAX_PROMPT_CHARS, MAX_STEPS, validate};
+use deskgen::core::PipelineInfo;
+use deskgen::core::request::{MAX_PROMPT_CHARS, MAX_STEPS};
+use deskgen::core::validate::validate;
+use deskgen::core::{GenerateInput, Invalid, Limits};
 use deskgen::inference::vision::image::{ImageError, MIN_SIDE, decode_image};
-use deskgen::pipeline::PipelineInfo;
 use rand::seq::IndexedRandom;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -109,7 +111,7 @@ fn info() -> PipelineInfo {
         default_scheduler: "ddim".into(),
         native_size: 512,
         size_multiple: 8,
-        loras: vec![deskgen::pipeline::LoraInfo {
+        loras: vec![deskgen::core::LoraInfo {
             name: "cozy".into(),
             rank: 4,
             target_modules: vec!["unet.to_q".into()],
@@ -203,7 +205,7 @@ fn check_request(bytes: &[u8]) {
                 assert!((64..=2048).contains(&side) && side % 8 == 0, "side {side}");
             }
             assert!((1..=10).contains(&request.max_items_per_category));
-            assert!(request.prompt.is_some() || request.initial_image_url.is_some());
+            assert!(request.prompt.is_some() || request.photo.is_some());
             for text in [&request.prompt, &request.negative_prompt].into_iter().flatten() {
                 assert!(text.chars().count() <= MAX_PROMPT_CHARS);
                 assert!(!text.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\t' | '\r')));

@@ -61,7 +61,7 @@ async fn s3_put_then_get_and_recognise_the_url() {
     let (store, addr, _server, root) = s3_fixture(|c| c).await;
     store.check().await.unwrap();
     let key = storage::new_image_key();
-    let url = store.put_png(&key, Bytes::from_static(PNG)).await.unwrap();
+    let url = store.put_image(&key, Bytes::from_static(PNG)).await.unwrap();
     assert_eq!(url, format!("http://{addr}/{BUCKET}/{key}"));
     assert_eq!(std::fs::read(root.path().join(BUCKET).join(&key)).unwrap(), PNG);
     assert_eq!(store.get(&key, 1024).await.unwrap().as_ref(), PNG);
@@ -78,7 +78,7 @@ async fn s3_presigned_urls_download_over_plain_http() {
     let (store, addr, _server, _root) =
         s3_fixture(|c| StorageConfig { s3_presign_ttl: Some(Duration::from_secs(60)), ..c }).await;
     let key = storage::new_image_key();
-    let url = store.put_png(&key, Bytes::from_static(PNG)).await.unwrap();
+    let url = store.put_image(&key, Bytes::from_static(PNG)).await.unwrap();
     assert!(url.starts_with(&format!("http://{addr}/{BUCKET}/{key}?")), "{url}");
     assert!(url.contains("X-Amz-Signature="), "{url}");
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -111,17 +111,17 @@ async fn s3_missing_bucket_is_reported() {
 async fn s3_wrong_credentials_fail_without_retrying() {
     let (_store, addr, _server, _root) = s3_fixture(|c| c).await;
     let store = S3Store::new(&s3_config(addr, BUCKET), &sdk_config("not-the-secret")).unwrap();
-    let error = store.put_png(&storage::new_image_key(), Bytes::from_static(PNG)).await.unwrap_err();
+    let error = store.put_image(&storage::new_image_key(), Bytes::from_static(PNG)).await.unwrap_err();
     assert!(matches!(error, StorageError::Upload { attempts: 1, .. }), "{error}");
 }
 
 #[tokio::test]
 async fn s3_upload_retries_then_fails_when_the_server_stops() {
     let (store, _addr, server, _root) = s3_fixture(|c| c).await;
-    store.put_png(&storage::new_image_key(), Bytes::from_static(PNG)).await.unwrap();
+    store.put_image(&storage::new_image_key(), Bytes::from_static(PNG)).await.unwrap();
     server.abort();
     let _ = server.await;
-    let error = store.put_png(&storage::new_image_key(), Bytes::from_static(PNG)).await.unwrap_err();
+    let error = store.put_image(&storage::new_image_key(), Bytes::from_static(PNG)).await.unwrap_err();
     assert!(matches!(error, StorageError::Upload { attempts: 3, .. }), "{error}");
 }
 
@@ -143,7 +143,7 @@ async fn file_store_serves_images_with_etag_revalidation() {
     assert_eq!(store.kind(), "file");
     store.check().await.unwrap();
     let key = storage::new_image_key();
-    let url = store.put_png(&key, Bytes::from_static(PNG)).await.unwrap();
+    let url = store.put_image(&key, Bytes::from_static(PNG)).await.unwrap();
     assert_eq!(url, format!("http://{addr}/v1/{key}"));
     assert!(data_dir.path().join(&key).is_file());
     assert_eq!(store.key_for_url(&url).as_deref(), Some(key.as_str()));
@@ -189,7 +189,7 @@ async fn file_store_refuses_path_traversal() {
         assert!(response.status().is_client_error(), "{path}: {}", response.status());
     }
     for key in ["images/../secret.txt", "/etc/passwd", "secret.txt"] {
-        let error = store.put_png(key, Bytes::from_static(PNG)).await.unwrap_err();
+        let error = store.put_image(key, Bytes::from_static(PNG)).await.unwrap_err();
         assert!(matches!(error, StorageError::InvalidKey { .. }), "{key}: {error}");
     }
 }

@@ -10,8 +10,43 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tonic_types::{ErrorDetails, StatusExt};
 
-use super::validate::{Invalid, Violation};
-use crate::tasks::{BackendError, CancelError, ErrorCode, SubmitError};
+use crate::core::{Invalid, Violation};
+use crate::tasks::{BackendError, CancelError, SubmitError};
+
+/// Stable codes of API errors, as JSON bodies and `ErrorInfo.reason` name them. A task's own
+/// failures have theirs in [`crate::core::FailureCode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The request broke a validation rule.
+    InvalidInput,
+    /// No task has this id.
+    TaskNotFound,
+    /// The queue is at its limit.
+    QueueFull,
+    /// No valid API key was given.
+    Unauthenticated,
+    /// The task already reached a final state.
+    AlreadyFinished,
+    /// The service is still loading its models, or its task backend is unreachable.
+    NotReady,
+    /// Anything else.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears in JSON bodies and `ErrorInfo.reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidInput => "INVALID_INPUT",
+            ErrorCode::TaskNotFound => "TASK_NOT_FOUND",
+            ErrorCode::QueueFull => "QUEUE_FULL",
+            ErrorCode::Unauthenticated => "UNAUTHENTICATED",
+            ErrorCode::AlreadyFinished => "ALREADY_FINISHED",
+            ErrorCode::NotReady => "NOT_READY",
+            ErrorCode::Internal => "INTERNAL",
+        }
+    }
+}
 
 /// An error answered to a client.
 #[derive(Debug, thiserror::Error)]

@@ -8,7 +8,10 @@ use tonic::{Request, Response, Status};
 
 use super::AppState;
 use super::errors::ApiError;
-use super::validate::{GenerateInput, LoraInput};
+use crate::core::request::{
+    DEFAULT_GUIDANCE, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_STEPS,
+};
+use crate::core::{GenerateInput, LoraInput};
 use crate::tasks::{self, TaskRecord};
 
 /// Generated protobuf types and service traits of `deskgen.v1`.
@@ -80,6 +83,7 @@ impl From<pb::GenerateRequest> for GenerateInput {
             webhook_events: (!r.webhook_events.is_empty()).then_some(r.webhook_events),
             max_items_per_category: r.max_items_per_category.map(i64::from),
             task_id: r.task_id,
+            stored_photo: None,
         }
     }
 }
@@ -219,19 +223,19 @@ impl Info for Services {
                 })
                 .collect(),
             defaults: Some(pb::Defaults {
-                num_inference_steps: super::validate::DEFAULT_STEPS,
-                guidance_scale: super::validate::DEFAULT_GUIDANCE,
+                num_inference_steps: DEFAULT_STEPS,
+                guidance_scale: DEFAULT_GUIDANCE,
                 height: native,
                 width: native,
-                strength: super::validate::DEFAULT_STRENGTH,
+                strength: DEFAULT_STRENGTH,
                 scheduler: pipeline.map(|p| p.default_scheduler.clone()).unwrap_or_default(),
                 negative_prompt: pipeline.map(|p| p.negative_prompt.clone()).unwrap_or_default(),
-                max_items_per_category: super::validate::DEFAULT_ITEMS_PER_CATEGORY,
+                max_items_per_category: DEFAULT_ITEMS_PER_CATEGORY,
             }),
             limits: Some(pb::Limits {
-                max_steps: super::validate::MAX_STEPS,
+                max_steps: MAX_STEPS,
                 max_side: self.state.limits.max_side,
-                max_guidance_scale: super::validate::MAX_GUIDANCE,
+                max_guidance_scale: MAX_GUIDANCE,
                 max_queue_depth: self.state.queue.capacity() as u32,
                 max_body_bytes: self.state.max_body_bytes as u64,
                 max_lora_weight: pipeline.map(|p| p.max_lora_weight).unwrap_or_default(),

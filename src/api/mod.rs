@@ -3,8 +3,8 @@
 pub mod auth;
 pub mod errors;
 pub mod grpc;
+pub mod render;
 pub mod rest;
-pub mod validate;
 pub mod web;
 
 use std::sync::{Arc, OnceLock};
@@ -23,8 +23,10 @@ use tower_http::cors::{Any, CorsLayer};
 
 use self::auth::ApiKeys;
 use self::errors::ApiError;
-use self::validate::{GenerateInput, Limits};
-use crate::pipeline::{LoraInfo, ModelInfo, PipelineInfo};
+use crate::core::request::{
+    DEFAULT_GUIDANCE, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_STEPS,
+};
+use crate::core::{GenerateInput, Limits, LoraInfo, ModelInfo, PipelineInfo, Violation, validate};
 use crate::tasks::{TaskQueue, TaskRecord};
 use crate::webhook::WebhookSender;
 
@@ -95,7 +97,7 @@ impl AppState {
             && let Err(e) = self.webhooks.check_url(url).await
         {
             let description = format!("webhook_url is not allowed: {e}.");
-            return Err(ApiError::Invalid(vec![validate::Violation { field: "webhook_url", description }]));
+            return Err(ApiError::Invalid(vec![Violation { field: "webhook_url", description }]));
         }
         let (record, _created) = self.queue.submit(task_id, request).await?;
         Ok(record)
@@ -139,19 +141,19 @@ impl AppState {
             object_store: pipeline.map(|p| p.object_store.clone()),
             shopping_provider: pipeline.map(|p| p.shopping_provider.clone()),
             defaults: serde_json::json!({
-                "num_inference_steps": validate::DEFAULT_STEPS,
-                "guidance_scale": validate::DEFAULT_GUIDANCE,
-                "strength": validate::DEFAULT_STRENGTH,
+                "num_inference_steps": DEFAULT_STEPS,
+                "guidance_scale": DEFAULT_GUIDANCE,
+                "strength": DEFAULT_STRENGTH,
                 "height": native,
                 "width": native,
                 "scheduler": pipeline.map(|p| p.default_scheduler.clone()),
                 "negative_prompt": pipeline.map(|p| p.negative_prompt.clone()),
-                "max_items_per_category": validate::DEFAULT_ITEMS_PER_CATEGORY,
+                "max_items_per_category": DEFAULT_ITEMS_PER_CATEGORY,
             }),
             limits: serde_json::json!({
-                "max_steps": validate::MAX_STEPS,
+                "max_steps": MAX_STEPS,
                 "max_side": self.limits.max_side,
-                "max_guidance_scale": validate::MAX_GUIDANCE,
+                "max_guidance_scale": MAX_GUIDANCE,
                 "max_queue_depth": self.queue.capacity(),
                 "max_body_bytes": self.max_body_bytes,
                 "max_lora_weight": pipeline.map(|p| p.max_lora_weight),

@@ -16,8 +16,9 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::errors::ApiError;
-use super::validate::{GenerateInput, Violation};
-use crate::tasks::{ErrorCode, TaskRecord, TaskStatus};
+use super::render::result_json;
+use crate::core::{FailureCode, GenerateInput, Violation};
+use crate::tasks::{TaskRecord, TaskStatus};
 
 /// Longest `Prefer: wait=N` honoured, in seconds.
 const MAX_WAIT_SECS: u64 = 60;
@@ -68,7 +69,7 @@ pub async fn generate(
     if let Some(secs) = wait_preference(&headers) {
         let finished = state.wait_final(&record.task_id, Duration::from_secs(secs)).await;
         if let Some(done) = finished {
-            let mut response = (final_status(&done), Json(done.to_result_json())).into_response();
+            let mut response = (final_status(&done), Json(result_json(&done))).into_response();
             response
                 .headers_mut()
                 .insert("preference-applied", format!("wait={secs}").parse().expect("ascii"));
@@ -86,19 +87,14 @@ fn final_status(record: &TaskRecord) -> StatusCode {
         return StatusCode::OK;
     };
     match error.code {
-        ErrorCode::InvalidInput | ErrorCode::InvalidImage => StatusCode::UNPROCESSABLE_ENTITY,
-        ErrorCode::ImageFetchFailed => StatusCode::BAD_GATEWAY,
-        ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
-        ErrorCode::Canceled => StatusCode::OK,
-        ErrorCode::ModelError
-        | ErrorCode::S3UploadFailed
-        | ErrorCode::ShoppingFailed
-        | ErrorCode::TaskNotFound
-        | ErrorCode::QueueFull
-        | ErrorCode::Unauthenticated
-        | ErrorCode::AlreadyFinished
-        | ErrorCode::NotReady
-        | ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        FailureCode::InvalidInput | FailureCode::InvalidImage => StatusCode::UNPROCESSABLE_ENTITY,
+        FailureCode::ImageFetchFailed => StatusCode::BAD_GATEWAY,
+        FailureCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        FailureCode::Canceled => StatusCode::OK,
+        FailureCode::ModelError
+        | FailureCode::S3UploadFailed
+        | FailureCode::ShoppingFailed
+        | FailureCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -110,7 +106,7 @@ pub async fn result(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let record = state.get(&task_id).await?;
-    Ok(Json(record.to_result_json()))
+    Ok(Json(result_json(&record)))
 }
 
 /// POST /v1/result/{task_id}/cancel
@@ -121,7 +117,7 @@ pub async fn cancel(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let record = state.cancel(&task_id).await?;
-    Ok(Json(record.to_result_json()))
+    Ok(Json(result_json(&record)))
 }
 
 /// GET /v1/result/{task_id}/events: Server-Sent Events, `progress` events then one `result`.
@@ -134,7 +130,7 @@ pub async fn events(
     let updates = state.watch(&task_id).await?;
     let stream = super::task_updates(updates).map(|record| {
         let name = if record.status.is_final() { "result" } else { "progress" };
-        Ok(Event::default().event(name).json_data(record.to_result_json()).expect("JSON values serialise"))
+        Ok(Event::default().event(name).json_data(result_json(&record)).expect("JSON values serialise"))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

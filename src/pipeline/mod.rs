@@ -1,76 +1,36 @@
-//! The pipeline: what a worker does with one task, from the photo to the result.
+//! The pipeline: what happens to one request, from the photo to the result.
+//!
+//! [`DeskPipeline`] runs the stages in order: [`photo`] (fetch and decode), [`look`] (detector,
+//! classifier, captioner), [`plan`] (categories and the prompt), [`draw`] (Stable Diffusion and the
+//! upload) and [`shop`] (offers per category, beside the drawing).
 
+pub mod context;
 pub mod desk;
+pub mod draw;
+pub mod look;
+pub mod photo;
 pub mod plan;
+pub mod shop;
 
 use async_trait::async_trait;
-use serde::Serialize;
 
-use crate::tasks::worker::TaskContext;
-use crate::tasks::{TaskError, TaskOutput, TaskRecord};
+use crate::core::{Failure, GenerateOutput, GenerateRequest, PipelineInfo};
 
+pub use context::RunContext;
 pub use desk::{DeskPipeline, PipelineConfig};
 
-/// One model the pipeline runs, as /info and `deskgen models` report it.
-#[derive(Debug, Clone, Serialize)]
-pub struct ModelInfo {
-    /// Stable id, e.g. "detector".
-    pub id: String,
-    /// File or folder it was loaded from.
-    pub path: String,
-    /// sha256 of the file (of model.onnx for folders).
-    pub sha256: String,
-    /// Size in bytes.
-    pub size_bytes: u64,
-    /// Execution provider it runs on.
-    pub execution_provider: String,
-}
-
-/// One LoRA adapter as /info describes it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct LoraInfo {
-    /// The name requests use (`loras[].name`, `<lora:name:weight>`).
-    pub name: String,
-    /// Its largest rank.
-    pub rank: u32,
-    /// Module kinds it changes, prefixed by sub-model (`unet.to_q`, `text_encoder.q_proj`).
-    pub target_modules: Vec<String>,
-    /// Words that invoke it; added to the prompt's `{triggers}` when it is used.
-    pub trigger_words: Vec<String>,
-}
-
-/// What the pipeline offers, for /info and for request defaults.
-#[derive(Debug, Clone, Serialize)]
-pub struct PipelineInfo {
-    /// Models in use.
-    pub models: Vec<ModelInfo>,
-    /// Scheduler ids a request may name.
-    pub schedulers: Vec<String>,
-    /// The scheduler used when a request names none.
-    pub default_scheduler: String,
-    /// The diffusion model's native image side in pixels.
-    pub native_size: u32,
-    /// Image sides must be multiples of this (8, or more for deep UNets).
-    pub size_multiple: u32,
-    /// LoRA adapters a request may name.
-    pub loras: Vec<LoraInfo>,
-    /// Largest |weight| a request may give one LoRA adapter.
-    pub max_lora_weight: f32,
-    /// The negative prompt used when a request gives none.
-    pub negative_prompt: String,
-    /// Where generated images go ("file" or "s3").
-    pub object_store: String,
-    /// Where shopping offers come from.
-    pub shopping_provider: String,
-}
-
-/// Runs one task. The product binary uses the real pipeline; tests may drive the service with their
-/// own implementation to control timing.
+/// Runs one request. The product binary uses the real pipeline; tests may drive the service with
+/// their own implementation to control timing.
 #[async_trait]
 pub trait Pipeline: Send + Sync + 'static {
-    /// Runs the task to its output, reporting progress and honouring cancellation through `ctx`.
-    async fn run(&self, task: &TaskRecord, ctx: &TaskContext) -> Result<TaskOutput, TaskError>;
+    /// Runs `request` to its output, reporting progress and honouring cancellation through `ctx`.
+    async fn run(&self, request: &GenerateRequest, ctx: &RunContext) -> Result<GenerateOutput, Failure>;
 
     /// Models, schedulers and sizes this pipeline offers.
     fn info(&self) -> PipelineInfo;
+}
+
+/// Adds the time since `since` to `stage`'s entry of the result's timings, in milliseconds.
+fn record_ms(timings: &mut std::collections::BTreeMap<String, f64>, stage: &str, since: std::time::Instant) {
+    *timings.entry(stage.to_string()).or_default() += since.elapsed().as_secs_f64() * 1000.0;
 }

@@ -10,64 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 
+pub use crate::core::Offer;
 pub use catalog::CatalogProvider;
 pub use naver::NaverProvider;
 
 /// Mall name shown when Naver leaves it empty: the offer is Naver's own price comparison.
 pub const DEFAULT_MALL: &str = "네이버";
-
-/// One product offer, in the result's JSON shape.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "OfferFields")]
-pub struct Offer {
-    /// Product title, plain text.
-    pub title: String,
-    /// Lowest price as shown to users, e.g. "21990원".
-    pub price: String,
-    /// Seller (mall) name.
-    pub mall: String,
-    /// Third-level shopping category, e.g. "마우스".
-    pub category3: String,
-    /// Fourth-level shopping category, e.g. "무선마우스".
-    pub category4: String,
-    /// Product page.
-    pub link: String,
-    /// Product image URL (may be empty).
-    pub image: String,
-    /// The price in won, for sorting; not serialized (it is `price` without the unit).
-    #[serde(skip_serializing)]
-    pub price_won: u64,
-}
-
-/// The serialized fields of [`Offer`]; `price_won` is derived from `price` when reading.
-#[derive(Deserialize)]
-struct OfferFields {
-    title: String,
-    price: String,
-    mall: String,
-    category3: String,
-    category4: String,
-    link: String,
-    image: String,
-}
-
-impl From<OfferFields> for Offer {
-    fn from(fields: OfferFields) -> Self {
-        let price_won = fields.price.trim_end_matches('원').replace(',', "").trim().parse().unwrap_or(0);
-        Offer {
-            title: fields.title,
-            price: fields.price,
-            mall: fields.mall,
-            category3: fields.category3,
-            category4: fields.category4,
-            link: fields.link,
-            image: fields.image,
-            price_won,
-        }
-    }
-}
 
 /// Formats a price the way results show it: "21990원".
 pub fn format_won(won: u64) -> String {

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use reqwest::Url;
 use tokio::io::AsyncWriteExt;
 
-use super::{ObjectStore, StorageError, check_key, record};
+use super::{ObjectStore, StorageError, check_key, content_type, record};
 
 /// Every key the file store accepts starts with this; the rest is the path under its root.
 const KEY_PREFIX: &str = "images/";
@@ -56,14 +56,14 @@ impl FileStore {
         Ok(self.root.join(relative))
     }
 
-    async fn write(&self, path: &Path, png: &[u8]) -> Result<(), std::io::Error> {
+    async fn write(&self, path: &Path, bytes: &[u8]) -> Result<(), std::io::Error> {
         let parent = path.parent().unwrap_or(&self.root);
         tokio::fs::create_dir_all(parent).await?;
         // Write then rename, so a reader never sees half an image.
         let partial = parent.join(format!(".partial-{}", uuid::Uuid::new_v4()));
         let mut file = tokio::fs::File::create(&partial).await?;
         let written = async {
-            file.write_all(png).await?;
+            file.write_all(bytes).await?;
             file.sync_all().await?;
             tokio::fs::rename(&partial, path).await
         }
@@ -81,9 +81,9 @@ impl ObjectStore for FileStore {
         "file"
     }
 
-    async fn put_png(&self, key: &str, png: Bytes) -> Result<String, StorageError> {
+    async fn put_image(&self, key: &str, image: Bytes) -> Result<String, StorageError> {
         let path = self.path_for(key)?;
-        let written = self.write(&path, &png).await;
+        let written = self.write(&path, &image).await;
         record("file", "put", written.is_ok());
         written.map_err(|e| StorageError::Upload {
             key: key.to_owned(),
@@ -214,15 +214,4 @@ fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
             let candidate = candidate.trim();
             candidate == "*" || candidate.trim_start_matches("W/") == etag
         })
-}
-
-fn content_type(key: &str) -> &'static str {
-    let extension = key.rsplit_once('.').map(|(_, ext)| ext.to_ascii_lowercase()).unwrap_or_default();
-    match extension.as_str() {
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "webp" => "image/webp",
-        "gif" => "image/gif",
-        _ => "application/octet-stream",
-    }
 }

@@ -116,8 +116,9 @@ pub trait ObjectStore: Send + Sync {
     /// "file" or "s3", for logs, metrics and `/info`.
     fn kind(&self) -> &'static str;
 
-    /// Stores a PNG under `key` (retrying transient failures) and returns the URL to fetch it from.
-    async fn put_png(&self, key: &str, png: Bytes) -> Result<String, StorageError>;
+    /// Stores an image under `key`, typed by the key's extension (retrying transient failures), and
+    /// returns the URL to fetch it from.
+    async fn put_image(&self, key: &str, image: Bytes) -> Result<String, StorageError>;
 
     /// Reads the object under `key`, refusing objects bigger than `max_bytes`.
     async fn get(&self, key: &str, max_bytes: u64) -> Result<Bytes, StorageError>;
@@ -152,6 +153,23 @@ pub async fn build(config: &StorageConfig, data_dir: &Path) -> Result<Arc<dyn Ob
 /// A fresh key for a generated image: `images/YYYY/MM/DD/<uuid>.png` (UTC date).
 pub fn new_image_key() -> String {
     format!("images/{}/{}.png", chrono::Utc::now().format("%Y/%m/%d"), uuid::Uuid::new_v4())
+}
+
+/// A fresh key for a photo a user handed in: `images/uploads/YYYY/MM/DD/<uuid>.<extension>`.
+pub fn new_upload_key(extension: &str) -> String {
+    format!("images/uploads/{}/{}.{extension}", chrono::Utc::now().format("%Y/%m/%d"), uuid::Uuid::new_v4())
+}
+
+/// The media type of the object under `key`, from its extension.
+pub(crate) fn content_type(key: &str) -> &'static str {
+    let extension = key.rsplit_once('.').map(|(_, ext)| ext.to_ascii_lowercase()).unwrap_or_default();
+    match extension.as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        _ => "application/octet-stream",
+    }
 }
 
 /// Refuses keys that could name something outside the store once used as a path.

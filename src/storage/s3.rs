@@ -17,7 +17,7 @@ use percent_encoding::percent_decode_str;
 use rand::Rng;
 use reqwest::Url;
 
-use super::{ObjectStore, StorageConfig, StorageError, record};
+use super::{ObjectStore, StorageConfig, StorageError, content_type, record};
 
 /// The region used when neither the flag nor the AWS configuration chain names one.
 const FALLBACK_REGION: &str = "us-east-1";
@@ -133,17 +133,17 @@ impl S3Store {
     async fn put_once(
         &self,
         key: &str,
-        png: &Bytes,
+        body: &Bytes,
     ) -> Result<(), SdkError<aws_sdk_s3::operation::put_object::PutObjectError>> {
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
-            .content_type("image/png")
+            .content_type(content_type(key))
             .cache_control("public, max-age=31536000, immutable")
-            .body(ByteStream::from(png.clone()))
+            .body(ByteStream::from(body.clone()))
             .customize()
-            // Retries happen in `put_png`, where they are counted and logged.
+            // Retries happen in `put_image`, where they are counted and logged.
             .config_override(S3ConfigBuilder::default().retry_config(RetryConfig::disabled()))
             .send()
             .await
@@ -176,11 +176,11 @@ impl ObjectStore for S3Store {
         "s3"
     }
 
-    async fn put_png(&self, key: &str, png: Bytes) -> Result<String, StorageError> {
+    async fn put_image(&self, key: &str, image: Bytes) -> Result<String, StorageError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let error = match self.put_once(key, &png).await {
+            let error = match self.put_once(key, &image).await {
                 Ok(()) => {
                     record("s3", "put", true);
                     return self.url_for(key).await;

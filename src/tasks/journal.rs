@@ -120,12 +120,13 @@ fn read_entries(path: &Path) -> Result<Vec<TaskRecord>, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tasks::TaskRequest;
+    use crate::core::GenerateRequest;
 
     fn record(id: &str) -> TaskRecord {
-        let request = TaskRequest {
-            initial_image_url: None,
+        let request = GenerateRequest {
+            photo: None,
             prompt: Some("a desk".into()),
+            user_text: Some("a desk".into()),
             negative_prompt: None,
             num_inference_steps: 20,
             guidance_scale: 7.5,

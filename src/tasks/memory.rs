@@ -18,9 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::journal::{CHECKPOINT_INTERVAL, Journal};
 use super::{
-    BackendError, CancelError, Claimed, ErrorCode, Progress, StoreError, SubmitError, TaskError, TaskOutput,
-    TaskQueue, TaskRecord, TaskRequest, TaskStatus, TaskStore, new_task_id,
+    BackendError, CancelError, Claimed, StoreError, SubmitError, TaskQueue, TaskRecord, TaskStatus,
+    TaskStore, new_task_id,
 };
+use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest, Progress};
 
 struct Live {
     record: watch::Sender<TaskRecord>,
@@ -126,8 +127,8 @@ impl MemoryQueue {
                     record.status = TaskStatus::Failed;
                     record.progress = None;
                     record.completed_at = Some(Utc::now());
-                    record.error = Some(TaskError {
-                        code: ErrorCode::Internal,
+                    record.error = Some(Failure {
+                        code: FailureCode::Internal,
                         message: format!("Interrupted {} times; not retried again.", record.attempts),
                     });
                     store.put(&record)?;
@@ -202,7 +203,7 @@ impl TaskQueue for MemoryQueue {
     async fn submit(
         &self,
         task_id: Option<String>,
-        request: TaskRequest,
+        request: GenerateRequest,
     ) -> Result<(TaskRecord, bool), SubmitError> {
         let mut state = self.lock();
         let task_id = match task_id {
@@ -291,7 +292,7 @@ impl TaskQueue for MemoryQueue {
     }
 
     /// Records the final state of a task a worker ran.
-    async fn finish(&self, task_id: &str, outcome: Result<TaskOutput, TaskError>) -> Option<TaskRecord> {
+    async fn finish(&self, task_id: &str, outcome: Result<GenerateOutput, Failure>) -> Option<TaskRecord> {
         let mut state = self.lock();
         let live = state.tasks.get(task_id)?;
         let mut record = live.record.borrow().clone();
@@ -324,8 +325,7 @@ impl TaskQueue for MemoryQueue {
             TaskStatus::Queued => {
                 record.status = TaskStatus::Canceled;
                 record.completed_at = Some(Utc::now());
-                record.error =
-                    Some(TaskError { code: ErrorCode::Canceled, message: "Canceled by the client.".into() });
+                record.error = Some(Failure::canceled());
                 self.store.put(&record).map_err(BackendError::from)?;
                 live.record.send_replace(record.clone());
                 state.tasks.remove(task_id);

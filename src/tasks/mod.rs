@@ -4,7 +4,6 @@
 //! neither knows which backend runs underneath.
 
 pub mod journal;
-pub mod json;
 pub mod memory;
 pub mod model;
 pub mod redis;
@@ -17,12 +16,11 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::core::{Failure, GenerateOutput, GenerateRequest, Progress};
+
 pub use self::redis::{RedisOptions, RedisQueue, RedisQueueError};
 pub use memory::MemoryQueue;
-pub use model::{
-    BoundingBox, DetectedItem, ErrorCode, LoraWeight, Progress, Recommendation, TaskError, TaskOutput,
-    TaskRecord, TaskRequest, TaskStatus,
-};
+pub use model::{TaskRecord, TaskStatus};
 pub use store::{StoreError, TaskStore};
 
 /// The backend could not be reached or refused the operation.
@@ -86,7 +84,7 @@ pub trait TaskQueue: Send + Sync + 'static {
     async fn submit(
         &self,
         task_id: Option<String>,
-        request: TaskRequest,
+        request: GenerateRequest,
     ) -> Result<(TaskRecord, bool), SubmitError>;
 
     /// The current record of a task.
@@ -108,7 +106,7 @@ pub trait TaskQueue: Send + Sync + 'static {
     async fn progress(&self, task_id: &str, progress: Progress);
 
     /// Records the final state of a task a worker ran.
-    async fn finish(&self, task_id: &str, outcome: Result<TaskOutput, TaskError>) -> Option<TaskRecord>;
+    async fn finish(&self, task_id: &str, outcome: Result<GenerateOutput, Failure>) -> Option<TaskRecord>;
 
     /// Cancels a queued task at once, or asks a running one to stop at its next check.
     async fn cancel(&self, task_id: &str) -> Result<TaskRecord, CancelError>;

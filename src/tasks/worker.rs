@@ -3,62 +3,25 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_util::sync::CancellationToken;
-
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use super::{ErrorCode, Progress, TaskError, TaskQueue, TaskRecord};
-use crate::pipeline::Pipeline;
+use super::{TaskQueue, TaskRecord};
+use crate::core::Progress;
+use crate::pipeline::{Pipeline, RunContext};
 use crate::webhook::{WebhookEvent, WebhookSender};
 
-/// What a pipeline stage sees of its task: progress reporting, cancellation and the deadline.
-///
-/// Progress is latest-wins and never blocks: stages call it from blocking inference threads, and
-/// a forwarder publishes it to the queue backend. Clones share the task (blocking stages take one
-/// to their thread).
+/// Renders a task as a webhook body; the API's function, so webhooks and results cannot drift.
+pub type RenderWebhook = fn(&TaskRecord, WebhookEvent) -> serde_json::Value;
+
+/// How workers send webhooks: the delivery queue and the body's renderer.
 #[derive(Clone)]
-pub struct TaskContext {
-    task_id: String,
-    progress: Arc<watch::Sender<Option<Progress>>>,
-    cancel: CancellationToken,
-    deadline: Instant,
-}
-
-impl TaskContext {
-    /// A context for `task_id` that cancels when `cancel` fires or `deadline` passes, and a receiver
-    /// of its progress.
-    pub fn new(
-        task_id: String,
-        cancel: CancellationToken,
-        deadline: Instant,
-    ) -> (TaskContext, watch::Receiver<Option<Progress>>) {
-        let (progress, updates) = watch::channel(None);
-        (TaskContext { task_id, progress: Arc::new(progress), cancel, deadline }, updates)
-    }
-
-    /// The task's id.
-    pub fn task_id(&self) -> &str {
-        &self.task_id
-    }
-
-    /// Publishes progress: `step` of `steps` done in `stage`.
-    pub fn progress(&self, stage: &str, step: u32, steps: u32) {
-        self.progress.send_replace(Some(Progress { stage: stage.to_string(), step, steps }));
-    }
-
-    /// Err when the client canceled or the deadline passed; stages call it between units of work.
-    pub fn check(&self) -> Result<(), TaskError> {
-        if self.cancel.is_cancelled() {
-            return Err(TaskError { code: ErrorCode::Canceled, message: "Canceled by the client.".into() });
-        }
-        if Instant::now() >= self.deadline {
-            return Err(TaskError {
-                code: ErrorCode::Timeout,
-                message: "The task ran past its deadline.".into(),
-            });
-        }
-        Ok(())
-    }
+pub struct Notifier {
+    /// The delivery queue.
+    pub sender: WebhookSender,
+    /// Renders a record as the body of one event.
+    pub render: RenderWebhook,
 }
 
 /// Runs tasks from `queue` until `shutdown` fires; the task in hand is finished first. `name`
@@ -67,7 +30,7 @@ pub async fn worker_task(
     name: String,
     queue: Arc<dyn TaskQueue>,
     pipeline: Arc<dyn Pipeline>,
-    webhooks: WebhookSender,
+    webhooks: Notifier,
     deadline: Duration,
     shutdown: CancellationToken,
 ) {
@@ -75,12 +38,13 @@ pub async fn worker_task(
     while let Some(claimed) = queue.next(&shutdown).await {
         let task_id = claimed.record.task_id.clone();
         let started = Instant::now();
-        let (ctx, updates) = TaskContext::new(task_id.clone(), claimed.cancel, started + deadline);
+        let (ctx, updates) = RunContext::new(task_id.clone(), claimed.cancel, started + deadline);
         let forwarder =
             tokio::spawn(progress_task(queue.clone(), webhooks.clone(), claimed.record.clone(), updates));
         tracing::info!(%task_id, attempt = claimed.record.attempts, worker = %name, "task started");
         notify(&webhooks, &claimed.record, WebhookEvent::Start);
-        let outcome = pipeline.run(&claimed.record, &ctx).await;
+        let span = tracing::info_span!("task", %task_id);
+        let outcome = pipeline.run(&claimed.record.request, &ctx).instrument(span).await;
         let outcome = match (outcome, ctx.check()) {
             // A stage that noticed cancellation late still ends the task as canceled.
             (Err(_), Err(interrupted)) => Err(interrupted),
@@ -122,7 +86,7 @@ fn release_freed_memory() {
 /// Publishes a task's progress to the queue (and its webhook) until the task's context is dropped.
 async fn progress_task(
     queue: Arc<dyn TaskQueue>,
-    webhooks: WebhookSender,
+    webhooks: Notifier,
     mut record: TaskRecord,
     mut updates: watch::Receiver<Option<Progress>>,
 ) {
@@ -137,14 +101,13 @@ async fn progress_task(
 }
 
 /// Queues a webhook for `record` when its request asked for `event`; delivery never blocks a worker.
-fn notify(webhooks: &WebhookSender, record: &TaskRecord, event: WebhookEvent) {
+fn notify(webhooks: &Notifier, record: &TaskRecord, event: WebhookEvent) {
     let Some(url) = &record.request.webhook_url else { return };
     if !event.wanted_by(&record.request.webhook_events) {
         return;
     }
-    let mut body = record.to_result_json();
-    body["event"] = serde_json::json!(event.as_str());
-    if let Err(e) = webhooks.enqueue(url, &record.task_id, event, &body) {
+    let body = (webhooks.render)(record, event);
+    if let Err(e) = webhooks.sender.enqueue(url, &record.task_id, event, &body) {
         tracing::warn!(task_id = %record.task_id, error = %e, "webhook not queued");
     }
 }

@@ -9,11 +9,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use clap::Parser;
 use deskgen::config::{Cli, Command, ServeConfig};
-use deskgen::pipeline::{DeskPipeline, ModelInfo, Pipeline, PipelineInfo};
+use deskgen::core::{
+    Failure, FailureCode, GenerateOutput, GenerateRequest, ModelInfo, PipelineInfo, Recommendation,
+};
+use deskgen::pipeline::{DeskPipeline, Pipeline, RunContext};
 use deskgen::server::{PipelineLoader, RunningServer};
 use deskgen::shopping::Offer;
-use deskgen::tasks::worker::TaskContext;
-use deskgen::tasks::{ErrorCode, Recommendation, TaskError, TaskOutput, TaskRecord};
 use tokio::sync::Semaphore;
 
 /// A pipeline double: `steps` diffusion steps of `step_ms` each. Prompts steer it: "hold" waits for
@@ -33,15 +34,15 @@ impl ScriptedPipeline {
 
 #[async_trait]
 impl Pipeline for ScriptedPipeline {
-    async fn run(&self, task: &TaskRecord, ctx: &TaskContext) -> Result<TaskOutput, TaskError> {
-        let prompt = task.request.prompt.clone().unwrap_or_default();
+    async fn run(&self, request: &GenerateRequest, ctx: &RunContext) -> Result<GenerateOutput, Failure> {
+        let prompt = request.prompt.clone().unwrap_or_default();
         if prompt.contains("hold") {
             let permit = self.gate.acquire().await.expect("gate open");
             permit.forget();
         }
         ctx.check()?;
         if prompt.contains("fail") {
-            return Err(TaskError { code: ErrorCode::ModelError, message: "scripted failure".into() });
+            return Err(Failure::new(FailureCode::ModelError, "scripted failure"));
         }
         for step in 1..=self.steps {
             tokio::time::sleep(Duration::from_millis(self.step_ms)).await;
@@ -49,15 +50,12 @@ impl Pipeline for ScriptedPipeline {
             ctx.progress("diffusion", step, self.steps);
         }
         if prompt.contains("upload") {
-            return Err(TaskError {
-                code: ErrorCode::S3UploadFailed,
-                message: "Failed to upload image to S3.".into(),
-            });
+            return Err(Failure::new(FailureCode::S3UploadFailed, "Failed to upload image to S3."));
         }
         let is_desk = !prompt.contains("notdesk");
-        Ok(TaskOutput {
-            initial_image_url: task.request.initial_image_url.clone(),
-            processed_image_url: is_desk.then(|| format!("http://example.invalid/{}.png", task.task_id)),
+        Ok(GenerateOutput {
+            initial_image_url: request.photo.as_ref().and_then(|p| p.url()).map(String::from),
+            processed_image_url: is_desk.then(|| format!("http://example.invalid/{}.png", ctx.id())),
             is_desk: Some(is_desk),
             caption: Some("a desk with a laptop".into()),
             recommendations: vec![Recommendation {
@@ -75,8 +73,8 @@ impl Pipeline for ScriptedPipeline {
                 }],
             }],
             prompt_used: Some(prompt),
-            seed: task.request.seed,
-            ..TaskOutput::default()
+            seed: request.seed,
+            ..GenerateOutput::default()
         })
     }
 

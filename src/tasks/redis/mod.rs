@@ -33,10 +33,10 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use self::events::Watched;
 use self::work::Running;
 use super::{
-    BackendError, CancelError, Claimed, ErrorCode, Progress, SubmitError, TaskError, TaskOutput, TaskQueue,
-    TaskRecord, TaskRequest, TaskStatus, new_task_id,
+    BackendError, CancelError, Claimed, SubmitError, TaskQueue, TaskRecord, TaskStatus, new_task_id,
 };
 use crate::config::RedisUrl;
+use crate::core::{Failure, GenerateOutput, GenerateRequest, Progress};
 
 const QUEUED: &str = "deskgen:queued";
 const WORK: &str = "deskgen:work";
@@ -263,7 +263,7 @@ impl Shared {
     async fn submit(
         &self,
         task_id: Option<String>,
-        request: TaskRequest,
+        request: GenerateRequest,
     ) -> Result<(TaskRecord, bool), SubmitError> {
         let record = TaskRecord::new(task_id.unwrap_or_else(new_task_id), request);
         let json = serde_json::to_string(&record).expect("task records serialise");
@@ -307,10 +307,7 @@ impl Shared {
                 TaskStatus::Queued => {
                     record.status = TaskStatus::Canceled;
                     record.completed_at = Some(Utc::now());
-                    record.error = Some(TaskError {
-                        code: ErrorCode::Canceled,
-                        message: "Canceled by the client.".into(),
-                    });
+                    record.error = Some(Failure::canceled());
                     let committed = self
                         .commit(Guard::Version(version), &record, "")
                         .await
@@ -382,7 +379,7 @@ impl TaskQueue for RedisQueue {
     async fn submit(
         &self,
         task_id: Option<String>,
-        request: TaskRequest,
+        request: GenerateRequest,
     ) -> Result<(TaskRecord, bool), SubmitError> {
         self.shared.submit(task_id, request).await
     }
@@ -418,7 +415,7 @@ impl TaskQueue for RedisQueue {
     }
 
     /// Records the final state unless another worker took the task over meanwhile.
-    async fn finish(&self, task_id: &str, outcome: Result<TaskOutput, TaskError>) -> Option<TaskRecord> {
+    async fn finish(&self, task_id: &str, outcome: Result<GenerateOutput, Failure>) -> Option<TaskRecord> {
         self.shared.finish(task_id, outcome).await
     }
 

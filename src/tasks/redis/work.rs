@@ -13,7 +13,8 @@ use super::{
     CAS_ATTEMPTS, CONNECT_TIMEOUT, GROUP, Guard, RESPONSE_TIMEOUT, RedisQueueError, Shared, Stored, WORK,
     lock, task_key,
 };
-use crate::tasks::{Claimed, ErrorCode, Progress, TaskError, TaskOutput, TaskRecord, TaskStatus};
+use crate::core::{Failure, FailureCode, GenerateOutput, Progress};
+use crate::tasks::{Claimed, TaskRecord, TaskStatus};
 
 /// How long one XREADGROUP waits for new work; also bounds how late shutdown and take-overs are
 /// noticed by an idle worker.
@@ -193,13 +194,18 @@ impl Shared {
             let owner = format!("{}/{}", self.options.consumer, uuid::Uuid::new_v4());
             let interrupted = record.status == TaskStatus::Processing;
             if interrupted && cancel_requested {
-                end(&mut record, TaskStatus::Canceled, ErrorCode::Canceled, "Canceled by the client.".into());
+                end(
+                    &mut record,
+                    TaskStatus::Canceled,
+                    FailureCode::Canceled,
+                    "Canceled by the client.".into(),
+                );
             } else if record.attempts >= self.options.max_attempts {
                 let message = format!(
                     "The worker running this task stopped {} times (--max-attempts {}); not retried again.",
                     record.attempts, self.options.max_attempts
                 );
-                end(&mut record, TaskStatus::Failed, ErrorCode::Internal, message);
+                end(&mut record, TaskStatus::Failed, FailureCode::Internal, message);
             } else {
                 record.status = TaskStatus::Processing;
                 record.attempts += 1;
@@ -262,7 +268,7 @@ impl Shared {
     pub(super) async fn finish(
         &self,
         task_id: &str,
-        outcome: Result<TaskOutput, TaskError>,
+        outcome: Result<GenerateOutput, Failure>,
     ) -> Option<TaskRecord> {
         let Running { owner, mut record, .. } = lock(&self.running).remove(task_id)?;
         record.complete(outcome);
@@ -289,11 +295,11 @@ impl Shared {
 }
 
 /// Ends `record` without running it.
-fn end(record: &mut TaskRecord, status: TaskStatus, code: ErrorCode, message: String) {
+fn end(record: &mut TaskRecord, status: TaskStatus, code: FailureCode, message: String) {
     record.status = status;
     record.progress = None;
     record.completed_at = Some(Utc::now());
-    record.error = Some(TaskError { code, message });
+    record.error = Some(Failure { code, message });
 }
 
 /// Renews this worker's hold on a running task every third of the visibility timeout; fires

@@ -58,7 +58,7 @@ pub trait Scheduler: Send {
     fn add_noise(&self, original: ArrayViewMut4<'_, f32>, noise: ArrayView4<'_, f32>, timestep: f32);
 }
 
-/// The schedulers a request can choose.
+/// The schedulers a request can choose; serialised as their ids ("ddim", "euler", …).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SchedulerKind {
     /// DDIM, deterministic (eta = 0).
@@ -139,6 +139,19 @@ impl FromStr for SchedulerKind {
             .into_iter()
             .find(|kind| kind.as_str() == s)
             .ok_or_else(|| UnknownScheduler(s.to_string()))
+    }
+}
+
+impl serde::Serialize for SchedulerKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for SchedulerKind {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let id = String::deserialize(deserializer)?;
+        id.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -1,0 +1,15 @@
+//! The domain model every layer stands on: the validated request, what a generation produced, why
+//! a task failed, and what the pipeline offers. No transport, no queue, no command line: the API
+//! parses into these types once, the task queue stores them, and the pipeline runs them.
+
+pub mod failure;
+pub mod info;
+pub mod request;
+pub mod result;
+pub mod validate;
+
+pub use failure::{Failure, FailureCode};
+pub use info::{LoraInfo, ModelInfo, PipelineInfo};
+pub use request::{GenerateRequest, LoraWeight, PhotoSource, Progress};
+pub use result::{BoundingBox, DetectedItem, GenerateOutput, Offer, Recommendation};
+pub use validate::{GenerateInput, Invalid, Limits, LoraInput, Violation};

@@ -1,0 +1,106 @@
+//! The validated generation request, as the queue stores it and the pipeline runs it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::inference::diffusion::SchedulerKind;
+
+/// Defaults applied when a request leaves a field out.
+pub const DEFAULT_STEPS: u32 = 50;
+/// Default classifier-free guidance scale.
+pub const DEFAULT_GUIDANCE: f32 = 7.5;
+/// Default img2img strength.
+pub const DEFAULT_STRENGTH: f32 = 0.75;
+/// Default offers per category.
+pub const DEFAULT_ITEMS_PER_CATEGORY: u32 = 3;
+/// Most denoising steps a request may ask for.
+pub const MAX_STEPS: u32 = crate::inference::diffusion::MAX_STEPS;
+/// Largest guidance scale a request may ask for.
+pub const MAX_GUIDANCE: f32 = 30.0;
+/// Longest prompt, in characters.
+pub const MAX_PROMPT_CHARS: usize = 10_000;
+/// Webhook events a request may ask for.
+pub const WEBHOOK_EVENTS: [&str; 3] = ["start", "progress", "completed"];
+
+/// Where the photo a task starts from is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PhotoSource {
+    /// An http(s) or s3 URL; one that points into the service's object store is read from it.
+    Url(String),
+    /// An object the service stored itself, under this key of its object store.
+    Stored {
+        /// The object's key.
+        key: String,
+    },
+}
+
+impl PhotoSource {
+    /// The URL the result reports as `initial_image_url`; a stored object has none of its own.
+    pub fn url(&self) -> Option<&str> {
+        match self {
+            PhotoSource::Url(url) => Some(url),
+            PhotoSource::Stored { .. } => None,
+        }
+    }
+}
+
+/// A LoRA adapter and its weight for one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraWeight {
+    /// Adapter name as listed by /info.
+    pub name: String,
+    /// Merge weight.
+    pub weight: f32,
+}
+
+/// A generation request after its one parse: every default filled in, `<lora:…>` tags taken out
+/// of the prompt and merged into `loras`, the scheduler resolved.
+///
+/// The stored JSON keeps the names earlier versions wrote, so records survive an upgrade.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// Photo to start from; none means text-to-image.
+    #[serde(rename = "initial_image_url")]
+    pub photo: Option<PhotoSource>,
+    /// The user's text as sent, `<lora:…>` tags and all.
+    pub prompt: Option<String>,
+    /// The user's text without `<lora:…>` tags, as the planner and the prompt template see it;
+    /// none when absent or nothing else was there. Records from before it existed read as none.
+    #[serde(default)]
+    pub user_text: Option<String>,
+    /// Negative prompt; none means the configured default.
+    pub negative_prompt: Option<String>,
+    /// Denoising steps.
+    pub num_inference_steps: u32,
+    /// Classifier-free guidance scale.
+    pub guidance_scale: f32,
+    /// Output height in pixels; none means the model's native size.
+    pub height: Option<u32>,
+    /// Output width in pixels; none means the model's native size.
+    pub width: Option<u32>,
+    /// img2img strength in (0, 1].
+    pub strength: f32,
+    /// Seed; none means pick one at random when the task runs.
+    pub seed: Option<u64>,
+    /// Scheduler; none means the model's.
+    pub scheduler: Option<SchedulerKind>,
+    /// LoRA adapters to apply: the request's `loras`, then prompt tags for adapters it does not name.
+    pub loras: Vec<LoraWeight>,
+    /// Where to POST the result.
+    pub webhook_url: Option<String>,
+    /// Which webhook events to send (all when empty).
+    pub webhook_events: Vec<String>,
+    /// Offers per recommended category.
+    pub max_items_per_category: u32,
+}
+
+/// What a running task is doing now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Stage name: fetch, vision, caption, prompt, diffusion, upload, shopping.
+    pub stage: String,
+    /// Steps done within the stage.
+    pub step: u32,
+    /// Steps the stage has.
+    pub steps: u32,
+}

@@ -1,0 +1,517 @@
+//! The one parse of a generation request, shared by REST, gRPC and the CLI: one input shape, one
+//! set of rules, one error list, and a [`GenerateRequest`] with everything resolved.
+
+use serde::Deserialize;
+
+use super::info::PipelineInfo;
+use super::request::{
+    DEFAULT_GUIDANCE, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH, GenerateRequest,
+    LoraWeight, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_STEPS, PhotoSource, WEBHOOK_EVENTS,
+};
+use crate::inference::diffusion::SchedulerKind;
+use crate::inference::diffusion::lora::{check_name, extract_prompt_loras};
+
+/// A generation request as received, before validation (REST JSON and gRPC map onto it).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateInput {
+    /// Photo URL.
+    pub initial_image_url: Option<String>,
+    /// User text.
+    pub prompt: Option<String>,
+    /// Negative prompt.
+    pub negative_prompt: Option<String>,
+    /// Denoising steps.
+    pub num_inference_steps: Option<i64>,
+    /// Guidance scale.
+    pub guidance_scale: Option<f64>,
+    /// Output height.
+    pub height: Option<i64>,
+    /// Output width.
+    pub width: Option<i64>,
+    /// img2img strength.
+    pub strength: Option<f64>,
+    /// Seed.
+    pub seed: Option<u64>,
+    /// Scheduler id.
+    pub scheduler: Option<String>,
+    /// LoRA adapters.
+    pub loras: Option<Vec<LoraInput>>,
+    /// Webhook target.
+    pub webhook_url: Option<String>,
+    /// Webhook events wanted.
+    pub webhook_events: Option<Vec<String>>,
+    /// Offers per category.
+    pub max_items_per_category: Option<i64>,
+    /// Client-chosen task id.
+    pub task_id: Option<String>,
+    /// A photo the transport already put into the object store (the CLI's local file); never
+    /// read from a request body.
+    #[serde(skip)]
+    pub stored_photo: Option<String>,
+}
+
+/// A LoRA entry as received.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraInput {
+    /// Adapter name.
+    pub name: String,
+    /// Merge weight (default 1).
+    pub weight: Option<f64>,
+}
+
+/// One broken rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The request field.
+    pub field: &'static str,
+    /// What is wrong, as a sentence for people.
+    pub description: String,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalid {
+    /// `prompt` was present but blank (the product spec's 400).
+    EmptyPrompt,
+    /// Other rules (422 INVALID_INPUT).
+    Rules(Vec<Violation>),
+}
+
+/// Limits a request is checked against.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest image side in pixels.
+    pub max_side: u32,
+}
+
+/// Checks `input` and fills in defaults; the task id is the client's, if it chose one.
+pub fn validate(
+    input: GenerateInput,
+    limits: &Limits,
+    info: &PipelineInfo,
+) -> Result<(Option<String>, GenerateRequest), Invalid> {
+    if input.prompt.as_deref().is_some_and(|p| p.trim().is_empty()) {
+        return Err(Invalid::EmptyPrompt);
+    }
+    let mut rules = Rules::default();
+    if let Some(prompt) = &input.prompt {
+        rules.text("prompt", prompt);
+    }
+    if let Some(negative) = &input.negative_prompt {
+        rules.text("negative_prompt", negative);
+    }
+    let photo = rules.photo(input.initial_image_url, input.stored_photo, input.prompt.is_some());
+    let steps = input.num_inference_steps.unwrap_or(i64::from(DEFAULT_STEPS));
+    if !(1..=i64::from(MAX_STEPS)).contains(&steps) {
+        rules.bad("num_inference_steps", format!("num_inference_steps must be between 1 and {MAX_STEPS}."));
+    }
+    let guidance = input.guidance_scale.unwrap_or(f64::from(DEFAULT_GUIDANCE));
+    rules.guidance(guidance);
+    let multiple = info.size_multiple.max(8);
+    let height = rules.side("height", input.height, multiple, limits.max_side);
+    let width = rules.side("width", input.width, multiple, limits.max_side);
+    let strength = input.strength.unwrap_or(f64::from(DEFAULT_STRENGTH));
+    if !(strength.is_finite() && strength > 0.0 && strength <= 1.0) {
+        rules.bad("strength", "strength must be greater than 0 and at most 1.".into());
+    }
+    let scheduler = input.scheduler.as_deref().and_then(|name| rules.scheduler(name, info));
+    let (user_text, loras) = rules.loras(input.prompt.as_deref(), input.loras.unwrap_or_default(), info);
+    if let Some(url) = &input.webhook_url {
+        rules.url("webhook_url", url, &["https", "http"]);
+    }
+    let webhook_events = input.webhook_events.unwrap_or_default();
+    if let Some(unknown) = webhook_events.iter().find(|e| !WEBHOOK_EVENTS.contains(&e.as_str())) {
+        rules.bad(
+            "webhook_events",
+            format!("Unknown webhook event '{unknown}'; use start, progress or completed."),
+        );
+    }
+    let per_category = input.max_items_per_category.unwrap_or(i64::from(DEFAULT_ITEMS_PER_CATEGORY));
+    if !(1..=10).contains(&per_category) {
+        rules.bad("max_items_per_category", "max_items_per_category must be between 1 and 10.".into());
+    }
+    if let Some(id) = &input.task_id {
+        rules.task_id(id);
+    }
+    rules.finish()?;
+    let request = GenerateRequest {
+        photo,
+        prompt: input.prompt,
+        user_text,
+        negative_prompt: input.negative_prompt,
+        num_inference_steps: steps as u32,
+        guidance_scale: guidance as f32,
+        height,
+        width,
+        strength: strength as f32,
+        seed: input.seed,
+        scheduler,
+        loras,
+        webhook_url: input.webhook_url,
+        webhook_events,
+        max_items_per_category: per_category as u32,
+    };
+    Ok((input.task_id, request))
+}
+
+/// The broken rules found so far.
+#[derive(Default)]
+struct Rules(Vec<Violation>);
+
+impl Rules {
+    fn bad(&mut self, field: &'static str, description: String) {
+        self.0.push(Violation { field, description });
+    }
+
+    fn finish(self) -> Result<(), Invalid> {
+        if self.0.is_empty() { Ok(()) } else { Err(Invalid::Rules(self.0)) }
+    }
+
+    fn text(&mut self, field: &'static str, text: &str) {
+        if text.chars().count() > MAX_PROMPT_CHARS {
+            self.bad(field, format!("{field} must be at most {MAX_PROMPT_CHARS} characters."));
+        }
+        if text.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\t' | '\r')) {
+            self.bad(field, format!("{field} must not contain control characters."));
+        }
+    }
+
+    fn url(&mut self, field: &'static str, url: &str, schemes: &[&str]) {
+        match reqwest::Url::parse(url) {
+            Ok(parsed)
+                if url.len() <= 2048 && schemes.contains(&parsed.scheme()) && parsed.host_str().is_some() => {
+            }
+            Ok(_) | Err(_) => {
+                self.bad(field, format!("{field} must be an absolute {} URL.", schemes.join(" or ")))
+            }
+        }
+    }
+
+    /// The photo from a URL or an object already stored; a request needs a photo, a prompt or both.
+    fn photo(
+        &mut self,
+        url: Option<String>,
+        stored: Option<String>,
+        has_prompt: bool,
+    ) -> Option<PhotoSource> {
+        let url = url.filter(|u| !u.trim().is_empty());
+        if let Some(url) = &url {
+            self.url("initial_image_url", url, &["https", "http", "s3"]);
+        }
+        match (url, stored) {
+            (Some(_), Some(_)) => {
+                self.bad("initial_image_url", "Give the photo as a URL or as a file, not both.".into());
+                None
+            }
+            (Some(url), None) => Some(PhotoSource::Url(url)),
+            (None, Some(key)) => Some(PhotoSource::Stored { key }),
+            (None, None) => {
+                if !has_prompt {
+                    self.bad("initial_image_url", "Provide initial_image_url, prompt, or both.".into());
+                }
+                None
+            }
+        }
+    }
+
+    fn guidance(&mut self, guidance: f64) {
+        if !guidance.is_finite() {
+            self.bad("guidance_scale", "Guidance scale must be a finite number.".into());
+        } else if guidance < 0.0 {
+            self.bad("guidance_scale", "Guidance scale cannot be negative.".into());
+        } else if guidance > f64::from(MAX_GUIDANCE) {
+            self.bad("guidance_scale", format!("Guidance scale must be at most {MAX_GUIDANCE}."));
+        }
+    }
+
+    fn side(&mut self, field: &'static str, value: Option<i64>, multiple: u32, max_side: u32) -> Option<u32> {
+        let side = value?;
+        if side < 64 || side > i64::from(max_side) || side % i64::from(multiple) != 0 {
+            self.bad(field, format!("{field} must be a multiple of {multiple} between 64 and {max_side}."));
+            return None;
+        }
+        Some(side as u32)
+    }
+
+    /// The scheduler `name` names, when the pipeline offers it.
+    fn scheduler(&mut self, name: &str, info: &PipelineInfo) -> Option<SchedulerKind> {
+        let offered = info.schedulers.iter().any(|s| s == name);
+        match name.parse::<SchedulerKind>() {
+            Ok(kind) if offered => Some(kind),
+            Ok(_) | Err(_) => {
+                let known = info.schedulers.join(", ");
+                self.bad("scheduler", format!("Unknown scheduler '{name}'; choose one of: {known}."));
+                None
+            }
+        }
+    }
+
+    /// The user's text without `<lora:…>` tags (none if nothing else is left) and the adapters to
+    /// apply: the request's `loras`, then tags for adapters it does not name (a name in both keeps
+    /// the request's weight; a tag given twice keeps the last).
+    fn loras(
+        &mut self,
+        prompt: Option<&str>,
+        requested: Vec<LoraInput>,
+        info: &PipelineInfo,
+    ) -> (Option<String>, Vec<LoraWeight>) {
+        let mut loras = Vec::new();
+        for lora in requested {
+            let weight = lora.weight.unwrap_or(1.0);
+            self.lora("loras", &lora.name, weight, info);
+            loras.push(LoraWeight { name: lora.name, weight: weight as f32 });
+        }
+        let Some(prompt) = prompt else { return (None, loras) };
+        let tagged = match extract_prompt_loras(prompt) {
+            Ok(tagged) => tagged,
+            Err(reason) => {
+                self.bad("prompt", format!("{reason}."));
+                return (Some(prompt.to_string()), loras);
+            }
+        };
+        let named = loras.len();
+        for (name, weight) in tagged.loras {
+            self.lora("prompt", &name, f64::from(weight), info);
+            if !loras[..named].iter().any(|l| l.name == name) {
+                loras.retain(|l| l.name != name);
+                loras.push(LoraWeight { name, weight });
+            }
+        }
+        (Some(tagged.text).filter(|t| !t.trim().is_empty()), loras)
+    }
+
+    fn lora(&mut self, field: &'static str, name: &str, weight: f64, info: &PipelineInfo) {
+        let max = info.max_lora_weight;
+        if let Err(reason) = check_name(name) {
+            self.bad(field, format!("{reason}."));
+        } else if !info.loras.iter().any(|l| l.name == name) {
+            let known: Vec<&str> = info.loras.iter().map(|l| l.name.as_str()).collect();
+            let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+            self.bad(field, format!("Unknown LoRA '{name}'; known: {known}."));
+        } else if !weight.is_finite() || weight.abs() > f64::from(max) {
+            self.bad(field, format!("LoRA '{name}' weight must be between -{max} and {max}."));
+        }
+    }
+
+    fn task_id(&mut self, id: &str) {
+        let ok = (1..=128).contains(&id.len())
+            && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            self.bad(
+                "task_id",
+                "task_id must be 1 to 128 characters of A-Z, a-z, 0-9, '-', '_' or '.'.".into(),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::LoraInfo;
+
+    fn info() -> PipelineInfo {
+        PipelineInfo {
+            models: vec![],
+            schedulers: vec!["ddim".into(), "euler".into()],
+            default_scheduler: "ddim".into(),
+            native_size: 256,
+            size_multiple: 16,
+            loras: ["cozy", "neon"]
+                .map(|name| LoraInfo {
+                    name: name.into(),
+                    rank: 4,
+                    target_modules: vec![],
+                    trigger_words: vec![],
+                })
+                .to_vec(),
+            max_lora_weight: 2.0,
+            negative_prompt: "blurry".into(),
+            object_store: "file".into(),
+            shopping_provider: "catalog".into(),
+        }
+    }
+
+    fn parse(json: serde_json::Value) -> Result<(Option<String>, GenerateRequest), Invalid> {
+        validate(serde_json::from_value(json).unwrap(), &Limits { max_side: 1024 }, &info())
+    }
+
+    fn ok(json: serde_json::Value) -> GenerateRequest {
+        parse(json).expect("valid").1
+    }
+
+    /// The fields the request broke, in the order the rules run.
+    fn broken(json: serde_json::Value) -> Vec<&'static str> {
+        match parse(json) {
+            Err(Invalid::Rules(violations)) => violations.iter().map(|v| v.field).collect(),
+            other => panic!("expected broken rules, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_fill_what_the_request_leaves_out() {
+        let request = ok(serde_json::json!({"prompt": "a desk"}));
+        assert_eq!(request.num_inference_steps, DEFAULT_STEPS);
+        assert_eq!(request.guidance_scale, DEFAULT_GUIDANCE);
+        assert_eq!(request.strength, DEFAULT_STRENGTH);
+        assert_eq!(request.max_items_per_category, DEFAULT_ITEMS_PER_CATEGORY);
+        assert_eq!((request.width, request.height, request.scheduler), (None, None, None));
+        assert_eq!(request.user_text.as_deref(), Some("a desk"));
+    }
+
+    #[test]
+    fn a_blank_prompt_is_its_own_error() {
+        assert_eq!(
+            parse(serde_json::json!({"prompt": "  ", "num_inference_steps": 0})).unwrap_err(),
+            Invalid::EmptyPrompt
+        );
+    }
+
+    #[test]
+    fn texts_are_bounded_and_printable() {
+        let long = "a".repeat(MAX_PROMPT_CHARS + 1);
+        assert_eq!(broken(serde_json::json!({"prompt": long})), ["prompt"]);
+        assert_eq!(
+            broken(serde_json::json!({"prompt": "desk", "negative_prompt": "a\u{7}b"})),
+            ["negative_prompt"]
+        );
+        ok(serde_json::json!({"prompt": "line one\nline two\ttabbed"}));
+    }
+
+    #[test]
+    fn a_request_needs_a_photo_or_a_prompt() {
+        assert_eq!(broken(serde_json::json!({})), ["initial_image_url"]);
+        let request = ok(serde_json::json!({"initial_image_url": "s3://bucket/desk.jpg"}));
+        assert_eq!(request.photo, Some(PhotoSource::Url("s3://bucket/desk.jpg".into())));
+        assert_eq!(
+            broken(serde_json::json!({"initial_image_url": "file:///etc/passwd"})),
+            ["initial_image_url"]
+        );
+    }
+
+    #[test]
+    fn a_stored_photo_stands_for_the_url_but_not_beside_it() {
+        let input =
+            GenerateInput { stored_photo: Some("images/uploads/a.jpg".into()), ..GenerateInput::default() };
+        let (_, request) = validate(input, &Limits { max_side: 1024 }, &info()).unwrap();
+        assert_eq!(request.photo, Some(PhotoSource::Stored { key: "images/uploads/a.jpg".into() }));
+        assert_eq!(request.photo.as_ref().and_then(PhotoSource::url), None);
+        let both = GenerateInput {
+            initial_image_url: Some("https://example.com/desk.jpg".into()),
+            stored_photo: Some("images/uploads/a.jpg".into()),
+            ..GenerateInput::default()
+        };
+        assert!(matches!(validate(both, &Limits { max_side: 1024 }, &info()), Err(Invalid::Rules(_))));
+    }
+
+    #[test]
+    fn numbers_stay_in_range() {
+        assert_eq!(
+            broken(serde_json::json!({"prompt": "d", "num_inference_steps": MAX_STEPS + 1})),
+            ["num_inference_steps"]
+        );
+        assert_eq!(broken(serde_json::json!({"prompt": "d", "guidance_scale": -1.0})), ["guidance_scale"]);
+        assert_eq!(broken(serde_json::json!({"prompt": "d", "guidance_scale": 30.5})), ["guidance_scale"]);
+        assert_eq!(broken(serde_json::json!({"prompt": "d", "strength": 0.0})), ["strength"]);
+        assert_eq!(
+            broken(serde_json::json!({"prompt": "d", "max_items_per_category": 11})),
+            ["max_items_per_category"]
+        );
+    }
+
+    #[test]
+    fn sides_are_multiples_of_the_unets_step_within_the_limit() {
+        let request = ok(serde_json::json!({"prompt": "d", "width": 352, "height": 176}));
+        assert_eq!((request.width, request.height), (Some(352), Some(176)));
+        assert_eq!(
+            broken(serde_json::json!({"prompt": "d", "width": 360, "height": 1040})),
+            ["height", "width"]
+        );
+    }
+
+    #[test]
+    fn the_scheduler_is_resolved_once_among_those_offered() {
+        let request = ok(serde_json::json!({"prompt": "d", "scheduler": "euler"}));
+        assert_eq!(request.scheduler, Some(SchedulerKind::Euler));
+        // Known to the engine, but this pipeline does not offer it.
+        assert_eq!(broken(serde_json::json!({"prompt": "d", "scheduler": "dpmpp_2m"})), ["scheduler"]);
+        assert_eq!(broken(serde_json::json!({"prompt": "d", "scheduler": "plms"})), ["scheduler"]);
+    }
+
+    #[test]
+    fn prompt_tags_leave_the_text_and_join_the_requested_adapters() {
+        let request = ok(serde_json::json!({
+            "prompt": "<lora:neon:0.5> a desk <lora:cozy:1.5> <lora:neon:0.7>",
+            "loras": [{"name": "cozy", "weight": 0.3}],
+        }));
+        assert_eq!(
+            request.user_text.as_deref().map(str::split_whitespace).map(Vec::from_iter),
+            Some(vec!["a", "desk"])
+        );
+        let loras: Vec<(&str, f32)> = request.loras.iter().map(|l| (l.name.as_str(), l.weight)).collect();
+        // The request's weight wins over a tag; of two tags the last wins.
+        assert_eq!(loras, [("cozy", 0.3), ("neon", 0.7)]);
+        let tags_only = ok(serde_json::json!({"prompt": "<lora:cozy:1>"}));
+        assert_eq!(tags_only.user_text, None);
+        assert_eq!(tags_only.prompt.as_deref(), Some("<lora:cozy:1>"));
+    }
+
+    #[test]
+    fn adapters_must_be_known_and_weighted_within_the_limit() {
+        assert_eq!(broken(serde_json::json!({"prompt": "d", "loras": [{"name": "../x"}]})), ["loras"]);
+        assert_eq!(broken(serde_json::json!({"prompt": "d", "loras": [{"name": "retro"}]})), ["loras"]);
+        assert_eq!(
+            broken(serde_json::json!({"prompt": "d", "loras": [{"name": "cozy", "weight": 2.5}]})),
+            ["loras"]
+        );
+        assert_eq!(broken(serde_json::json!({"prompt": "d <lora:retro:1>"})), ["prompt"]);
+        assert_eq!(broken(serde_json::json!({"prompt": "d <lora:cozy:x>"})), ["prompt"]);
+    }
+
+    #[test]
+    fn webhooks_need_an_http_url_and_known_events() {
+        assert_eq!(
+            broken(serde_json::json!({"prompt": "d", "webhook_url": "ftp://example.com/h"})),
+            ["webhook_url"]
+        );
+        assert_eq!(
+            broken(
+                serde_json::json!({"prompt": "d", "webhook_url": "https://example.com/h", "webhook_events": ["done"]})
+            ),
+            ["webhook_events"]
+        );
+    }
+
+    #[test]
+    fn a_chosen_task_id_is_short_and_plain() {
+        let (task_id, _) = parse(serde_json::json!({"prompt": "d", "task_id": "desk-1_a.b"})).unwrap();
+        assert_eq!(task_id.as_deref(), Some("desk-1_a.b"));
+        assert_eq!(broken(serde_json::json!({"prompt": "d", "task_id": "a/b"})), ["task_id"]);
+    }
+
+    #[test]
+    fn every_broken_rule_is_reported_at_once() {
+        let fields = broken(
+            serde_json::json!({"prompt": "d", "num_inference_steps": 0, "strength": 2.0, "task_id": ""}),
+        );
+        assert_eq!(fields, ["num_inference_steps", "strength", "task_id"]);
+    }
+
+    #[test]
+    fn records_written_before_the_resolved_fields_still_read() {
+        let old = serde_json::json!({
+            "initial_image_url": "https://example.com/desk.jpg", "prompt": "a desk", "negative_prompt": null,
+            "num_inference_steps": 20, "guidance_scale": 7.5, "height": null, "width": null, "strength": 0.75,
+            "seed": 1, "scheduler": "euler", "loras": [], "webhook_url": null, "webhook_events": [],
+            "max_items_per_category": 3,
+        });
+        let request: GenerateRequest = serde_json::from_value(old).unwrap();
+        assert_eq!(request.photo, Some(PhotoSource::Url("https://example.com/desk.jpg".into())));
+        assert_eq!(request.scheduler, Some(SchedulerKind::Euler));
+        let back = serde_json::to_value(&request).unwrap();
+        assert_eq!(back["initial_image_url"], "https://example.com/desk.jpg");
+        assert_eq!(back["scheduler"], "euler");
+    }
+}

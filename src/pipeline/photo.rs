@@ -1,0 +1,80 @@
+//! The photo stage: read the photo from where the request says, then decode it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use image::RgbImage;
+
+use super::{RunContext, record_ms};
+use crate::core::{Failure, FailureCode, PhotoSource};
+use crate::fetch::{FetchError, Fetcher};
+use crate::inference::vision::Vision;
+use crate::storage::ObjectStore;
+
+/// Where photos are read from: the service's own object store, or the SSRF-safe fetcher.
+pub struct PhotoSources {
+    /// The object store uploads and generated images live in.
+    pub store: Arc<dyn ObjectStore>,
+    /// Downloads from the internet.
+    pub fetcher: Fetcher,
+    /// Largest photo accepted, in bytes.
+    pub max_image_bytes: u64,
+}
+
+impl PhotoSources {
+    /// The photo's bytes, timed as the "fetch" stage.
+    pub async fn read(
+        &self,
+        source: &PhotoSource,
+        ctx: &RunContext,
+        timings: &mut BTreeMap<String, f64>,
+    ) -> Result<Bytes, Failure> {
+        ctx.progress("fetch", 0, 1);
+        let started = Instant::now();
+        let bytes = match source {
+            PhotoSource::Stored { key } => self.read_stored(key).await?,
+            PhotoSource::Url(url) => match self.store.key_for_url(url) {
+                Some(key) => self.read_stored(&key).await?,
+                None => self.download(url).await?,
+            },
+        };
+        record_ms(timings, "fetch", started);
+        ctx.check()?;
+        Ok(bytes)
+    }
+
+    async fn read_stored(&self, key: &str) -> Result<Bytes, Failure> {
+        self.store.get(key, self.max_image_bytes).await.map_err(|e| {
+            Failure::new(FailureCode::ImageFetchFailed, format!("Cannot read the photo from storage: {e}"))
+        })
+    }
+
+    async fn download(&self, url: &str) -> Result<Bytes, Failure> {
+        let fetched = self.fetcher.fetch(url).await.map_err(|e| {
+            let code = match e {
+                FetchError::NotImage { .. } => FailureCode::InvalidImage,
+                _ => FailureCode::ImageFetchFailed,
+            };
+            Failure::new(code, format!("Cannot fetch the photo: {e}"))
+        })?;
+        Ok(fetched.bytes)
+    }
+}
+
+/// Decodes the photo (EXIF orientation applied, size checked), timed as the "decode" stage.
+pub async fn decode(
+    vision: &Arc<Vision>,
+    bytes: Bytes,
+    timings: &mut BTreeMap<String, f64>,
+) -> Result<RgbImage, Failure> {
+    let vision = vision.clone();
+    let started = Instant::now();
+    let decoded = tokio::task::spawn_blocking(move || vision.decode(&bytes))
+        .await
+        .map_err(|e| Failure::new(FailureCode::Internal, e.to_string()))?
+        .map_err(|e| Failure::new(FailureCode::InvalidImage, format!("The photo cannot be used: {e}")))?;
+    record_ms(timings, "decode", started);
+    Ok(decoded)
+}

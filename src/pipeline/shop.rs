@@ -1,0 +1,50 @@
+//! The shop stage: offers for every recommended category at once; failures become warnings.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::plan::Category;
+use crate::core::Recommendation;
+use crate::shopping::ShoppingProvider;
+
+/// What the lookups found.
+pub struct Shopped {
+    /// Offers per category that answered.
+    pub recommendations: Vec<Recommendation>,
+    /// One line per category whose lookup failed.
+    pub warnings: Vec<String>,
+    /// How long the lookups took, in ms.
+    pub ms: f64,
+}
+
+/// Looks up every category at once, keeping `per_category` offers of each.
+pub async fn shop(
+    provider: Arc<dyn ShoppingProvider>,
+    categories: Vec<Category>,
+    per_category: usize,
+) -> Shopped {
+    let started = Instant::now();
+    let lookups = categories.into_iter().map(|category| {
+        let provider = provider.clone();
+        async move {
+            let found = provider.search(&category.query, per_category).await;
+            (category, found)
+        }
+    });
+    let mut recommendations = Vec::new();
+    let mut warnings = Vec::new();
+    for (category, found) in futures::future::join_all(lookups).await {
+        match found {
+            Ok(mut offers) => {
+                offers.truncate(per_category);
+                recommendations.push(Recommendation {
+                    category: category.id.clone(),
+                    display_name: category.display.clone(),
+                    items: offers,
+                });
+            }
+            Err(e) => warnings.push(format!("Shopping lookup for {} failed: {e}", category.display)),
+        }
+    }
+    Shopped { recommendations, warnings, ms: started.elapsed().as_secs_f64() * 1000.0 }
+}
