@@ -16,7 +16,7 @@ use crate::core::{Failure, FailureCode, GenerateInput, GenerateOutput, Invalid, 
 use crate::inference::Runtime;
 use crate::inference::diffusion::{GenerateParams, StableDiffusion, resolve_variant};
 use crate::inference::vision::{ModelInfo, Vision, describe};
-use crate::pipeline::{DeskPipeline, Pipeline, RunContext};
+use crate::pipeline::{DeskPipeline, Pipeline, RunContext, Services};
 use crate::storage::ObjectStore;
 use crate::tasks::{TaskRecord, new_task_id};
 
@@ -24,8 +24,8 @@ use crate::tasks::{TaskRecord, new_task_id};
 pub fn eval(command: &EvalCommand, out: &mut impl Write) -> anyhow::Result<()> {
     let runtime = Runtime::init(&command.runtime)?;
     let vision = Vision::load(&runtime, &command.vision)?;
-    let report = crate::eval::run(&command.eval, &vision)?;
-    crate::eval::print(&report, command.eval.json, out)
+    let report = crate::eval::run(&command.photos, &vision)?;
+    crate::eval::print(&report, command.json, out)
 }
 
 /// Loads every model the pipeline uses and prints what each one is.
@@ -158,9 +158,10 @@ pub async fn generate(command: GenerateCommand, out: &mut impl Write) -> anyhow:
         None => None,
     };
     let store = crate::storage::build(&command.pipeline.storage, &command.data_dir).await?;
+    let services =
+        Services { store: store.clone(), shopping: crate::shopping::build(&command.pipeline.shopping)? };
     let config = command.pipeline.clone();
-    let loader_store = store.clone();
-    let pipeline = tokio::task::spawn_blocking(move || DeskPipeline::load(&config, loader_store)).await??;
+    let pipeline = tokio::task::spawn_blocking(move || DeskPipeline::load(&config, services)).await??;
     // A local photo goes into the object store like an upload; the request names its key.
     let stored_photo = match photo {
         Some(bytes) => Some(store_photo(store.as_ref(), bytes).await?),

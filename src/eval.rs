@@ -15,17 +15,6 @@ use crate::inference::vision::{ClassScore, Detection, Vision};
 /// Extensions of the files evaluated; anything else in the folders (notes, licences) is skipped.
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"];
 
-/// Arguments of `deskgen eval`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct EvalArgs {
-    /// Folder with `desk/` and `not_desk/` subfolders of photos.
-    #[arg(long, env = "DESKGEN_EVAL_PHOTOS")]
-    pub photos: PathBuf,
-    /// Print the report as JSON instead of tables.
-    #[arg(long)]
-    pub json: bool,
-}
-
 /// Counts of expected versus decided labels.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Confusion {
@@ -83,19 +72,19 @@ pub struct EvalReport {
     pub files: Vec<FileVerdict>,
 }
 
-/// Analyses every photo under `args.photos` and collects the report.
-pub fn run(args: &EvalArgs, vision: &Vision) -> anyhow::Result<EvalReport> {
+/// Analyses every photo under `photos` (its `desk/` and `not_desk/` folders) and collects the report.
+pub fn run(photos: &Path, vision: &Vision) -> anyhow::Result<EvalReport> {
     let mut files = Vec::new();
     for (folder, expected_desk) in [("desk", true), ("not_desk", false)] {
-        for path in images_in(&args.photos.join(folder))? {
-            files.push(evaluate(vision, &args.photos, &path, expected_desk));
+        for path in images_in(&photos.join(folder))? {
+            files.push(evaluate(vision, photos, &path, expected_desk));
         }
     }
     anyhow::ensure!(
         !files.is_empty(),
         "no photos under {}/desk or {}/not_desk",
-        args.photos.display(),
-        args.photos.display()
+        photos.display(),
+        photos.display()
     );
 
     let mut confusion = Confusion::default();

@@ -26,25 +26,19 @@ const METADATA_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 const METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254);
 
 /// How user-supplied URLs are downloaded.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct FetchConfig {
     /// Allow plain http:// image and webhook URLs (https only otherwise).
-    #[arg(long = "fetch-allow-http", env = "DESKGEN_FETCH_ALLOW_HTTP")]
     pub allow_http: bool,
     /// Host name, address or CIDR that may be reached although it is private (repeatable, or comma-separated).
-    #[arg(long = "fetch-allow", env = "DESKGEN_FETCH_ALLOW", value_delimiter = ',')]
     pub allow: Vec<AllowRule>,
     /// Largest image download, in bytes; bigger bodies are cut off while streaming.
-    #[arg(long, env = "DESKGEN_MAX_IMAGE_BYTES", default_value_t = DEFAULT_MAX_IMAGE_BYTES)]
     pub max_image_bytes: u64,
     /// Time allowed to open one connection (e.g. 5s).
-    #[arg(long = "fetch-connect-timeout", env = "DESKGEN_FETCH_CONNECT_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
     pub connect_timeout: Duration,
     /// Time allowed for a whole download, redirects and body included (e.g. 30s).
-    #[arg(id = "fetch_timeout", long = "fetch-timeout", env = "DESKGEN_FETCH_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub timeout: Duration,
     /// Redirects followed before giving up.
-    #[arg(long = "fetch-max-redirects", env = "DESKGEN_FETCH_MAX_REDIRECTS", default_value_t = 3)]
     pub max_redirects: usize,
 }
 
@@ -528,33 +522,6 @@ mod tests {
 
     fn blocked(text: &str) -> Option<&'static str> {
         special_range(text.parse().unwrap())
-    }
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        fetch: FetchConfig,
-    }
-
-    #[test]
-    fn flags_parse() {
-        use clap::{CommandFactory, Parser};
-        Cli::command().debug_assert();
-        let cli = Cli::try_parse_from([
-            "deskgen",
-            "--fetch-allow",
-            "127.0.0.1,localhost",
-            "--fetch-allow",
-            "10.0.0.0/8",
-            "--fetch-allow-http",
-            "--fetch-timeout",
-            "1500ms",
-        ])
-        .unwrap();
-        assert_eq!(cli.fetch.allow.len(), 3);
-        assert!(cli.fetch.allow_http);
-        assert_eq!(cli.fetch.timeout, Duration::from_millis(1500));
-        assert!(Cli::try_parse_from(["deskgen", "--fetch-allow", "not a host"]).is_err());
     }
 
     #[test]

@@ -61,9 +61,9 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     Ok(listener)
 }
 
-/// The real pipeline, loaded over the object store the server builds.
+/// The real pipeline, loaded over the services the node opened.
 fn pipeline_loader(config: PipelineConfig) -> PipelineLoader {
-    Box::new(move |store| Ok(Arc::new(DeskPipeline::load(&config, store)?) as Arc<dyn Pipeline>))
+    Box::new(move |services| Ok(Arc::new(DeskPipeline::load(&config, services)?) as Arc<dyn Pipeline>))
 }
 
 /// Runs `server` until it stops, or stops it gracefully on Ctrl-C / SIGTERM.

@@ -38,27 +38,17 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 const THROTTLE_PRUNE_AT: usize = 4096;
 
 /// How webhooks are signed and delivered.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct WebhookConfig {
     /// Signing secret(s), `whsec_<base64>`; comma-separated or repeated, every one signs (key rotation).
-    #[arg(
-        long = "webhook-secret",
-        env = "DESKGEN_WEBHOOK_SECRET",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
     pub secrets: Vec<WebhookSecret>,
     /// Delays before each retry, comma-separated; its length is the number of retries.
-    #[arg(long = "webhook-retry-schedule", env = "DESKGEN_WEBHOOK_RETRY_SCHEDULE", value_delimiter = ',', value_parser = humantime::parse_duration, default_value = "1s,5s,30s,2m,10m")]
     pub retry_schedule: Vec<Duration>,
     /// Time allowed for one delivery attempt.
-    #[arg(id = "webhook_timeout", long = "webhook-timeout", env = "DESKGEN_WEBHOOK_TIMEOUT", value_parser = humantime::parse_duration, default_value = "15s")]
     pub timeout: Duration,
     /// Most deliveries pending at once (queued or waiting to retry); more are refused.
-    #[arg(long = "webhook-queue-capacity", env = "DESKGEN_WEBHOOK_QUEUE_CAPACITY", default_value_t = 1024)]
     pub queue_capacity: usize,
     /// Most delivery attempts in flight at once.
-    #[arg(long = "webhook-concurrency", env = "DESKGEN_WEBHOOK_CONCURRENCY", default_value_t = 16)]
     pub concurrency: usize,
 }
 
@@ -515,23 +505,6 @@ fn jitter(delay: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        webhook: WebhookConfig,
-    }
-
-    #[test]
-    fn flags_parse() {
-        use clap::{CommandFactory, Parser};
-        Cli::command().debug_assert();
-        let cli = Cli::try_parse_from(["deskgen", "--webhook-secret", "whsec_c2VjcmV0,whsec_b2xk"]).unwrap();
-        assert_eq!(cli.webhook.secrets.len(), 2);
-        assert_eq!(cli.webhook.retry_schedule, WebhookConfig::default().retry_schedule);
-        let cli = Cli::try_parse_from(["deskgen", "--webhook-retry-schedule", "10ms,1s"]).unwrap();
-        assert_eq!(cli.webhook.retry_schedule, [Duration::from_millis(10), Duration::from_secs(1)]);
-    }
 
     #[test]
     fn signs_like_the_standard_webhooks_reference() {

@@ -346,6 +346,23 @@ async fn reflection_lists_services_and_health_flips_after_loading() {
     assert!(serving);
     let body: Value = reqwest::get(format!("http://{addr}/healthcheck")).await.unwrap().json().await.unwrap();
     assert_eq!(body["status"], "ok");
+    assert_eq!(body["components"]["storage"], serde_json::json!({"backend": "file", "state": "ok"}));
+    assert_eq!(body["components"]["shopping"], serde_json::json!({"provider": "catalog", "state": "ok"}));
+
+    // An object store nothing can be written to takes the node out of service until it is fixed.
+    let images = dir.path().join("images");
+    let writable = std::fs::metadata(&images).unwrap().permissions();
+    let mut read_only = writable.clone();
+    read_only.set_readonly(true);
+    std::fs::set_permissions(&images, read_only).unwrap();
+    let http = reqwest::get(format!("http://{addr}/healthcheck")).await.unwrap();
+    assert_eq!(http.status(), 503);
+    let body: Value = http.json().await.unwrap();
+    assert_eq!(body["components"]["storage"]["state"], "unreachable", "{body}");
+    assert!(body["components"]["storage"]["error"].as_str().unwrap().contains("read-only"), "{body}");
+    std::fs::set_permissions(&images, writable).unwrap();
+    let http = reqwest::get(format!("http://{addr}/healthcheck")).await.unwrap();
+    assert_eq!(http.status(), 200);
 
     let mut reflection = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {

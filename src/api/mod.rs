@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod errors;
 pub mod grpc;
+pub mod health;
 pub mod render;
 pub mod rest;
 pub mod web;
@@ -27,6 +28,7 @@ use crate::core::request::{
     DEFAULT_GUIDANCE, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_STEPS,
 };
 use crate::core::{GenerateInput, Limits, LoraInfo, ModelInfo, PipelineInfo, Violation, validate};
+use crate::pipeline::Services;
 use crate::tasks::{TaskQueue, TaskRecord};
 use crate::webhook::WebhookSender;
 
@@ -34,6 +36,8 @@ use crate::webhook::WebhookSender;
 pub struct AppState {
     /// Tasks: queue, store, progress.
     pub queue: Arc<dyn TaskQueue>,
+    /// The object store and the shopping provider, for health.
+    pub services: Services,
     /// Accepted API keys.
     pub keys: ApiKeys,
     /// Request limits.

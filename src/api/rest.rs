@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::errors::ApiError;
+use super::health::Probe;
 use super::render::result_json;
 use crate::core::{FailureCode, GenerateInput, Violation};
 use crate::tasks::{TaskRecord, TaskStatus};
@@ -135,23 +136,16 @@ pub async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
-/// GET /healthcheck: 200 when ready, 503 while loading; per-component state.
+/// GET /healthcheck: 200 when ready, 503 while loading or when the queue or the store is down.
 pub async fn healthcheck(State(state): State<Arc<AppState>>) -> Response {
-    let models = state.pipeline_info().is_some();
-    let depth = state.queue.queue_depth().await;
-    let queue = match &depth {
-        Ok(depth) => {
-            json!({"backend": state.queue.backend(), "state": "ok", "depth": depth, "capacity": state.queue.capacity()})
-        }
-        Err(e) => json!({"backend": state.queue.backend(), "state": "unreachable", "error": e.to_string()}),
+    let probe = Probe {
+        queue: state.queue.as_ref(),
+        store: state.services.store.as_ref(),
+        shopping: state.services.shopping.as_ref(),
+        models_loaded: state.pipeline_info().is_some(),
+        worker: None,
     };
-    let ready = models && depth.is_ok();
-    let body = json!({
-        "status": if ready { "ok" } else { "starting" },
-        "components": {"models": if models { "ready" } else { "loading" }, "queue": queue},
-    });
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(body)).into_response()
+    probe.respond().await
 }
 
 /// GET /info

@@ -54,7 +54,7 @@ pub struct InitializerOverrides {
 }
 
 /// Which execution provider sessions run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExecutionProvider {
     /// ONNX Runtime's CPU kernels.
@@ -77,35 +77,28 @@ impl ExecutionProvider {
 }
 
 /// Settings every session is built with.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     /// Execution provider for all models: cpu, cuda (fail if unavailable) or auto (CUDA, else CPU).
-    #[arg(long, env = "DESKGEN_EXECUTION_PROVIDER", value_enum, default_value = "cpu")]
     pub execution_provider: ExecutionProvider,
     /// CUDA device ordinal.
-    #[arg(long, env = "DESKGEN_DEVICE_ID", default_value_t = 0)]
     pub device_id: i32,
     /// Threads each session uses inside one operator (0 = ONNX Runtime's choice).
-    #[arg(long, env = "DESKGEN_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
     /// Sub-models that stay on the CPU when the provider is CUDA, e.g. `text_encoder,vae_encoder`.
-    #[arg(long, env = "DESKGEN_CPU_MODELS", value_delimiter = ',')]
     pub cpu_models: Vec<String>,
     /// How CUDA picks cuDNN convolution algorithms: exhaustive (benchmarks each on the first run),
     /// heuristic, or default (no search; least memory).
-    #[arg(long, env = "DESKGEN_CUDNN_CONV_ALGO_SEARCH", value_enum, default_value = "exhaustive")]
     pub cudnn_conv_algo_search: ConvAlgoSearch,
     /// Most bytes each CUDA session's memory arena may hold (0 = no limit).
-    #[arg(long, env = "DESKGEN_GPU_MEM_LIMIT", default_value_t = 0)]
     pub gpu_mem_limit: usize,
     /// How a CUDA memory arena grows: next-power-of-two (fewer allocations) or same-as-requested
     /// (less memory held).
-    #[arg(long, env = "DESKGEN_ARENA_EXTEND_STRATEGY", value_enum, default_value = "next-power-of-two")]
     pub arena_extend_strategy: ArenaExtend,
 }
 
 /// cuDNN convolution algorithm search (ONNX Runtime's `cudnn_conv_algo_search`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConvAlgoSearch {
     /// Benchmark every algorithm on the first run of each shape.
     Exhaustive,
@@ -116,7 +109,7 @@ pub enum ConvAlgoSearch {
 }
 
 /// Growth of a CUDA memory arena (ONNX Runtime's `arena_extend_strategy`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArenaExtend {
     /// Double the arena's chunks.
     NextPowerOfTwo,

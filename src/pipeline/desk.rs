@@ -10,7 +10,7 @@ use super::look::{Seen, look_at};
 use super::photo::{PhotoSources, decode};
 use super::plan::{Category, PipelineSettings, PromptInput};
 use super::shop::shop;
-use super::{Pipeline, RunContext};
+use super::{Pipeline, RunContext, Services};
 use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest, LoraInfo, ModelInfo, PipelineInfo};
 use crate::fetch::{FetchConfig, Fetcher};
 use crate::inference::diffusion::lora::LoraOptions;
@@ -18,44 +18,34 @@ use crate::inference::diffusion::{SchedulerKind, StableDiffusion};
 use crate::inference::vision::{Vision, VisionConfig};
 use crate::inference::{ExecutionProvider, Runtime, RuntimeConfig};
 use crate::shopping::{ShoppingConfig, ShoppingProvider};
-use crate::storage::{ObjectStore, StorageConfig};
+use crate::storage::StorageConfig;
 
 /// Everything the pipeline loads: models, settings and the outside services it talks to.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct PipelineConfig {
     /// ONNX Runtime settings.
-    #[command(flatten)]
     pub runtime: RuntimeConfig,
     /// Vision models.
-    #[command(flatten)]
     pub vision: VisionConfig,
     /// Stable Diffusion pipeline folder in optimum's ONNX layout (the default is a tiny random-weight
     /// pipeline whose images are noise; see README for real weights).
-    #[arg(long, env = "DESKGEN_SD_MODEL", default_value = "onnx/fixtures/tiny-sd15")]
     pub sd_model: PathBuf,
     /// Folder of LoRA adapters (`*.safetensors`, diffusers/peft or kohya format, trigger words in
     /// `<name>.json` / `<name>.txt`) that requests may name; files that do not fit the model are
     /// skipped with a warning.
-    #[arg(long, env = "DESKGEN_LORA_DIR", default_value = "onnx/loras")]
     pub lora_dir: PathBuf,
     /// How many merged UNet/text-encoder session sets (one per distinct set of LoRA names and
     /// weights) are kept for reuse; each holds a copy of the models it changes. 0 merges per request.
-    #[arg(long, env = "DESKGEN_LORA_CACHE_SIZE", default_value_t = 2)]
     pub lora_cache_size: usize,
     /// Largest |weight| a request may give one LoRA adapter (negative weights down to -this work).
-    #[arg(long, env = "DESKGEN_MAX_LORA_WEIGHT", default_value_t = 2.0)]
     pub max_lora_weight: f32,
     /// Category table and prompt templates (TOML); the built-in config/pipeline.toml when unset.
-    #[arg(long, env = "DESKGEN_PIPELINE_CONFIG")]
     pub pipeline_config: Option<PathBuf>,
     /// Object storage for generated images.
-    #[command(flatten)]
     pub storage: StorageConfig,
     /// Downloading users' photos.
-    #[command(flatten)]
     pub fetch: FetchConfig,
     /// Shopping offers.
-    #[command(flatten)]
     pub shopping: ShoppingConfig,
 }
 
@@ -72,8 +62,9 @@ pub struct DeskPipeline {
 }
 
 impl DeskPipeline {
-    /// Loads every model and the outside services; blocking (run it off the async runtime).
-    pub fn load(config: &PipelineConfig, store: Arc<dyn ObjectStore>) -> anyhow::Result<DeskPipeline> {
+    /// Loads every model, over the outside services given; blocking (run it off the async runtime).
+    pub fn load(config: &PipelineConfig, services: Services) -> anyhow::Result<DeskPipeline> {
+        let Services { store, shopping } = services;
         let runtime = Runtime::init(&config.runtime)?;
         let vision = Vision::load(&runtime, &config.vision)?;
         let diffusion = load_diffusion(&runtime, config)?;
@@ -87,7 +78,7 @@ impl DeskPipeline {
                 fetcher: Fetcher::new(&config.fetch)?,
                 max_image_bytes: config.fetch.max_image_bytes,
             },
-            shopping: crate::shopping::build(&config.shopping)?,
+            shopping,
             settings: PipelineSettings::load(config.pipeline_config.as_deref())?,
             models,
             loras,

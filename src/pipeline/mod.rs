@@ -12,12 +12,26 @@ pub mod photo;
 pub mod plan;
 pub mod shop;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use crate::core::{Failure, GenerateOutput, GenerateRequest, PipelineInfo};
+use crate::shopping::ShoppingProvider;
+use crate::storage::ObjectStore;
 
 pub use context::RunContext;
 pub use desk::{DeskPipeline, PipelineConfig};
+
+/// The outside services a pipeline talks to; a node opens them before the models load, and its
+/// health reports on them.
+#[derive(Clone)]
+pub struct Services {
+    /// Where uploads and generated images live.
+    pub store: Arc<dyn ObjectStore>,
+    /// Where offers come from.
+    pub shopping: Arc<dyn ShoppingProvider>,
+}
 
 /// Runs one request. The product binary uses the real pipeline; tests may drive the service with
 /// their own implementation to control timing.

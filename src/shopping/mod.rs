@@ -40,7 +40,7 @@ pub trait ShoppingProvider: Send + Sync {
 }
 
 /// Which shopping provider to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderChoice {
     /// Naver when both API keys are set, otherwise the catalog.
     Auto,
@@ -51,7 +51,7 @@ pub enum ProviderChoice {
 }
 
 /// Naver's result order before we re-sort by price.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NaverSort {
     /// Relevance: the candidates are the most relevant items, then the cheapest of them win.
     Sim,
@@ -95,47 +95,31 @@ impl fmt::Debug for ApiSecret {
 }
 
 /// Where shopping links come from.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct ShoppingConfig {
     /// Shopping source: auto (Naver when NAVER_CLIENT_ID and NAVER_CLIENT_SECRET are set, else the catalog), naver or catalog.
-    #[arg(long = "shopping-provider", env = "DESKGEN_SHOPPING_PROVIDER", value_enum, default_value = "auto")]
     pub provider: ProviderChoice,
     /// Catalog JSON file (default: the built-in sample catalog).
-    #[arg(long = "shopping-catalog", env = "DESKGEN_SHOPPING_CATALOG")]
     pub catalog: Option<PathBuf>,
     /// Naver Open API client id.
-    #[arg(long = "naver-client-id", env = "NAVER_CLIENT_ID", hide_env_values = true)]
     pub naver_client_id: Option<String>,
     /// Naver Open API client secret.
-    #[arg(long = "naver-client-secret", env = "NAVER_CLIENT_SECRET", hide_env_values = true)]
     pub naver_client_secret: Option<ApiSecret>,
     /// Base URL of the Naver Open API.
-    #[arg(
-        long = "naver-base-url",
-        env = "DESKGEN_NAVER_BASE_URL",
-        default_value = "https://openapi.naver.com"
-    )]
     pub naver_base_url: String,
     /// Order Naver returns candidates in before they are re-sorted by price: sim or asc.
-    #[arg(long = "naver-sort", env = "DESKGEN_NAVER_SORT", value_enum, default_value = "sim")]
     pub naver_sort: NaverSort,
     /// Candidates asked for per query (at most 100); the cheapest relevant ones are returned.
-    #[arg(long = "naver-candidates", env = "DESKGEN_NAVER_CANDIDATES", default_value_t = 40)]
     pub naver_candidates: usize,
     /// Most Naver requests per second from this process.
-    #[arg(long = "naver-qps", env = "DESKGEN_NAVER_QPS", default_value_t = 8.0)]
     pub naver_qps: f64,
     /// How long a query's results are reused.
-    #[arg(long = "naver-cache-ttl", env = "DESKGEN_NAVER_CACHE_TTL", value_parser = humantime::parse_duration, default_value = "1h")]
     pub naver_cache_ttl: Duration,
     /// Time allowed for one Naver request.
-    #[arg(long = "naver-timeout", env = "DESKGEN_NAVER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
     pub naver_timeout: Duration,
     /// Attempts per query when Naver fails with 5xx or times out.
-    #[arg(long = "naver-attempts", env = "DESKGEN_NAVER_ATTEMPTS", default_value_t = 3)]
     pub naver_attempts: u32,
     /// Delay before the first retry; it doubles with every further attempt (with jitter).
-    #[arg(long = "naver-retry-backoff", env = "DESKGEN_NAVER_RETRY_BACKOFF", value_parser = humantime::parse_duration, default_value = "200ms")]
     pub naver_retry_backoff: Duration,
 }
 
@@ -221,31 +205,6 @@ fn record(provider: &'static str, outcome: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        shopping: ShoppingConfig,
-    }
-
-    #[test]
-    fn flags_parse() {
-        use clap::{CommandFactory, Parser};
-        Cli::command().debug_assert();
-        let cli = Cli::try_parse_from([
-            "deskgen",
-            "--naver-sort",
-            "asc",
-            "--naver-qps",
-            "2.5",
-            "--naver-cache-ttl",
-            "10m",
-        ])
-        .unwrap();
-        assert_eq!(cli.shopping.naver_sort, NaverSort::Asc);
-        assert_eq!(cli.shopping.naver_qps, 2.5);
-        assert_eq!(cli.shopping.naver_cache_ttl, Duration::from_secs(600));
-    }
 
     #[test]
     fn offers_serialize_exactly_seven_fields() {

@@ -20,7 +20,7 @@ pub use s3::S3Store;
 pub const DEFAULT_UPLOAD_ATTEMPTS: u32 = 4;
 
 /// Which object store keeps generated images.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ObjectStoreKind {
     /// Files under `<data-dir>/images`, served by this server at `/v1/images/`.
     File,
@@ -29,40 +29,29 @@ pub enum ObjectStoreKind {
 }
 
 /// Where generated images go.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct StorageConfig {
     /// Object store for generated images: file (under the data directory) or s3.
-    #[arg(long = "object-store", env = "DESKGEN_OBJECT_STORE", value_enum, default_value = "file")]
     pub object_store: ObjectStoreKind,
     /// Base URL clients reach this server at; file-store image URLs start with it.
-    #[arg(long = "image-base-url", env = "DESKGEN_IMAGE_BASE_URL", default_value = "http://127.0.0.1:8080")]
     pub image_base_url: String,
     /// S3 bucket for generated images (required with --object-store s3).
-    #[arg(long = "s3-bucket", env = "DESKGEN_S3_BUCKET")]
     pub s3_bucket: Option<String>,
     /// S3 region (default: from the AWS configuration chain, else us-east-1).
-    #[arg(long = "s3-region", env = "DESKGEN_S3_REGION")]
     pub s3_region: Option<String>,
     /// Endpoint of an S3-compatible server, e.g. http://127.0.0.1:9000.
-    #[arg(long = "s3-endpoint", env = "DESKGEN_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
     /// Address buckets as endpoint/bucket/key instead of bucket.endpoint/key.
-    #[arg(long = "s3-force-path-style", env = "DESKGEN_S3_FORCE_PATH_STYLE")]
     pub s3_force_path_style: bool,
     /// Public base URL of the bucket (a CDN, say); image URLs become <base>/<key>.
-    #[arg(long = "s3-public-base-url", env = "DESKGEN_S3_PUBLIC_BASE_URL")]
     pub s3_public_base_url: Option<String>,
     /// Return presigned GET URLs valid this long (e.g. 1h, at most 7 days) instead of public URLs.
-    #[arg(long = "s3-presign-ttl", env = "DESKGEN_S3_PRESIGN_TTL", value_parser = humantime::parse_duration)]
     pub s3_presign_ttl: Option<Duration>,
     /// Attempts per upload before it fails.
-    #[arg(long = "s3-upload-attempts", env = "DESKGEN_S3_UPLOAD_ATTEMPTS", default_value_t = DEFAULT_UPLOAD_ATTEMPTS)]
     pub s3_upload_attempts: u32,
     /// Delay before the first upload retry; it doubles with every further attempt.
-    #[arg(long = "s3-retry-backoff", env = "DESKGEN_S3_RETRY_BACKOFF", value_parser = humantime::parse_duration, default_value = "200ms")]
     pub s3_retry_backoff: Duration,
     /// Time allowed for one S3 request attempt.
-    #[arg(long = "s3-timeout", env = "DESKGEN_S3_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub s3_timeout: Duration,
 }
 
@@ -200,33 +189,6 @@ fn record(backend: &'static str, operation: &'static str, ok: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        storage: StorageConfig,
-    }
-
-    #[test]
-    fn flags_parse() {
-        use clap::{CommandFactory, Parser};
-        Cli::command().debug_assert();
-        let cli = Cli::try_parse_from([
-            "deskgen",
-            "--object-store",
-            "s3",
-            "--s3-bucket",
-            "desk-bucket",
-            "--s3-force-path-style",
-            "--s3-presign-ttl",
-            "1h",
-        ])
-        .unwrap();
-        assert_eq!(cli.storage.object_store, ObjectStoreKind::S3);
-        assert_eq!(cli.storage.s3_bucket.as_deref(), Some("desk-bucket"));
-        assert!(cli.storage.s3_force_path_style);
-        assert_eq!(cli.storage.s3_presign_ttl, Some(Duration::from_secs(3600)));
-    }
 
     #[test]
     fn image_keys_are_dated_pngs() {

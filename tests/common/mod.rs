@@ -242,9 +242,8 @@ pub async fn start_real_guarded(data_dir: &Path, args: &[&str]) -> TestServer {
     config.listen = format!("127.0.0.1:{port}").parse().unwrap();
     config.pipeline.storage.image_base_url = format!("http://127.0.0.1:{port}");
     let pipeline_config = config.pipeline.clone();
-    let loader: PipelineLoader =
-        Box::new(
-            move |store| Ok(Arc::new(DeskPipeline::load(&pipeline_config, store)?) as Arc<dyn Pipeline>),
-        );
+    let loader: PipelineLoader = Box::new(move |services| {
+        Ok(Arc::new(DeskPipeline::load(&pipeline_config, services)?) as Arc<dyn Pipeline>)
+    });
     start_with_loader(config, loader).await
 }

@@ -72,37 +72,27 @@ pub enum VisionError {
 }
 
 /// Vision settings: model paths and the thresholds of the desk decision.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone)]
 pub struct VisionConfig {
     /// COCO object detector (SSD-MobileNet-v2 ONNX), built by `make models`.
-    #[arg(long, env = "DESKGEN_DETECTOR", default_value = "assets/models/detector.onnx")]
     pub detector: PathBuf,
     /// ImageNet scene classifier (EfficientNet-Lite3 ONNX), built by `make models`.
-    #[arg(long, env = "DESKGEN_CLASSIFIER", default_value = "assets/models/classifier.onnx")]
     pub classifier: PathBuf,
     /// The classifier's labels, one a line.
-    #[arg(long, env = "DESKGEN_CLASSIFIER_LABELS", default_value = "assets/models/imagenet_labels.txt")]
     pub classifier_labels: PathBuf,
     /// Captioner directory in the optimum ONNX layout; without it captions are composed from detections.
-    #[arg(long, env = "DESKGEN_CAPTIONER")]
     pub captioner: Option<PathBuf>,
     /// Beams for caption search (1 = greedy); defaults to the captioner's generation_config.json.
-    #[arg(long, env = "DESKGEN_CAPTION_BEAMS")]
     pub caption_beams: Option<usize>,
     /// Most tokens a caption may have; defaults to the captioner's generation_config.json.
-    #[arg(long, env = "DESKGEN_CAPTION_MAX_TOKENS")]
     pub caption_max_tokens: Option<usize>,
     /// Desk score (0..1) at or above which a photo counts as a desk.
-    #[arg(long, env = "DESKGEN_DESK_THRESHOLD", default_value_t = 0.5)]
     pub desk_threshold: f32,
     /// Detections scoring below this (0..1) are ignored.
-    #[arg(long, env = "DESKGEN_MIN_DETECTION_SCORE", default_value_t = 0.4)]
     pub min_detection_score: f32,
     /// ImageNet classes below this probability (0..1) do not count as items found.
-    #[arg(long, env = "DESKGEN_MIN_CLASS_SCORE", default_value_t = 0.1)]
     pub min_class_score: f32,
     /// Largest photo accepted, in pixels (checked from the header, before decoding).
-    #[arg(long, env = "DESKGEN_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
     pub max_image_pixels: u64,
 }
 

@@ -1,4 +1,6 @@
 //! Command-line configuration: one clap-derived struct per subcommand, every flag with an env var.
+//! The only place that knows the command line: the engine, the pipeline and the services take
+//! plain config structs, which [`flags`] fills.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -7,6 +9,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+
+mod flags;
 
 use crate::pipeline::PipelineConfig;
 use crate::webhook::WebhookConfig;
@@ -117,9 +121,12 @@ pub struct BenchCommand {
 /// Settings of `deskgen eval`.
 #[derive(Debug, Clone, Args)]
 pub struct EvalCommand {
-    /// What to measure.
-    #[command(flatten)]
-    pub eval: crate::eval::EvalArgs,
+    /// Folder with `desk/` and `not_desk/` subfolders of photos.
+    #[arg(long, env = "DESKGEN_EVAL_PHOTOS")]
+    pub photos: PathBuf,
+    /// Print the report as JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
     /// ONNX Runtime settings.
     #[command(flatten)]
     pub runtime: crate::inference::RuntimeConfig,

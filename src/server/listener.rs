@@ -1,0 +1,147 @@
+//! An API node's listener: gRPC, grpc-web and REST on one port, and the process's metrics.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Status};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use super::node::{Node, Ready};
+use crate::api::auth::ApiKeys;
+use crate::api::grpc::pb::generate_server::GenerateServer;
+use crate::api::grpc::pb::info_server::InfoServer;
+use crate::api::grpc::pb::result_server::ResultServer;
+use crate::api::grpc::{Services, check_auth, pb};
+use crate::api::{self, About, AppState};
+use crate::config::ServeConfig;
+use crate::core::Limits;
+
+/// gRPC service names reported by the health service.
+const SERVICE_NAMES: [&str; 3] = ["deskgen.v1.Generate", "deskgen.v1.Result", "deskgen.v1.Info"];
+
+/// The process-wide Prometheus recorder (installed once, shared by every server in the process).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new().install_recorder().expect("no other metrics recorder");
+            // Histogram samples wait in buckets until drained; with nobody scraping /metrics they
+            // would pile up for the life of the process.
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .expect("spawning the metrics upkeep thread");
+            handle
+        })
+        .clone()
+}
+
+/// Serves `app` on `listener` until `shutdown`, then lets open requests finish.
+pub(super) fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: &CancellationToken,
+) -> JoinHandle<std::io::Result<()>> {
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    })
+}
+
+/// The API node's routes, and what turns them ready once the models are loaded.
+pub(super) async fn api_app(
+    config: &ServeConfig,
+    addr: SocketAddr,
+    node: &Node,
+) -> anyhow::Result<(axum::Router, Ready)> {
+    let keys = ApiKeys::load(&config.api_keys, config.api_key_file.as_deref()).context("reading API keys")?;
+    if keys.is_open() {
+        tracing::warn!("no API key configured: anyone who can reach {addr} can submit tasks");
+    }
+    let state = Arc::new(AppState {
+        queue: node.queue.clone(),
+        services: node.services.clone(),
+        keys,
+        limits: Limits { max_side: config.max_side },
+        webhooks: node.webhooks.clone(),
+        max_body_bytes: config.max_body_bytes,
+        metrics: metrics_handle(),
+        pipeline: OnceLock::new(),
+        about: About {
+            queue_backend: node.queue.backend().into(),
+            execution_provider: config.pipeline.runtime.execution_provider.as_str().into(),
+        },
+    });
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_serving(&health, ServingStatus::NotServing).await;
+    let grpc = grpc_routes(&state, health_service)?;
+    let mut routes = api::rest_router(state.clone()).merge(grpc);
+    if let Some(images) = node.services.store.router() {
+        routes = routes.merge(images);
+    }
+    let app = api::with_request_metrics(routes).layer(api::cors());
+    let workers = config.tasks.workers;
+    let ready: Ready = Box::new(move |pipeline| {
+        Box::pin(async move {
+            let _ = state.pipeline.set(pipeline.info());
+            set_serving(&health, ServingStatus::Serving).await;
+            tracing::info!(workers, "models loaded; ready");
+        })
+    });
+    Ok((app, ready))
+}
+
+/// The gRPC services (auth on Generate and Result), health, reflection, and grpc-web over them.
+fn grpc_routes(
+    state: &Arc<AppState>,
+    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) -> anyhow::Result<axum::Router> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc.ErrorInfo / BadRequest, so grpcurl can print error details, not raw bytes.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+    };
+    let services = Services::new(state.clone());
+    let auth_state = state.clone();
+    let auth = move |request: Request<()>| -> Result<Request<()>, Status> {
+        check_auth(&auth_state, &request)?;
+        Ok(request)
+    };
+    let max = state.max_body_bytes;
+    let routes = tonic::service::Routes::new(InterceptedService::new(
+        GenerateServer::new(services.clone()).max_decoding_message_size(max),
+        auth.clone(),
+    ))
+    .add_service(InterceptedService::new(
+        ResultServer::new(services.clone()).max_decoding_message_size(max),
+        auth,
+    ))
+    .add_service(InfoServer::new(services))
+    .add_service(health)
+    .add_service(reflection().build_v1()?)
+    .add_service(reflection().build_v1alpha()?);
+    Ok(routes.into_axum_router().layer(tonic_web::GrpcWebLayer::new()))
+}
+
+/// Sets every gRPC service's health status, and the server's (the empty name).
+async fn set_serving(health: &HealthReporter, status: ServingStatus) {
+    for name in SERVICE_NAMES.into_iter().chain([""]) {
+        health.set_service_status(name, status).await;
+    }
+}

@@ -1,0 +1,98 @@
+//! Starting and stopping the service. An API node ([`start`]) serves gRPC, grpc-web and REST on
+//! one listener and may run workers; a worker node ([`start_worker`]) runs tasks from Redis and
+//! serves only health and metrics. Both open the same [`node::Node`]: queue, object store, shopping
+//! and webhook delivery, then load the models in the background.
+
+mod listener;
+mod node;
+mod queue;
+mod worker;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ServeConfig, WorkerConfig};
+use crate::pipeline::{Pipeline, Services};
+
+pub use listener::metrics_handle;
+
+/// Builds the pipeline over the node's outside services; runs on a blocking thread while the
+/// listener already answers health checks.
+pub type PipelineLoader = Box<dyn FnOnce(Services) -> anyhow::Result<Arc<dyn Pipeline>> + Send>;
+
+/// A running service.
+pub struct RunningServer {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningServer {
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A token that stops the service gracefully when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Whether the service has stopped (after shutdown, or because models failed to load).
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Runs until the service stops (shutdown, or models failed to load).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.handle.await.context("server task panicked")?
+    }
+
+    /// Stops gracefully and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// Starts an API node on `listener`; models load in the background (health reports NOT_SERVING
+/// until then).
+pub async fn start(
+    config: ServeConfig,
+    listener: TcpListener,
+    loader: PipelineLoader,
+) -> anyhow::Result<RunningServer> {
+    let addr = listener.local_addr()?;
+    let queue = queue::open_for_api(&config).await?;
+    let node =
+        node::Node::open(queue::host_name(), config.tasks.clone(), queue, &config.pipeline, &config.webhook)
+            .await?;
+    let (app, ready) = listener::api_app(&config, addr, &node).await?;
+    let shutdown = node.shutdown.clone();
+    let server = listener::serve(listener, app, &shutdown);
+    let handle = tokio::spawn(node.run(server, loader, ready));
+    Ok(RunningServer { addr, shutdown, handle })
+}
+
+/// Starts a worker node: runs tasks from the Redis queue with `config.tasks.workers` workers and
+/// serves `/healthcheck` and `/metrics` on `listener`; models load in the background.
+pub async fn start_worker(
+    config: WorkerConfig,
+    listener: TcpListener,
+    loader: PipelineLoader,
+) -> anyhow::Result<RunningServer> {
+    let addr = listener.local_addr()?;
+    let name = config.name.clone().unwrap_or_else(queue::host_name);
+    let queue = queue::open_for_worker(&config, &name).await?;
+    let node = node::Node::open(name, config.tasks.clone(), queue, &config.pipeline, &config.webhook).await?;
+    let (app, ready) = worker::app(&node, config.tasks.workers);
+    let shutdown = node.shutdown.clone();
+    let server = listener::serve(listener, app, &shutdown);
+    let handle = tokio::spawn(node.run(server, loader, ready));
+    Ok(RunningServer { addr, shutdown, handle })
+}

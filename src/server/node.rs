@@ -1,0 +1,151 @@
+//! The life of a node once its listener is up: load the models, say ready, run the workers and the
+//! result purge until shutdown, then give running tasks their grace period.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use super::PipelineLoader;
+use crate::config::TaskConfig;
+use crate::fetch::UrlPolicy;
+use crate::pipeline::{Pipeline, PipelineConfig, Services};
+use crate::tasks::TaskQueue;
+use crate::tasks::worker::{Notifier, worker_task};
+use crate::webhook::{WebhookConfig, WebhookSender};
+
+/// Called once the models are loaded, before the workers start: the listener turns ready.
+pub(super) type Ready = Box<dyn FnOnce(Arc<dyn Pipeline>) -> futures::future::BoxFuture<'static, ()> + Send>;
+
+/// What every node opens before its models load: the queue, the outside services, webhook
+/// delivery, and the token that stops it all.
+pub(super) struct Node {
+    /// Labels the node's workers and logs.
+    pub name: String,
+    pub tasks: TaskConfig,
+    pub queue: Arc<dyn TaskQueue>,
+    pub services: Services,
+    pub webhooks: WebhookSender,
+    deliveries: JoinHandle<()>,
+    pub shutdown: CancellationToken,
+}
+
+impl Node {
+    /// Opens the object store and the shopping provider, and starts webhook delivery.
+    pub async fn open(
+        name: String,
+        tasks: TaskConfig,
+        queue: Arc<dyn TaskQueue>,
+        pipeline: &PipelineConfig,
+        webhook: &WebhookConfig,
+    ) -> anyhow::Result<Node> {
+        let shutdown = CancellationToken::new();
+        let store = crate::storage::build(&pipeline.storage, &tasks.data_dir).await?;
+        let shopping = crate::shopping::build(&pipeline.shopping)?;
+        let (webhooks, deliveries) =
+            WebhookSender::spawn(webhook, UrlPolicy::from_config(&pipeline.fetch), shutdown.clone())?;
+        let services = Services { store, shopping };
+        Ok(Node { name, tasks, queue, services, webhooks, deliveries, shutdown })
+    }
+
+    /// Loads the models, calls `ready`, and runs the workers and the result purge until shutdown
+    /// (or until the listener ends); then lets running tasks finish within the grace period and
+    /// queued webhooks go out.
+    pub async fn run(
+        self,
+        mut server: JoinHandle<std::io::Result<()>>,
+        loader: PipelineLoader,
+        ready: Ready,
+    ) -> anyhow::Result<()> {
+        let Some(pipeline) = load_pipeline(loader, self.services.clone(), &self.shutdown).await? else {
+            finish(Some(server), JoinSet::new(), self.tasks.shutdown_grace).await;
+            return Ok(());
+        };
+        ready(pipeline.clone()).await;
+        let workers = self.spawn_workers(&pipeline);
+        let upkeep =
+            tokio::spawn(purge_task(self.queue.clone(), self.tasks.result_ttl, self.shutdown.clone()));
+        let listener_ended = tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            ended = &mut server => {
+                self.shutdown.cancel();
+                Some(ended)
+            }
+        };
+        upkeep.abort();
+        let still_serving = if listener_ended.is_none() { Some(server) } else { None };
+        finish(still_serving, workers, self.tasks.shutdown_grace).await;
+        // Completed-task webhooks queued during the grace period go out before the process ends.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.deliveries).await;
+        match listener_ended {
+            Some(ended) => Ok(ended.context("listener task panicked")??),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts the node's workers, named `{node}-{index}`.
+    fn spawn_workers(&self, pipeline: &Arc<dyn Pipeline>) -> JoinSet<()> {
+        let mut workers = JoinSet::new();
+        let notifier = Notifier { sender: self.webhooks.clone(), render: crate::api::render::webhook_body };
+        for index in 0..self.tasks.workers {
+            workers.spawn(worker_task(
+                format!("{}-{index}", self.name),
+                self.queue.clone(),
+                pipeline.clone(),
+                notifier.clone(),
+                self.tasks.task_deadline,
+                self.shutdown.clone(),
+            ));
+        }
+        workers
+    }
+}
+
+/// Loads the models on a blocking thread; `None` when shutdown comes first.
+async fn load_pipeline(
+    loader: PipelineLoader,
+    services: Services,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Arc<dyn Pipeline>>> {
+    tokio::select! {
+        loaded = tokio::task::spawn_blocking(move || loader(services)) => {
+            Ok(Some(loaded.context("model loading panicked")?.context("loading models")?))
+        }
+        _ = shutdown.cancelled() => Ok(None),
+    }
+}
+
+/// After shutdown: stop accepting, let running tasks finish within `grace`; what is left runs
+/// again at the next start (memory) or on another worker after the visibility timeout (Redis).
+async fn finish(server: Option<JoinHandle<std::io::Result<()>>>, mut workers: JoinSet<()>, grace: Duration) {
+    let drained = tokio::time::timeout(grace, async { while workers.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(?grace, "tasks still running after the grace period; they will run again");
+        workers.abort_all();
+    }
+    // Long-lived streams (SSE, WatchResult) would hold graceful shutdown open; bound the wait.
+    if let Some(server) = server {
+        let abort = server.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(1), server).await.is_err() {
+            abort.abort();
+        }
+    }
+}
+
+/// Drops expired results every few minutes.
+async fn purge_task(queue: Arc<dyn TaskQueue>, ttl: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(300).min(ttl.max(Duration::from_secs(1))));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match queue.purge_expired(ttl).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "expired results removed"),
+            Err(e) => tracing::warn!(error = %e, "cannot purge expired results"),
+        }
+    }
+}
