@@ -15,7 +15,7 @@ use crate::core::validate::validate;
 use crate::core::{Failure, FailureCode, GenerateInput, GenerateOutput, Invalid, Limits, Progress};
 use crate::inference::Runtime;
 use crate::inference::diffusion::{GenerateParams, StableDiffusion, resolve_variant};
-use crate::inference::vision::{ModelInfo, Vision, describe};
+use crate::inference::vision::{ModelFile, Vision, describe};
 use crate::pipeline::{DeskPipeline, Pipeline, RunContext, Services};
 use crate::storage::ObjectStore;
 use crate::tasks::{TaskRecord, new_task_id};
@@ -125,7 +125,7 @@ fn elapsed_ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
 }
 
-fn print_model(model: &ModelInfo, provider: &str, out: &mut impl Write) -> std::io::Result<()> {
+fn print_model(model: &ModelFile, provider: &str, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(out, "{}  ({provider})", model.id)?;
     writeln!(out, "  path    {}", model.path.display())?;
     writeln!(out, "  sha256  {}", model.sha256)?;

@@ -35,14 +35,14 @@ pub fn check_auth(state: &AppState, request: &Request<()>) -> Result<(), Status>
 
 /// Implements all three services over the shared state.
 #[derive(Clone)]
-pub struct Services {
+pub struct GrpcApi {
     state: Arc<AppState>,
 }
 
-impl Services {
-    /// Services over `state`.
+impl GrpcApi {
+    /// The services over `state`.
     pub fn new(state: Arc<AppState>) -> Self {
-        Services { state }
+        GrpcApi { state }
     }
 }
 
@@ -152,7 +152,7 @@ impl From<&TaskRecord> for pb::TaskResult {
 }
 
 #[tonic::async_trait]
-impl Generate for Services {
+impl Generate for GrpcApi {
     async fn generate(
         &self,
         request: Request<pb::GenerateRequest>,
@@ -180,7 +180,7 @@ impl Generate for Services {
 pub type ResultStream = Pin<Box<dyn Stream<Item = Result<pb::TaskResult, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl ResultService for Services {
+impl ResultService for GrpcApi {
     async fn get_result(
         &self,
         request: Request<pb::GetResultRequest>,
@@ -204,7 +204,7 @@ impl ResultService for Services {
 }
 
 #[tonic::async_trait]
-impl Info for Services {
+impl Info for GrpcApi {
     async fn get_info(&self, _: Request<pb::GetInfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         let info = self.state.info();
         let pipeline = self.state.pipeline_info();

@@ -19,7 +19,7 @@ use crate::api::auth::ApiKeys;
 use crate::api::grpc::pb::generate_server::GenerateServer;
 use crate::api::grpc::pb::info_server::InfoServer;
 use crate::api::grpc::pb::result_server::ResultServer;
-use crate::api::grpc::{Services, check_auth, pb};
+use crate::api::grpc::{GrpcApi, check_auth, pb};
 use crate::api::{self, About, AppState};
 use crate::config::ServeConfig;
 use crate::core::Limits;
@@ -117,7 +117,7 @@ fn grpc_routes(
             // google.rpc.ErrorInfo / BadRequest, so grpcurl can print error details, not raw bytes.
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
     };
-    let services = Services::new(state.clone());
+    let services = GrpcApi::new(state.clone());
     let auth_state = state.clone();
     let auth = move |request: Request<()>| -> Result<Request<()>, Status> {
         check_auth(&auth_state, &request)?;

@@ -19,7 +19,7 @@ pub enum ModelFamily {
 
 /// What the pipeline needs to know from the model directory.
 #[derive(Debug, Clone)]
-pub struct PipelineConfig {
+pub struct DiffusionConfig {
     /// The model directory.
     pub dir: PathBuf,
     /// SD 1.x or XL (XL when `text_encoder_2/` exists).
@@ -96,9 +96,9 @@ pub(crate) fn required_file(dir: &Path, relative: &str) -> Result<PathBuf, Diffu
     if path.is_file() { Ok(path) } else { Err(DiffusionError::MissingFile { path }) }
 }
 
-impl PipelineConfig {
+impl DiffusionConfig {
     /// Reads every config of the model directory `dir` and checks that they fit together.
-    pub fn load(dir: &Path) -> Result<PipelineConfig, DiffusionError> {
+    pub fn load(dir: &Path) -> Result<DiffusionConfig, DiffusionError> {
         let index_path = dir.join("model_index.json");
         let index: ModelIndex = read_json(&index_path)?;
         if index.requires_aesthetics_score == Some(true) {
@@ -178,7 +178,7 @@ impl PipelineConfig {
 
         let vae_scale_factor = 1 << (vae.block_out_channels.len() - 1);
         let default_scheduler = SchedulerKind::from_config(&scheduler).unwrap_or(SchedulerKind::DpmPp2m);
-        Ok(PipelineConfig {
+        Ok(DiffusionConfig {
             dir: dir.to_path_buf(),
             family,
             scheduler,

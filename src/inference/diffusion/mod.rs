@@ -33,7 +33,7 @@ use std::path::PathBuf;
 
 use crate::inference::RuntimeError;
 
-pub use config::{ModelFamily, PipelineConfig};
+pub use config::{DiffusionConfig, ModelFamily};
 pub use pipeline::{
     Denoised, GenerateParams, Generated, MAX_STEPS, PromptEmbeddings, StableDiffusion, Timings,
 };

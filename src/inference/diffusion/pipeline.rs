@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
 use super::DiffusionError;
-use super::config::{ModelFamily, PipelineConfig};
+use super::config::{DiffusionConfig, ModelFamily};
 use super::lora::{LoraError, LoraLibrary, LoraOptions, MergedCache, MergedModels, ModelPart, RejectedLora};
 use super::schedulers::{SchedulerKind, img2img_start_index};
 use super::text_encoder::TextEncoder;
@@ -30,7 +30,7 @@ pub const MAX_STEPS: u32 = 150;
 /// A loaded Stable Diffusion pipeline. Sessions sit behind mutexes, so one pipeline can be shared
 /// by several workers; their UNet calls take turns.
 pub struct StableDiffusion {
-    config: PipelineConfig,
+    config: DiffusionConfig,
     runtime: Runtime,
     tokenizers: Vec<ClipTokenizer>,
     text_encoders: Vec<TextEncoder>,
@@ -136,7 +136,7 @@ impl StableDiffusion {
     pub fn load(runtime: &Runtime, dir: impl AsRef<Path>) -> Result<StableDiffusion, DiffusionError> {
         let dir = resolve_variant(dir.as_ref(), runtime.provider());
         let dir = dir.as_path();
-        let config = PipelineConfig::load(dir)?;
+        let config = DiffusionConfig::load(dir)?;
         let manifest = ExportManifest::load(dir)?;
         // Each sub-model on its own provider (`--cpu-models`), refused where its graph cannot run.
         let placed = |model: &str| -> Result<Runtime, DiffusionError> {
@@ -300,7 +300,7 @@ impl StableDiffusion {
     }
 
     /// Everything read from the model directory's configs.
-    pub fn config(&self) -> &PipelineConfig {
+    pub fn config(&self) -> &DiffusionConfig {
         &self.config
     }
 

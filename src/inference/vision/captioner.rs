@@ -20,7 +20,7 @@ use ort::value::Tensor;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
 
-use super::ModelInfo;
+use super::ModelFile;
 use crate::inference::{Runtime, RuntimeError};
 
 const PAST_PREFIX: &str = "past_key_values.";
@@ -162,7 +162,7 @@ pub struct Captioner {
     eos_tokens: Vec<i64>,
     defaults: GenerationOptions,
     preprocessor: PreprocessorConfig,
-    models: Vec<ModelInfo>,
+    models: Vec<ModelFile>,
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CaptionError> {
@@ -179,7 +179,7 @@ fn session(
     runtime: &Runtime,
     dir: &Path,
     file: &str,
-    models: &mut Vec<ModelInfo>,
+    models: &mut Vec<ModelFile>,
 ) -> Result<Session, CaptionError> {
     let path = dir.join(file);
     if !path.is_file() {
@@ -271,7 +271,7 @@ impl Captioner {
     }
 
     /// The captioner's model files, for `/info`.
-    pub fn models(&self) -> &[ModelInfo] {
+    pub fn models(&self) -> &[ModelFile] {
         &self.models
     }
 

@@ -115,7 +115,7 @@ impl Default for VisionConfig {
 
 /// One model file as `/info` reports it.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct ModelInfo {
+pub struct ModelFile {
     /// Stable name, e.g. `ssd-mobilenet-v2-coco`.
     pub id: String,
     /// Where it was loaded from.
@@ -136,7 +136,7 @@ pub struct Vision {
     classifier: Classifier,
     captioner: Option<Captioner>,
     config: VisionConfig,
-    models: Vec<ModelInfo>,
+    models: Vec<ModelFile>,
 }
 
 impl Vision {
@@ -199,7 +199,7 @@ impl Vision {
     }
 
     /// Every loaded model file, for `/info`.
-    pub fn models(&self) -> Vec<ModelInfo> {
+    pub fn models(&self) -> Vec<ModelFile> {
         self.models.clone()
     }
 }
@@ -209,7 +209,7 @@ fn open(
     id: &str,
     what: &'static str,
     path: &Path,
-    models: &mut Vec<ModelInfo>,
+    models: &mut Vec<ModelFile>,
 ) -> Result<Session, VisionError> {
     if !path.is_file() {
         return Err(VisionError::MissingModel { what, path: path.to_path_buf() });
@@ -220,7 +220,7 @@ fn open(
 }
 
 /// Hashes the file and lists the session's inputs and outputs.
-pub fn describe(id: &str, path: &Path, session: &Session) -> Result<ModelInfo, RuntimeError> {
+pub fn describe(id: &str, path: &Path, session: &Session) -> Result<ModelFile, RuntimeError> {
     let unreadable =
         |e: std::io::Error| RuntimeError::Model { path: path.to_path_buf(), reason: e.to_string() };
     let sha256 = crate::inference::sha256_file(path).map_err(unreadable)?;
@@ -228,7 +228,7 @@ pub fn describe(id: &str, path: &Path, session: &Session) -> Result<ModelInfo, R
     let signature = |outlets: &[ort::value::Outlet]| {
         outlets.iter().map(|o| format!("{}: {}", o.name(), o.dtype())).collect::<Vec<_>>()
     };
-    Ok(ModelInfo {
+    Ok(ModelFile {
         id: id.to_string(),
         path: path.to_path_buf(),
         sha256,
