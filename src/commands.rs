@@ -16,6 +16,7 @@ use crate::core::{Failure, FailureCode, GenerateInput, GenerateOutput, Invalid, 
 use crate::inference::Runtime;
 use crate::inference::diffusion::{GenerateParams, StableDiffusion, resolve_variant};
 use crate::inference::vision::{ModelFile, Vision, describe};
+use crate::intake::Intake;
 use crate::pipeline::{DeskPipeline, Pipeline, RunContext, Services};
 use crate::storage::ObjectStore;
 use crate::tasks::{TaskRecord, new_task_id};
@@ -162,9 +163,23 @@ pub async fn generate(command: GenerateCommand, out: &mut impl Write) -> anyhow:
         Services { store: store.clone(), shopping: crate::shopping::build(&command.pipeline.shopping)? };
     let config = command.pipeline.clone();
     let pipeline = tokio::task::spawn_blocking(move || DeskPipeline::load(&config, services)).await??;
-    // A local photo goes into the object store like an upload; the request names its key.
+    // A local photo passes the checks of an upload and goes into the object store like one; the
+    // request names its key.
+    let intake = Intake {
+        max_bytes: command.pipeline.fetch.max_image_bytes,
+        max_pixels: command.pipeline.vision.max_image_pixels,
+    };
     let stored_photo = match photo {
-        Some(bytes) => Some(store_photo(store.as_ref(), bytes).await?),
+        Some(bytes) => match intake.check_blocking(bytes).await {
+            Ok(photo) => {
+                photo.store(store.as_ref()).await.context("storing the photo")?;
+                Some(photo.key)
+            }
+            Err(refused) => {
+                eprintln!("error: {refused}");
+                return Ok(EXIT_BAD_INPUT);
+            }
+        },
         None => None,
     };
     let input = GenerateInput {
@@ -228,17 +243,6 @@ fn invalid_lines(invalid: Invalid) -> Vec<String> {
         Invalid::EmptyPrompt => vec!["Prompt must not be empty.".into()],
         Invalid::Rules(violations) => violations.into_iter().map(|v| v.description).collect(),
     }
-}
-
-/// Puts a local photo into the object store under an upload key; its bytes name its type.
-async fn store_photo(store: &dyn ObjectStore, bytes: Bytes) -> anyhow::Result<String> {
-    let extension = image::guess_format(&bytes)
-        .ok()
-        .and_then(|format| format.extensions_str().first().copied())
-        .unwrap_or("bin");
-    let key = crate::storage::new_upload_key(extension);
-    store.put_image(&key, bytes).await.context("storing the photo")?;
-    Ok(key)
 }
 
 /// Copies the generated PNG to `--out`; the result names the local files instead of the store's.

@@ -11,6 +11,7 @@ pub mod core;
 pub mod eval;
 pub mod fetch;
 pub mod inference;
+pub mod intake;
 pub mod pipeline;
 pub mod server;
 pub mod shopping;

@@ -130,7 +130,7 @@ async fn file_fixture() -> (std::sync::Arc<dyn ObjectStore>, SocketAddr, tempfil
     let data_dir = tempfile::tempdir().unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = StorageConfig { image_base_url: format!("http://{addr}"), ..StorageConfig::default() };
+    let config = StorageConfig { image_base_url: Some(format!("http://{addr}")), ..StorageConfig::default() };
     let store = storage::build(&config, data_dir.path()).await.unwrap();
     let router = store.router().unwrap();
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });

@@ -78,8 +78,8 @@ pub enum ApiError {
     /// Models are still loading.
     #[error("The service is starting; models are still loading.")]
     NotReady,
-    /// The task backend cannot be reached.
-    #[error("The task backend is unavailable; retry later.")]
+    /// The task backend or the object store cannot be reached.
+    #[error("A backend the service needs (task queue or object store) is unavailable; retry later.")]
     Unavailable(String),
     /// Anything else; details are logged, not returned.
     #[error("Internal error.")]
@@ -143,7 +143,7 @@ impl ApiError {
     fn log_internal(&self) {
         match self {
             ApiError::Internal(detail) => tracing::error!(%detail, "internal error"),
-            ApiError::Unavailable(detail) => tracing::warn!(%detail, "task backend unavailable"),
+            ApiError::Unavailable(detail) => tracing::warn!(%detail, "backend unavailable"),
             _ => {}
         }
     }

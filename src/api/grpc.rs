@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
@@ -64,6 +65,7 @@ impl From<pb::GenerateRequest> for GenerateInput {
     fn from(r: pb::GenerateRequest) -> Self {
         GenerateInput {
             initial_image_url: r.initial_image_url,
+            initial_image: None,
             prompt: r.prompt,
             negative_prompt: r.negative_prompt,
             num_inference_steps: r.num_inference_steps.map(i64::from),
@@ -157,7 +159,9 @@ impl Generate for GrpcApi {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let record = self.state.submit(request.into_inner().into()).await?;
+        let mut request = request.into_inner();
+        let photo = request.initial_image.take().map(Bytes::from);
+        let record = self.state.submit(request.into(), photo).await?;
         Ok(Response::new(pb::GenerateResponse {
             task_id: record.task_id,
             status: status(record.status) as i32,

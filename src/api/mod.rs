@@ -4,6 +4,7 @@ pub mod auth;
 pub mod errors;
 pub mod grpc;
 pub mod health;
+pub mod photos;
 pub mod render;
 pub mod rest;
 pub mod web;
@@ -16,6 +17,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
+use bytes::Bytes;
 use futures::Stream;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
@@ -28,6 +30,7 @@ use crate::core::request::{
     DEFAULT_GUIDANCE, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_STEPS,
 };
 use crate::core::{GenerateInput, Limits, LoraInfo, ModelInfo, PipelineInfo, Violation, validate};
+use crate::intake::{Intake, IntakeError, Photo};
 use crate::pipeline::Services;
 use crate::tasks::{TaskQueue, TaskRecord};
 use crate::webhook::WebhookSender;
@@ -42,6 +45,8 @@ pub struct AppState {
     pub keys: ApiKeys,
     /// Request limits.
     pub limits: Limits,
+    /// The checks a photo handed in as bytes passes before it is stored.
+    pub intake: Intake,
     /// Webhook delivery, for checking webhook URLs at submission.
     pub webhooks: WebhookSender,
     /// Largest request body in bytes.
@@ -93,9 +98,19 @@ impl AppState {
         self.pipeline.get()
     }
 
-    /// Validates and queues a request.
-    pub async fn submit(&self, input: GenerateInput) -> Result<TaskRecord, ApiError> {
+    /// Validates and queues a request; a photo sent inline (`photo`) is checked first and stored
+    /// once the request is known to be valid, and the task reads it from the store.
+    pub async fn submit(
+        &self,
+        mut input: GenerateInput,
+        photo: Option<Bytes>,
+    ) -> Result<TaskRecord, ApiError> {
         let info = self.pipeline_info().ok_or(ApiError::NotReady)?;
+        let photo = match photo {
+            Some(bytes) => Some(self.check_photo("initial_image", bytes).await?),
+            None => None,
+        };
+        input.stored_photo = photo.as_ref().map(|p| p.key.clone());
         let (task_id, request) = validate::validate(input, &self.limits, info)?;
         if let Some(url) = &request.webhook_url
             && let Err(e) = self.webhooks.check_url(url).await
@@ -103,8 +118,28 @@ impl AppState {
             let description = format!("webhook_url is not allowed: {e}.");
             return Err(ApiError::Invalid(vec![Violation { field: "webhook_url", description }]));
         }
+        if let Some(photo) = &photo {
+            self.store_photo(photo).await?;
+        }
         let (record, _created) = self.queue.submit(task_id, request).await?;
         Ok(record)
+    }
+
+    /// Checks a photo handed in as bytes; refusals name `field`.
+    pub async fn check_photo(&self, field: &'static str, bytes: Bytes) -> Result<Photo, ApiError> {
+        self.intake.check_blocking(bytes).await.map_err(|e| match e {
+            IntakeError::TooLarge { limit } => ApiError::TooLarge(limit as usize),
+            IntakeError::Encode(reason) => ApiError::Internal(reason),
+            refused => ApiError::Invalid(vec![Violation { field, description: refused.to_string() }]),
+        })
+    }
+
+    /// Stores a checked photo; returns the URL the store hands out for it.
+    pub async fn store_photo(&self, photo: &Photo) -> Result<String, ApiError> {
+        photo
+            .store(self.services.store.as_ref())
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("storing the photo: {e}")))
     }
 
     /// The current record of a task, or TASK_NOT_FOUND.
@@ -160,6 +195,8 @@ impl AppState {
                 "max_guidance_scale": MAX_GUIDANCE,
                 "max_queue_depth": self.queue.capacity(),
                 "max_body_bytes": self.max_body_bytes,
+                "max_upload_bytes": self.intake.max_bytes,
+                "max_image_pixels": self.intake.max_pixels,
                 "max_lora_weight": pipeline.map(|p| p.max_lora_weight),
             }),
             about: self.about.clone(),
@@ -185,8 +222,18 @@ pub fn task_updates(updates: watch::Receiver<TaskRecord>) -> impl Stream<Item = 
 pub fn rest_router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
     Router::new()
-        .route("/v1/generate", post(rest::generate))
-        .route("/generate", post(rest::generate))
+        .route(
+            "/v1/generate",
+            post(rest::generate).layer(DefaultBodyLimit::max(photos::body_limit_with_photo(&state))),
+        )
+        .route(
+            "/generate",
+            post(rest::generate).layer(DefaultBodyLimit::max(photos::body_limit_with_photo(&state))),
+        )
+        .route(
+            "/v1/uploads",
+            post(photos::upload).layer(DefaultBodyLimit::max(photos::upload_body_limit(&state))),
+        )
         .route("/v1/result/{task_id}", get(rest::result))
         .route("/result/{task_id}", get(rest::result))
         .route("/v1/result/{task_id}/events", get(rest::events))

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +16,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use super::errors::ApiError;
 use super::health::Probe;
+use super::photos;
 use super::render::result_json;
 use crate::core::{FailureCode, GenerateInput, Violation};
 use crate::tasks::{TaskRecord, TaskStatus};
@@ -24,29 +24,55 @@ use crate::tasks::{TaskRecord, TaskStatus};
 /// Longest `Prefer: wait=N` honoured, in seconds.
 const MAX_WAIT_SECS: u64 = 60;
 
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let value = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
     if state.keys.allows(value) { Ok(()) } else { Err(ApiError::Unauthenticated) }
 }
 
-fn parse_input(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<GenerateInput, ApiError> {
-    let body = body.map_err(|rejection| match rejection.status() {
+/// A generation request from a JSON body (the photo as a URL, or inline in `initial_image`) or a
+/// multipart form (the request's fields and an `image` file part).
+async fn read_generate(
+    state: &AppState,
+    request: Request,
+) -> Result<(GenerateInput, Option<Bytes>), ApiError> {
+    if photos::is_multipart(request.headers()) {
+        let (fields, image) = photos::generate_form(state, request).await?;
+        check_shape(&fields)?;
+        let input = serde_json::from_value(fields).map_err(invalid_body)?;
+        return Ok((input, image));
+    }
+    let limit = photos::body_limit_with_photo(state);
+    let body = Bytes::from_request(request, &()).await.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(limit),
         _ => ApiError::Malformed(rejection.body_text()),
     })?;
     let value: Value =
         serde_json::from_slice(&body).map_err(|e| ApiError::Malformed(format!("Malformed JSON: {e}.")))?;
+    check_shape(&value)?;
+    // From the bytes, not the parsed value: a `Value` keeps only the last of repeated keys, and a
+    // proxy that read the first one would have checked a different request.
+    let mut input: GenerateInput = serde_json::from_slice(&body).map_err(invalid_body)?;
+    let photo = input.initial_image.take().map(|text| photos::decode_inline(&text)).transpose()?;
+    // Only a photo earns a body beyond the usual limit.
+    if photo.is_none() && body.len() > state.max_body_bytes {
+        return Err(ApiError::TooLarge(state.max_body_bytes));
+    }
+    Ok((input, photo))
+}
+
+/// A request must be an object, and a blank prompt is the product spec's 400 whatever else is wrong.
+fn check_shape(value: &Value) -> Result<(), ApiError> {
     if !value.is_object() {
         return Err(ApiError::Malformed("The request body must be a JSON object.".into()));
     }
-    // A blank prompt is the product spec's 400, whatever else is wrong with the body.
     if value.get("prompt").and_then(Value::as_str).is_some_and(|p| p.trim().is_empty()) {
         return Err(ApiError::EmptyPrompt);
     }
-    // From the bytes, not the parsed value: a `Value` keeps only the last of repeated keys, and a
-    // proxy that read the first one would have checked a different request.
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::Invalid(vec![Violation { field: "body", description: format!("{e}.") }]))
+    Ok(())
+}
+
+fn invalid_body(e: serde_json::Error) -> ApiError {
+    ApiError::Invalid(vec![Violation { field: "body", description: format!("{e}.") }])
 }
 
 fn wait_preference(headers: &HeaderMap) -> Option<u64> {
@@ -59,14 +85,11 @@ fn wait_preference(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// POST /v1/generate: queue a task; with `Prefer: wait=N`, answer with the result if it is ready in time.
-pub async fn generate(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
+pub async fn generate(State(state): State<Arc<AppState>>, request: Request) -> Result<Response, ApiError> {
+    let headers = request.headers().clone();
     authorize(&state, &headers)?;
-    let input = parse_input(body, state.max_body_bytes)?;
-    let record = state.submit(input).await?;
+    let (input, photo) = read_generate(&state, request).await?;
+    let record = state.submit(input, photo).await?;
     if let Some(secs) = wait_preference(&headers) {
         let finished = state.wait_final(&record.task_id, Duration::from_secs(secs)).await;
         if let Some(done) = finished {

@@ -193,9 +193,11 @@ pub struct StorageFlags {
     /// Object store for generated images: file (under the data directory) or s3.
     #[arg(long = "object-store", env = "DESKGEN_OBJECT_STORE", value_enum, default_value = "file")]
     object_store: ObjectStoreKind,
-    /// Base URL clients reach this server at; file-store image URLs start with it.
-    #[arg(long = "image-base-url", env = "DESKGEN_IMAGE_BASE_URL", default_value = "http://127.0.0.1:8080")]
-    image_base_url: String,
+    /// Base URL clients reach this server at; file-store image URLs start with it (default: the
+    /// address `serve` listens on, with 127.0.0.1 for an unspecified address; http://127.0.0.1:8080
+    /// for other commands).
+    #[arg(long = "image-base-url", env = "DESKGEN_IMAGE_BASE_URL")]
+    image_base_url: Option<String>,
     /// S3 bucket for generated images (required with --object-store s3).
     #[arg(long = "s3-bucket", env = "DESKGEN_S3_BUCKET")]
     s3_bucket: Option<String>,

@@ -178,6 +178,10 @@ pub struct ServeConfig {
     /// Largest request body in bytes (REST JSON and gRPC messages).
     #[arg(long, env = "DESKGEN_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Largest photo a client may hand in, in bytes: an upload's body, a multipart file part, the
+    /// decoded `initial_image` of a JSON body or a gRPC message's bytes.
+    #[arg(long, env = "DESKGEN_MAX_UPLOAD_BYTES", default_value_t = 20_000_000)]
+    pub max_upload_bytes: u64,
     /// Largest image side a request may ask for, in pixels.
     #[arg(long, env = "DESKGEN_MAX_SIDE", default_value_t = 2048)]
     pub max_side: u32,

@@ -34,16 +34,6 @@ pub enum PhotoSource {
     },
 }
 
-impl PhotoSource {
-    /// The URL the result reports as `initial_image_url`; a stored object has none of its own.
-    pub fn url(&self) -> Option<&str> {
-        match self {
-            PhotoSource::Url(url) => Some(url),
-            PhotoSource::Stored { .. } => None,
-        }
-    }
-}
-
 /// A LoRA adapter and its weight for one request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraWeight {

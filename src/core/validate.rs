@@ -17,6 +17,9 @@ use crate::inference::diffusion::lora::{check_name, extract_prompt_loras};
 pub struct GenerateInput {
     /// Photo URL.
     pub initial_image_url: Option<String>,
+    /// The photo itself in a JSON body, base64 or a `data:image/…;base64,` URL; the transport
+    /// decodes and stores it before validation, which sees it as `stored_photo`.
+    pub initial_image: Option<String>,
     /// User text.
     pub prompt: Option<String>,
     /// Negative prompt.
@@ -45,8 +48,8 @@ pub struct GenerateInput {
     pub max_items_per_category: Option<i64>,
     /// Client-chosen task id.
     pub task_id: Option<String>,
-    /// A photo the transport already put into the object store (the CLI's local file); never
-    /// read from a request body.
+    /// The key of a photo the transport handed in as bytes (an inline photo, the CLI's file), to be
+    /// stored there; never read from a request body.
     #[serde(skip)]
     pub stored_photo: Option<String>,
 }
@@ -397,7 +400,6 @@ mod tests {
             GenerateInput { stored_photo: Some("images/uploads/a.jpg".into()), ..GenerateInput::default() };
         let (_, request) = validate(input, &Limits { max_side: 1024 }, &info()).unwrap();
         assert_eq!(request.photo, Some(PhotoSource::Stored { key: "images/uploads/a.jpg".into() }));
-        assert_eq!(request.photo.as_ref().and_then(PhotoSource::url), None);
         let both = GenerateInput {
             initial_image_url: Some("https://example.com/desk.jpg".into()),
             stored_photo: Some("images/uploads/a.jpg".into()),

@@ -137,7 +137,10 @@ impl DeskPipeline {
 #[async_trait]
 impl Pipeline for DeskPipeline {
     async fn run(&self, request: &GenerateRequest, ctx: &RunContext) -> Result<GenerateOutput, Failure> {
-        let initial_image_url = request.photo.as_ref().and_then(|p| p.url()).map(String::from);
+        let initial_image_url = match &request.photo {
+            Some(photo) => Some(self.photos.url(photo).await?),
+            None => None,
+        };
         let mut output = GenerateOutput { initial_image_url, ..GenerateOutput::default() };
         let seen = self.see(request, &mut output, ctx).await?;
         ctx.check()?;

@@ -23,6 +23,7 @@ use crate::api::grpc::{GrpcApi, check_auth, pb};
 use crate::api::{self, About, AppState};
 use crate::config::ServeConfig;
 use crate::core::Limits;
+use crate::intake::Intake;
 
 /// gRPC service names reported by the health service.
 const SERVICE_NAMES: [&str; 3] = ["deskgen.v1.Generate", "deskgen.v1.Result", "deskgen.v1.Info"];
@@ -77,6 +78,10 @@ pub(super) async fn api_app(
         services: node.services.clone(),
         keys,
         limits: Limits { max_side: config.max_side },
+        intake: Intake {
+            max_bytes: config.max_upload_bytes,
+            max_pixels: config.pipeline.vision.max_image_pixels,
+        },
         webhooks: node.webhooks.clone(),
         max_body_bytes: config.max_body_bytes,
         metrics: metrics_handle(),
@@ -124,8 +129,10 @@ fn grpc_routes(
         Ok(request)
     };
     let max = state.max_body_bytes;
+    // A Generate message may carry the photo's bytes.
+    let with_photo = max + state.intake.max_bytes as usize;
     let routes = tonic::service::Routes::new(InterceptedService::new(
-        GenerateServer::new(services.clone()).max_decoding_message_size(max),
+        GenerateServer::new(services.clone()).max_decoding_message_size(with_photo),
         auth.clone(),
     ))
     .add_service(InterceptedService::new(

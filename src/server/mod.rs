@@ -8,7 +8,7 @@ mod node;
 mod queue;
 mod worker;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -63,11 +63,12 @@ impl RunningServer {
 /// Starts an API node on `listener`; models load in the background (health reports NOT_SERVING
 /// until then).
 pub async fn start(
-    config: ServeConfig,
+    mut config: ServeConfig,
     listener: TcpListener,
     loader: PipelineLoader,
 ) -> anyhow::Result<RunningServer> {
     let addr = listener.local_addr()?;
+    config.pipeline.storage.image_base_url.get_or_insert_with(|| own_base_url(addr));
     let queue = queue::open_for_api(&config).await?;
     let node =
         node::Node::open(queue::host_name(), config.tasks.clone(), queue, &config.pipeline, &config.webhook)
@@ -77,6 +78,17 @@ pub async fn start(
     let server = listener::serve(listener, app, &shutdown);
     let handle = tokio::spawn(node.run(server, loader, ready));
     Ok(RunningServer { addr, shutdown, handle })
+}
+
+/// The URL this node's images are reached at when `--image-base-url` is not given: the address
+/// the listener is bound to, with loopback in place of an unspecified address.
+fn own_base_url(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
 }
 
 /// Starts a worker node: runs tasks from the Redis queue with `config.tasks.workers` workers and

@@ -115,6 +115,10 @@ impl ObjectStore for FileStore {
     }
 
     async fn url_for(&self, key: &str) -> Result<String, StorageError> {
+        self.reference(key)
+    }
+
+    fn reference(&self, key: &str) -> Result<String, StorageError> {
         check_key(key)?;
         let mut url = self.base_url.clone();
         url.path_segments_mut()

@@ -16,6 +16,9 @@ use bytes::Bytes;
 pub use file::FileStore;
 pub use s3::S3Store;
 
+/// Where file-store URLs point when neither `--image-base-url` nor a listener says otherwise.
+pub const DEFAULT_IMAGE_BASE_URL: &str = "http://127.0.0.1:8080";
+
 /// Default number of upload attempts before an upload fails.
 pub const DEFAULT_UPLOAD_ATTEMPTS: u32 = 4;
 
@@ -33,8 +36,9 @@ pub enum ObjectStoreKind {
 pub struct StorageConfig {
     /// Object store for generated images: file (under the data directory) or s3.
     pub object_store: ObjectStoreKind,
-    /// Base URL clients reach this server at; file-store image URLs start with it.
-    pub image_base_url: String,
+    /// Base URL clients reach this server at; file-store image URLs start with it. None means
+    /// [`DEFAULT_IMAGE_BASE_URL`]; an API node fills in the address it listens on.
+    pub image_base_url: Option<String>,
     /// S3 bucket for generated images (required with --object-store s3).
     pub s3_bucket: Option<String>,
     /// S3 region (default: from the AWS configuration chain, else us-east-1).
@@ -59,7 +63,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             object_store: ObjectStoreKind::File,
-            image_base_url: "http://127.0.0.1:8080".into(),
+            image_base_url: None,
             s3_bucket: None,
             s3_region: None,
             s3_endpoint: None,
@@ -109,6 +113,11 @@ pub trait ObjectStore: Send + Sync {
     /// returns the URL to fetch it from.
     async fn put_image(&self, key: &str, image: Bytes) -> Result<String, StorageError>;
 
+    /// How a request names the object under `key` in `initial_image_url`: `s3://bucket/key` in a
+    /// bucket, the server's own `/v1/images/…` URL in the file store. [`ObjectStore::key_for_url`]
+    /// recognises it.
+    fn reference(&self, key: &str) -> Result<String, StorageError>;
+
     /// Reads the object under `key`, refusing objects bigger than `max_bytes`.
     async fn get(&self, key: &str, max_bytes: u64) -> Result<Bytes, StorageError>;
 
@@ -133,7 +142,8 @@ pub trait ObjectStore: Send + Sync {
 pub async fn build(config: &StorageConfig, data_dir: &Path) -> Result<Arc<dyn ObjectStore>, StorageError> {
     match config.object_store {
         ObjectStoreKind::File => {
-            Ok(Arc::new(FileStore::open(data_dir.join("images"), &config.image_base_url).await?))
+            let base_url = config.image_base_url.as_deref().unwrap_or(DEFAULT_IMAGE_BASE_URL);
+            Ok(Arc::new(FileStore::open(data_dir.join("images"), base_url).await?))
         }
         ObjectStoreKind::S3 => Ok(Arc::new(S3Store::from_environment(config).await?)),
     }
@@ -157,6 +167,8 @@ pub(crate) fn content_type(key: &str) -> &'static str {
         "jpg" | "jpeg" => "image/jpeg",
         "webp" => "image/webp",
         "gif" => "image/gif",
+        "bmp" => "image/bmp",
+        "tif" | "tiff" => "image/tiff",
         _ => "application/octet-stream",
     }
 }

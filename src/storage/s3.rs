@@ -17,7 +17,7 @@ use percent_encoding::percent_decode_str;
 use rand::Rng;
 use reqwest::Url;
 
-use super::{ObjectStore, StorageConfig, StorageError, content_type, record};
+use super::{ObjectStore, StorageConfig, StorageError, check_key, content_type, record};
 
 /// The region used when neither the flag nor the AWS configuration chain names one.
 const FALLBACK_REGION: &str = "us-east-1";
@@ -237,6 +237,11 @@ impl ObjectStore for S3Store {
                 |e| StorageError::Config(format!("cannot presign {key}: {}", DisplayErrorContext(e))),
             )?;
         Ok(request.uri().to_owned())
+    }
+
+    fn reference(&self, key: &str) -> Result<String, StorageError> {
+        check_key(key)?;
+        Ok(format!("s3://{}/{key}", self.bucket))
     }
 
     fn key_for_url(&self, url: &str) -> Option<String> {

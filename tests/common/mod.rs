@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use clap::Parser;
 use deskgen::config::{Cli, Command, ServeConfig};
 use deskgen::core::{
-    Failure, FailureCode, GenerateOutput, GenerateRequest, ModelInfo, PipelineInfo, Recommendation,
+    Failure, FailureCode, GenerateOutput, GenerateRequest, ModelInfo, PhotoSource, PipelineInfo,
+    Recommendation,
 };
 use deskgen::pipeline::{DeskPipeline, Pipeline, RunContext};
 use deskgen::server::{PipelineLoader, RunningServer};
@@ -54,7 +55,11 @@ impl Pipeline for ScriptedPipeline {
         }
         let is_desk = !prompt.contains("notdesk");
         Ok(GenerateOutput {
-            initial_image_url: request.photo.as_ref().and_then(|p| p.url()).map(String::from),
+            initial_image_url: match &request.photo {
+                Some(PhotoSource::Url(url)) => Some(url.clone()),
+                Some(PhotoSource::Stored { key }) => Some(format!("stored:{key}")),
+                None => None,
+            },
             processed_image_url: is_desk.then(|| format!("http://example.invalid/{}.png", ctx.id())),
             is_desk: Some(is_desk),
             caption: Some("a desk with a laptop".into()),
@@ -240,7 +245,7 @@ pub async fn start_real_guarded(data_dir: &Path, args: &[&str]) -> TestServer {
     let port = listener.local_addr().unwrap().port();
     drop(listener);
     config.listen = format!("127.0.0.1:{port}").parse().unwrap();
-    config.pipeline.storage.image_base_url = format!("http://127.0.0.1:{port}");
+    config.pipeline.storage.image_base_url = Some(format!("http://127.0.0.1:{port}"));
     let pipeline_config = config.pipeline.clone();
     let loader: PipelineLoader = Box::new(move |services| {
         Ok(Arc::new(DeskPipeline::load(&pipeline_config, services)?) as Arc<dyn Pipeline>)

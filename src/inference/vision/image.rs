@@ -53,6 +53,22 @@ pub enum ImageError {
 /// EXIF orientation is applied; grayscale, CMYK, 16-bit and alpha images are converted to RGB
 /// (alpha composited over white, as a viewer would show it).
 pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
+    decode_upright(bytes, max_pixels).map(|decoded| to_rgb(decoded.image))
+}
+
+/// An image decoded and turned upright.
+pub struct Upright {
+    /// The pixels, EXIF orientation applied.
+    pub image: DynamicImage,
+    /// The format sniffed from the bytes.
+    pub format: ImageFormat,
+    /// Whether the EXIF orientation turned or flipped the image, so the bytes show it otherwise.
+    pub turned: bool,
+}
+
+/// Decodes `bytes` (at most `max_pixels` pixels, checked from the header first) and applies the
+/// EXIF orientation, keeping the decoder's pixel format.
+pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<Upright, ImageError> {
     let format = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .ok()
@@ -97,7 +113,7 @@ pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageErro
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let mut image = DynamicImage::from_decoder(decoder).map_err(limited)?;
     image.apply_orientation(orientation);
-    Ok(to_rgb(image))
+    Ok(Upright { image, format, turned: orientation != Orientation::NoTransforms })
 }
 
 /// Whether the JPEG's segments run through to its end-of-image marker.

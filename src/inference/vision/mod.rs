@@ -23,7 +23,7 @@ pub use captioner::{CaptionError, Captioner, GenerationOptions};
 pub use classifier::{ClassScore, Classifier};
 pub use desk::{SceneAnalysis, compose_caption};
 pub use detector::{Detection, Detector};
-pub use image::{ImageError, decode_image};
+pub use image::{ImageError, Upright, decode_image, decode_upright};
 
 /// How many ImageNet classes a [`SceneAnalysis`] reports.
 const TOP_CLASSES: usize = 5;
