@@ -176,7 +176,8 @@ pub async fn generate(command: GenerateCommand, out: &mut impl Write) -> anyhow:
                 Some(photo.key)
             }
             Err(refused) => {
-                eprintln!("error: {refused}");
+                // Refused before any work, in the words a failed task would use.
+                writeln!(out, "failed: {} {refused}", FailureCode::InvalidImage.as_str())?;
                 return Ok(EXIT_BAD_INPUT);
             }
         },
