@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
+use prost::Message as _;
 
 use super::AppState;
 use super::errors::ApiError;
@@ -161,6 +162,15 @@ impl Generate for GrpcApi {
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         let mut request = request.into_inner();
         let photo = request.initial_image.take().map(Bytes::from);
+        // The decoder's limit leaves room for a photo; the rest of the message keeps the usual one,
+        // refused with the code tonic gives any message over its limit.
+        let rest = request.encoded_len();
+        if rest > self.state.max_body_bytes {
+            return Err(Status::out_of_range(format!(
+                "The request without its photo is {rest} bytes, over the limit of {} bytes.",
+                self.state.max_body_bytes
+            )));
+        }
         let record = self.state.submit(request.into(), photo).await?;
         Ok(Response::new(pb::GenerateResponse {
             task_id: record.task_id,

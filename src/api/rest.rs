@@ -46,17 +46,22 @@ async fn read_generate(
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(limit),
         _ => ApiError::Malformed(rejection.body_text()),
     })?;
-    let value: Value =
-        serde_json::from_slice(&body).map_err(|e| ApiError::Malformed(format!("Malformed JSON: {e}.")))?;
+    // Only a photo earns a body beyond the usual limit: a larger body that is not a request with
+    // `initial_image` is too large, whatever else is wrong with it.
+    let oversized = body.len() > state.max_body_bytes;
+    let too_large = || ApiError::TooLarge(state.max_body_bytes);
+    let value: Value = serde_json::from_slice(&body).map_err(|e| match oversized {
+        true => too_large(),
+        false => ApiError::Malformed(format!("Malformed JSON: {e}.")),
+    })?;
+    if oversized && value.get("initial_image").is_none_or(Value::is_null) {
+        return Err(too_large());
+    }
     check_shape(&value)?;
     // From the bytes, not the parsed value: a `Value` keeps only the last of repeated keys, and a
     // proxy that read the first one would have checked a different request.
     let mut input: GenerateInput = serde_json::from_slice(&body).map_err(invalid_body)?;
     let photo = input.initial_image.take().map(|text| photos::decode_inline(&text)).transpose()?;
-    // Only a photo earns a body beyond the usual limit.
-    if photo.is_none() && body.len() > state.max_body_bytes {
-        return Err(ApiError::TooLarge(state.max_body_bytes));
-    }
     Ok((input, photo))
 }
 
