@@ -24,8 +24,8 @@ use crate::tasks::{TaskRecord, new_task_id};
 /// Runs the vision models over a labelled folder and prints the report.
 pub fn eval(command: &EvalCommand, out: &mut impl Write) -> anyhow::Result<()> {
     let runtime = Runtime::init(&command.runtime)?;
-    let vision = Vision::load(&runtime, &command.vision)?;
-    let report = crate::eval::run(&command.photos, &vision)?;
+    let mut vision = Vision::load(&runtime, &command.vision)?;
+    let report = crate::eval::run(&command.photos, &mut vision)?;
     crate::eval::print(&report, command.json, out)
 }
 
@@ -65,7 +65,7 @@ pub fn models(command: &ModelsCommand, out: &mut impl Write) -> anyhow::Result<(
 pub fn bench(command: &BenchCommand, out: &mut impl Write) -> anyhow::Result<()> {
     let runtime = Runtime::init(&command.runtime)?;
     let started = Instant::now();
-    let diffusion = StableDiffusion::load(&runtime, &command.sd_model)?;
+    let mut diffusion = StableDiffusion::load(&runtime, &command.sd_model)?;
     let load_ms = elapsed_ms(started);
     let started = Instant::now();
     diffusion.warm_up()?;

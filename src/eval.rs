@@ -73,7 +73,7 @@ pub struct EvalReport {
 }
 
 /// Analyses every photo under `photos` (its `desk/` and `not_desk/` folders) and collects the report.
-pub fn run(photos: &Path, vision: &Vision) -> anyhow::Result<EvalReport> {
+pub fn run(photos: &Path, vision: &mut Vision) -> anyhow::Result<EvalReport> {
     let mut files = Vec::new();
     for (folder, expected_desk) in [("desk", true), ("not_desk", false)] {
         for path in images_in(&photos.join(folder))? {
@@ -124,7 +124,7 @@ fn images_in(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-fn evaluate(vision: &Vision, root: &Path, path: &Path, expected_desk: bool) -> FileVerdict {
+fn evaluate(vision: &mut Vision, root: &Path, path: &Path, expected_desk: bool) -> FileVerdict {
     let file = path.strip_prefix(root).unwrap_or(path).display().to_string();
     let mut verdict = FileVerdict {
         file,

@@ -6,13 +6,13 @@ mod npy;
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use deskgen::inference::diffusion::schedulers::{SchedulerConfig, img2img_start_index};
 use deskgen::inference::diffusion::{
     ClipTokenizer, DiffusionError, GenerateParams, SchedulerKind, StableDiffusion,
 };
-use deskgen::inference::{Runtime, RuntimeConfig};
+use deskgen::inference::{ModelOwner, Runtime, RuntimeConfig};
 use ndarray::{Array4, ArrayD, ArrayView4, Axis, Ix4, concatenate};
 use serde_json::Value;
 
@@ -29,18 +29,25 @@ fn runtime() -> Runtime {
         .expect("ONNX Runtime loads")
 }
 
-fn sd15() -> &'static StableDiffusion {
-    static PIPELINE: OnceLock<StableDiffusion> = OnceLock::new();
-    PIPELINE.get_or_init(|| {
-        StableDiffusion::load(&runtime(), fixtures().join("tiny-sd15")).expect("tiny-sd15 loads")
-    })
+/// One of the shared pipelines below.
+type Shared = fn() -> MutexGuard<'static, StableDiffusion>;
+
+/// The tiny SD 1.5 pipeline, loaded once; running it takes `&mut`, so tests take turns.
+fn sd15() -> MutexGuard<'static, StableDiffusion> {
+    static PIPELINE: OnceLock<Mutex<StableDiffusion>> = OnceLock::new();
+    let pipeline = PIPELINE.get_or_init(|| {
+        Mutex::new(StableDiffusion::load(&runtime(), fixtures().join("tiny-sd15")).expect("tiny-sd15 loads"))
+    });
+    pipeline.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn sdxl() -> &'static StableDiffusion {
-    static PIPELINE: OnceLock<StableDiffusion> = OnceLock::new();
-    PIPELINE.get_or_init(|| {
-        StableDiffusion::load(&runtime(), fixtures().join("tiny-sdxl")).expect("tiny-sdxl loads")
-    })
+/// The tiny SDXL pipeline, as [`sd15`].
+fn sdxl() -> MutexGuard<'static, StableDiffusion> {
+    static PIPELINE: OnceLock<Mutex<StableDiffusion>> = OnceLock::new();
+    let pipeline = PIPELINE.get_or_init(|| {
+        Mutex::new(StableDiffusion::load(&runtime(), fixtures().join("tiny-sdxl")).expect("tiny-sdxl loads"))
+    });
+    pipeline.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Python's json writes `-Infinity` (diffusers' `lambda_min_clipped`); strict JSON has no such token.
@@ -220,10 +227,12 @@ fn scheduler_steps_match_reference_latents() {
 fn tokenizers_and_text_embeddings_match_reference() {
     let prompt = "a photo of a wooden desk with a laptop, soft light";
     let negative = "blurry, low quality";
-    for (model, pipeline, dirs) in [
-        ("sd15", sd15(), vec![("tokenizer", "input_ids")]),
-        ("sdxl", sdxl(), vec![("tokenizer", "input_ids"), ("tokenizer_2", "input_ids_2")]),
-    ] {
+    let models: [(_, Shared, _); 2] = [
+        ("sd15", sd15, vec![("tokenizer", "input_ids")]),
+        ("sdxl", sdxl, vec![("tokenizer", "input_ids"), ("tokenizer_2", "input_ids_2")]),
+    ];
+    for (model, pipeline, dirs) in models {
+        let mut pipeline = pipeline();
         let reference = fixtures().join("reference").join(model);
         let model_dir = pipeline.config().dir.clone();
         for (dir, ids_file) in dirs {
@@ -281,7 +290,8 @@ fn tokenizer_pads_truncates_and_takes_any_script() {
 #[test]
 fn generations_match_reference_images() {
     let mut report = Vec::new();
-    for (model, pipeline) in [("sd15", sd15()), ("sdxl", sdxl())] {
+    for (model, pipeline) in [("sd15", sd15 as Shared), ("sdxl", sdxl)] {
+        let mut pipeline = pipeline();
         for case in reference_cases(model) {
             let id = case["id"].as_str().unwrap().to_string();
             let shared =
@@ -501,7 +511,7 @@ fn broken_model_directories_name_the_file() {
     .unwrap();
 
     std::fs::remove_file(dir.join("vae_encoder/model.onnx")).unwrap();
-    let text_only = StableDiffusion::load(&runtime, &dir).unwrap();
+    let mut text_only = StableDiffusion::load(&runtime, &dir).unwrap();
     assert!(!text_only.supports_img2img());
     let photo = image::RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]));
     let img2img = GenerateParams { init_image: Some(photo), ..params("a desk", SchedulerKind::Ddim) };
@@ -509,19 +519,21 @@ fn broken_model_directories_name_the_file() {
     assert!(error.to_string().contains("vae_encoder/model.onnx"), "{error}");
 }
 
-#[test]
-fn pipeline_is_shareable_across_threads() {
-    fn assert_send_sync<T: Send + Sync>() {}
-    assert_send_sync::<StableDiffusion>();
-    let images: Vec<_> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..2)
-            .map(|_| {
-                scope.spawn(|| sd15().generate(&params("a desk", SchedulerKind::Euler), &mut keep_going()))
-            })
-            .collect();
-        handles.into_iter().map(|h| png_bytes(&h.join().unwrap().unwrap().image)).collect()
-    });
-    assert_eq!(images[0], images[1]);
+#[tokio::test]
+async fn a_pipeline_on_its_owner_thread_serves_concurrent_requests() {
+    let owner = ModelOwner::spawn(
+        "diffusion",
+        StableDiffusion::load(&runtime(), fixtures().join("tiny-sd15")).unwrap(),
+    )
+    .unwrap();
+    let generate = || {
+        owner.run(|pipeline| {
+            let generated = pipeline.generate(&params("a desk", SchedulerKind::Euler), &mut keep_going());
+            png_bytes(&generated.unwrap().image)
+        })
+    };
+    let (first, second) = tokio::join!(generate(), generate());
+    assert_eq!(first.unwrap(), second.unwrap());
 }
 
 #[test]

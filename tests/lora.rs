@@ -10,7 +10,7 @@ mod npy;
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Instant;
 
 use common::{TestServer, poll_final, start_real_guarded};
@@ -45,9 +45,11 @@ fn pipeline(cache_size: usize) -> StableDiffusion {
     sd
 }
 
-fn shared_pipeline() -> &'static StableDiffusion {
-    static PIPELINE: OnceLock<StableDiffusion> = OnceLock::new();
-    PIPELINE.get_or_init(|| pipeline(8))
+/// One pipeline for the tests that do not count cache entries; running it takes `&mut`, so tests
+/// take turns.
+fn shared_pipeline() -> MutexGuard<'static, StableDiffusion> {
+    static PIPELINE: OnceLock<Mutex<StableDiffusion>> = OnceLock::new();
+    PIPELINE.get_or_init(|| Mutex::new(pipeline(8))).lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn max_abs_diff<'a>(a: impl IntoIterator<Item = &'a f32>, b: impl IntoIterator<Item = &'a f32>) -> f32 {
@@ -97,7 +99,7 @@ fn vm_rss_kib() -> u64 {
 
 #[test]
 fn merged_generations_match_diffusers_fused_reference() {
-    let sd = shared_pipeline();
+    let mut sd = shared_pipeline();
     let base = sd.generate_with_noise(&reference_params(vec![]), noise().view(), &mut keep_going()).unwrap();
     let mut report = Vec::new();
     let mut latents_by_case = BTreeMap::new();
@@ -135,7 +137,7 @@ fn merged_generations_match_diffusers_fused_reference() {
 
 #[test]
 fn weight_zero_is_the_base_model_exactly() {
-    let sd = shared_pipeline();
+    let mut sd = shared_pipeline();
     let base = sd.generate_with_noise(&reference_params(vec![]), noise().view(), &mut keep_going()).unwrap();
     let zero = vec![("minimal-desk".to_string(), 0.0), ("cozy-desk".to_string(), 0.0)];
     let got = sd.generate_with_noise(&reference_params(zero), noise().view(), &mut keep_going()).unwrap();
@@ -159,7 +161,7 @@ fn merged_sessions_are_cached_bounded_and_leave_the_base_alone() {
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         return;
     }
-    let sd = pipeline(2);
+    let mut sd = pipeline(2);
     let params = |weight: f32| reference_params(vec![("minimal-desk".into(), weight)]);
     let base_before = sd.generate_with_noise(&params(0.0), noise().view(), &mut keep_going()).unwrap();
     let rss_start = vm_rss_kib();
@@ -207,7 +209,7 @@ fn merged_sessions_are_cached_bounded_and_leave_the_base_alone() {
 
 #[test]
 fn cache_size_zero_merges_per_request() {
-    let sd = pipeline(0);
+    let mut sd = pipeline(0);
     let params = reference_params(vec![("cozy-desk".into(), 0.5)]);
     let a = sd.generate_with_noise(&params, noise().view(), &mut keep_going()).unwrap();
     let b = sd.generate_with_noise(&params, noise().view(), &mut keep_going()).unwrap();
@@ -217,7 +219,8 @@ fn cache_size_zero_merges_per_request() {
 
 #[test]
 fn library_lists_rank_targets_and_trigger_words() {
-    let library = shared_pipeline().lora_library().unwrap();
+    let sd = shared_pipeline();
+    let library = sd.lora_library().unwrap();
     let adapters: Vec<_> = library.adapters().collect();
     assert_eq!(adapters.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), ["cozy-desk", "minimal-desk"]);
     let (cozy, minimal) = (adapters[0], adapters[1]);
@@ -445,8 +448,8 @@ fn a_model_without_a_matching_weights_map_takes_no_unet_adapters() {
 
 #[test]
 fn bad_requests_name_the_problem_and_leave_the_pipeline_working() {
-    let sd = shared_pipeline();
-    let run = |loras: Vec<(&str, f32)>| {
+    let mut sd = shared_pipeline();
+    let mut run = |loras: Vec<(&str, f32)>| {
         let loras = loras.into_iter().map(|(n, w)| (n.to_string(), w)).collect();
         let params = GenerateParams { num_inference_steps: 1, ..reference_params(loras) };
         sd.generate(&params, &mut keep_going())

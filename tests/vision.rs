@@ -4,7 +4,7 @@
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -34,10 +34,14 @@ fn config() -> VisionConfig {
     }
 }
 
-static VISION: LazyLock<Vision> = LazyLock::new(|| {
-    let runtime = Runtime::init(&RuntimeConfig::default()).expect("ONNX Runtime (run onnx/fetch_ort.sh)");
-    Vision::load(&runtime, &config()).expect("vision models (run onnx/make_models.sh)")
-});
+/// The vision models, loaded once; running them takes `&mut`, so tests take turns.
+fn vision() -> MutexGuard<'static, Vision> {
+    static VISION: LazyLock<Mutex<Vision>> = LazyLock::new(|| {
+        let runtime = Runtime::init(&RuntimeConfig::default()).expect("ONNX Runtime (run onnx/fetch_ort.sh)");
+        Mutex::new(Vision::load(&runtime, &config()).expect("vision models (run onnx/make_models.sh)"))
+    });
+    VISION.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 fn photo(name: &str) -> RgbImage {
     let path: PathBuf = root().join("assets/testdata/darknet").join(name);
@@ -58,7 +62,7 @@ fn score_of(analysis: &SceneAnalysis, label: &str) -> f32 {
 
 #[test]
 fn dog_photo_detects_bicycle_dog_and_car_where_they_are() {
-    let analysis = VISION.analyze(&photo("dog.jpg")).unwrap();
+    let analysis = vision().analyze(&photo("dog.jpg")).unwrap();
     assert!(score_of(&analysis, "bicycle") > 0.9, "{:?}", analysis.detections);
     assert!(score_of(&analysis, "dog") > 0.75, "{:?}", analysis.detections);
     assert!(score_of(&analysis, "car") > 0.5, "{:?}", analysis.detections);
@@ -77,7 +81,7 @@ fn dog_photo_detects_bicycle_dog_and_car_where_they_are() {
 
 #[test]
 fn classifier_names_a_dog_breed_for_the_dog_photo() {
-    let analysis = VISION.analyze(&photo("dog.jpg")).unwrap();
+    let analysis = vision().analyze(&photo("dog.jpg")).unwrap();
     let labels = std::fs::read_to_string(config().classifier_labels).unwrap();
     let index = labels.lines().position(|l| l == analysis.top_classes[0].label).unwrap();
     // ImageNet's dog breeds are classes 151 to 268.
@@ -90,7 +94,7 @@ fn classifier_names_a_dog_breed_for_the_dog_photo() {
 #[test]
 fn darknet_photos_are_not_desks() {
     for name in DARKNET {
-        let analysis = VISION.analyze(&photo(name)).unwrap();
+        let analysis = vision().analyze(&photo(name)).unwrap();
         assert!(!analysis.is_desk, "{name} taken for a desk: {analysis:?}");
         assert!(analysis.desk_score < 0.3, "{name}: desk score {}", analysis.desk_score);
     }
@@ -98,10 +102,10 @@ fn darknet_photos_are_not_desks() {
 
 #[test]
 fn person_and_horses_are_found() {
-    let person = VISION.analyze(&photo("person.jpg")).unwrap();
+    let person = vision().analyze(&photo("person.jpg")).unwrap();
     assert!(score_of(&person, "person") > 0.8, "{:?}", person.detections);
     assert!(score_of(&person, "horse") > 0.5 || score_of(&person, "dog") > 0.5, "{:?}", person.detections);
-    let horses = VISION.analyze(&photo("horses.jpg")).unwrap();
+    let horses = vision().analyze(&photo("horses.jpg")).unwrap();
     assert!(horses.detections.iter().filter(|d| d.label == "horse").count() >= 3, "{:?}", horses.detections);
 }
 
@@ -110,7 +114,7 @@ fn a_blank_synthetic_image_has_no_desk_and_no_objects() {
     let image = RgbImage::from_fn(320, 240, |x, y| Rgb([(x % 256) as u8, (y % 256) as u8, 128]));
     let bytes = encode(&image.into(), ImageFormat::Png);
     let decoded = decode_image(&bytes, MAX_PIXELS).unwrap();
-    let analysis = VISION.analyze(&decoded).unwrap();
+    let analysis = vision().analyze(&decoded).unwrap();
     assert!(!analysis.is_desk, "{analysis:?}");
     assert!(analysis.detections.is_empty(), "{:?}", analysis.detections);
     assert!(analysis.items.is_empty(), "{:?}", analysis.items);
@@ -119,8 +123,8 @@ fn a_blank_synthetic_image_has_no_desk_and_no_objects() {
 #[test]
 fn caption_without_a_captioner_is_composed_from_the_analysis() {
     let image = photo("dog.jpg");
-    let analysis = VISION.analyze(&image).unwrap();
-    let caption = VISION.caption(&image, &analysis).unwrap();
+    let analysis = vision().analyze(&image).unwrap();
+    let caption = vision().caption(&image, &analysis).unwrap();
     assert_eq!(caption, compose_caption(&analysis));
     assert!(caption.starts_with("a photo of a bicycle"), "{caption}");
     assert!(caption.contains("a dog"), "{caption}");
@@ -128,7 +132,7 @@ fn caption_without_a_captioner_is_composed_from_the_analysis() {
 
 #[test]
 fn models_report_the_loaded_files() {
-    let models = VISION.models();
+    let models = vision().models();
     let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, ["ssd-mobilenet-v2-coco", "efficientnet-lite3"]);
     for model in &models {
@@ -361,7 +365,7 @@ fn captioner(dir: &Path) -> Captioner {
 
 #[test]
 fn captioner_greedy_and_beam_search_match_transformers() {
-    let captioner = captioner(&fixtures().join("tiny-captioner"));
+    let mut captioner = captioner(&fixtures().join("tiny-captioner"));
     let pixels = reference_pixels();
     let greedy = captioner.generate(&pixels, &reference_options(1)).unwrap();
     assert_eq!(greedy, reference_tokens("token_ids_greedy.npy"));
@@ -380,7 +384,7 @@ fn captioner_with_split_decoders_matches_the_merged_one() {
             std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
         }
     }
-    let captioner = captioner(dir.path());
+    let mut captioner = captioner(dir.path());
     let ids: Vec<&str> = captioner.models().iter().map(|m| m.id.as_str()).collect();
     assert_eq!(
         ids,
@@ -412,7 +416,7 @@ fn captioner_preprocessing_matches_the_image_processor() {
 
 #[test]
 fn captioner_defaults_come_from_generation_config_and_caption_decodes_tokens() {
-    let captioner = captioner(&fixtures().join("tiny-captioner"));
+    let mut captioner = captioner(&fixtures().join("tiny-captioner"));
     let defaults = captioner.default_options();
     assert_eq!((defaults.num_beams, defaults.max_new_tokens, defaults.min_new_tokens), (1, 16, 0));
     let bytes = std::fs::read(fixtures().join("reference/init_image.png")).unwrap();
@@ -443,7 +447,7 @@ fn vision_with_a_captioner_captions_with_it_and_lists_its_models() {
         caption_max_tokens: Some(5),
         ..config()
     };
-    let vision = Vision::load(&runtime, &config).unwrap();
+    let mut vision = Vision::load(&runtime, &config).unwrap();
     let ids: Vec<String> = vision.models().into_iter().map(|m| m.id).collect();
     assert_eq!(
         ids,

@@ -58,7 +58,7 @@ struct RustRun {
     unet_run_ms: f64,
 }
 
-fn rust_runs(pipeline: &StableDiffusion, runs: usize) -> anyhow::Result<Vec<RustRun>> {
+fn rust_runs(pipeline: &mut StableDiffusion, runs: usize) -> anyhow::Result<Vec<RustRun>> {
     let params = GenerateParams {
         prompt: PROMPT.into(),
         negative_prompt: NEGATIVE.into(),
@@ -89,14 +89,14 @@ fn rust_runs(pipeline: &StableDiffusion, runs: usize) -> anyhow::Result<Vec<Rust
 pub async fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
     let runtime =
         Runtime::init(&RuntimeConfig { intra_threads: settings.threads, ..RuntimeConfig::default() })?;
-    let pipeline = StableDiffusion::load(&runtime, repo_path(MODEL))?;
+    let mut pipeline = StableDiffusion::load(&runtime, repo_path(MODEL))?;
     // Warm-up, then half the Rust runs before the Python ones and half after, so drift in the
     // machine's load falls on both sides.
-    rust_runs(&pipeline, 2)?;
+    rust_runs(&mut pipeline, 2)?;
     let half = settings.runs.div_ceil(2);
-    let mut rust = rust_runs(&pipeline, half)?;
+    let mut rust = rust_runs(&mut pipeline, half)?;
     let (python, ort_version) = tokio::task::block_in_place(|| python_runs(settings))?;
-    rust.extend(rust_runs(&pipeline, settings.runs - half)?);
+    rust.extend(rust_runs(&mut pipeline, settings.runs - half)?);
 
     let rust_total: Vec<f64> = rust.iter().map(|r| r.total_ms).collect();
     let step_ms: Vec<f64> = rust.iter().map(|r| r.unet_ms / f64::from(STEPS)).collect();

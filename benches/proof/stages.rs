@@ -132,9 +132,10 @@ pub async fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()>
 fn vision_stages(settings: &Settings) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let runtime =
         Runtime::init(&RuntimeConfig { intra_threads: settings.threads, ..RuntimeConfig::default() })?;
-    let detector = Detector::new(runtime.session(&repo_path("assets/models/detector.onnx"))?)?;
+    let mut detector = Detector::new(runtime.session(&repo_path("assets/models/detector.onnx"))?)?;
     let labels = read_labels(&repo_path("assets/models/imagenet_labels.txt"))?;
-    let classifier = Classifier::new(runtime.session(&repo_path("assets/models/classifier.onnx"))?, labels)?;
+    let mut classifier =
+        Classifier::new(runtime.session(&repo_path("assets/models/classifier.onnx"))?, labels)?;
     let photo = decode_image(&std::fs::read(repo_path("assets/testdata/darknet/dog.jpg"))?, 40_000_000)
         .context("decoding dog.jpg")?;
     detector.detect(&photo, 0.4)?;

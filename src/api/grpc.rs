@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tonic::{Request, Response, Status};
 use prost::Message as _;
+use tonic::{Request, Response, Status};
 
 use super::AppState;
 use super::errors::ApiError;

@@ -1,9 +1,11 @@
 //! Model execution on ONNX Runtime: the runtime itself, the vision models and Stable Diffusion.
 
 pub mod diffusion;
+pub mod owner;
 pub mod runtime;
 pub mod vision;
 
+pub use owner::{ModelOwner, NoAnswer};
 pub use runtime::{
     ArenaExtend, ConvAlgoSearch, ExecutionProvider, InitializerOverrides, Runtime, RuntimeConfig,
     RuntimeError,

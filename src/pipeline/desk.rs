@@ -16,7 +16,7 @@ use crate::fetch::{FetchConfig, Fetcher};
 use crate::inference::diffusion::lora::LoraOptions;
 use crate::inference::diffusion::{SchedulerKind, StableDiffusion};
 use crate::inference::vision::{Vision, VisionConfig};
-use crate::inference::{ExecutionProvider, Runtime, RuntimeConfig};
+use crate::inference::{ExecutionProvider, ModelOwner, Runtime, RuntimeConfig};
 use crate::shopping::{ShoppingConfig, ShoppingProvider};
 use crate::storage::StorageConfig;
 
@@ -51,8 +51,9 @@ pub struct PipelineConfig {
 
 /// The product's pipeline over real models and services.
 pub struct DeskPipeline {
-    vision: Arc<Vision>,
+    vision: ModelOwner<Vision>,
     painter: Painter,
+    size_multiple: u32,
     photos: PhotoSources,
     shopping: Arc<dyn ShoppingProvider>,
     settings: PipelineSettings,
@@ -71,12 +72,19 @@ impl DeskPipeline {
         let models = model_list(&vision, &diffusion, runtime.provider().as_str())?;
         let loras = lora_list(&diffusion);
         Ok(DeskPipeline {
-            vision: Arc::new(vision),
-            painter: Painter { diffusion: Arc::new(diffusion), store: store.clone() },
+            vision: ModelOwner::spawn("vision", vision)?,
+            size_multiple: diffusion.config().size_multiple as u32,
+            painter: Painter {
+                native_size: diffusion.native_size(),
+                default_scheduler: diffusion.default_scheduler(),
+                diffusion: ModelOwner::spawn("diffusion", diffusion)?,
+                store: store.clone(),
+            },
             photos: PhotoSources {
                 store,
                 fetcher: Fetcher::new(&config.fetch)?,
                 max_image_bytes: config.fetch.max_image_bytes,
+                max_image_pixels: config.vision.max_image_pixels,
             },
             shopping,
             settings: PipelineSettings::load(config.pipeline_config.as_deref())?,
@@ -124,7 +132,7 @@ impl DeskPipeline {
     ) -> Result<Option<Seen>, Failure> {
         let Some(source) = &request.photo else { return Ok(None) };
         let bytes = self.photos.read(source, ctx, &mut output.timings_ms).await?;
-        let photo = decode(&self.vision, bytes, &mut output.timings_ms).await?;
+        let photo = decode(bytes, self.photos.max_image_pixels, &mut output.timings_ms).await?;
         ctx.check()?;
         let seen = look_at(&self.vision, photo, ctx, &mut output.timings_ms).await?;
         output.is_desk = Some(seen.scene.is_desk);
@@ -177,13 +185,12 @@ impl Pipeline for DeskPipeline {
     }
 
     fn info(&self) -> PipelineInfo {
-        let diffusion = &self.painter.diffusion;
         PipelineInfo {
             models: self.models.clone(),
             schedulers: SchedulerKind::ALL.iter().map(|s| s.as_str().to_string()).collect(),
-            default_scheduler: diffusion.default_scheduler().as_str().to_string(),
-            native_size: diffusion.native_size().0,
-            size_multiple: diffusion.config().size_multiple as u32,
+            default_scheduler: self.painter.default_scheduler.as_str().to_string(),
+            native_size: self.painter.native_size.0,
+            size_multiple: self.size_multiple,
             loras: self.loras.clone(),
             max_lora_weight: self.max_lora_weight,
             negative_prompt: self.settings.prompt.negative.clone(),

@@ -9,14 +9,19 @@ use image::{ImageEncoder, RgbImage};
 
 use super::{RunContext, record_ms};
 use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest};
+use crate::inference::ModelOwner;
 use crate::inference::diffusion::schedulers::img2img_start_index;
-use crate::inference::diffusion::{DiffusionError, GenerateParams, StableDiffusion};
+use crate::inference::diffusion::{DiffusionError, GenerateParams, SchedulerKind, StableDiffusion};
 use crate::storage::ObjectStore;
 
 /// The diffusion engine and where its images go.
 pub struct Painter {
-    /// The loaded Stable Diffusion pipeline.
-    pub diffusion: Arc<StableDiffusion>,
+    /// The loaded Stable Diffusion pipeline, on its owner thread.
+    pub diffusion: ModelOwner<StableDiffusion>,
+    /// The model's training resolution (width, height), the size a request gets when it names none.
+    pub native_size: (u32, u32),
+    /// The scheduler a request gets when it names none.
+    pub default_scheduler: SchedulerKind,
     /// Where generated PNGs are stored.
     pub store: Arc<dyn ObjectStore>,
 }
@@ -45,7 +50,7 @@ impl Painter {
         output.prompt_used = Some(prompts.prompt.clone());
         output.negative_prompt_used = Some(prompts.negative.clone());
         output.seed = Some(seed);
-        let (native_w, native_h) = self.diffusion.native_size();
+        let (native_w, native_h) = self.native_size;
         let params = GenerateParams {
             prompt: prompts.prompt,
             negative_prompt: prompts.negative,
@@ -55,7 +60,7 @@ impl Painter {
             height: request.height.unwrap_or(native_h),
             strength: request.strength,
             seed,
-            scheduler: request.scheduler.unwrap_or_else(|| self.diffusion.default_scheduler()),
+            scheduler: request.scheduler.unwrap_or(self.default_scheduler),
             init_image: photo,
             guidance_rescale: 0.0,
             loras: request.loras.iter().map(|l| (l.name.clone(), l.weight)).collect(),
@@ -81,7 +86,8 @@ impl Painter {
         }
     }
 
-    /// Runs the diffusion pipeline and encodes its image as PNG, recording the stage timings.
+    /// Runs the diffusion pipeline and encodes its image as PNG on the models' thread, recording
+    /// the stage timings.
     async fn generate(
         &self,
         params: GenerateParams,
@@ -89,16 +95,20 @@ impl Painter {
         ctx: &RunContext,
     ) -> Result<Vec<u8>, DiffusionError> {
         let with_loras = !params.loras.is_empty();
-        let diffusion = self.diffusion.clone();
         let step_ctx = ctx.clone();
-        let generated = tokio::task::spawn_blocking(move || {
-            diffusion.generate(&params, &mut |done, total| {
-                step_ctx.progress("diffusion", done, total);
-                if step_ctx.check().is_err() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        let (generated, png, encode_ms) = self
+            .diffusion
+            .run(move |diffusion| {
+                let generated = diffusion.generate(&params, &mut |done, total| {
+                    step_ctx.progress("diffusion", done, total);
+                    if step_ctx.check().is_err() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+                })?;
+                let started = Instant::now();
+                let png = encode_png(&generated.image);
+                Ok::<_, DiffusionError>((generated, png, started.elapsed().as_secs_f64() * 1000.0))
             })
-        })
-        .await
-        .map_err(|e| DiffusionError::Inference { model: "pipeline", reason: e.to_string() })??;
+            .await
+            .map_err(|e| DiffusionError::Inference { model: "pipeline", reason: e.to_string() })??;
         let timings = &mut output.timings_ms;
         if with_loras {
             timings.insert("lora".into(), generated.timings.lora_ms);
@@ -106,9 +116,7 @@ impl Painter {
         timings.insert("text_encode".into(), generated.timings.text_encode_ms);
         timings.insert("unet".into(), generated.timings.unet_ms);
         timings.insert("vae".into(), generated.timings.vae_ms);
-        let started = Instant::now();
-        let png = encode_png(&generated.image);
-        record_ms(timings, "encode_png", started);
+        timings.insert("encode_png".into(), encode_ms);
         Ok(png)
     }
 

@@ -1,13 +1,13 @@
 //! The look stage: what the vision models see in the photo (desk or not, items, a caption).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Instant;
 
 use image::RgbImage;
 
 use super::{RunContext, record_ms};
 use crate::core::{BoundingBox, DetectedItem, Failure, FailureCode};
+use crate::inference::ModelOwner;
 use crate::inference::vision::{SceneAnalysis, Vision};
 
 /// The photo and what the vision models made of it.
@@ -37,33 +37,33 @@ impl Seen {
 
 /// Runs the detector and classifier ("vision"), then the captioner ("caption").
 pub async fn look_at(
-    vision: &Arc<Vision>,
+    vision: &ModelOwner<Vision>,
     photo: RgbImage,
     ctx: &RunContext,
     timings: &mut BTreeMap<String, f64>,
 ) -> Result<Seen, Failure> {
     ctx.progress("vision", 0, 2);
-    let models = vision.clone();
     let started = Instant::now();
-    let (photo, scene) = tokio::task::spawn_blocking(move || {
-        let scene = models.analyze(&photo);
-        (photo, scene)
-    })
-    .await
-    .map_err(|e| Failure::new(FailureCode::Internal, e.to_string()))?;
+    let (photo, scene) = vision
+        .run(move |models| {
+            let scene = models.analyze(&photo);
+            (photo, scene)
+        })
+        .await
+        .map_err(|e| Failure::new(FailureCode::Internal, e.to_string()))?;
     let scene =
         scene.map_err(|e| Failure::new(FailureCode::ModelError, format!("Vision models failed: {e}")))?;
     record_ms(timings, "vision", started);
     ctx.check()?;
     ctx.progress("caption", 1, 2);
-    let models = vision.clone();
     let started = Instant::now();
-    let (photo, scene, caption) = tokio::task::spawn_blocking(move || {
-        let caption = models.caption(&photo, &scene);
-        (photo, scene, caption)
-    })
-    .await
-    .map_err(|e| Failure::new(FailureCode::Internal, e.to_string()))?;
+    let (photo, scene, caption) = vision
+        .run(move |models| {
+            let caption = models.caption(&photo, &scene);
+            (photo, scene, caption)
+        })
+        .await
+        .map_err(|e| Failure::new(FailureCode::Internal, e.to_string()))?;
     let caption =
         caption.map_err(|e| Failure::new(FailureCode::ModelError, format!("Captioning failed: {e}")))?;
     record_ms(timings, "caption", started);

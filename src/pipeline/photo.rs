@@ -10,7 +10,7 @@ use image::RgbImage;
 use super::{RunContext, record_ms};
 use crate::core::{Failure, FailureCode, PhotoSource};
 use crate::fetch::{FetchError, Fetcher};
-use crate::inference::vision::Vision;
+use crate::inference::vision::decode_image;
 use crate::storage::ObjectStore;
 
 /// Where photos are read from: the service's own object store, or the SSRF-safe fetcher.
@@ -21,6 +21,8 @@ pub struct PhotoSources {
     pub fetcher: Fetcher,
     /// Largest photo accepted, in bytes.
     pub max_image_bytes: u64,
+    /// Largest photo accepted, in pixels (checked from the header, before decoding).
+    pub max_image_pixels: u64,
 }
 
 impl PhotoSources {
@@ -76,13 +78,12 @@ impl PhotoSources {
 
 /// Decodes the photo (EXIF orientation applied, size checked), timed as the "decode" stage.
 pub async fn decode(
-    vision: &Arc<Vision>,
     bytes: Bytes,
+    max_pixels: u64,
     timings: &mut BTreeMap<String, f64>,
 ) -> Result<RgbImage, Failure> {
-    let vision = vision.clone();
     let started = Instant::now();
-    let decoded = tokio::task::spawn_blocking(move || vision.decode(&bytes))
+    let decoded = tokio::task::spawn_blocking(move || decode_image(&bytes, max_pixels))
         .await
         .map_err(|e| Failure::new(FailureCode::Internal, e.to_string()))?
         .map_err(|e| Failure::new(FailureCode::InvalidImage, format!("The photo cannot be used: {e}")))?;

@@ -24,7 +24,6 @@ mod safetensors;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use ndarray::{Array2, ArrayD, IxDyn};
 use ort::value::{DynValue, Tensor};
@@ -903,51 +902,55 @@ pub(crate) struct MergedModels<U, T> {
 
 /// The adapter names and weight bits of a set, sorted by name.
 type CacheKey = Vec<(String, u32)>;
-type CacheEntry<U, T> = (CacheKey, Arc<MergedModels<U, T>>);
+type CacheEntry<U, T> = (CacheKey, MergedModels<U, T>);
 
 /// A least-recently-used cache of merged sessions.
 pub(crate) struct MergedCache<U, T> {
     capacity: usize,
-    entries: Mutex<VecDeque<CacheEntry<U, T>>>,
+    entries: VecDeque<CacheEntry<U, T>>,
 }
 
 impl<U, T> MergedCache<U, T> {
     pub(crate) fn new(capacity: usize) -> MergedCache<U, T> {
-        MergedCache { capacity, entries: Mutex::new(VecDeque::new()) }
+        MergedCache { capacity, entries: VecDeque::new() }
     }
 
-    /// The cached sessions for `set`, or those `build` makes (cached unless capacity is 0).
-    /// `build` runs without the lock held, so other sets stay available meanwhile; the bool is
-    /// whether it was a hit.
+    /// The cached sessions for `set`, or those `build` makes, now the most recent entry; the bool
+    /// is whether it was a hit. With capacity 0 the entry lives until [`Self::trim`].
     pub(crate) fn get_or_build(
-        &self,
+        &mut self,
         set: &[(&LoraAdapter, f32)],
         build: impl FnOnce() -> Result<MergedModels<U, T>, LoraError>,
-    ) -> Result<(Arc<MergedModels<U, T>>, bool), LoraError> {
+    ) -> Result<(&mut MergedModels<U, T>, bool), LoraError> {
         let key: CacheKey = set.iter().map(|(a, w)| (a.name.clone(), w.to_bits())).collect();
-        {
-            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(at) = entries.iter().position(|(k, _)| *k == key) {
-                let entry = entries.remove(at).expect("position is in range");
-                let models = entry.1.clone();
-                entries.push_back(entry);
-                return Ok((models, true));
+        let hit = match self.entries.iter().position(|(k, _)| *k == key) {
+            Some(at) => {
+                let entry = self.entries.remove(at).expect("position is in range");
+                self.entries.push_back(entry);
+                true
             }
-        }
-        let models = Arc::new(build()?);
-        if self.capacity > 0 {
-            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-            entries.retain(|(k, _)| *k != key);
-            while entries.len() >= self.capacity {
-                entries.pop_front();
+            None => {
+                let models = build()?;
+                while !self.entries.is_empty() && self.entries.len() >= self.capacity {
+                    self.entries.pop_front();
+                }
+                self.entries.push_back((key, models));
+                false
             }
-            entries.push_back((key, models.clone()));
+        };
+        let (_, models) = self.entries.back_mut().expect("the set was just put last");
+        Ok((models, hit))
+    }
+
+    /// Drops the least recently used sets beyond the capacity.
+    pub(crate) fn trim(&mut self) {
+        while self.entries.len() > self.capacity {
+            self.entries.pop_front();
         }
-        Ok((models, false))
     }
 
     /// How many merged sets are held.
     pub(crate) fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.entries.len()
     }
 }

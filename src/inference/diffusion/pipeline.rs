@@ -3,7 +3,6 @@
 
 use std::ops::ControlFlow;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Instant;
 
 use image::RgbImage;
@@ -27,8 +26,8 @@ use crate::inference::{InitializerOverrides, Runtime};
 /// The most denoising steps a request may ask for.
 pub const MAX_STEPS: u32 = 150;
 
-/// A loaded Stable Diffusion pipeline. Sessions sit behind mutexes, so one pipeline can be shared
-/// by several workers; their UNet calls take turns.
+/// A loaded Stable Diffusion pipeline. Running it takes `&mut` access (an ONNX Runtime session runs
+/// one call at a time); the service gives it one owner thread ([`crate::inference::ModelOwner`]).
 pub struct StableDiffusion {
     config: DiffusionConfig,
     runtime: Runtime,
@@ -222,54 +221,9 @@ impl StableDiffusion {
         self.loras.as_ref().map_or(0, |l| l.cache.len())
     }
 
-    /// The merged sessions for `requested`, or `None` when no adapter with a non-zero weight is
-    /// asked for (the base sessions serve, at no cost).
-    fn merged(&self, requested: &[(String, f32)]) -> Result<Option<Arc<Merged>>, DiffusionError> {
-        let Some((first, _)) = requested.first() else { return Ok(None) };
-        let loras = self
-            .loras
-            .as_ref()
-            .ok_or_else(|| LoraError::Unknown { name: first.clone(), known: Vec::new() })?;
-        let set = loras.library.resolve(requested)?;
-        if set.is_empty() {
-            return Ok(None);
-        }
-        let (merged, hit) = loras.cache.get_or_build(&set, || {
-            let mut overrides = loras.library.overrides(&set)?;
-            let dir = &self.config.dir;
-            let xl = self.config.family == ModelFamily::StableDiffusionXl;
-            let build_error = |part: ModelPart| {
-                move |e: DiffusionError| LoraError::Merge { part: part.as_str(), reason: e.to_string() }
-            };
-            let unet = match overrides.remove(&ModelPart::Unet) {
-                Some(values) => Some(
-                    Unet::load(&self.runtime.for_model("unet"), dir, xl, values)
-                        .map_err(build_error(ModelPart::Unet))?,
-                ),
-                None => None,
-            };
-            let mut text_encoders = Vec::new();
-            for (encoder, part) in
-                self.text_encoders.iter().zip([ModelPart::TextEncoder, ModelPart::TextEncoder2])
-            {
-                text_encoders.push(match overrides.remove(&part) {
-                    Some(values) => Some(
-                        encoder
-                            .with_initializers(&self.runtime.for_model(part.as_str()), dir, values)
-                            .map_err(build_error(part))?,
-                    ),
-                    None => None,
-                });
-            }
-            Ok(MergedModels { unet, text_encoders })
-        })?;
-        tracing::debug!(loras = ?requested, cache_hit = hit, "LoRA sessions ready");
-        Ok(Some(merged))
-    }
-
     /// Runs one guided step at the native size, so that session set-up and CUDA's cuDNN algorithm
     /// search happen before the first request (on CUDA the first run of a shape takes about a second).
-    pub fn warm_up(&self) -> Result<Timings, DiffusionError> {
+    pub fn warm_up(&mut self) -> Result<Timings, DiffusionError> {
         let (width, height) = self.native_size();
         let params = GenerateParams {
             prompt: "a desk".into(),
@@ -312,7 +266,7 @@ impl StableDiffusion {
     /// Generates an image, calling `on_step(done, total)` after every denoising step; returning
     /// `ControlFlow::Break(())` stops with [`DiffusionError::Canceled`].
     pub fn generate(
-        &self,
+        &mut self,
         params: &GenerateParams,
         on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Generated, DiffusionError> {
@@ -327,7 +281,7 @@ impl StableDiffusion {
     /// seed's, with diffusers' meaning of it (see the module docs); Euler ancestral's per-step
     /// noise still comes from `params.seed`.
     pub fn generate_with_noise(
-        &self,
+        &mut self,
         params: &GenerateParams,
         noise: ArrayView4<'_, f32>,
         on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
@@ -346,51 +300,13 @@ impl StableDiffusion {
 
     /// Encodes the prompt (and with `guided` the negative prompt first) as the UNet sees it.
     pub fn encode_prompt(
-        &self,
+        &mut self,
         prompt: &str,
         negative_prompt: &str,
         guided: bool,
     ) -> Result<PromptEmbeddings, DiffusionError> {
-        self.encode_prompt_with(None, prompt, negative_prompt, guided)
-    }
-
-    /// [`Self::encode_prompt`] with the text encoders of `merged` where it has them.
-    fn encode_prompt_with(
-        &self,
-        merged: Option<&Merged>,
-        prompt: &str,
-        negative_prompt: &str,
-        guided: bool,
-    ) -> Result<PromptEmbeddings, DiffusionError> {
-        let xl = self.config.family == ModelFamily::StableDiffusionXl;
-        // SDXL was trained with zeroed embeddings standing in for "no negative prompt".
-        let zero_negative =
-            guided && xl && negative_prompt.is_empty() && self.config.force_zeros_for_empty_prompt;
-        let texts: &[&str] = if guided && !zero_negative { &[negative_prompt, prompt] } else { &[prompt] };
-        let mut hidden_states = Vec::with_capacity(self.text_encoders.len());
-        let mut pooled = None;
-        for (index, (tokenizer, base)) in self.tokenizers.iter().zip(&self.text_encoders).enumerate() {
-            let encoder = merged.and_then(|m| m.text_encoders.get(index)?.as_ref()).unwrap_or(base);
-            let mut input_ids = Array2::zeros((texts.len(), tokenizer.max_length()));
-            for (mut row, text) in input_ids.outer_iter_mut().zip(texts) {
-                row.assign(&ndarray::Array1::from(tokenizer.encode(text)?));
-            }
-            let (hidden, encoder_pooled) = encoder.encode(&input_ids)?;
-            hidden_states.push(hidden);
-            pooled = encoder_pooled.or(pooled);
-        }
-        let views: Vec<_> = hidden_states.iter().map(|h| h.view()).collect();
-        // Concatenating along the last axis leaves that axis outermost in memory; sessions take
-        // C order only.
-        let mut prompt_embeds = concatenate(Axis(2), &views)
-            .map_err(|e| DiffusionError::Inference { model: "text_encoder", reason: e.to_string() })?
-            .as_standard_layout()
-            .into_owned();
-        if zero_negative {
-            prompt_embeds = prepend_zero_row(prompt_embeds);
-            pooled = pooled.map(prepend_zero_row);
-        }
-        Ok(PromptEmbeddings { prompt_embeds, pooled_prompt_embeds: pooled })
+        let mut encoders: Vec<&mut TextEncoder> = self.text_encoders.iter_mut().collect();
+        encode_texts(&self.config, &self.tokenizers, &mut encoders, prompt, negative_prompt, guided)
     }
 
     fn latent_shape(&self, params: &GenerateParams) -> (usize, usize, usize, usize) {
@@ -436,48 +352,77 @@ impl StableDiffusion {
     }
 
     fn denoise(
-        &self,
+        &mut self,
         params: &GenerateParams,
         noise: ArrayView4<'_, f32>,
         rng: &mut ChaCha8Rng,
         on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Denoised, DiffusionError> {
+        let denoised = self.denoise_with_sessions(params, noise, rng, on_step);
+        if let Some(loras) = &mut self.loras {
+            loras.cache.trim();
+        }
+        denoised
+    }
+
+    fn denoise_with_sessions(
+        &mut self,
+        params: &GenerateParams,
+        noise: ArrayView4<'_, f32>,
+        rng: &mut ChaCha8Rng,
+        on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+    ) -> Result<Denoised, DiffusionError> {
+        let StableDiffusion {
+            config,
+            runtime,
+            tokenizers,
+            text_encoders,
+            unet,
+            vae_encoder,
+            vae_decoder,
+            loras,
+        } = self;
         let mut timings = Timings::default();
         let started = Instant::now();
-        let merged = self.merged(&params.loras)?;
-        let merged = merged.as_deref();
-        let unet = merged.and_then(|m| m.unet.as_ref()).unwrap_or(&self.unet);
+        let merged = merged(loras.as_mut(), &params.loras, config, runtime, text_encoders)?;
+        let mut active = Active::of(unet, text_encoders, merged);
         timings.lora_ms = elapsed_ms(started);
         let started = Instant::now();
         let guided = params.guidance_scale > 1.0;
-        let embeddings = self.encode_prompt_with(merged, &params.prompt, &params.negative_prompt, guided)?;
+        let embeddings = encode_texts(
+            config,
+            tokenizers,
+            &mut active.text_encoders,
+            &params.prompt,
+            &params.negative_prompt,
+            guided,
+        )?;
         timings.text_encode_ms = elapsed_ms(started);
 
-        let mut scheduler = params.scheduler.build(&self.config.scheduler);
+        let mut scheduler = params.scheduler.build(&config.scheduler);
         let steps = params.num_inference_steps as usize;
         scheduler.set_timesteps(steps);
         let timesteps = scheduler.timesteps().to_vec();
-        let scaling_factor = self.config.vae_scaling_factor;
         let (mut latents, start) = match &params.init_image {
             None => (noise.mapv(|n| n * scheduler.init_noise_sigma()), 0),
             Some(photo) => {
                 let started = Instant::now();
-                let encoder = self.vae_encoder.as_ref().ok_or_else(|| DiffusionError::MissingFile {
-                    path: self.config.dir.join("vae_encoder/model.onnx"),
+                let encoder = vae_encoder.as_mut().ok_or_else(|| DiffusionError::MissingFile {
+                    path: config.dir.join("vae_encoder/model.onnx"),
                 })?;
-                let pixels = photo_to_pixels(photo, params.width, params.height);
-                let mut latents = encoder.encode_mean(pixels.view(), self.config.latent_channels)?;
-                latents.mapv_inplace(|l| l * scaling_factor);
+                let latents = encode_photo(encoder, config, photo, params)?;
                 timings.vae_ms += elapsed_ms(started);
                 // diffusers runs nothing when steps × strength < 1; one step is more useful.
                 let start = img2img_start_index(steps, params.strength).min(steps - 1);
                 scheduler.set_begin_index(start);
+                let mut latents = latents;
                 scheduler.add_noise(latents.view_mut(), noise, timesteps[start]);
                 (latents, start)
             }
         };
 
         let started = Instant::now();
+        let unet = &mut *active.unet;
         let rows = if guided { 2 } else { 1 };
         let (_, channels, latent_h, latent_w) = latents.dim();
         let added = embeddings
@@ -510,11 +455,136 @@ impl StableDiffusion {
         timings.unet_ms = elapsed_ms(started);
 
         let started = Instant::now();
-        let decoded = self.vae_decoder.decode(latents.mapv(|l| l / scaling_factor).view())?;
+        let decoded = vae_decoder.decode(latents.mapv(|l| l / config.vae_scaling_factor).view())?;
         let image = decoded.permuted_axes([0, 2, 3, 1]).mapv(|x| (x / 2.0 + 0.5).clamp(0.0, 1.0));
         timings.vae_ms += elapsed_ms(started);
         Ok(Denoised { image, latents, timings })
     }
+}
+
+/// The sessions one generation runs: merged ones where its adapters change a model, else the base.
+struct Active<'a> {
+    unet: &'a mut Unet,
+    text_encoders: Vec<&'a mut TextEncoder>,
+}
+
+impl<'a> Active<'a> {
+    fn of(
+        unet: &'a mut Unet,
+        text_encoders: &'a mut [TextEncoder],
+        merged: Option<&'a mut Merged>,
+    ) -> Active<'a> {
+        let Some(MergedModels { unet: merged_unet, text_encoders: merged_encoders }) = merged else {
+            return Active { unet, text_encoders: text_encoders.iter_mut().collect() };
+        };
+        let mut merged_encoders = merged_encoders.iter_mut();
+        Active {
+            unet: merged_unet.as_mut().unwrap_or(unet),
+            text_encoders: text_encoders
+                .iter_mut()
+                .map(|base| merged_encoders.next().and_then(Option::as_mut).unwrap_or(base))
+                .collect(),
+        }
+    }
+}
+
+/// The merged sessions for `requested`, or `None` when no adapter with a non-zero weight is asked
+/// for (the base sessions serve, at no cost).
+fn merged<'a>(
+    loras: Option<&'a mut Loras>,
+    requested: &[(String, f32)],
+    config: &DiffusionConfig,
+    runtime: &Runtime,
+    base_encoders: &[TextEncoder],
+) -> Result<Option<&'a mut Merged>, DiffusionError> {
+    let Some((first, _)) = requested.first() else { return Ok(None) };
+    let Loras { library, cache } =
+        loras.ok_or_else(|| LoraError::Unknown { name: first.clone(), known: Vec::new() })?;
+    let set = library.resolve(requested)?;
+    if set.is_empty() {
+        return Ok(None);
+    }
+    let (merged, hit) = cache.get_or_build(&set, || {
+        let mut overrides = library.overrides(&set)?;
+        let dir = &config.dir;
+        let xl = config.family == ModelFamily::StableDiffusionXl;
+        let build_error = |part: ModelPart| {
+            move |e: DiffusionError| LoraError::Merge { part: part.as_str(), reason: e.to_string() }
+        };
+        let unet = match overrides.remove(&ModelPart::Unet) {
+            Some(values) => Some(
+                Unet::load(&runtime.for_model("unet"), dir, xl, values)
+                    .map_err(build_error(ModelPart::Unet))?,
+            ),
+            None => None,
+        };
+        let mut text_encoders = Vec::new();
+        for (encoder, part) in base_encoders.iter().zip([ModelPart::TextEncoder, ModelPart::TextEncoder2]) {
+            text_encoders.push(match overrides.remove(&part) {
+                Some(values) => Some(
+                    encoder
+                        .with_initializers(&runtime.for_model(part.as_str()), dir, values)
+                        .map_err(build_error(part))?,
+                ),
+                None => None,
+            });
+        }
+        Ok(MergedModels { unet, text_encoders })
+    })?;
+    tracing::debug!(loras = ?requested, cache_hit = hit, "LoRA sessions ready");
+    Ok(Some(merged))
+}
+
+/// The text conditioning from `encoders` (one per tokenizer); with `guided` the negative prompt's
+/// row comes first.
+fn encode_texts(
+    config: &DiffusionConfig,
+    tokenizers: &[ClipTokenizer],
+    encoders: &mut [&mut TextEncoder],
+    prompt: &str,
+    negative_prompt: &str,
+    guided: bool,
+) -> Result<PromptEmbeddings, DiffusionError> {
+    let xl = config.family == ModelFamily::StableDiffusionXl;
+    // SDXL was trained with zeroed embeddings standing in for "no negative prompt".
+    let zero_negative = guided && xl && negative_prompt.is_empty() && config.force_zeros_for_empty_prompt;
+    let texts: &[&str] = if guided && !zero_negative { &[negative_prompt, prompt] } else { &[prompt] };
+    let mut hidden_states = Vec::with_capacity(encoders.len());
+    let mut pooled = None;
+    for (tokenizer, encoder) in tokenizers.iter().zip(encoders.iter_mut()) {
+        let mut input_ids = Array2::zeros((texts.len(), tokenizer.max_length()));
+        for (mut row, text) in input_ids.outer_iter_mut().zip(texts) {
+            row.assign(&ndarray::Array1::from(tokenizer.encode(text)?));
+        }
+        let (hidden, encoder_pooled) = encoder.encode(&input_ids)?;
+        hidden_states.push(hidden);
+        pooled = encoder_pooled.or(pooled);
+    }
+    let views: Vec<_> = hidden_states.iter().map(|h| h.view()).collect();
+    // Concatenating along the last axis leaves that axis outermost in memory; sessions take C
+    // order only.
+    let mut prompt_embeds = concatenate(Axis(2), &views)
+        .map_err(|e| DiffusionError::Inference { model: "text_encoder", reason: e.to_string() })?
+        .as_standard_layout()
+        .into_owned();
+    if zero_negative {
+        prompt_embeds = prepend_zero_row(prompt_embeds);
+        pooled = pooled.map(prepend_zero_row);
+    }
+    Ok(PromptEmbeddings { prompt_embeds, pooled_prompt_embeds: pooled })
+}
+
+/// Image-to-image: the photo's latents, scaled as the UNet expects them.
+fn encode_photo(
+    encoder: &mut VaeHalf,
+    config: &DiffusionConfig,
+    photo: &RgbImage,
+    params: &GenerateParams,
+) -> Result<Array4<f32>, DiffusionError> {
+    let pixels = photo_to_pixels(photo, params.width, params.height);
+    let mut latents = encoder.encode_mean(pixels.view(), config.latent_channels)?;
+    latents.mapv_inplace(|l| l * config.vae_scaling_factor);
+    Ok(latents)
 }
 
 /// Classifier-free guidance of a `[rows, C, h, w]` prediction into `noise_pred` `[1, C, h, w]`:

@@ -2,7 +2,6 @@
 //! projected pooled embedding) out.
 
 use std::path::Path;
-use std::sync::Mutex;
 
 use ndarray::{Array2, Array3, Ix2, Ix3};
 use ort::session::Session;
@@ -15,7 +14,7 @@ use crate::inference::{InitializerOverrides, Runtime};
 
 /// One text encoder session and the outputs the pipeline reads from it.
 pub(crate) struct TextEncoder {
-    session: Mutex<Session>,
+    session: Session,
     model: &'static str,
     hidden_output: String,
     pooled_output: Option<String>,
@@ -70,18 +69,18 @@ impl TextEncoder {
         if !session.inputs().iter().any(|i| i.name() == "input_ids") {
             return Err(config_error(&path, "the model has no input named \"input_ids\""));
         }
-        Ok(TextEncoder { session: Mutex::new(session), model, hidden_output, pooled_output })
+        Ok(TextEncoder { session, model, hidden_output, pooled_output })
     }
 
     /// Hidden states `[batch, seq, hidden]` for `input_ids` `[batch, seq]`, and the pooled
     /// embedding `[batch, projection]` when this encoder provides one.
     pub(crate) fn encode(
-        &self,
+        &mut self,
         input_ids: &Array2<i64>,
     ) -> Result<(Array3<f32>, Option<Array2<f32>>), DiffusionError> {
         let fail = inference_error(self.model);
-        let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
-        let outputs = session
+        let outputs = self
+            .session
             .run(ort::inputs!["input_ids" => TensorRef::from_array_view(input_ids.view()).map_err(&fail)?])
             .map_err(&fail)?;
         let shape_error =

@@ -1,7 +1,6 @@
 //! The denoising UNet, run once per step on the (unconditional, conditional) batch.
 
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Instant;
 
 use half::f16;
@@ -21,7 +20,7 @@ const OUTPUT: &str = "out_sample";
 
 /// The UNet session and the input types it was exported with.
 pub(crate) struct Unet {
-    session: Mutex<Session>,
+    session: Session,
     float_type: FloatType,
     timestep: TimestepInput,
     /// The CUDA device the session runs on; `None` on the CPU.
@@ -124,7 +123,7 @@ impl Unet {
             .ok_or_else(|| {
                 config_error(&path, "input \"timestep\" must be a float or int64 scalar or 1-element tensor")
             })?;
-        Ok(Unet { session: Mutex::new(session), float_type, timestep, cuda_device: runtime.cuda_device() })
+        Ok(Unet { session, float_type, timestep, cuda_device: runtime.cuda_device() })
     }
 
     /// Whether the model runs in float16.
@@ -187,9 +186,9 @@ impl Unet {
         shape: [usize; 4],
         conditioning: &UnetConditioning,
     ) -> ort::Result<DeviceBuffers> {
-        let session = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let session = &self.session;
         let gpu = Allocator::new(
-            &session,
+            session,
             MemoryInfo::new(AllocationDevice::CUDA, device_id, AllocatorType::Device, MemoryType::Default)?,
         )?;
         let (mut output, host_output) = match self.float_type {
@@ -214,7 +213,7 @@ impl Unet {
 
     /// Runs the UNet on `buffers.sample` at `timestep` and hands its prediction to `consume`.
     pub(crate) fn predict(
-        &self,
+        &mut self,
         buffers: &mut UnetBuffers,
         timestep: f32,
         conditioning: &UnetConditioning,
@@ -248,9 +247,8 @@ impl Unet {
             inputs.push(("text_embeds".into(), text_embeds.input().map_err(&fail)?));
             inputs.push(("time_ids".into(), time_ids.input().map_err(&fail)?));
         }
-        let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
         let started = Instant::now();
-        let outputs = session.run_with_options(inputs, &buffers.options).map_err(&fail)?;
+        let outputs = self.session.run_with_options(inputs, &buffers.options).map_err(&fail)?;
         let cost = StepCost { run_ms: elapsed_ms(started), transfer_ms: 0.0 };
         consume(as_4d(&output_f32(&outputs[OUTPUT], MODEL)?)?);
         Ok(cost)
@@ -258,7 +256,7 @@ impl Unet {
 
     /// One step through the device binding: the sample and timestep go up, the prediction comes back.
     fn predict_on_device(
-        &self,
+        &mut self,
         buffers: &mut UnetBuffers,
         consume: impl FnOnce(ArrayView4<'_, f32>),
     ) -> Result<StepCost, DiffusionError> {
@@ -275,14 +273,13 @@ impl Unet {
             TimestepValue::Int(t) => Tensor::from_array(t.clone()).map(Tensor::into_dyn),
         }
         .map_err(&fail)?;
-        let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
         let started = Instant::now();
         device.binding.bind_input("sample", &sample).map_err(&fail)?;
         device.binding.bind_input("timestep", &timestep).map_err(&fail)?;
         device.binding.synchronize_inputs().map_err(&fail)?;
         let mut transfer_ms = elapsed_ms(started);
         let started = Instant::now();
-        session.run_binding(&device.binding).map_err(&fail)?;
+        self.session.run_binding(&device.binding).map_err(&fail)?;
         let run_ms = elapsed_ms(started);
         let started = Instant::now();
         device.output.copy_into(&mut device.host_output).map_err(&fail)?;

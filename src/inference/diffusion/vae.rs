@@ -2,7 +2,6 @@
 //! pixels. Both run unscaled latents; the pipeline applies the scaling factor.
 
 use std::path::Path;
-use std::sync::Mutex;
 
 use ndarray::{Array4, ArrayView4, Ix4, s};
 use ort::session::Session;
@@ -14,7 +13,7 @@ use crate::inference::Runtime;
 
 /// A VAE half: which sub-model, its session and its input and output names.
 pub(crate) struct VaeHalf {
-    session: Mutex<Session>,
+    session: Session,
     model: &'static str,
     input: &'static str,
     output: &'static str,
@@ -46,15 +45,14 @@ impl VaeHalf {
         }
         let float_type =
             FloatType::of_input(&session, input, model).map_err(|e| config_error(&path, e.to_string()))?;
-        Ok(VaeHalf { session: Mutex::new(session), model, input, output, float_type })
+        Ok(VaeHalf { session, model, input, output, float_type })
     }
 
-    fn run(&self, input: ArrayView4<'_, f32>) -> Result<Array4<f32>, DiffusionError> {
+    fn run(&mut self, input: ArrayView4<'_, f32>) -> Result<Array4<f32>, DiffusionError> {
         let fail = inference_error(self.model);
         let input = ModelTensor::new(self.float_type, input.to_owned());
-        let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
         let outputs =
-            session.run(ort::inputs![self.input => input.input().map_err(&fail)?]).map_err(&fail)?;
+            self.session.run(ort::inputs![self.input => input.input().map_err(&fail)?]).map_err(&fail)?;
         output_f32(&outputs[self.output], self.model)?
             .into_owned()
             .into_dimensionality::<Ix4>()
@@ -63,7 +61,7 @@ impl VaeHalf {
 
     /// The mean of the latent distribution of `pixels` `[1, 3, H, W]`, unscaled.
     pub(crate) fn encode_mean(
-        &self,
+        &mut self,
         pixels: ArrayView4<'_, f32>,
         latent_channels: usize,
     ) -> Result<Array4<f32>, DiffusionError> {
@@ -82,7 +80,7 @@ impl VaeHalf {
     }
 
     /// Pixels `[1, 3, H, W]` for unscaled `latents`.
-    pub(crate) fn decode(&self, latents: ArrayView4<'_, f32>) -> Result<Array4<f32>, DiffusionError> {
+    pub(crate) fn decode(&mut self, latents: ArrayView4<'_, f32>) -> Result<Array4<f32>, DiffusionError> {
         self.run(latents)
     }
 }

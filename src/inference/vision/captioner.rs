@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
 
 use image::RgbImage;
 use image::imageops::FilterType;
@@ -139,9 +138,9 @@ fn one_255th() -> f32 {
 
 enum Decoder {
     /// One graph for both the first step and the cached steps.
-    Merged(Mutex<Session>),
+    Merged(Session),
     /// A graph for the first step and one for the cached steps.
-    Split { first: Mutex<Session>, with_past: Mutex<Session> },
+    Split { first: Session, with_past: Session },
 }
 
 /// Shape of one cache entry, with the batch and sequence axes left open.
@@ -154,7 +153,7 @@ struct CacheEntry {
 
 /// A loaded captioner.
 pub struct Captioner {
-    encoder: Mutex<Session>,
+    encoder: Session,
     decoder: Decoder,
     tokenizer: Tokenizer,
     cache: Vec<CacheEntry>,
@@ -206,11 +205,11 @@ impl Captioner {
         let mut models = Vec::new();
         let encoder = session(runtime, dir, "encoder_model.onnx", &mut models)?;
         let decoder = if dir.join("decoder_model_merged.onnx").is_file() {
-            Decoder::Merged(Mutex::new(session(runtime, dir, "decoder_model_merged.onnx", &mut models)?))
+            Decoder::Merged(session(runtime, dir, "decoder_model_merged.onnx", &mut models)?)
         } else {
             let first = session(runtime, dir, "decoder_model.onnx", &mut models)?;
             let with_past = session(runtime, dir, "decoder_with_past_model.onnx", &mut models)?;
-            Decoder::Split { first: Mutex::new(first), with_past: Mutex::new(with_past) }
+            Decoder::Split { first, with_past }
         };
 
         if !encoder.inputs().iter().any(|o| o.name() == "pixel_values") {
@@ -219,13 +218,9 @@ impl Captioner {
                 reason: "no input named pixel_values".into(),
             });
         }
-        let cached = match &decoder {
-            Decoder::Merged(s) | Decoder::Split { with_past: s, .. } => {
-                s.lock().unwrap_or_else(PoisonError::into_inner)
-            }
+        let cache = match &decoder {
+            Decoder::Merged(s) | Decoder::Split { with_past: s, .. } => cache_entries(s)?,
         };
-        let cache = cache_entries(&cached)?;
-        drop(cached);
 
         let start_token = generation.decoder_start_token_id.or(generation.bos_token_id).ok_or_else(|| {
             CaptionError::Config {
@@ -253,7 +248,7 @@ impl Captioner {
                 .unwrap_or(false),
         };
         Ok(Captioner {
-            encoder: Mutex::new(encoder),
+            encoder,
             decoder,
             tokenizer,
             cache,
@@ -276,7 +271,7 @@ impl Captioner {
     }
 
     /// A caption for the image.
-    pub fn caption(&self, image: &RgbImage, options: &GenerationOptions) -> Result<String, CaptionError> {
+    pub fn caption(&mut self, image: &RgbImage, options: &GenerationOptions) -> Result<String, CaptionError> {
         let tokens = self.generate(&self.preprocess(image), options)?;
         let ids: Vec<u32> = tokens.iter().filter_map(|&t| u32::try_from(t).ok()).collect();
         let text = self.tokenizer.decode(&ids, true).map_err(|e| CaptionError::Tokenizer(e.to_string()))?;
@@ -318,7 +313,7 @@ impl Captioner {
     /// Generated token ids for `pixel_values`, starting with the decoder start token and ending
     /// with the end token when one was generated (transformers' `generate` output).
     pub fn generate(
-        &self,
+        &mut self,
         pixel_values: &Array4<f32>,
         options: &GenerationOptions,
     ) -> Result<Vec<i64>, CaptionError> {
@@ -336,16 +331,19 @@ impl Captioner {
         }
     }
 
-    fn encode(&self, pixel_values: &Array4<f32>) -> Result<ArrayD<f32>, CaptionError> {
+    fn encode(&mut self, pixel_values: &Array4<f32>) -> Result<ArrayD<f32>, CaptionError> {
         let fail = |e: ort::Error| CaptionError::Inference { model: "encoder", reason: e.to_string() };
-        let mut encoder = self.encoder.lock().unwrap_or_else(PoisonError::into_inner);
         let input = Tensor::from_array(pixel_values.clone()).map_err(fail)?;
-        let outputs = encoder.run(ort::inputs!["pixel_values" => input]).map_err(fail)?;
+        let outputs = self.encoder.run(ort::inputs!["pixel_values" => input]).map_err(fail)?;
         let hidden = outputs.get("last_hidden_state").unwrap_or(&outputs[0]);
         Ok(hidden.try_extract_array::<f32>().map_err(fail)?.to_owned())
     }
 
-    fn greedy(&self, encoded: &ArrayD<f32>, options: &GenerationOptions) -> Result<Vec<i64>, CaptionError> {
+    fn greedy(
+        &mut self,
+        encoded: &ArrayD<f32>,
+        options: &GenerationOptions,
+    ) -> Result<Vec<i64>, CaptionError> {
         let mut sequence = vec![self.start_token];
         let mut past: Option<Vec<ArrayD<f32>>> = None;
         for step in 0..options.max_new_tokens {
@@ -364,7 +362,7 @@ impl Captioner {
     }
 
     fn beam_search(
-        &self,
+        &mut self,
         encoded: &ArrayD<f32>,
         options: &GenerationOptions,
     ) -> Result<Vec<i64>, CaptionError> {
@@ -461,7 +459,7 @@ impl Captioner {
     /// Runs the decoder for the newest token of each row; returns the last position's logits
     /// `[rows, vocab]` and the updated cache.
     fn step(
-        &self,
+        &mut self,
         last_tokens: &[i64],
         encoded: &ArrayD<f32>,
         past: Option<&[ArrayD<f32>]>,
@@ -469,14 +467,10 @@ impl Captioner {
     ) -> Result<(Array2<f32>, Vec<ArrayD<f32>>), CaptionError> {
         let fail = |e: ort::Error| CaptionError::Inference { model: "decoder", reason: e.to_string() };
         let rows = last_tokens.len();
-        let (mut session, merged) = match (&self.decoder, past) {
-            (Decoder::Merged(s), _) => (s.lock().unwrap_or_else(PoisonError::into_inner), true),
-            (Decoder::Split { first, .. }, None) => {
-                (first.lock().unwrap_or_else(PoisonError::into_inner), false)
-            }
-            (Decoder::Split { with_past, .. }, Some(_)) => {
-                (with_past.lock().unwrap_or_else(PoisonError::into_inner), false)
-            }
+        let (session, merged) = match (&mut self.decoder, past) {
+            (Decoder::Merged(s), _) => (s, true),
+            (Decoder::Split { first, .. }, None) => (first, false),
+            (Decoder::Split { with_past, .. }, Some(_)) => (with_past, false),
         };
         let names: Vec<String> = session.inputs().iter().map(|o| o.name().to_string()).collect();
         let mut inputs: Vec<(String, SessionInputValue<'_>)> = Vec::with_capacity(names.len());

@@ -4,7 +4,6 @@
 //! quantisation scale is 1/256, so `value / 256` is the probability.
 
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
 
 use image::RgbImage;
 use image::imageops::FilterType;
@@ -38,7 +37,7 @@ impl ClassScore {
 
 /// EfficientNet-Lite3 with its 1000 labels.
 pub struct Classifier {
-    session: Mutex<Session>,
+    session: Session,
     labels: Vec<String>,
 }
 
@@ -61,11 +60,11 @@ impl Classifier {
     /// Wraps a session and its labels, checking the session's inputs and outputs.
     pub fn new(session: Session, labels: Vec<String>) -> Result<Classifier, VisionError> {
         super::expect_signature(&session, "classifier", &[INPUT], &[OUTPUT])?;
-        Ok(Classifier { session: Mutex::new(session), labels })
+        Ok(Classifier { session, labels })
     }
 
     /// Every class with its probability, most probable first.
-    pub fn classify(&self, image: &RgbImage) -> Result<Vec<ClassScore>, VisionError> {
+    pub fn classify(&mut self, image: &RgbImage) -> Result<Vec<ClassScore>, VisionError> {
         // The whole photo is squeezed into the square rather than centre-cropped: a desk's
         // evidence is often at the edges (a monitor, a lamp).
         let square = image::imageops::resize(image, SIDE, SIDE, FilterType::Triangle);
@@ -74,8 +73,8 @@ impl Classifier {
             ArrayView4::from_shape(shape, square.as_raw()).expect("the image was resized to SIDE x SIDE");
 
         let fail = |e: ort::Error| VisionError::Inference { model: "classifier", reason: e.to_string() };
-        let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
-        let outputs = session
+        let outputs = self
+            .session
             .run(ort::inputs![INPUT => TensorRef::from_array_view(pixels).map_err(fail)?])
             .map_err(fail)?;
         let (_, quantised) = outputs[OUTPUT].try_extract_tensor::<u8>().map_err(fail)?;

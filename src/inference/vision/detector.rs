@@ -4,8 +4,6 @@
 //! non-maximum suppression inside, returning up to 100 boxes as `[y_min, x_min, y_max, x_max]`
 //! normalised to the image, with scores and 1-based COCO class ids as floats.
 
-use std::sync::{Mutex, PoisonError};
-
 use image::RgbImage;
 use image::imageops::FilterType;
 use ndarray::ArrayView4;
@@ -132,18 +130,18 @@ pub struct Detection {
 
 /// SSD-MobileNet-v2 COCO behind a lock (ONNX Runtime sessions run one call at a time here).
 pub struct Detector {
-    session: Mutex<Session>,
+    session: Session,
 }
 
 impl Detector {
     /// Wraps a session, checking that it has the detector's inputs and outputs.
     pub fn new(session: Session) -> Result<Detector, VisionError> {
         super::expect_signature(&session, "detector", &[INPUT], &[BOXES, SCORES, CLASSES, COUNT])?;
-        Ok(Detector { session: Mutex::new(session) })
+        Ok(Detector { session })
     }
 
     /// Objects with a score of at least `min_score`, best first.
-    pub fn detect(&self, image: &RgbImage, min_score: f32) -> Result<Vec<Detection>, VisionError> {
+    pub fn detect(&mut self, image: &RgbImage, min_score: f32) -> Result<Vec<Detection>, VisionError> {
         let resized;
         let image = if image.width().max(image.height()) > MAX_SIDE {
             let scale = f64::from(MAX_SIDE) / f64::from(image.width().max(image.height()));
@@ -159,8 +157,8 @@ impl Detector {
             ArrayView4::from_shape(shape, image.as_raw()).expect("an RgbImage is height*width*3 bytes");
 
         let fail = |e: ort::Error| VisionError::Inference { model: "detector", reason: e.to_string() };
-        let mut session = self.session.lock().unwrap_or_else(PoisonError::into_inner);
-        let outputs = session
+        let outputs = self
+            .session
             .run(ort::inputs![INPUT => TensorRef::from_array_view(pixels).map_err(fail)?])
             .map_err(fail)?;
         let (_, boxes) = outputs[BOXES].try_extract_tensor::<f32>().map_err(fail)?;

@@ -4,7 +4,8 @@
 //! EfficientNet-Lite3 names the scene among ImageNet's classes ([`classifier`]); [`desk`]
 //! combines both into the desk decision. An optional ONNX captioner ([`captioner`]) describes the
 //! photo; without one the caption is composed from what was found. All of it is blocking code:
-//! callers run it off the async runtime.
+//! running a model takes `&mut` access, and the service gives each loaded model set one owner
+//! thread ([`crate::inference::ModelOwner`]).
 
 pub mod captioner;
 pub mod classifier;
@@ -173,15 +174,15 @@ impl Vision {
     }
 
     /// Detects, classifies and decides whether the photo shows a desk.
-    pub fn analyze(&self, image: &RgbImage) -> Result<SceneAnalysis, VisionError> {
+    pub fn analyze(&mut self, image: &RgbImage) -> Result<SceneAnalysis, VisionError> {
         let detections = self.detector.detect(image, self.config.min_detection_score)?;
         let classes = self.classifier.classify(image)?;
         Ok(desk::analyze(detections, &classes, &self.config, TOP_CLASSES))
     }
 
     /// A caption from the captioner when one is configured, else one composed from `analysis`.
-    pub fn caption(&self, image: &RgbImage, analysis: &SceneAnalysis) -> Result<String, VisionError> {
-        let Some(captioner) = &self.captioner else {
+    pub fn caption(&mut self, image: &RgbImage, analysis: &SceneAnalysis) -> Result<String, VisionError> {
+        let Some(captioner) = &mut self.captioner else {
             return Ok(compose_caption(analysis));
         };
         let defaults = captioner.default_options();
