@@ -9,9 +9,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
-/// Scripts, styles and API calls only from this origin; images from anywhere (S3, shops).
+/// Scripts, styles and API calls only from this origin; images from anywhere (S3, shops), and
+/// `blob:` for the preview of a photo chosen on the page before it is sent.
 const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
-     img-src 'self' https: http: data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+     img-src 'self' https: http: data: blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// One embedded file.
 struct Asset {

@@ -6,10 +6,14 @@ import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { TaskStatus } from "./gen/deskgen/v1/common_pb";
 import { Generate, type GenerateRequestSchema } from "./gen/deskgen/v1/generate_pb";
 import { Info, type InfoResponse } from "./gen/deskgen/v1/info_pb";
-import { Result, type Recommendation, type TaskResult } from "./gen/deskgen/v1/result_pb";
+import { type DetectedItem, Result, type Recommendation, type TaskResult } from "./gen/deskgen/v1/result_pb";
 import { BadRequestSchema, ErrorInfoSchema } from "./gen/google/rpc/error_details_pb";
 
 const KEY_STORAGE = "deskgen.apiKey";
+/** Photos whose longer side is bigger are made this size before they are sent. */
+const MAX_SIDE = 2048;
+/** Types a photo within MAX_SIDE is sent in as it is; others are re-encoded as JPEG. */
+const SENT_AS_IS = ["image/jpeg", "image/png", "image/webp"];
 
 function byId<T extends HTMLElement>(id: string): T {
   const found = document.getElementById(id);
@@ -18,6 +22,12 @@ function byId<T extends HTMLElement>(id: string): T {
 }
 
 const form = byId<HTMLFormElement>("generate-form");
+const photoFile = byId<HTMLInputElement>("photo-file");
+const dropZone = byId<HTMLElement>("drop-zone");
+const preview = byId<HTMLElement>("photo-preview");
+const previewImage = byId<HTMLImageElement>("photo-preview-image");
+const previewName = byId<HTMLElement>("photo-preview-name");
+const photoClear = byId<HTMLButtonElement>("photo-clear");
 const imageUrl = byId<HTMLInputElement>("image-url");
 const promptText = byId<HTMLTextAreaElement>("prompt");
 const scheduler = byId<HTMLSelectElement>("scheduler");
@@ -33,6 +43,14 @@ const progressText = byId<HTMLElement>("progress-text");
 const resultSection = byId<HTMLElement>("result");
 const resultHeading = byId<HTMLElement>("result-heading");
 const resultNote = byId<HTMLElement>("result-note");
+const boxes = byId<HTMLElement>("boxes");
+const deskVerdict = byId<HTMLElement>("desk-verdict");
+const caption = byId<HTMLElement>("caption");
+const noItems = byId<HTMLElement>("no-items");
+const detectedItems = byId<HTMLElement>("detected-items");
+const warningsBlock = byId<HTMLElement>("warnings-block");
+const warnings = byId<HTMLElement>("warnings");
+const seen = byId<HTMLElement>("seen");
 const shopping = byId<HTMLElement>("shopping");
 
 const withApiKey: Interceptor = (next) => (request) => {
@@ -92,6 +110,180 @@ function restoreApiKey(): void {
   });
 }
 
+/** What POST /v1/uploads answers. */
+interface Upload {
+  key: string;
+  url: string;
+  content_type: string;
+  width: number;
+  height: number;
+  bytes: number;
+  sha256: string;
+}
+
+/** The photo chosen on the page, and its upload once sent: later generations reuse it. */
+let chosen: { file: File; previewUrl: string; upload?: Upload } | undefined;
+
+function choosePhoto(file: File): void {
+  clearProblem();
+  forgetPhoto();
+  if (!file.type.startsWith("image/")) {
+    showProblem({ summary: `${file.name || "That file"} is not an image. Choose a JPEG, PNG or WebP photo.`, details: [], fields: ["photo"] });
+    return;
+  }
+  chosen = { file, previewUrl: URL.createObjectURL(file) };
+  previewImage.src = chosen.previewUrl;
+  previewName.textContent = `${file.name || "Pasted photo"} (${formatBytes(file.size)})`;
+  preview.hidden = false;
+}
+
+function forgetPhoto(): void {
+  if (chosen) URL.revokeObjectURL(chosen.previewUrl);
+  chosen = undefined;
+  previewImage.removeAttribute("src");
+  preview.hidden = true;
+  photoFile.value = "";
+}
+
+function formatBytes(bytes: number): string {
+  if (bytes < 1024) return `${bytes} bytes`;
+  if (bytes < 1024 * 1024) return `${Math.round(bytes / 1024)} KB`;
+  return `${(bytes / (1024 * 1024)).toFixed(1)} MB`;
+}
+
+/** The first image file in a drop or a paste. */
+function imageFile(data: DataTransfer | null): File | undefined {
+  return [...(data?.files ?? [])].find((file) => file.type.startsWith("image/")) ?? data?.files[0];
+}
+
+function watchPhotoInputs(): void {
+  photoFile.addEventListener("change", () => {
+    const file = photoFile.files?.[0];
+    if (file) choosePhoto(file);
+  });
+  photoClear.addEventListener("click", () => {
+    forgetPhoto();
+    photoFile.focus();
+  });
+  dropZone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    dropZone.classList.add("dragging");
+  });
+  dropZone.addEventListener("dragleave", () => dropZone.classList.remove("dragging"));
+  dropZone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    dropZone.classList.remove("dragging");
+    const file = imageFile(event.dataTransfer);
+    if (file) choosePhoto(file);
+  });
+  // Text pasted into a field stays text; only a pasted picture becomes the photo.
+  document.addEventListener("paste", (event) => {
+    const file = [...(event.clipboardData?.files ?? [])].find((f) => f.type.startsWith("image/"));
+    if (!file) return;
+    event.preventDefault();
+    choosePhoto(file);
+  });
+}
+
+/**
+ * The photo as it will be sent: upright (EXIF orientation applied) and at most MAX_SIDE on its
+ * longer side, as JPEG; a photo already within that size and in a type the server reads goes as
+ * it is (the server turns it upright itself). A file the browser cannot decode also goes as it
+ * is, so that the server says what is wrong with it.
+ */
+async function preparePhoto(file: File): Promise<Blob> {
+  let bitmap: ImageBitmap;
+  try {
+    bitmap = await createImageBitmap(file, { imageOrientation: "from-image" });
+  } catch {
+    return file;
+  }
+  try {
+    const longer = Math.max(bitmap.width, bitmap.height);
+    if (longer <= MAX_SIDE && SENT_AS_IS.includes(file.type)) return file;
+    const scale = Math.min(1, MAX_SIDE / longer);
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+    canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+    const context = canvas.getContext("2d");
+    if (!context) return file;
+    // JPEG has no transparency: see-through parts become white, not black.
+    context.fillStyle = "#fff";
+    context.fillRect(0, 0, canvas.width, canvas.height);
+    context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+    return await new Promise<Blob>((resolve, reject) => {
+      canvas.toBlob(
+        (blob) => (blob ? resolve(blob) : reject(new Error("The photo could not be made smaller in this browser."))),
+        "image/jpeg",
+        0.9,
+      );
+    });
+  } finally {
+    bitmap.close();
+  }
+}
+
+/** A failed upload, said as the page says other problems. */
+class UploadError extends Error {
+  constructor(readonly problem: Problem) {
+    super(problem.summary);
+  }
+}
+
+function uploadProblem(status: number, body: unknown): Problem {
+  const answer = (typeof body === "object" && body !== null ? body : {}) as Record<string, unknown>;
+  const message = typeof answer.message === "string" ? answer.message : typeof answer.detail === "string" ? answer.detail : "";
+  const code = typeof answer.error_code === "string" ? answer.error_code : undefined;
+  const details = message ? [message] : [];
+  if (status === 401) return { summary: "The API key was not accepted. Enter a valid key and try again.", details, code, fields: ["api_key"] };
+  if (status === 413) return { summary: "The photo is too large to send.", details, code, fields: ["photo"] };
+  if (status === 400 || status === 422) return { summary: "The photo was not accepted.", details, code, fields: ["photo"] };
+  if (status === 429 || status === 503) return { summary: "The service is busy or starting. Try again shortly.", details, code };
+  return { summary: `The photo could not be sent (HTTP ${status}).`, details, code };
+}
+
+/**
+ * Stores the photo with POST /v1/uploads and returns what the server answers; its `url` is then
+ * the generation's initial_image_url. XMLHttpRequest, not fetch or grpc-web, because only XHR
+ * reports upload progress; and a stored original can be named by several generations, so the
+ * photo is sent once however often the person presses Generate.
+ */
+function sendPhoto(photo: Blob, onProgress: (fraction: number) => void): Promise<Upload> {
+  return new Promise((resolve, reject) => {
+    const request = new XMLHttpRequest();
+    request.open("POST", "/v1/uploads");
+    const key = apiKey.value.trim();
+    if (key) request.setRequestHeader("authorization", `Bearer ${key}`);
+    request.responseType = "json";
+    request.upload.addEventListener("progress", (event) => {
+      if (event.lengthComputable) onProgress(event.loaded / event.total);
+    });
+    request.addEventListener("load", () => {
+      if (request.status === 201) resolve(request.response as Upload);
+      else reject(new UploadError(uploadProblem(request.status, request.response)));
+    });
+    request.addEventListener("error", () => {
+      reject(new UploadError({ summary: "The photo could not be sent: the service cannot be reached.", details: [] }));
+    });
+    request.send(photo);
+  });
+}
+
+/** The URL of the chosen photo on the server, sending it first if it has not been sent yet. */
+async function uploadedPhotoUrl(photo: NonNullable<typeof chosen>): Promise<string> {
+  if (photo.upload) return photo.upload.url;
+  showUploadProgress(0);
+  const prepared = await preparePhoto(photo.file);
+  photo.upload = await sendPhoto(prepared, showUploadProgress);
+  return photo.upload.url;
+}
+
+function showUploadProgress(fraction: number): void {
+  progressSection.hidden = false;
+  progressBar.value = fraction;
+  progressText.textContent = `Sending your photo: ${Math.round(fraction * 100)}%`;
+}
+
 function fillOptions(about: InfoResponse): void {
   const defaultScheduler = about.defaults?.scheduler ?? "";
   for (const name of about.schedulers) {
@@ -103,9 +295,9 @@ function fillOptions(about: InfoResponse): void {
   loraField.hidden = about.loras.length === 0;
 }
 
-function readForm(): MessageInitShape<typeof GenerateRequestSchema> {
+function readForm(photoUrl: string | undefined): MessageInitShape<typeof GenerateRequestSchema> {
   const request: MessageInitShape<typeof GenerateRequestSchema> = {};
-  const url = imageUrl.value.trim();
+  const url = photoUrl ?? imageUrl.value.trim();
   if (url) request.initialImageUrl = url;
   // Without a photo the prompt is required; send it even when blank so the server says so.
   if (promptText.value.trim() || !url) request.prompt = promptText.value;
@@ -161,21 +353,75 @@ function isWebUrl(url: string | undefined): url is string {
   return url !== undefined && /^https?:\/\//i.test(url);
 }
 
-function showImage(imageId: string, url: string | undefined, missing: string): void {
+/** Shows the image at `url` in its figure, or says why there is none; whether it is shown. */
+function showImage(imageId: string, url: string | undefined, missing: string): boolean {
   const image = byId<HTMLImageElement>(imageId);
-  const figure = image.parentElement as HTMLElement;
+  const figure = image.closest("figure") as HTMLElement;
   figure.querySelector(".placeholder")?.remove();
   if (isWebUrl(url)) {
     image.hidden = false;
     image.src = url;
-    return;
+    return true;
   }
   image.hidden = true;
   image.removeAttribute("src");
   const placeholder = document.createElement("p");
   placeholder.className = "placeholder";
   placeholder.textContent = missing;
-  figure.insertBefore(placeholder, image);
+  figure.prepend(placeholder);
+  return false;
+}
+
+function percent(score: number): string {
+  return `${Math.round(score * 100)}%`;
+}
+
+/**
+ * Draws the detected items over the original. Boxes are fractions of the upright photo's width
+ * and height (the stored original is upright, and browsers show a linked photo upright too), so
+ * as percentages of the frame they follow the image at any displayed size.
+ */
+function drawBoxes(items: DetectedItem[]): void {
+  boxes.replaceChildren(
+    ...items.flatMap((item) => {
+      if (!item.box) return [];
+      const { xMin, yMin, xMax, yMax } = item.box;
+      const box = document.createElement("div");
+      box.className = "box";
+      box.style.left = `${xMin * 100}%`;
+      box.style.top = `${yMin * 100}%`;
+      box.style.width = `${(xMax - xMin) * 100}%`;
+      box.style.height = `${(yMax - yMin) * 100}%`;
+      const label = document.createElement("span");
+      label.className = "box-label";
+      label.textContent = `${item.label} ${percent(item.score)}`;
+      box.append(label);
+      return [box];
+    }),
+  );
+}
+
+/** The verdict, caption, items and warnings the pipeline reported, in words. */
+function showSeen(result: TaskResult): void {
+  seen.hidden = result.isDesk === undefined && !result.caption && result.detectedItems.length === 0;
+  deskVerdict.textContent = result.isDesk === undefined ? "Not checked" : result.isDesk ? "Yes" : "No";
+  caption.textContent = result.caption || "None";
+  detectedItems.replaceChildren(
+    ...result.detectedItems.map((item) => {
+      const line = document.createElement("li");
+      line.textContent = `${item.label} (${percent(item.score)} sure)`;
+      return line;
+    }),
+  );
+  noItems.hidden = result.detectedItems.length > 0;
+  warnings.replaceChildren(
+    ...result.warnings.map((text) => {
+      const line = document.createElement("li");
+      line.textContent = text;
+      return line;
+    }),
+  );
+  warningsBlock.hidden = result.warnings.length === 0;
 }
 
 function shoppingCard(item: Recommendation["items"][number]): HTMLLIElement {
@@ -229,11 +475,13 @@ function showShopping(recommendations: Recommendation[]): void {
 
 function showResult(result: TaskResult): void {
   const initial = result.initialImageUrl;
-  showImage(
+  const original = showImage(
     "original-image",
     initial,
     initial ? `Stored at ${initial} (not viewable in the browser).` : "No photo: generated from the text alone.",
   );
+  drawBoxes(original ? result.detectedItems : []);
+  showSeen(result);
   showImage("generated-image", result.processedImageUrl, "No new image was generated.");
   const notes: string[] = [];
   if (result.isDesk === false) {
@@ -241,7 +489,6 @@ function showResult(result: TaskResult): void {
   } else if (!result.processedImageUrl) {
     notes.push("The new setup could not be generated. Here are shopping picks anyway.");
   }
-  notes.push(...result.warnings);
   resultNote.textContent = notes.join(" ");
   resultNote.hidden = notes.length === 0;
   showShopping(result.recommendations);
@@ -254,6 +501,7 @@ function fieldViolations(err: ConnectError): { field: string; description: strin
 }
 
 function describeError(reason: unknown): Problem {
+  if (reason instanceof UploadError) return reason.problem;
   const err = ConnectError.from(reason);
   const code = err.findDetails(ErrorInfoSchema)[0]?.reason;
   const message = err.rawMessage;
@@ -327,7 +575,8 @@ async function run(): Promise<void> {
   submit.disabled = true;
   form.setAttribute("aria-busy", "true");
   try {
-    const submitted = await generateClient.generate(readForm());
+    const photoUrl = chosen ? await uploadedPhotoUrl(chosen) : undefined;
+    const submitted = await generateClient.generate(readForm(photoUrl));
     showProgress({ status: TaskStatus.QUEUED });
     const result = await follow(submitted.taskId);
     if (result.status === TaskStatus.DONE) showResult(result);
@@ -342,6 +591,7 @@ async function run(): Promise<void> {
 }
 
 restoreApiKey();
+watchPhotoInputs();
 form.addEventListener("submit", (event) => {
   event.preventDefault();
   void run();
