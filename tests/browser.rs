@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use common::{ScriptedPipeline, TestServer, darknet, photo_host, serve_config, start, start_real};
-use image::{Rgb, RgbImage};
+use image::{ImageFormat, Rgb, RgbImage};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 
@@ -56,6 +56,40 @@ fn write_example_images(dir: &Path) {
     picture([200, 200, 195], [120, 90, 60], [40, 40, 45]).save(dir.join("original.png")).unwrap();
     picture([235, 230, 220], [150, 110, 70], [30, 60, 110]).save(dir.join("generated.png")).unwrap();
     picture([250, 250, 250], [230, 230, 230], [20, 20, 20]).save(dir.join("product.png")).unwrap();
+}
+
+/// A JPEG stored `width`×`height`, red on the left and blue on the right, whose EXIF orientation
+/// (6) says "turn 90° clockwise to view", as phones write them: upright it is red on top.
+fn sideways_jpeg(width: u32, height: u32) -> Vec<u8> {
+    let image =
+        RgbImage::from_fn(
+            width,
+            height,
+            |x, _| {
+                if x < width / 2 { Rgb([250, 20, 20]) } else { Rgb([20, 20, 250]) }
+            },
+        );
+    let mut jpeg = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut jpeg, ImageFormat::Jpeg).unwrap();
+    let jpeg = jpeg.into_inner();
+    // APP1 "Exif" right after SOI: a big-endian TIFF header and one IFD entry, Orientation = 6.
+    let mut exif = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01".to_vec();
+    exif.extend([0x01, 0x12, 0x00, 0x03, 0, 0, 0, 1, 0x00, 0x06, 0, 0, 0, 0, 0, 0]);
+    let mut out = jpeg[..2].to_vec();
+    out.extend([0xff, 0xe1]);
+    out.extend(u16::try_from(exif.len() + 2).unwrap().to_be_bytes());
+    out.extend(exif);
+    out.extend(&jpeg[2..]);
+    out
+}
+
+/// The photo files the page is given to choose: a real JPEG, a small and a big sideways one, and
+/// bytes that are no image at all.
+fn write_photo_files(dir: &Path) {
+    std::fs::copy(darknet("dog.jpg"), dir.join("desk.jpg")).unwrap();
+    std::fs::write(dir.join("sideways.jpg"), sideways_jpeg(64, 32)).unwrap();
+    std::fs::write(dir.join("big-sideways.jpg"), sideways_jpeg(4096, 2048)).unwrap();
+    std::fs::write(dir.join("broken.jpg"), b"these bytes are not a photo of anything").unwrap();
 }
 
 /// Where the browser tests leave their screenshots: `<target>/browser/`.
@@ -189,14 +223,52 @@ async fn in_chromium_a_wrong_api_key_shows_an_error_and_the_right_one_works() {
     let dir = tempfile::tempdir().unwrap();
     let images = tempfile::tempdir().unwrap();
     write_example_images(images.path());
+    let photos = tempfile::tempdir().unwrap();
+    write_photo_files(photos.path());
     let server =
         start(serve_config(dir.path(), &["--api-key", "page-key"]), ScriptedPipeline::new(2, 20)).await;
     run_scenario(
         "auth",
         &server,
-        &[("DESKGEN_IMAGES", images.path().to_str().unwrap()), ("DESKGEN_API_KEY", "page-key")],
+        &[
+            ("DESKGEN_IMAGES", images.path().to_str().unwrap()),
+            ("DESKGEN_PHOTOS", photos.path().to_str().unwrap()),
+            ("DESKGEN_API_KEY", "page-key"),
+        ],
     )
     .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn in_chromium_a_chosen_photo_is_uploaded_upright_small_enough_and_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    write_example_images(images.path());
+    let photos = tempfile::tempdir().unwrap();
+    write_photo_files(photos.path());
+    let server = start(serve_config(dir.path(), &[]), ScriptedPipeline::new(2, 20)).await;
+    run_scenario(
+        "photos",
+        &server,
+        &[
+            ("DESKGEN_IMAGES", images.path().to_str().unwrap()),
+            ("DESKGEN_PHOTOS", photos.path().to_str().unwrap()),
+        ],
+    )
+    .await;
+    // What the page sent is in the store: the JPEG, the one the server turned, the one the browser
+    // turned and made smaller; nothing for the refused bytes or for the second generation.
+    let mut stored: Vec<(u32, u32)> = files_under(&dir.path().join("images/uploads"))
+        .iter()
+        .filter(|(path, _)| path.extension().is_some_and(|e| e == "jpg"))
+        .map(|(_, bytes)| {
+            let image = image::load_from_memory(bytes).unwrap();
+            (image.width(), image.height())
+        })
+        .collect();
+    stored.sort();
+    assert_eq!(stored, [(32, 64), (768, 576), (1024, 2048)]);
     server.stop().await;
 }
 
@@ -207,12 +279,14 @@ async fn in_chromium_the_real_pipeline_turns_a_photo_into_an_image_and_cards() {
     // Any photo counts as a desk at threshold 0, so the tiny Stable Diffusion model runs.
     let server = start_real(dir.path(), &["--desk-threshold", "0"]).await;
     let photo = format!("{host}/desk.jpg");
+    let photo_file = darknet("dog.jpg");
     let screenshot = screenshot_path("demo-real.png");
     run_scenario(
         "real",
         &server,
         &[
             ("DESKGEN_PHOTO_URL", photo.as_str()),
+            ("DESKGEN_PHOTO_FILE", photo_file.to_str().unwrap()),
             ("DESKGEN_SCREENSHOT", screenshot.to_str().unwrap()),
             ("DESKGEN_TIMEOUT_MS", "180000"),
         ],

@@ -4,11 +4,14 @@
 //
 // Environment: DESKGEN_URL (the server), DESKGEN_SCREENSHOT (where to save the page once a result
 // shows), DESKGEN_IMAGES (folder of PNGs served for http://example.invalid/ images, as the scripted
-// pipeline's results point there), DESKGEN_PHOTO_URL (the desk photo to submit), DESKGEN_API_KEY,
-// DESKGEN_TIMEOUT_MS (how long a generation may take). Exits non-zero on the first failed check.
+// pipeline's results point there), DESKGEN_PHOTO_URL (the desk photo to submit), DESKGEN_PHOTOS
+// (folder of photo files to choose on the page: desk.jpg, sideways.jpg, big-sideways.jpg,
+// broken.jpg), DESKGEN_API_KEY, DESKGEN_TIMEOUT_MS (how long a generation may take). Exits non-zero
+// on the first failed check.
 
 import assert from "node:assert/strict";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { createHash } from "node:crypto";
+import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
@@ -112,6 +115,85 @@ async function shoppingCards(page) {
   })));
 }
 
+/** A photo file from DESKGEN_PHOTOS. */
+function photoFile(name) {
+  const folder = process.env.DESKGEN_PHOTOS;
+  assert.ok(folder, "DESKGEN_PHOTOS is required");
+  return join(folder, name);
+}
+
+/** Chooses `path` with the file input (through the DevTools protocol) and waits for its preview. */
+async function choosePhoto(page, path) {
+  await page.getByLabel("Choose a photo of your desk").setInputFiles(path);
+  await page.locator("#photo-preview").waitFor();
+  await assertImageLoaded(page, "#photo-preview-image");
+  assert.match(await page.locator("#photo-preview-image").getAttribute("src"), /^blob:/);
+}
+
+/**
+ * Keeps what each XMLHttpRequest (the page's uploads; its API calls use fetch) was answered, as
+ * DevTools may drop a response body before the test reads it.
+ */
+async function recordUploadAnswers(context) {
+  await context.addInitScript(() => {
+    window.uploadAnswers = [];
+    const open = XMLHttpRequest.prototype.open;
+    XMLHttpRequest.prototype.open = function (...args) {
+      this.addEventListener("load", () => window.uploadAnswers.push({ status: this.status, upload: this.response }));
+      return open.apply(this, args);
+    };
+  });
+}
+
+/** Submits with a chosen photo; returns what POST /v1/uploads answered and the progress seen. */
+async function submitWithUpload(page) {
+  const before = await page.evaluate(() => window.uploadAnswers.length);
+  const progress = await submit(page);
+  const answers = await page.evaluate(() => window.uploadAnswers);
+  assert.equal(answers.length, before + 1, "one upload");
+  return { ...answers.at(-1), progress };
+}
+
+/** The natural size of a loaded image. */
+async function naturalSize(page, selector) {
+  await assertImageLoaded(page, selector);
+  return page.locator(selector).evaluate((img) => [img.naturalWidth, img.naturalHeight]);
+}
+
+/** The boxes over the original, as fractions of the displayed image, with their labels. */
+async function drawnBoxes(page) {
+  return page.locator("#original .frame").evaluate((frame) => {
+    const image = frame.querySelector("img").getBoundingClientRect();
+    return [...frame.querySelectorAll(".box")].map((box) => {
+      const r = box.getBoundingClientRect();
+      return {
+        label: box.textContent,
+        left: (r.left - image.left) / image.width,
+        top: (r.top - image.top) / image.height,
+        right: (r.right - image.left) / image.width,
+        bottom: (r.bottom - image.top) / image.height,
+      };
+    });
+  });
+}
+
+/** Checks the verdict, and that every listed item has a box inside the displayed original. */
+async function assertWhatWasSeen(page) {
+  assert.equal(await page.locator("#seen").isVisible(), true, "what deskgen saw is shown");
+  assert.equal(await page.locator("#desk-verdict").textContent(), "Yes");
+  assert.ok((await page.locator("#caption").textContent()).length > 0, "a caption");
+  const items = await page.locator("#detected-items li").allTextContents();
+  assert.ok(items.some((t) => t.startsWith("dog (")), `items: ${items}`);
+  const drawn = await drawnBoxes(page);
+  assert.equal(drawn.length, items.length, "one box per item");
+  for (const box of drawn) {
+    assert.match(box.label, /^\S.* \d+%$/);
+    assert.ok(box.left >= -0.01 && box.top >= -0.01 && box.right <= 1.01 && box.bottom <= 1.01, JSON.stringify(box));
+    assert.ok(box.right > box.left && box.bottom > box.top, JSON.stringify(box));
+  }
+  return drawn;
+}
+
 async function screenshot(page) {
   const path = process.env.DESKGEN_SCREENSHOT;
   if (path) await page.screenshot({ path, fullPage: true });
@@ -185,12 +267,107 @@ const scenarios = {
     assert.match(await errorText(page), /API key was not accepted.*UNAUTHENTICATED/s);
     assert.equal(await page.getByLabel("API key").getAttribute("aria-invalid"), "true");
 
+    // The photo upload asks for the key too, and says so the same way.
+    await choosePhoto(page, photoFile("desk.jpg"));
+    const refused = await submitWithUpload(page);
+    assert.equal(refused.status, 401);
+    assert.equal(refused.upload.error_code, "UNAUTHENTICATED");
+    assert.match(await errorText(page), /API key was not accepted.*A valid API key is required.*UNAUTHENTICATED/s);
+    assert.equal(await page.getByLabel("API key").getAttribute("aria-invalid"), "true");
+    await page.getByRole("button", { name: "Remove photo" }).click();
+
     await fill(page, { photo: photoUrl, prompt: "desk", key });
     await submit(page);
     assert.equal(await page.locator("#error").isHidden(), true, `no error expected: ${await errorText(page)}`);
     assert.equal((await shoppingCards(page))[0].category, "마우스");
     await page.reload();
     assert.equal(await page.getByLabel("API key").inputValue(), key, "kept in sessionStorage");
+    assert.deepEqual(problems, []);
+  },
+
+  /** Photos chosen on the page: uploaded (with progress), upright, small enough, reused, refused. */
+  async photos(context) {
+    const { page, problems } = await openPage(context);
+    const uploads = [];
+    page.on("request", (r) => {
+      if (r.url() === `${base}/v1/uploads`) uploads.push(r.method());
+    });
+    // The drop zone shows the focus of the file input inside it, which the keyboard reaches.
+    await page.getByLabel("Choose a photo of your desk").focus();
+    assert.equal(await page.locator("#drop-zone").evaluate((zone) => zone.matches(":focus-within")), true);
+
+    // A real JPEG, sent as it is; slow uploads show their progress.
+    const desk = photoFile("desk.jpg");
+    await choosePhoto(page, desk);
+    assert.match(await page.locator("#photo-preview-name").textContent(), /^desk\.jpg \(\d+ KB\)$/);
+    const cdp = await context.newCDPSession(page);
+    await cdp.send("Network.enable");
+    await cdp.send("Network.emulateNetworkConditions", {
+      offline: false, latency: 0, downloadThroughput: -1, uploadThroughput: 256 * 1024,
+    });
+    await page.getByLabel("What would you like?").fill("a tidy desk");
+    const first = await submitWithUpload(page);
+    await cdp.send("Network.emulateNetworkConditions", {
+      offline: false, latency: 0, downloadThroughput: -1, uploadThroughput: -1,
+    });
+    assert.equal(await page.locator("#error").isHidden(), true, `no error expected: ${await errorText(page)}`);
+    assert.equal(first.status, 201);
+    const sent = readFileSync(desk);
+    assert.equal(first.upload.content_type, "image/jpeg");
+    assert.deepEqual([first.upload.width, first.upload.height], [768, 576]);
+    assert.equal(first.upload.bytes, statSync(desk).size, "a small JPEG goes as it is");
+    assert.equal(first.upload.sha256, createHash("sha256").update(sent).digest("hex"));
+    assert.ok(first.progress.some((t) => /^Sending your photo: \d+%$/.test(t)), `progress seen: ${first.progress}`);
+    assert.ok(first.upload.url.startsWith(`${base}/v1/images/`), first.upload.url);
+    assert.equal(await page.locator("#original-image").getAttribute("src"), first.upload.url);
+    assert.deepEqual(await naturalSize(page, "#original-image"), [768, 576], "the stored original");
+    assert.equal(await page.locator("#desk-verdict").textContent(), "Yes");
+    assert.equal(await page.locator("#caption").textContent(), "a desk with a laptop");
+    assert.equal(await page.locator("#no-items").isVisible(), true);
+
+    // Another generation from the same photo names the stored original again.
+    await page.getByLabel("What would you like?").fill("a tidy desk with plants");
+    await submit(page);
+    assert.equal(await page.locator("#original-image").getAttribute("src"), first.upload.url);
+    assert.deepEqual(uploads, ["POST"], "sent once");
+
+    // Stored sideways with EXIF orientation 6: the server stores it upright.
+    await choosePhoto(page, photoFile("sideways.jpg"));
+    const turned = await submitWithUpload(page);
+    assert.deepEqual([turned.upload.width, turned.upload.height], [32, 64]);
+    assert.deepEqual(await naturalSize(page, "#original-image"), [32, 64], "upright");
+
+    // Too big and sideways: the browser turns it upright and makes it 2048 px on its longer side.
+    await choosePhoto(page, photoFile("big-sideways.jpg"));
+    const shrunk = await submitWithUpload(page);
+    assert.equal(shrunk.upload.content_type, "image/jpeg");
+    assert.deepEqual([shrunk.upload.width, shrunk.upload.height], [1024, 2048]);
+    assert.deepEqual(await naturalSize(page, "#original-image"), [1024, 2048], "upright and smaller");
+    const colours = await page.locator("#original-image").evaluate((img) => {
+      const canvas = document.createElement("canvas");
+      [canvas.width, canvas.height] = [img.naturalWidth, img.naturalHeight];
+      const context = canvas.getContext("2d");
+      context.drawImage(img, 0, 0);
+      return [context.getImageData(512, 256, 1, 1).data, context.getImageData(512, 1792, 1, 1).data].map((d) => [...d]);
+    });
+    assert.ok(colours[0][0] > 200 && colours[0][2] < 60, `red (the left half) on top: ${colours}`);
+    assert.ok(colours[1][2] > 200 && colours[1][0] < 60, `blue below: ${colours}`);
+
+    // Not an image at all: the server's reason, its code, and the photo field marked.
+    await page.getByLabel("Choose a photo of your desk").setInputFiles(photoFile("broken.jpg"));
+    const broken = await submitWithUpload(page);
+    assert.equal(broken.status, 422);
+    assert.match(await errorText(page), /The photo was not accepted\..*cannot be used.*INVALID_INPUT/s);
+    assert.equal(await page.getByLabel("Choose a photo of your desk").getAttribute("aria-invalid"), "true");
+    assert.equal(await page.locator("#result").isHidden(), true);
+
+    // Without the photo, the link is used again.
+    await page.getByRole("button", { name: "Remove photo" }).click();
+    assert.equal(await page.locator("#photo-preview").isHidden(), true);
+    await fill(page, { photo: photoUrl, prompt: "desk" });
+    await submit(page);
+    assert.equal(await page.locator("#error").isHidden(), true, `no error expected: ${await errorText(page)}`);
+    assert.equal(await page.locator("#original-image").getAttribute("src"), photoUrl);
     assert.deepEqual(problems, []);
   },
 
@@ -219,6 +396,18 @@ const scenarios = {
         assert.ok(card.mall, JSON.stringify(card));
       }
     }
+    await assertWhatWasSeen(page);
+
+    // The same photo chosen as a file: stored, then shown with what deskgen saw in it.
+    await choosePhoto(page, process.env.DESKGEN_PHOTO_FILE);
+    await page.getByLabel("Desk photo URL").fill("");
+    const sent = await submitWithUpload(page);
+    assert.equal(await page.locator("#error").isHidden(), true, `no error expected: ${await errorText(page)}`);
+    assert.equal(sent.status, 201);
+    assert.equal(await page.locator("#original-image").getAttribute("src"), sent.upload.url);
+    assert.deepEqual(await naturalSize(page, "#original-image"), [sent.upload.width, sent.upload.height]);
+    await assertImageLoaded(page, "#generated-image");
+    await assertWhatWasSeen(page);
     await screenshot(page);
     assert.deepEqual(problems, []);
   },
@@ -235,6 +424,7 @@ const context = await chromium.launchPersistentContext(profile, {
 });
 try {
   await serveExampleImages(context);
+  await recordUploadAnswers(context);
   await scenario(context);
   console.log(`browser scenario ${process.argv[2]}: ok`);
 } catch (err) {
