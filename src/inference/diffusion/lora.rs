@@ -19,17 +19,23 @@
 //! adapters uses them directly. Merged sessions are kept in a small LRU keyed by the set of
 //! (adapter, weight) pairs.
 
+mod cache;
+mod keys;
 mod onnx_weights;
+mod request;
 mod safetensors;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, ArrayD, IxDyn};
 use ort::value::{DynValue, Tensor};
 use serde::Deserialize;
 
+pub(crate) use self::cache::{MergedCache, MergedModels};
+use self::keys::{KeyPair, PeftConfig, adapter_family, family_name, module_kind, peft_pairs};
 use self::onnx_weights::FloatKind;
+pub use self::request::{PromptLoras, check_name, extract_prompt_loras};
 use self::safetensors::Header;
 use super::config::ModelFamily;
 use crate::inference::InitializerOverrides;
@@ -603,204 +609,6 @@ struct MergeTarget {
     offset: Option<u64>,
 }
 
-/// The tensors of one module in an adapter file.
-struct KeyPair {
-    part: ModelPart,
-    weight: String,
-    down: String,
-    up: String,
-    alpha: Option<String>,
-}
-
-/// diffusers / peft keys → module pairs.
-fn peft_pairs(name: &str, header: &Header) -> Result<Vec<KeyPair>, LoraError> {
-    const DOWN: [(&str, &str); 3] = [
-        (".lora_A.weight", ".lora_B.weight"),
-        (".lora.down.weight", ".lora.up.weight"),
-        (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
-    ];
-    let mut pairs = Vec::new();
-    for key in header.tensors.keys() {
-        let Some((base, up_suffix)) = DOWN.iter().find_map(|(d, u)| key.strip_suffix(d).map(|b| (b, *u)))
-        else {
-            let known_other = [".lora_B.weight", ".lora.up.weight", ".lora_linear_layer.up.weight", ".alpha"];
-            if !known_other.iter().any(|s| key.ends_with(s)) {
-                return Err(LoraError::Format {
-                    name: name.into(),
-                    reason: format!("unexpected tensor {key:?}"),
-                });
-            }
-            continue;
-        };
-        let (part, module) = if let Some(rest) = base.strip_prefix("unet.") {
-            (ModelPart::Unet, rest)
-        } else if let Some(rest) = base.strip_prefix("text_encoder_2.") {
-            (ModelPart::TextEncoder2, rest)
-        } else if let Some(rest) = base.strip_prefix("text_encoder.") {
-            (ModelPart::TextEncoder, rest)
-        } else if let Some(rest) = base.strip_prefix("base_model.model.") {
-            (ModelPart::Unet, rest)
-        } else {
-            return Err(LoraError::Format {
-                name: name.into(),
-                reason: format!("tensor {key:?} names no sub-model (unet., text_encoder., text_encoder_2.)"),
-            });
-        };
-        pairs.push(KeyPair {
-            part,
-            weight: format!("{}.weight", legacy_module_name(module)),
-            down: key.clone(),
-            up: format!("{base}{up_suffix}"),
-            alpha: Some(format!("{base}.alpha")),
-        });
-    }
-    Ok(pairs)
-}
-
-/// diffusers' old attention-processor names (`attn1.processor.to_q_lora`) → module names (`attn1.to_q`).
-fn legacy_module_name(module: &str) -> String {
-    let module = module.replace(".processor.", ".");
-    for (old, new) in
-        [("to_q_lora", "to_q"), ("to_k_lora", "to_k"), ("to_v_lora", "to_v"), ("to_out_lora", "to_out.0")]
-    {
-        if let Some(prefix) = module.strip_suffix(old) {
-            return format!("{prefix}{new}");
-        }
-    }
-    module
-}
-
-/// The peft `LoraConfig`s diffusers stores in `lora_adapter_metadata`, flattened with a part prefix.
-#[derive(Debug, Default)]
-struct PeftConfig(serde_json::Map<String, serde_json::Value>);
-
-impl PeftConfig {
-    fn from_metadata(metadata: &BTreeMap<String, String>) -> Result<PeftConfig, String> {
-        let Some(text) = metadata.get("lora_adapter_metadata") else { return Ok(PeftConfig::default()) };
-        let config: serde_json::Map<String, serde_json::Value> = serde_json::from_str(text)
-            .map_err(|e| format!("lora_adapter_metadata is not a JSON object: {e}"))?;
-        if config.iter().any(|(k, v)| k.ends_with("use_dora") && v.as_bool() == Some(true)) {
-            return Err("DoRA adapters are not supported".into());
-        }
-        Ok(PeftConfig(config))
-    }
-
-    fn get(&self, part: ModelPart, key: &str) -> Option<&serde_json::Value> {
-        self.0.get(&format!("{}.{key}", part.as_str()))
-    }
-
-    /// `alpha_pattern` (matched as a module-name suffix, as peft does for plain names), else `lora_alpha`.
-    fn alpha(&self, part: ModelPart, module: &str) -> Option<f32> {
-        let from_pattern = self.get(part, "alpha_pattern").and_then(|p| p.as_object()).and_then(|patterns| {
-            patterns
-                .iter()
-                .find(|(pattern, _)| module == pattern.as_str() || module.ends_with(&format!(".{pattern}")))
-                .and_then(|(_, v)| v.as_f64())
-        });
-        from_pattern.or_else(|| self.get(part, "lora_alpha").and_then(|v| v.as_f64())).map(|a| a as f32)
-    }
-
-    fn rslora(&self, part: ModelPart) -> bool {
-        self.get(part, "use_rslora").and_then(|v| v.as_bool()).unwrap_or(false)
-    }
-}
-
-impl PartMap {
-    fn load(onnx: &Path) -> PartMap {
-        let map_path = onnx.with_file_name("weights_map.json");
-        let map = (|| {
-            let text = std::fs::read_to_string(&map_path).map_err(|_| {
-                format!("{} is missing; re-export the model with onnx/export_sd.sh", map_path.display())
-            })?;
-            let file: WeightsMapFile =
-                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", map_path.display()))?;
-            if file.format != "deskgen.weights_map.v1" {
-                return Err(format!("{}: unknown format {:?}", map_path.display(), file.format));
-            }
-            let actual =
-                crate::inference::sha256_file(onnx).map_err(|e| format!("{}: {e}", onnx.display()))?;
-            if actual != file.onnx_sha256 {
-                return Err(format!(
-                    "{} describes another export of {} (sha256 differs); re-export with onnx/export_sd.sh",
-                    map_path.display(),
-                    onnx.display()
-                ));
-            }
-            Ok(file.weights)
-        })();
-        let kohya = map
-            .as_ref()
-            .map(|weights| {
-                weights
-                    .keys()
-                    .filter_map(|w| w.strip_suffix(".weight").map(|m| (m.replace('.', "_"), w.clone())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        PartMap { onnx: onnx.to_path_buf(), map, kohya }
-    }
-}
-
-/// A family the adapter declares or its keys reveal; `None` when nothing says.
-fn adapter_family(header: &Header) -> Option<ModelFamily> {
-    let meta = |k: &str| header.metadata.get(k).map(|v| v.to_ascii_lowercase());
-    if let Some(version) = meta("ss_base_model_version") {
-        if version.starts_with("sdxl") {
-            return Some(ModelFamily::StableDiffusionXl);
-        }
-        if version.starts_with("sd_v1") || version.starts_with("sd_v2") {
-            return Some(ModelFamily::StableDiffusion);
-        }
-    }
-    if let Some(arch) = meta("modelspec.architecture") {
-        if arch.contains("xl") {
-            return Some(ModelFamily::StableDiffusionXl);
-        }
-        if arch.starts_with("stable-diffusion-v") {
-            return Some(ModelFamily::StableDiffusion);
-        }
-    }
-    let keys = || header.tensors.keys();
-    let xl_keys = keys().any(|k| k.starts_with("lora_te2_") || k.starts_with("text_encoder_2."))
-        // kohya trains SDXL on the original (sgm) UNet, whose blocks have these names
-        || keys().any(|k| {
-            k.starts_with("lora_unet_input_blocks_") || k.starts_with("lora_unet_output_blocks_") || k.starts_with("lora_unet_middle_block_")
-        });
-    xl_keys.then_some(ModelFamily::StableDiffusionXl)
-}
-
-fn family_name(family: ModelFamily) -> &'static str {
-    match family {
-        ModelFamily::StableDiffusion => "Stable Diffusion 1.x/2.x",
-        ModelFamily::StableDiffusionXl => "SDXL",
-    }
-}
-
-/// A short name for what a weight is: `to_q`, `to_out.0`, `q_proj`, `proj_in`, `conv1`.
-fn module_kind(weight: &str) -> String {
-    let parts: Vec<&str> = weight.trim_end_matches(".weight").split('.').collect();
-    match parts.as_slice() {
-        [.., kind, index] if index.parse::<usize>().is_ok() => format!("{kind}.{index}"),
-        [.., kind] => (*kind).to_string(),
-        [] => String::new(),
-    }
-}
-
-/// Adapter names are plain file names: letters, digits, `.`, `_`, `-`, not starting with `.`.
-pub fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "LoRA name {name:?} must be 1 to 128 letters, digits, '.', '_' or '-' (no path separators), not starting with '.'"
-        ))
-    }
-}
-
 /// Trigger words: `<name>.json` (`{"trigger_words": [...]}`), else `<name>.txt` (comma or line
 /// separated), else the file's metadata (`modelspec.trigger_phrase`, `trigger_words`).
 fn trigger_words(path: &Path, metadata: &BTreeMap<String, String>) -> Vec<String> {
@@ -849,108 +657,4 @@ fn to_value(values: Vec<f32>, kind: FloatKind, dims: &[usize]) -> Result<DynValu
         }
     };
     value.map_err(|e| e.to_string())
-}
-
-/// `<lora:name>` or `<lora:name:weight>` tags taken out of a prompt.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PromptLoras {
-    /// The prompt without the tags (whitespace collapsed where a tag was).
-    pub text: String,
-    /// (name, weight) per tag, in order; weight 1 when the tag gives none.
-    pub loras: Vec<(String, f32)>,
-}
-
-/// Takes `<lora:name[:weight]>` tags out of `prompt`; `Err` names a malformed tag.
-pub fn extract_prompt_loras(prompt: &str) -> Result<PromptLoras, String> {
-    let mut text = String::with_capacity(prompt.len());
-    let mut loras = Vec::new();
-    let mut rest = prompt;
-    while let Some(start) = rest.find("<lora:") {
-        text.push_str(&rest[..start]);
-        let after = &rest[start + "<lora:".len()..];
-        let end =
-            after.find('>').ok_or_else(|| format!("LoRA tag '{}' is not closed with '>'", &rest[start..]))?;
-        let body = &after[..end];
-        let tag = &rest[start..start + "<lora:".len() + end + 1];
-        let (name, weight) = match body.rsplit_once(':') {
-            Some((name, weight)) => {
-                let weight = weight
-                    .trim()
-                    .parse::<f32>()
-                    .map_err(|_| format!("LoRA tag '{tag}' has weight '{weight}', which is not a number"))?;
-                (name.trim(), weight)
-            }
-            None => (body.trim(), 1.0),
-        };
-        if name.is_empty() {
-            return Err(format!("LoRA tag '{tag}' names no adapter"));
-        }
-        loras.push((name.to_string(), weight));
-        text.push(' ');
-        rest = &after[end + 1..];
-    }
-    text.push_str(rest);
-    let text = if loras.is_empty() { text } else { text.split_whitespace().collect::<Vec<_>>().join(" ") };
-    Ok(PromptLoras { text, loras })
-}
-
-/// Merged sessions of one (adapter, weight) set: `None` where the base session serves.
-pub(crate) struct MergedModels<U, T> {
-    pub(crate) unet: Option<U>,
-    pub(crate) text_encoders: Vec<Option<T>>,
-}
-
-/// The adapter names and weight bits of a set, sorted by name.
-type CacheKey = Vec<(String, u32)>;
-type CacheEntry<U, T> = (CacheKey, MergedModels<U, T>);
-
-/// A least-recently-used cache of merged sessions.
-pub(crate) struct MergedCache<U, T> {
-    capacity: usize,
-    entries: VecDeque<CacheEntry<U, T>>,
-}
-
-impl<U, T> MergedCache<U, T> {
-    pub(crate) fn new(capacity: usize) -> MergedCache<U, T> {
-        MergedCache { capacity, entries: VecDeque::new() }
-    }
-
-    /// The cached sessions for `set`, or those `build` makes, now the most recent entry; the bool
-    /// is whether it was a hit. With capacity 0 the entry lives until [`Self::trim`].
-    pub(crate) fn get_or_build(
-        &mut self,
-        set: &[(&LoraAdapter, f32)],
-        build: impl FnOnce() -> Result<MergedModels<U, T>, LoraError>,
-    ) -> Result<(&mut MergedModels<U, T>, bool), LoraError> {
-        let key: CacheKey = set.iter().map(|(a, w)| (a.name.clone(), w.to_bits())).collect();
-        let hit = match self.entries.iter().position(|(k, _)| *k == key) {
-            Some(at) => {
-                let entry = self.entries.remove(at).expect("position is in range");
-                self.entries.push_back(entry);
-                true
-            }
-            None => {
-                let models = build()?;
-                while !self.entries.is_empty() && self.entries.len() >= self.capacity {
-                    self.entries.pop_front();
-                }
-                self.entries.push_back((key, models));
-                false
-            }
-        };
-        let (_, models) = self.entries.back_mut().expect("the set was just put last");
-        Ok((models, hit))
-    }
-
-    /// Drops the least recently used sets beyond the capacity.
-    pub(crate) fn trim(&mut self) {
-        while self.entries.len() > self.capacity {
-            self.entries.pop_front();
-        }
-    }
-
-    /// How many merged sets are held.
-    pub(crate) fn len(&self) -> usize {
-        self.entries.len()
-    }
 }
