@@ -410,12 +410,11 @@ impl StableDiffusion {
                 let encoder = vae_encoder.as_mut().ok_or_else(|| DiffusionError::MissingFile {
                     path: config.dir.join("vae_encoder/model.onnx"),
                 })?;
-                let latents = encode_photo(encoder, config, photo, params)?;
+                let mut latents = encode_photo(encoder, config, photo, params)?;
                 timings.vae_ms += elapsed_ms(started);
                 // diffusers runs nothing when steps × strength < 1; one step is more useful.
                 let start = img2img_start_index(steps, params.strength).min(steps - 1);
                 scheduler.set_begin_index(start);
-                let mut latents = latents;
                 scheduler.add_noise(latents.view_mut(), noise, timesteps[start]);
                 (latents, start)
             }
