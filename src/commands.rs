@@ -16,7 +16,7 @@ use crate::core::{Failure, FailureCode, GenerateInput, GenerateOutput, Invalid, 
 use crate::inference::Runtime;
 use crate::inference::diffusion::{GenerateParams, StableDiffusion, resolve_variant};
 use crate::inference::vision::{ModelFile, Vision, describe};
-use crate::intake::Intake;
+use crate::intake::{Intake, IntakeError};
 use crate::pipeline::{DeskPipeline, Pipeline, RunContext, Services};
 use crate::storage::ObjectStore;
 use crate::tasks::{TaskRecord, new_task_id};
@@ -148,14 +148,12 @@ pub async fn generate(command: GenerateCommand, out: &mut impl Write) -> anyhow:
         return Ok(EXIT_BAD_INPUT);
     }
     let local_photo = command.image.as_deref().filter(|image| !image.contains("://")).map(str::to_string);
-    let photo = match &local_photo {
-        Some(path) => match std::fs::read(path) {
-            Ok(bytes) => Some(Bytes::from(bytes)),
-            Err(e) => {
-                eprintln!("error: cannot read {path}: {e}");
-                return Ok(EXIT_BAD_INPUT);
-            }
-        },
+    let photo = match local_photo.as_deref().map(|path| (path, std::fs::read(path))) {
+        Some((_, Ok(bytes))) => Some(Bytes::from(bytes)),
+        Some((path, Err(e))) => {
+            eprintln!("error: cannot read {path}: {e}");
+            return Ok(EXIT_BAD_INPUT);
+        }
         None => None,
     };
     let store = crate::storage::build(&command.pipeline.storage, &command.data_dir).await?;
@@ -163,18 +161,9 @@ pub async fn generate(command: GenerateCommand, out: &mut impl Write) -> anyhow:
         Services { store: store.clone(), shopping: crate::shopping::build(&command.pipeline.shopping)? };
     let config = command.pipeline.clone();
     let pipeline = tokio::task::spawn_blocking(move || DeskPipeline::load(&config, services)).await??;
-    // A local photo passes the checks of an upload and goes into the object store like one; the
-    // request names its key.
-    let intake = Intake {
-        max_bytes: command.pipeline.fetch.max_image_bytes,
-        max_pixels: command.pipeline.vision.max_image_pixels,
-    };
     let stored_photo = match photo {
-        Some(bytes) => match intake.check_blocking(bytes).await {
-            Ok(photo) => {
-                photo.store(store.as_ref()).await.context("storing the photo")?;
-                Some(photo.key)
-            }
+        Some(bytes) => match store_photo(bytes, &command, store.as_ref()).await? {
+            Ok(key) => Some(key),
             Err(refused) => {
                 // Refused before any work, in the words a failed task would use.
                 writeln!(out, "failed: {} {refused}", FailureCode::InvalidImage.as_str())?;
@@ -219,6 +208,26 @@ pub async fn generate(command: GenerateCommand, out: &mut impl Write) -> anyhow:
         summarise(&record, out)?;
     }
     Ok(status)
+}
+
+/// Puts a local photo through the checks of an upload and into the object store like one; the
+/// request names its key. The inner error is the photo's refusal.
+async fn store_photo(
+    bytes: Bytes,
+    command: &GenerateCommand,
+    store: &dyn ObjectStore,
+) -> anyhow::Result<Result<String, IntakeError>> {
+    let intake = Intake {
+        max_bytes: command.pipeline.fetch.max_image_bytes,
+        max_pixels: command.pipeline.vision.max_image_pixels,
+    };
+    match intake.check_blocking(bytes).await {
+        Ok(photo) => {
+            photo.store(store).await.context("storing the photo")?;
+            Ok(Ok(photo.key))
+        }
+        Err(refused) => Ok(Err(refused)),
+    }
 }
 
 /// The request the command's flags describe, before its photo is known.

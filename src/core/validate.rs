@@ -121,16 +121,8 @@ pub fn validate(
     }
     let scheduler = input.scheduler.as_deref().and_then(|name| rules.scheduler(name, info));
     let (user_text, loras) = rules.loras(input.prompt.as_deref(), input.loras.unwrap_or_default(), info);
-    if let Some(url) = &input.webhook_url {
-        rules.url("webhook_url", url, &["https", "http"]);
-    }
     let webhook_events = input.webhook_events.unwrap_or_default();
-    if let Some(unknown) = webhook_events.iter().find(|e| !WEBHOOK_EVENTS.contains(&e.as_str())) {
-        rules.bad(
-            "webhook_events",
-            format!("Unknown webhook event '{unknown}'; use start, progress or completed."),
-        );
-    }
+    rules.webhook(input.webhook_url.as_deref(), &webhook_events);
     let per_category = input.max_items_per_category.unwrap_or(i64::from(DEFAULT_ITEMS_PER_CATEGORY));
     if !(1..=10).contains(&per_category) {
         rules.bad("max_items_per_category", "max_items_per_category must be between 1 and 10.".into());
@@ -295,6 +287,18 @@ impl Rules {
             self.bad(field, format!("Unknown LoRA '{name}'; known: {known}."));
         } else if !weight.is_finite() || weight.abs() > f64::from(max) {
             self.bad(field, format!("LoRA '{name}' weight must be between -{max} and {max}."));
+        }
+    }
+
+    fn webhook(&mut self, url: Option<&str>, events: &[String]) {
+        if let Some(url) = url {
+            self.url("webhook_url", url, &["https", "http"]);
+        }
+        if let Some(unknown) = events.iter().find(|e| !WEBHOOK_EVENTS.contains(&e.as_str())) {
+            self.bad(
+                "webhook_events",
+                format!("Unknown webhook event '{unknown}'; use start, progress or completed."),
+            );
         }
     }
 

@@ -136,45 +136,8 @@ impl DiffusionConfig {
             .map(|name| read_json::<TextEncoderConfig>(&dir.join(name).join("config.json")))
             .collect::<Result<Vec<_>, _>>()?;
 
-        if unet.in_channels != vae.latent_channels {
-            return Err(config_error(
-                &unet_path,
-                format!(
-                    "in_channels {} does not match the VAE's latent_channels {} (vae_decoder/config.json)",
-                    unet.in_channels, vae.latent_channels
-                ),
-            ));
-        }
         let text_width: usize = encoder_configs.iter().map(|c| c.hidden_size).sum();
-        if unet.cross_attention_dim.as_u64() != Some(text_width as u64) {
-            return Err(config_error(
-                &unet_path,
-                format!(
-                    "cross_attention_dim {} does not match the text encoders' hidden size {text_width}",
-                    unet.cross_attention_dim
-                ),
-            ));
-        }
-        let wants_text_time = family == ModelFamily::StableDiffusionXl;
-        if (unet.addition_embed_type.as_deref() == Some("text_time")) != wants_text_time {
-            return Err(config_error(
-                &unet_path,
-                format!(
-                    "addition_embed_type {:?} does not fit a {} pipeline",
-                    unet.addition_embed_type,
-                    index.class_name.as_deref().unwrap_or("Stable Diffusion")
-                ),
-            ));
-        }
-        if unet.time_cond_proj_dim.is_some() {
-            return Err(config_error(
-                &unet_path,
-                "guidance-distilled UNets (time_cond_proj_dim) are not supported",
-            ));
-        }
-        if vae.block_out_channels.is_empty() || unet.block_out_channels.is_empty() {
-            return Err(config_error(&unet_path, "block_out_channels is empty"));
-        }
+        check_unet(&unet_path, &unet, &vae, text_width, family, index.class_name.as_deref())?;
 
         let vae_scale_factor = 1 << (vae.block_out_channels.len() - 1);
         let default_scheduler = SchedulerKind::from_config(&scheduler).unwrap_or(SchedulerKind::DpmPp2m);
@@ -192,4 +155,51 @@ impl DiffusionConfig {
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
         })
     }
+}
+
+/// Checks that the UNet in `path` fits the VAE, the text encoders (`text_width` wide) and the family.
+fn check_unet(
+    path: &Path,
+    unet: &UnetConfig,
+    vae: &VaeConfig,
+    text_width: usize,
+    family: ModelFamily,
+    class_name: Option<&str>,
+) -> Result<(), DiffusionError> {
+    if unet.in_channels != vae.latent_channels {
+        return Err(config_error(
+            path,
+            format!(
+                "in_channels {} does not match the VAE's latent_channels {} (vae_decoder/config.json)",
+                unet.in_channels, vae.latent_channels
+            ),
+        ));
+    }
+    if unet.cross_attention_dim.as_u64() != Some(text_width as u64) {
+        return Err(config_error(
+            path,
+            format!(
+                "cross_attention_dim {} does not match the text encoders' hidden size {text_width}",
+                unet.cross_attention_dim
+            ),
+        ));
+    }
+    let wants_text_time = family == ModelFamily::StableDiffusionXl;
+    if (unet.addition_embed_type.as_deref() == Some("text_time")) != wants_text_time {
+        return Err(config_error(
+            path,
+            format!(
+                "addition_embed_type {:?} does not fit a {} pipeline",
+                unet.addition_embed_type,
+                class_name.unwrap_or("Stable Diffusion")
+            ),
+        ));
+    }
+    if unet.time_cond_proj_dim.is_some() {
+        return Err(config_error(path, "guidance-distilled UNets (time_cond_proj_dim) are not supported"));
+    }
+    if vae.block_out_channels.is_empty() || unet.block_out_channels.is_empty() {
+        return Err(config_error(path, "block_out_channels is empty"));
+    }
+    Ok(())
 }

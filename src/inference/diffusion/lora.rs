@@ -465,26 +465,7 @@ impl LoraLibrary {
             .tensors
             .get(&pair.up)
             .ok_or_else(|| shape_error(format!("{} has no matching {}", pair.down, pair.up)))?;
-        let rank = down.shape.first().copied().unwrap_or(0);
-        let down_rest: usize = down.shape.iter().skip(1).product();
-        let up_rest: usize = up.shape.iter().skip(1).product();
-        let out = target.shape.first().copied().unwrap_or(0);
-        let weight_rest: usize = target.shape.iter().skip(1).product();
-        if rank == 0 || down.shape.len() < 2 || up.shape.len() < 2 {
-            return Err(shape_error(format!("down {:?} and up {:?} are not matrices", down.shape, up.shape)));
-        }
-        if up_rest != rank {
-            return Err(shape_error(format!(
-                "rank mismatch: down {:?} has rank {rank}, up {:?} expects {up_rest}",
-                down.shape, up.shape
-            )));
-        }
-        if up.shape[0] != out || down_rest != weight_rest {
-            return Err(shape_error(format!(
-                "up {:?} · down {:?} does not give the weight's shape {:?}",
-                up.shape, down.shape, target.shape
-            )));
-        }
+        let rank = lora_rank(&down.shape, &up.shape, &target.shape).map_err(shape_error)?;
         let alpha = match pair.alpha.as_ref().and_then(|k| header.tensors.get(k).map(|e| (k, e))) {
             Some((key, entry)) => {
                 if entry.len() != 1 {
@@ -540,25 +521,7 @@ impl LoraLibrary {
             let init = base
                 .remove(&mapped.initializer)
                 .ok_or_else(|| merge_error(format!("{} missing", mapped.initializer)))?;
-            let expected: usize = mapped.shape.iter().product();
-            if init.values.len() != expected {
-                return Err(merge_error(format!(
-                    "initializer {} has shape {:?}, the map says {:?} (re-export the model)",
-                    mapped.initializer, init.dims, mapped.shape
-                )));
-            }
-            let out = mapped.shape[0];
-            let matrix = if mapped.transposed {
-                Array2::from_shape_vec((expected / out, out), init.values)
-                    .map(|m| m.reversed_axes().as_standard_layout().into_owned())
-            } else {
-                Array2::from_shape_vec((out, expected / out), init.values)
-            }
-            .map_err(|e| merge_error(e.to_string()))?;
-            merged.insert(
-                weight,
-                MergeTarget { matrix, kind: init.kind, dims: init.dims, offset: init.offset_in_model },
-            );
+            merged.insert(weight, MergeTarget::of(mapped, init).map_err(merge_error)?);
         }
         for (adapter, weight) in set {
             let data = safetensors::read_data(&adapter.path, &adapter.header)
@@ -584,19 +547,7 @@ impl LoraLibrary {
                 matrix.scaled_add(factor, &up.dot(&down));
             }
         }
-        let mut overrides = InitializerOverrides::default();
-        for (weight, MergeTarget { matrix, kind, dims, offset }) in merged {
-            let mapped = targets[weight];
-            let matrix = if mapped.transposed { matrix.reversed_axes() } else { matrix };
-            let values: Vec<f32> = matrix.as_standard_layout().iter().copied().collect();
-            match offset {
-                Some(offset) => overrides.patches.push((offset, kind.encode(&values))),
-                None => overrides
-                    .external
-                    .push((mapped.initializer.clone(), to_value(values, kind, &dims).map_err(merge_error)?)),
-            }
-        }
-        Ok(overrides)
+        into_overrides(merged, &targets).map_err(merge_error)
     }
 }
 
@@ -607,6 +558,66 @@ struct MergeTarget {
     dims: Vec<usize>,
     /// Where the values sit in the model file (`None`: in an external data file).
     offset: Option<u64>,
+}
+
+/// The rank of the pair `up · down`, checked to be matrices that give a weight of `weight` shape.
+fn lora_rank(down: &[usize], up: &[usize], weight: &[usize]) -> Result<usize, String> {
+    let rank = down.first().copied().unwrap_or(0);
+    let down_rest: usize = down.iter().skip(1).product();
+    let up_rest: usize = up.iter().skip(1).product();
+    let out = weight.first().copied().unwrap_or(0);
+    let weight_rest: usize = weight.iter().skip(1).product();
+    if rank == 0 || down.len() < 2 || up.len() < 2 {
+        return Err(format!("down {down:?} and up {up:?} are not matrices"));
+    }
+    if up_rest != rank {
+        return Err(format!("rank mismatch: down {down:?} has rank {rank}, up {up:?} expects {up_rest}"));
+    }
+    if up[0] != out || down_rest != weight_rest {
+        return Err(format!("up {up:?} · down {down:?} does not give the weight's shape {weight:?}"));
+    }
+    Ok(rank)
+}
+
+/// The merged matrices back in each initializer's layout and encoding: patches at their offsets in
+/// the model file, or whole values for initializers in external data.
+fn into_overrides(
+    merged: BTreeMap<&str, MergeTarget>,
+    targets: &BTreeMap<&str, &MappedWeight>,
+) -> Result<InitializerOverrides, String> {
+    let mut overrides = InitializerOverrides::default();
+    for (weight, MergeTarget { matrix, kind, dims, offset }) in merged {
+        let mapped = targets[weight];
+        let matrix = if mapped.transposed { matrix.reversed_axes() } else { matrix };
+        let values: Vec<f32> = matrix.as_standard_layout().iter().copied().collect();
+        match offset {
+            Some(offset) => overrides.patches.push((offset, kind.encode(&values))),
+            None => overrides.external.push((mapped.initializer.clone(), to_value(values, kind, &dims)?)),
+        }
+    }
+    Ok(overrides)
+}
+
+impl MergeTarget {
+    /// The base weight `init`, which `mapped` locates, as an `[out, in·k·k]` matrix.
+    fn of(mapped: &MappedWeight, init: onnx_weights::Initializer) -> Result<MergeTarget, String> {
+        let expected: usize = mapped.shape.iter().product();
+        if init.values.len() != expected {
+            return Err(format!(
+                "initializer {} has shape {:?}, the map says {:?} (re-export the model)",
+                mapped.initializer, init.dims, mapped.shape
+            ));
+        }
+        let out = mapped.shape[0];
+        let matrix = if mapped.transposed {
+            Array2::from_shape_vec((expected / out, out), init.values)
+                .map(|m| m.reversed_axes().as_standard_layout().into_owned())
+        } else {
+            Array2::from_shape_vec((out, expected / out), init.values)
+        }
+        .map_err(|e| e.to_string())?;
+        Ok(MergeTarget { matrix, kind: init.kind, dims: init.dims, offset: init.offset_in_model })
+    }
 }
 
 /// Trigger words: `<name>.json` (`{"trigger_words": [...]}`), else `<name>.txt` (comma or line

@@ -15,7 +15,7 @@ use rand_distr::StandardNormal;
 use super::DiffusionError;
 use super::config::{DiffusionConfig, ModelFamily};
 use super::lora::{LoraError, LoraLibrary, LoraOptions, MergedCache, MergedModels, ModelPart, RejectedLora};
-use super::schedulers::{SchedulerKind, img2img_start_index};
+use super::schedulers::{Scheduler, SchedulerKind, img2img_start_index};
 use super::text_encoder::TextEncoder;
 use super::tokenizer::ClipTokenizer;
 use super::unet::{Unet, time_ids};
@@ -143,43 +143,8 @@ impl StableDiffusion {
             manifest.check(dir, model, placed.provider())?;
             Ok(placed)
         };
+        let (tokenizers, text_encoders) = load_text_encoders(&config, dir, &placed)?;
         let xl = config.family == ModelFamily::StableDiffusionXl;
-        let mut tokenizers = vec![ClipTokenizer::from_dir(&dir.join("tokenizer"))?];
-        let text_encoders = if xl {
-            tokenizers.push(ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?);
-            // SDXL conditions on the penultimate layer of both encoders (`hidden_states[-2]`).
-            let penultimate = |layers: usize| format!("hidden_states.{}", layers.saturating_sub(1));
-            vec![
-                TextEncoder::load(
-                    &placed("text_encoder")?,
-                    dir,
-                    "text_encoder",
-                    penultimate(config.text_encoder_layers[0]),
-                    None,
-                )?,
-                TextEncoder::load(
-                    &placed("text_encoder_2")?,
-                    dir,
-                    "text_encoder_2",
-                    penultimate(config.text_encoder_layers[1]),
-                    Some("text_embeds".to_string()),
-                )?,
-            ]
-        } else {
-            vec![TextEncoder::load(
-                &placed("text_encoder")?,
-                dir,
-                "text_encoder",
-                "last_hidden_state".to_string(),
-                None,
-            )?]
-        };
-        if tokenizers.iter().any(|t| t.max_length() != tokenizers[0].max_length()) {
-            return Err(DiffusionError::Config {
-                path: dir.join("tokenizer_2/tokenizer_config.json"),
-                reason: "both tokenizers must have the same model_max_length".into(),
-            });
-        }
         let unet = Unet::load(&placed("unet")?, dir, xl, InitializerOverrides::default())?;
         let vae_encoder = if dir.join("vae_encoder/model.onnx").is_file() {
             Some(VaeHalf::encoder(&placed("vae_encoder")?, dir)?)
@@ -402,7 +367,6 @@ impl StableDiffusion {
         let mut scheduler = params.scheduler.build(&config.scheduler);
         let steps = params.num_inference_steps as usize;
         scheduler.set_timesteps(steps);
-        let timesteps = scheduler.timesteps().to_vec();
         let (mut latents, start) = match &params.init_image {
             None => (noise.mapv(|n| n * scheduler.init_noise_sigma()), 0),
             Some(photo) => {
@@ -410,47 +374,18 @@ impl StableDiffusion {
                 let encoder = vae_encoder.as_mut().ok_or_else(|| DiffusionError::MissingFile {
                     path: config.dir.join("vae_encoder/model.onnx"),
                 })?;
-                let mut latents = encode_photo(encoder, config, photo, params)?;
+                let latents = encode_photo(encoder, config, photo, params)?;
                 timings.vae_ms += elapsed_ms(started);
-                // diffusers runs nothing when steps × strength < 1; one step is more useful.
-                let start = img2img_start_index(steps, params.strength).min(steps - 1);
-                scheduler.set_begin_index(start);
-                scheduler.add_noise(latents.view_mut(), noise, timesteps[start]);
-                (latents, start)
+                noised_photo(scheduler.as_mut(), latents, noise, steps, params.strength)
             }
         };
 
         let started = Instant::now();
-        let unet = &mut *active.unet;
-        let rows = if guided { 2 } else { 1 };
-        let (_, channels, latent_h, latent_w) = latents.dim();
-        let added = embeddings
-            .pooled_prompt_embeds
-            .map(|pooled| (pooled, time_ids(params.height as usize, params.width as usize, rows)));
-        let conditioning = unet.conditioning(embeddings.prompt_embeds, added);
-        let mut buffers = unet.buffers([rows, channels, latent_h, latent_w], &conditioning)?;
-        let mut noise_pred = Array4::<f32>::zeros(latents.raw_dim());
-        let run = &timesteps[start..];
-        for (done, &timestep) in run.iter().enumerate() {
-            for mut row in buffers.sample.outer_iter_mut() {
-                row.assign(&latents.index_axis(Axis(0), 0));
-            }
-            scheduler.scale_model_input(buffers.sample.view_mut(), timestep);
-            let cost = unet.predict(&mut buffers, timestep, &conditioning, |prediction| {
-                guide(prediction, noise_pred.view_mut(), params.guidance_scale, params.guidance_rescale);
-            })?;
-            timings.unet_run_ms += cost.run_ms;
-            timings.transfer_ms += cost.transfer_ms;
-            timings.steps += 1;
-            scheduler.step(noise_pred.view(), timestep, latents.view_mut(), rng);
-            if unet.is_half() {
-                // diffusers casts each step's result back to the model's float16.
-                latents.mapv_inplace(|l| half::f16::from_f32(l).to_f32());
-            }
-            if on_step(done as u32 + 1, run.len() as u32).is_break() {
-                return Err(DiffusionError::Canceled);
-            }
-        }
+        let schedule = Schedule { scheduler: scheduler.as_mut(), start, rng };
+        let cost = run_steps(active.unet, embeddings, schedule, &mut latents, params, on_step)?;
+        timings.unet_run_ms = cost.run_ms;
+        timings.transfer_ms = cost.transfer_ms;
+        timings.steps = cost.steps;
         timings.unet_ms = elapsed_ms(started);
 
         let started = Instant::now();
@@ -459,6 +394,120 @@ impl StableDiffusion {
         timings.vae_ms += elapsed_ms(started);
         Ok(Denoised { image, latents, timings })
     }
+}
+
+/// Image-to-image: the photo's latents noised to the step that `strength` starts from, and that
+/// step's index.
+fn noised_photo(
+    scheduler: &mut dyn Scheduler,
+    mut latents: Array4<f32>,
+    noise: ArrayView4<'_, f32>,
+    steps: usize,
+    strength: f32,
+) -> (Array4<f32>, usize) {
+    // diffusers runs nothing when steps × strength < 1; one step is more useful.
+    let start = img2img_start_index(steps, strength).min(steps - 1);
+    scheduler.set_begin_index(start);
+    let timestep = scheduler.timesteps()[start];
+    scheduler.add_noise(latents.view_mut(), noise, timestep);
+    (latents, start)
+}
+
+/// The scheduler of one generation, the step it starts at and its noise source.
+struct Schedule<'a> {
+    scheduler: &'a mut dyn Scheduler,
+    start: usize,
+    rng: &'a mut ChaCha8Rng,
+}
+
+/// What the UNet steps cost.
+#[derive(Default)]
+struct StepsCost {
+    run_ms: f64,
+    transfer_ms: f64,
+    steps: u32,
+}
+
+/// The denoising loop: one UNet prediction (both guidance rows at once) and one scheduler step per
+/// timestep from `schedule.start`, reporting each finished step to `on_step`.
+fn run_steps(
+    unet: &mut Unet,
+    embeddings: PromptEmbeddings,
+    schedule: Schedule<'_>,
+    latents: &mut Array4<f32>,
+    params: &GenerateParams,
+    on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+) -> Result<StepsCost, DiffusionError> {
+    let Schedule { scheduler, start, rng } = schedule;
+    let rows = if params.guidance_scale > 1.0 { 2 } else { 1 };
+    let (_, channels, latent_h, latent_w) = latents.dim();
+    let added = embeddings
+        .pooled_prompt_embeds
+        .map(|pooled| (pooled, time_ids(params.height as usize, params.width as usize, rows)));
+    let conditioning = unet.conditioning(embeddings.prompt_embeds, added);
+    let mut buffers = unet.buffers([rows, channels, latent_h, latent_w], &conditioning)?;
+    let mut noise_pred = Array4::<f32>::zeros(latents.raw_dim());
+    let run = scheduler.timesteps()[start..].to_vec();
+    let mut cost = StepsCost::default();
+    for (done, &timestep) in run.iter().enumerate() {
+        for mut row in buffers.sample.outer_iter_mut() {
+            row.assign(&latents.index_axis(Axis(0), 0));
+        }
+        scheduler.scale_model_input(buffers.sample.view_mut(), timestep);
+        let step = unet.predict(&mut buffers, timestep, &conditioning, |prediction| {
+            guide(prediction, noise_pred.view_mut(), params.guidance_scale, params.guidance_rescale);
+        })?;
+        cost.run_ms += step.run_ms;
+        cost.transfer_ms += step.transfer_ms;
+        cost.steps += 1;
+        scheduler.step(noise_pred.view(), timestep, latents.view_mut(), rng);
+        if unet.is_half() {
+            // diffusers casts each step's result back to the model's float16.
+            latents.mapv_inplace(|l| half::f16::from_f32(l).to_f32());
+        }
+        if on_step(done as u32 + 1, run.len() as u32).is_break() {
+            return Err(DiffusionError::Canceled);
+        }
+    }
+    Ok(cost)
+}
+
+/// The tokenizers and text encoders in `dir`: one pair, or SDXL's two, each session on the runtime
+/// `placed` gives it.
+fn load_text_encoders(
+    config: &DiffusionConfig,
+    dir: &Path,
+    placed: &dyn Fn(&str) -> Result<Runtime, DiffusionError>,
+) -> Result<(Vec<ClipTokenizer>, Vec<TextEncoder>), DiffusionError> {
+    // SDXL conditions on the penultimate layer of both encoders (`hidden_states[-2]`).
+    let penultimate = |layers: usize| format!("hidden_states.{}", layers.saturating_sub(1));
+    let parts = if config.family == ModelFamily::StableDiffusionXl {
+        vec![
+            ("tokenizer", "text_encoder", penultimate(config.text_encoder_layers[0]), None),
+            (
+                "tokenizer_2",
+                "text_encoder_2",
+                penultimate(config.text_encoder_layers[1]),
+                Some("text_embeds"),
+            ),
+        ]
+    } else {
+        vec![("tokenizer", "text_encoder", "last_hidden_state".to_string(), None)]
+    };
+    let mut tokenizers = Vec::new();
+    let mut encoders = Vec::new();
+    for (tokenizer, encoder, hidden, pooled) in parts {
+        tokenizers.push(ClipTokenizer::from_dir(&dir.join(tokenizer))?);
+        let runtime = placed(encoder)?;
+        encoders.push(TextEncoder::load(&runtime, dir, encoder, hidden, pooled.map(str::to_string))?);
+    }
+    if tokenizers.iter().any(|t| t.max_length() != tokenizers[0].max_length()) {
+        return Err(DiffusionError::Config {
+            path: dir.join("tokenizer_2/tokenizer_config.json"),
+            reason: "both tokenizers must have the same model_max_length".into(),
+        });
+    }
+    Ok((tokenizers, encoders))
 }
 
 /// The sessions one generation runs: merged ones where its adapters change a model, else the base.

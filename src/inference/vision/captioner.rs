@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use image::RgbImage;
 use image::imageops::FilterType;
 use ndarray::{Array2, Array4, ArrayD, Axis, IxDyn};
-use ort::session::{Session, SessionInputValue};
+use ort::session::{Session, SessionInputValue, SessionOutputs};
 use ort::value::Tensor;
 use serde::Deserialize;
 use tokenizers::Tokenizer;
@@ -99,6 +99,24 @@ struct GenerationConfig {
     num_beams: Option<usize>,
     length_penalty: Option<f32>,
     early_stopping: Option<serde_json::Value>,
+}
+
+impl GenerationConfig {
+    /// The decoding options this config asks for, transformers' defaults where it is silent.
+    fn options(&self) -> GenerationOptions {
+        GenerationOptions {
+            num_beams: self.num_beams.unwrap_or(1),
+            // transformers' max_length counts the start token; its default is 20.
+            max_new_tokens: self.max_new_tokens.unwrap_or(self.max_length.unwrap_or(20).saturating_sub(1)),
+            min_new_tokens: self.min_new_tokens.unwrap_or(0),
+            length_penalty: self.length_penalty.unwrap_or(1.0),
+            early_stopping: self
+                .early_stopping
+                .as_ref()
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,25 +246,12 @@ impl Captioner {
                 reason: "neither decoder_start_token_id nor bos_token_id is set".into(),
             }
         })?;
-        let eos_tokens = match generation.eos_token_id {
-            Some(OneOrMany::One(id)) => vec![id],
-            Some(OneOrMany::Many(ids)) => ids,
+        let eos_tokens = match &generation.eos_token_id {
+            Some(OneOrMany::One(id)) => vec![*id],
+            Some(OneOrMany::Many(ids)) => ids.clone(),
             None => Vec::new(),
         };
-        let defaults = GenerationOptions {
-            num_beams: generation.num_beams.unwrap_or(1),
-            // transformers' max_length counts the start token; its default is 20.
-            max_new_tokens: generation
-                .max_new_tokens
-                .unwrap_or(generation.max_length.unwrap_or(20).saturating_sub(1)),
-            min_new_tokens: generation.min_new_tokens.unwrap_or(0),
-            length_penalty: generation.length_penalty.unwrap_or(1.0),
-            early_stopping: generation
-                .early_stopping
-                .as_ref()
-                .and_then(serde_json::Value::as_bool)
-                .unwrap_or(false),
-        };
+        let defaults = generation.options();
         Ok(Captioner {
             encoder,
             decoder,
@@ -382,21 +387,7 @@ impl Captioner {
             let last: Vec<i64> =
                 running.iter().map(|b| *b.tokens.last().expect("beams are never empty")).collect();
             let (logits, present) = self.step(&last, &encoded, past.as_deref(), step + 1)?;
-            let vocab = logits.ncols();
-
-            let mut candidates: Vec<(f32, usize, i64)> = Vec::with_capacity(beams * vocab);
-            for (b, beam) in running.iter().enumerate() {
-                let mut log_probs =
-                    log_softmax(logits.row(b).as_slice().expect("logits rows are contiguous"));
-                self.suppress_eos(&mut log_probs, step, options);
-                candidates
-                    .extend(log_probs.iter().enumerate().map(|(t, &lp)| (lp + beam.score, b, t as i64)));
-            }
-            // torch.topk order: by score, ties to the lower flat index.
-            candidates.sort_by(|a, b| {
-                b.0.total_cmp(&a.0).then((a.1 * vocab + a.2 as usize).cmp(&(b.1 * vocab + b.2 as usize)))
-            });
-            candidates.truncate(keep);
+            let candidates = self.ranked_candidates(&logits, &running, step, options, keep);
 
             let length = step + 2; // tokens after this step, the start token included
             let generated = (length - 1) as f32;
@@ -423,11 +414,7 @@ impl Captioner {
             if all_stopped {
                 break;
             }
-            // Pad with dead beams when fewer than `beams` continuations were left.
-            while next_running.len() < beams {
-                let (beam, origin) = next_running.last().cloned().expect("at least one running beam");
-                next_running.push((Beam { score: -1e9 * 2.0, ..beam }, origin));
-            }
+            pad_with_dead_beams(&mut next_running, beams);
             let origins: Vec<usize> = next_running.iter().map(|(_, o)| *o).collect();
             past = Some(present.iter().map(|p| repeat_rows(p, &origins)).collect());
             running = next_running.into_iter().map(|(beam, _)| beam).collect();
@@ -444,6 +431,30 @@ impl Captioner {
             }
         }
         Ok(finished.into_iter().next().map_or_else(|| running.swap_remove(0).tokens, |b| b.tokens))
+    }
+
+    /// Every continuation of every running beam, best first, the best `keep` of them.
+    fn ranked_candidates(
+        &self,
+        logits: &Array2<f32>,
+        running: &[Beam],
+        step: usize,
+        options: &GenerationOptions,
+        keep: usize,
+    ) -> Vec<(f32, usize, i64)> {
+        let vocab = logits.ncols();
+        let mut candidates: Vec<(f32, usize, i64)> = Vec::with_capacity(running.len() * vocab);
+        for (b, beam) in running.iter().enumerate() {
+            let mut log_probs = log_softmax(logits.row(b).as_slice().expect("logits rows are contiguous"));
+            self.suppress_eos(&mut log_probs, step, options);
+            candidates.extend(log_probs.iter().enumerate().map(|(t, &lp)| (lp + beam.score, b, t as i64)));
+        }
+        // torch.topk order: by score, ties to the lower flat index.
+        candidates.sort_by(|a, b| {
+            b.0.total_cmp(&a.0).then((a.1 * vocab + a.2 as usize).cmp(&(b.1 * vocab + b.2 as usize)))
+        });
+        candidates.truncate(keep);
+        candidates
     }
 
     fn suppress_eos(&self, scores: &mut [f32], generated: usize, options: &GenerationOptions) {
@@ -511,20 +522,37 @@ impl Captioner {
             inputs.push((name, value));
         }
         let outputs = session.run(inputs).map_err(fail)?;
-        let logits = outputs["logits"].try_extract_array::<f32>().map_err(fail)?;
-        let last = logits.shape().get(1).copied().unwrap_or(1).saturating_sub(1);
-        let logits = logits
-            .index_axis(Axis(1), last)
-            .into_dimensionality::<ndarray::Ix2>()
-            .map_err(|e| CaptionError::Model { model: "decoder", reason: format!("logits: {e}") })?
-            .to_owned();
-        let present = self
-            .cache
-            .iter()
-            .map(|c| Ok(outputs[c.present.as_str()].try_extract_array::<f32>().map_err(fail)?.to_owned()))
-            .collect::<Result<Vec<_>, CaptionError>>()?;
-        Ok((logits, present))
+        last_logits_and_cache(&outputs, &self.cache)
     }
+}
+
+/// Pads `running` with dead copies of its last beam when fewer than `beams` continuations were left.
+fn pad_with_dead_beams(running: &mut Vec<(Beam, usize)>, beams: usize) {
+    while running.len() < beams {
+        let (beam, origin) = running.last().cloned().expect("at least one running beam");
+        running.push((Beam { score: -1e9 * 2.0, ..beam }, origin));
+    }
+}
+
+/// The decoder's logits at the last position, `[rows, vocab]`, and its `present.*` outputs in the
+/// order of `cache`.
+fn last_logits_and_cache(
+    outputs: &SessionOutputs<'_>,
+    cache: &[CacheEntry],
+) -> Result<(Array2<f32>, Vec<ArrayD<f32>>), CaptionError> {
+    let fail = |e: ort::Error| CaptionError::Inference { model: "decoder", reason: e.to_string() };
+    let logits = outputs["logits"].try_extract_array::<f32>().map_err(fail)?;
+    let last = logits.shape().get(1).copied().unwrap_or(1).saturating_sub(1);
+    let logits = logits
+        .index_axis(Axis(1), last)
+        .into_dimensionality::<ndarray::Ix2>()
+        .map_err(|e| CaptionError::Model { model: "decoder", reason: format!("logits: {e}") })?
+        .to_owned();
+    let present = cache
+        .iter()
+        .map(|c| Ok(outputs[c.present.as_str()].try_extract_array::<f32>().map_err(fail)?.to_owned()))
+        .collect::<Result<Vec<_>, CaptionError>>()?;
+    Ok((logits, present))
 }
 
 /// Each `past_key_values.*` input of the cached decoder paired with its `present.*` output.

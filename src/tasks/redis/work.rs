@@ -192,26 +192,7 @@ impl Shared {
                 return Ok(None);
             }
             let owner = format!("{}/{}", self.options.consumer, uuid::Uuid::new_v4());
-            let interrupted = record.status == TaskStatus::Processing;
-            if interrupted && cancel_requested {
-                end(
-                    &mut record,
-                    TaskStatus::Canceled,
-                    FailureCode::Canceled,
-                    "Canceled by the client.".into(),
-                );
-            } else if record.attempts >= self.options.max_attempts {
-                let message = format!(
-                    "The worker running this task stopped {} times (--max-attempts {}); not retried again.",
-                    record.attempts, self.options.max_attempts
-                );
-                end(&mut record, TaskStatus::Failed, FailureCode::Internal, message);
-            } else {
-                record.status = TaskStatus::Processing;
-                record.attempts += 1;
-                record.started_at = Some(Utc::now());
-                record.progress = Some(Progress { stage: "queued".into(), step: 0, steps: 0 });
-            }
+            next_attempt(&mut record, cancel_requested, self.options.max_attempts);
             if self.commit(Guard::Version(version), &record, &owner).await?.is_none() {
                 continue;
             }
@@ -219,26 +200,31 @@ impl Shared {
                 tracing::warn!(%task_id, status = record.status.as_str(), "ended a task that may not run again");
                 return Ok(None);
             }
-            let cancel = CancellationToken::new();
-            let heartbeat = self.stop.child_token();
-            tokio::spawn(heartbeat_task(
-                self.clone(),
-                task_id.clone(),
-                owner.clone(),
-                entry.id,
-                cancel.clone(),
-                heartbeat.clone(),
-            ));
-            let running = Running {
-                owner,
-                record: record.clone(),
-                cancel: cancel.clone(),
-                _heartbeat: heartbeat.drop_guard(),
-            };
-            lock(&self.running).insert(task_id, running);
-            return Ok(Some(Claimed { record, cancel }));
+            return Ok(Some(self.hold(task_id, owner, entry.id, record)));
         }
         Err(RedisQueueError::Contended(task_id))
+    }
+
+    /// Keeps a claimed task alive with a heartbeat while this process runs it.
+    fn hold(self: &Arc<Self>, task_id: String, owner: String, entry: String, record: TaskRecord) -> Claimed {
+        let cancel = CancellationToken::new();
+        let heartbeat = self.stop.child_token();
+        tokio::spawn(heartbeat_task(
+            self.clone(),
+            task_id.clone(),
+            owner.clone(),
+            entry,
+            cancel.clone(),
+            heartbeat.clone(),
+        ));
+        let running = Running {
+            owner,
+            record: record.clone(),
+            cancel: cancel.clone(),
+            _heartbeat: heartbeat.drop_guard(),
+        };
+        lock(&self.running).insert(task_id, running);
+        Claimed { record, cancel }
     }
 
     /// Fires the cancel token of a task this process runs.
@@ -295,6 +281,26 @@ impl Shared {
 }
 
 /// Ends `record` without running it.
+/// The task's next attempt: processing again, or ended when it may not run again (cancel requested
+/// while its worker was gone, or out of attempts).
+fn next_attempt(record: &mut TaskRecord, cancel_requested: bool, max_attempts: u32) {
+    let interrupted = record.status == TaskStatus::Processing;
+    if interrupted && cancel_requested {
+        end(record, TaskStatus::Canceled, FailureCode::Canceled, "Canceled by the client.".into());
+    } else if record.attempts >= max_attempts {
+        let message = format!(
+            "The worker running this task stopped {} times (--max-attempts {max_attempts}); not retried again.",
+            record.attempts
+        );
+        end(record, TaskStatus::Failed, FailureCode::Internal, message);
+    } else {
+        record.status = TaskStatus::Processing;
+        record.attempts += 1;
+        record.started_at = Some(Utc::now());
+        record.progress = Some(Progress { stage: "queued".into(), step: 0, steps: 0 });
+    }
+}
+
 fn end(record: &mut TaskRecord, status: TaskStatus, code: FailureCode, message: String) {
     record.status = status;
     record.progress = None;

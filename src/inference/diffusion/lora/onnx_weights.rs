@@ -111,40 +111,50 @@ pub(super) fn read_initializers(
     }
     let mut out = BTreeMap::new();
     for (name, dims, kind, location) in found {
-        let count: usize = dims.iter().product();
-        let offset_in_model = match &location {
-            Location::Inline { offset, .. } | Location::FloatData { offset, .. } => Some(*offset),
-            Location::External { .. } => None,
-        };
-        let bytes = match location {
-            Location::Inline { offset, len } | Location::FloatData { offset, len } => {
-                read_range(path, offset, len)?
-            }
-            Location::External { file, offset, len } => {
-                let len = len.unwrap_or((count * kind.size()) as u64);
-                read_range(&file, offset, len)?
-            }
-        };
-        if bytes.len() != count * kind.size() {
-            return Err(format!("initializer {name:?} holds {} bytes for shape {dims:?}", bytes.len()));
-        }
-        let values = match kind {
-            FloatKind::F32 => {
-                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
-            }
-            FloatKind::F16 => {
-                bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
-            }
-            FloatKind::Bf16 => {
-                bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
-            }
-        };
-        out.insert(name, Initializer { dims, kind, values, offset_in_model });
+        let initializer = load_initializer(path, &name, dims, kind, location)?;
+        out.insert(name, initializer);
     }
     if let Some(missing) = names.iter().find(|n| !out.contains_key(**n)) {
         return Err(format!("the model has no float initializer named {missing:?}"));
     }
     Ok(out)
+}
+
+/// The values of one float initializer, read from wherever its header says they are.
+fn load_initializer(
+    path: &Path,
+    name: &str,
+    dims: Vec<usize>,
+    kind: FloatKind,
+    location: Location,
+) -> Result<Initializer, String> {
+    let count: usize = dims.iter().product();
+    let offset_in_model = match &location {
+        Location::Inline { offset, .. } | Location::FloatData { offset, .. } => Some(*offset),
+        Location::External { .. } => None,
+    };
+    let bytes = match location {
+        Location::Inline { offset, len } | Location::FloatData { offset, len } => {
+            read_range(path, offset, len)?
+        }
+        Location::External { file, offset, len } => {
+            let len = len.unwrap_or((count * kind.size()) as u64);
+            read_range(&file, offset, len)?
+        }
+    };
+    if bytes.len() != count * kind.size() {
+        return Err(format!("initializer {name:?} holds {} bytes for shape {dims:?}", bytes.len()));
+    }
+    let values = match kind {
+        FloatKind::F32 => {
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        }
+        FloatKind::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        FloatKind::Bf16 => {
+            bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+        }
+    };
+    Ok(Initializer { dims, kind, values, offset_in_model })
 }
 
 fn read_range(path: &Path, offset: u64, len: u64) -> Result<Vec<u8>, String> {
@@ -214,6 +224,23 @@ impl Walker {
         }
     }
 
+    /// Parses one StringStringEntryProto (`key`, `value`) ending at `end`.
+    fn string_pair(&mut self, end: u64) -> Result<(String, String), String> {
+        let (mut key, mut value) = (String::new(), String::new());
+        while self.pos < end {
+            let (field, wire) = self.key()?;
+            match (field, wire) {
+                (1 | 2, 2) => {
+                    let len = self.varint()?;
+                    let text = String::from_utf8_lossy(&self.bytes(len)?).into_owned();
+                    if field == 1 { key = text } else { value = text }
+                }
+                _ => self.skip(wire)?,
+            }
+        }
+        Ok((key, value))
+    }
+
     /// Parses one TensorProto ending at `end`; `None` for tensors that are not float.
     fn tensor(&mut self, end: u64, model: &Path) -> Result<Option<TensorHeader>, String> {
         let (mut name, mut dims, mut data_type) = (String::new(), Vec::new(), 0);
@@ -245,19 +272,7 @@ impl Walker {
                 }
                 (TENSOR_EXTERNAL_DATA, 2) => {
                     let entry_end = self.pos + self.varint()?;
-                    let (mut key, mut value) = (String::new(), String::new());
-                    while self.pos < entry_end {
-                        let (field, wire) = self.key()?;
-                        match (field, wire) {
-                            (1 | 2, 2) => {
-                                let len = self.varint()?;
-                                let text = String::from_utf8_lossy(&self.bytes(len)?).into_owned();
-                                if field == 1 { key = text } else { value = text }
-                            }
-                            _ => self.skip(wire)?,
-                        }
-                    }
-                    external.push((key, value));
+                    external.push(self.string_pair(entry_end)?);
                 }
                 (TENSOR_DATA_LOCATION, 0) => is_external = self.varint()? == DATA_LOCATION_EXTERNAL,
                 _ => self.skip(wire)?,
@@ -265,22 +280,7 @@ impl Walker {
         }
         let Some(kind) = FloatKind::from_onnx(data_type) else { return Ok(None) };
         let location = if is_external {
-            let get = |k: &str| external.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
-            let file =
-                get("location").ok_or_else(|| format!("initializer {name:?} has no external location"))?;
-            let relative = Path::new(file);
-            if relative.is_absolute()
-                || relative.components().any(|c| matches!(c, std::path::Component::ParentDir))
-            {
-                return Err(format!("initializer {name:?} points outside the model directory: {file}"));
-            }
-            let number =
-                |k: &str| get(k).map(|v| v.parse::<u64>().map_err(|e| format!("{k}: {e}"))).transpose();
-            Location::External {
-                file: model.parent().unwrap_or(Path::new(".")).join(relative),
-                offset: number("offset")?.unwrap_or(0),
-                len: number("length")?,
-            }
+            external_location(&name, &external, model)?
         } else if let Some((offset, len)) = inline {
             Location::Inline { offset, len }
         } else if let Some((offset, len)) = float_data.filter(|_| kind == FloatKind::F32) {
@@ -290,4 +290,21 @@ impl Walker {
         };
         Ok(Some((name, dims, kind, location)))
     }
+}
+
+/// Where the external data of initializer `name` lives, from its `external_data` entries; refuses
+/// paths that leave the directory of `model`.
+fn external_location(name: &str, external: &[(String, String)], model: &Path) -> Result<Location, String> {
+    let get = |k: &str| external.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    let file = get("location").ok_or_else(|| format!("initializer {name:?} has no external location"))?;
+    let relative = Path::new(file);
+    if relative.is_absolute() || relative.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(format!("initializer {name:?} points outside the model directory: {file}"));
+    }
+    let number = |k: &str| get(k).map(|v| v.parse::<u64>().map_err(|e| format!("{k}: {e}"))).transpose();
+    Ok(Location::External {
+        file: model.parent().unwrap_or(Path::new(".")).join(relative),
+        offset: number("offset")?.unwrap_or(0),
+        len: number("length")?,
+    })
 }
