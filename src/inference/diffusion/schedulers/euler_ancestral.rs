@@ -5,7 +5,7 @@ use ndarray::{ArrayView4, ArrayViewMut4, Zip};
 use rand::{Rng, RngCore};
 use rand_distr::StandardNormal;
 
-use super::sigma_steps::SigmaSteps;
+use super::sigma_steps::{SigmaSteps, sigma_steps_methods};
 use super::{Scheduler, SchedulerConfig};
 
 /// Euler steps plus per-step noise; not reproducible without the same random stream.
@@ -27,25 +27,7 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         self.steps.reset(timesteps, sigmas.into_iter().chain([0.0]).map(|s| s as f32).collect());
     }
 
-    fn timesteps(&self) -> &[f32] {
-        &self.steps.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f32]> {
-        Some(&self.steps.sigmas)
-    }
-
-    fn init_noise_sigma(&self) -> f32 {
-        self.steps.init_noise_sigma()
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) {
-        self.steps.set_begin_index(begin_index);
-    }
-
-    fn scale_model_input(&mut self, sample: ArrayViewMut4<'_, f32>, timestep: f32) {
-        self.steps.scale_model_input(sample, timestep);
-    }
+    sigma_steps_methods!();
 
     fn step(
         &mut self,
@@ -68,9 +50,5 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
             *x = *x + derivative * dt + noise * sigma_up;
         });
         self.steps.advance(index);
-    }
-
-    fn add_noise(&self, original: ArrayViewMut4<'_, f32>, noise: ArrayView4<'_, f32>, timestep: f32) {
-        self.steps.add_noise(original, noise, timestep);
     }
 }

@@ -7,6 +7,36 @@ use ndarray::{ArrayView4, ArrayViewMut4, Zip};
 use super::schedule::{interp, spaced_timesteps, training_sigmas};
 use super::{PredictionType, SchedulerConfig, TimestepSpacing, index_for_timestep};
 
+/// The `Scheduler` methods a scheduler holding its `SigmaSteps` in `self.steps` hands to them.
+macro_rules! sigma_steps_methods {
+    () => {
+        fn timesteps(&self) -> &[f32] {
+            &self.steps.timesteps
+        }
+
+        fn sigmas(&self) -> Option<&[f32]> {
+            Some(&self.steps.sigmas)
+        }
+
+        fn init_noise_sigma(&self) -> f32 {
+            self.steps.init_noise_sigma()
+        }
+
+        fn set_begin_index(&mut self, begin_index: usize) {
+            self.steps.set_begin_index(begin_index);
+        }
+
+        fn scale_model_input(&mut self, sample: ArrayViewMut4<'_, f32>, timestep: f32) {
+            self.steps.scale_model_input(sample, timestep);
+        }
+
+        fn add_noise(&self, original: ArrayViewMut4<'_, f32>, noise: ArrayView4<'_, f32>, timestep: f32) {
+            self.steps.add_noise(original, noise, timestep);
+        }
+    };
+}
+pub(super) use sigma_steps_methods;
+
 /// A sigma schedule and the position in it.
 #[derive(Debug, Clone)]
 pub(super) struct SigmaSteps {
