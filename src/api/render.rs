@@ -69,24 +69,7 @@ mod tests {
     };
 
     fn record() -> TaskRecord {
-        let request = GenerateRequest {
-            photo: None,
-            prompt: Some("a desk".into()),
-            user_text: Some("a desk".into()),
-            negative_prompt: None,
-            num_inference_steps: 20,
-            guidance_scale: 7.5,
-            height: None,
-            width: None,
-            strength: 0.75,
-            seed: Some(7),
-            scheduler: None,
-            loras: vec![],
-            webhook_url: None,
-            webhook_events: vec![],
-            max_items_per_category: 3,
-        };
-        TaskRecord::new("t-1".into(), request)
+        TaskRecord::new("t-1".into(), GenerateRequest::a_desk(7))
     }
 
     fn mouse() -> Recommendation {

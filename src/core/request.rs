@@ -94,3 +94,27 @@ pub struct Progress {
     /// Steps the stage has.
     pub steps: u32,
 }
+
+#[cfg(test)]
+impl GenerateRequest {
+    /// A text-to-image request for "a desk", 20 steps, the other fields at their defaults.
+    pub(crate) fn a_desk(seed: u64) -> GenerateRequest {
+        GenerateRequest {
+            photo: None,
+            prompt: Some("a desk".into()),
+            user_text: Some("a desk".into()),
+            negative_prompt: None,
+            num_inference_steps: 20,
+            guidance_scale: DEFAULT_GUIDANCE,
+            height: None,
+            width: None,
+            strength: DEFAULT_STRENGTH,
+            seed: Some(seed),
+            scheduler: None,
+            loras: Vec::new(),
+            webhook_url: None,
+            webhook_events: Vec::new(),
+            max_items_per_category: DEFAULT_ITEMS_PER_CATEGORY,
+        }
+    }
+}

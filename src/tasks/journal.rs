@@ -123,24 +123,7 @@ mod tests {
     use crate::core::GenerateRequest;
 
     fn record(id: &str) -> TaskRecord {
-        let request = GenerateRequest {
-            photo: None,
-            prompt: Some("a desk".into()),
-            user_text: Some("a desk".into()),
-            negative_prompt: None,
-            num_inference_steps: 20,
-            guidance_scale: 7.5,
-            height: None,
-            width: None,
-            strength: 0.75,
-            seed: Some(1),
-            scheduler: None,
-            loras: Vec::new(),
-            webhook_url: None,
-            webhook_events: Vec::new(),
-            max_items_per_category: 3,
-        };
-        TaskRecord::new(id.to_string(), request)
+        TaskRecord::new(id.to_string(), GenerateRequest::a_desk(1))
     }
 
     #[test]
