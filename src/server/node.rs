@@ -12,7 +12,7 @@ use super::PipelineLoader;
 use crate::config::TaskConfig;
 use crate::fetch::UrlPolicy;
 use crate::pipeline::{Pipeline, PipelineConfig, Services};
-use crate::tasks::TaskQueue;
+use crate::tasks::WorkerQueue;
 use crate::tasks::worker::{Notifier, worker_task};
 use crate::webhook::{WebhookConfig, WebhookSender};
 
@@ -25,7 +25,7 @@ pub(super) struct Node {
     /// Labels the node's workers and logs.
     pub name: String,
     pub tasks: TaskConfig,
-    pub queue: Arc<dyn TaskQueue>,
+    pub queue: Arc<dyn WorkerQueue>,
     pub services: Services,
     pub webhooks: WebhookSender,
     deliveries: JoinHandle<()>,
@@ -37,7 +37,7 @@ impl Node {
     pub async fn open(
         name: String,
         tasks: TaskConfig,
-        queue: Arc<dyn TaskQueue>,
+        queue: Arc<dyn WorkerQueue>,
         pipeline: &PipelineConfig,
         webhook: &WebhookConfig,
     ) -> anyhow::Result<Node> {
@@ -135,7 +135,7 @@ async fn finish(server: Option<JoinHandle<std::io::Result<()>>>, mut workers: Jo
 }
 
 /// Drops expired results every few minutes.
-async fn purge_task(queue: Arc<dyn TaskQueue>, ttl: Duration, shutdown: CancellationToken) {
+async fn purge_task(queue: Arc<dyn WorkerQueue>, ttl: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(300).min(ttl.max(Duration::from_secs(1))));
     loop {
         tokio::select! {

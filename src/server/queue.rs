@@ -5,10 +5,10 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::config::{QueueBackend, RedisUrl, ServeConfig, WorkerConfig};
-use crate::tasks::{MemoryQueue, RedisOptions, RedisQueue, TaskQueue};
+use crate::tasks::{MemoryQueue, RedisOptions, RedisQueue, WorkerQueue};
 
 /// The API node's queue: the embedded store under the data directory, or Redis.
-pub(super) async fn open_for_api(config: &ServeConfig) -> anyhow::Result<Arc<dyn TaskQueue>> {
+pub(super) async fn open_for_api(config: &ServeConfig) -> anyhow::Result<Arc<dyn WorkerQueue>> {
     let tasks = &config.tasks;
     match &config.queue {
         QueueBackend::Memory => {
@@ -33,7 +33,10 @@ pub(super) async fn open_for_api(config: &ServeConfig) -> anyhow::Result<Arc<dyn
 }
 
 /// A worker node's queue: always Redis, and it never submits.
-pub(super) async fn open_for_worker(config: &WorkerConfig, name: &str) -> anyhow::Result<Arc<dyn TaskQueue>> {
+pub(super) async fn open_for_worker(
+    config: &WorkerConfig,
+    name: &str,
+) -> anyhow::Result<Arc<dyn WorkerQueue>> {
     let options = RedisOptions {
         // Workers never submit; the queue limit is the API nodes' setting.
         capacity: 0,

@@ -13,12 +13,12 @@ use super::node::{Node, Ready};
 use crate::api;
 use crate::api::health::Probe;
 use crate::pipeline::Services;
-use crate::tasks::TaskQueue;
+use crate::tasks::WorkerQueue;
 
 /// What a worker node's health and metrics endpoints see.
 struct WorkerState {
     name: String,
-    queue: Arc<dyn TaskQueue>,
+    queue: Arc<dyn WorkerQueue>,
     services: Services,
     models_loaded: OnceLock<()>,
     metrics: PrometheusHandle,

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::journal::{CHECKPOINT_INTERVAL, Journal};
 use super::{
     BackendError, CancelError, Claimed, StoreError, SubmitError, TaskQueue, TaskRecord, TaskStatus,
-    TaskStore, new_task_id,
+    TaskStore, WorkerQueue, new_task_id,
 };
 use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest, Progress};
 
@@ -262,6 +262,44 @@ impl TaskQueue for MemoryQueue {
         self.capacity
     }
 
+    /// Cancels a queued task at once, or asks a running one to stop at its next check.
+    async fn cancel(&self, task_id: &str) -> Result<TaskRecord, CancelError> {
+        let mut state = self.lock();
+        let Some(live) = state.tasks.get(task_id) else {
+            return match self.store.get(task_id).map_err(BackendError::from)? {
+                Some(record) => {
+                    Err(CancelError::AlreadyFinished(task_id.to_string(), record.status.as_str()))
+                }
+                None => Err(CancelError::NotFound(task_id.to_string())),
+            };
+        };
+        let mut record = live.record.borrow().clone();
+        match record.status {
+            TaskStatus::Queued => {
+                record.status = TaskStatus::Canceled;
+                record.completed_at = Some(Utc::now());
+                record.error = Some(Failure::canceled());
+                self.store.put(&record).map_err(BackendError::from)?;
+                live.record.send_replace(record.clone());
+                state.tasks.remove(task_id);
+                state.queue.retain(|id| id != task_id);
+                metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
+                metrics::counter!("deskgen_tasks_finished_total", "status" => "canceled").increment(1);
+                Ok(record)
+            }
+            TaskStatus::Processing => {
+                live.cancel.cancel();
+                Ok(record)
+            }
+            status @ (TaskStatus::Done | TaskStatus::Failed | TaskStatus::Canceled) => {
+                Err(CancelError::AlreadyFinished(task_id.to_string(), status.as_str()))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl WorkerQueue for MemoryQueue {
     /// Waits for the next queued task and marks it processing; `None` once `shutdown` fires.
     async fn next(&self, shutdown: &CancellationToken) -> Option<Claimed> {
         loop {
@@ -307,41 +345,6 @@ impl TaskQueue for MemoryQueue {
             state.tasks.remove(task_id);
         }
         Some(record)
-    }
-
-    /// Cancels a queued task at once, or asks a running one to stop at its next check.
-    async fn cancel(&self, task_id: &str) -> Result<TaskRecord, CancelError> {
-        let mut state = self.lock();
-        let Some(live) = state.tasks.get(task_id) else {
-            return match self.store.get(task_id).map_err(BackendError::from)? {
-                Some(record) => {
-                    Err(CancelError::AlreadyFinished(task_id.to_string(), record.status.as_str()))
-                }
-                None => Err(CancelError::NotFound(task_id.to_string())),
-            };
-        };
-        let mut record = live.record.borrow().clone();
-        match record.status {
-            TaskStatus::Queued => {
-                record.status = TaskStatus::Canceled;
-                record.completed_at = Some(Utc::now());
-                record.error = Some(Failure::canceled());
-                self.store.put(&record).map_err(BackendError::from)?;
-                live.record.send_replace(record.clone());
-                state.tasks.remove(task_id);
-                state.queue.retain(|id| id != task_id);
-                metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
-                metrics::counter!("deskgen_tasks_finished_total", "status" => "canceled").increment(1);
-                Ok(record)
-            }
-            TaskStatus::Processing => {
-                live.cancel.cancel();
-                Ok(record)
-            }
-            status @ (TaskStatus::Done | TaskStatus::Failed | TaskStatus::Canceled) => {
-                Err(CancelError::AlreadyFinished(task_id.to_string(), status.as_str()))
-            }
-        }
     }
 
     /// Drops finished tasks older than `ttl` from the store (memory holds none).

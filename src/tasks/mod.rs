@@ -72,7 +72,7 @@ pub fn new_task_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// Where tasks wait, run and are remembered.
+/// Where tasks wait, run and are remembered, as clients see it: submit, read, watch, cancel.
 #[async_trait]
 pub trait TaskQueue: Send + Sync + 'static {
     /// The backend's name for /info and health.
@@ -99,6 +99,14 @@ pub trait TaskQueue: Send + Sync + 'static {
     /// The queue's limit.
     fn capacity(&self) -> usize;
 
+    /// Cancels a queued task at once, or asks a running one to stop at its next check.
+    async fn cancel(&self, task_id: &str) -> Result<TaskRecord, CancelError>;
+}
+
+/// The side of the queue workers and the node's housekeeping use: claiming the next task, reporting
+/// its progress and how it ended, and forgetting old ones.
+#[async_trait]
+pub trait WorkerQueue: TaskQueue {
     /// Waits for the next queued task and marks it processing; `None` once `shutdown` fires.
     async fn next(&self, shutdown: &CancellationToken) -> Option<Claimed>;
 
@@ -107,9 +115,6 @@ pub trait TaskQueue: Send + Sync + 'static {
 
     /// Records the final state of a task a worker ran.
     async fn finish(&self, task_id: &str, outcome: Result<GenerateOutput, Failure>) -> Option<TaskRecord>;
-
-    /// Cancels a queued task at once, or asks a running one to stop at its next check.
-    async fn cancel(&self, task_id: &str) -> Result<TaskRecord, CancelError>;
 
     /// Drops finished tasks older than `ttl`; returns how many.
     async fn purge_expired(&self, ttl: Duration) -> Result<usize, BackendError>;

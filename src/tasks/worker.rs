@@ -7,7 +7,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{TaskQueue, TaskRecord};
+use super::{TaskRecord, WorkerQueue};
 use crate::core::Progress;
 use crate::pipeline::{Pipeline, RunContext};
 use crate::webhook::{WebhookEvent, WebhookSender};
@@ -28,7 +28,7 @@ pub struct Notifier {
 /// labels its logs and its `deskgen_worker_tasks_total` series.
 pub async fn worker_task(
     name: String,
-    queue: Arc<dyn TaskQueue>,
+    queue: Arc<dyn WorkerQueue>,
     pipeline: Arc<dyn Pipeline>,
     webhooks: Notifier,
     deadline: Duration,
@@ -85,7 +85,7 @@ fn release_freed_memory() {
 
 /// Publishes a task's progress to the queue (and its webhook) until the task's context is dropped.
 async fn progress_task(
-    queue: Arc<dyn TaskQueue>,
+    queue: Arc<dyn WorkerQueue>,
     webhooks: Notifier,
     mut record: TaskRecord,
     mut updates: watch::Receiver<Option<Progress>>,

@@ -33,7 +33,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use self::events::Watched;
 use self::work::Running;
 use super::{
-    BackendError, CancelError, Claimed, SubmitError, TaskQueue, TaskRecord, TaskStatus, new_task_id,
+    BackendError, CancelError, Claimed, SubmitError, TaskQueue, TaskRecord, TaskStatus, WorkerQueue,
+    new_task_id,
 };
 use crate::config::RedisUrl;
 use crate::core::{Failure, GenerateOutput, GenerateRequest, Progress};
@@ -404,6 +405,14 @@ impl TaskQueue for RedisQueue {
         self.shared.options.capacity
     }
 
+    /// Cancels a queued task at once, or flags a running one and tells its worker, on any node.
+    async fn cancel(&self, task_id: &str) -> Result<TaskRecord, CancelError> {
+        self.shared.cancel(task_id).await
+    }
+}
+
+#[async_trait]
+impl WorkerQueue for RedisQueue {
     /// Takes over a task whose worker died, or waits for a new one; retries while Redis is down.
     async fn next(&self, shutdown: &CancellationToken) -> Option<Claimed> {
         self.shared.next(shutdown).await
@@ -417,11 +426,6 @@ impl TaskQueue for RedisQueue {
     /// Records the final state unless another worker took the task over meanwhile.
     async fn finish(&self, task_id: &str, outcome: Result<GenerateOutput, Failure>) -> Option<TaskRecord> {
         self.shared.finish(task_id, outcome).await
-    }
-
-    /// Cancels a queued task at once, or flags a running one and tells its worker, on any node.
-    async fn cancel(&self, task_id: &str) -> Result<TaskRecord, CancelError> {
-        self.shared.cancel(task_id).await
     }
 
     /// Redis expires final records by itself; nothing to do here.
