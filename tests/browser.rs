@@ -294,3 +294,78 @@ async fn in_chromium_the_real_pipeline_turns_a_photo_into_an_image_and_cards() {
     .await;
     server.stop().await;
 }
+
+/// A page of another origin that tries to submit three tasks to `deskgen`, each with its own
+/// task id: a no-cors `text/plain` fetch, a JSON fetch (which needs CORS), and a `text/plain` form
+/// post into an iframe.
+fn attack_page(deskgen: &str, ids: [&str; 3]) -> String {
+    let [no_cors, cors, form] = ids;
+    format!(
+        r#"<!doctype html><title>working</title>
+<iframe name="sink"></iframe>
+<form id="f" method="post" enctype="text/plain" target="sink" action="{deskgen}/v1/generate">
+<input name='{{"prompt":"a desk from a form","task_id":"{form}","x":"' value='"}}'>
+</form>
+<script>
+(async () => {{
+  const url = "{deskgen}/v1/generate";
+  const seen = [];
+  const body = (prompt, task_id) => JSON.stringify({{ prompt, task_id }});
+  try {{
+    await fetch(url, {{ method: "POST", mode: "no-cors", headers: {{ "Content-Type": "text/plain" }}, body: body("a desk by fetch", "{no_cors}") }});
+    seen.push("no-cors sent");
+  }} catch (e) {{ seen.push("no-cors failed"); }}
+  try {{
+    const r = await fetch(url, {{ method: "POST", headers: {{ "Content-Type": "application/json" }}, body: body("a desk by cors", "{cors}") }});
+    seen.push("cors " + r.status);
+  }} catch (e) {{ seen.push("cors blocked"); }}
+  document.querySelector("iframe").addEventListener("load", () => {{ document.title = "done: " + seen.join(", "); }}, {{ once: true }});
+  document.getElementById("f").submit();
+}})();
+</script>"#
+    )
+}
+
+/// Serves `html` at `/attack.html` on a port of its own (another origin than deskgen's).
+async fn foreign_site(html: String) -> String {
+    let app = axum::Router::new().route(
+        "/attack.html",
+        axum::routing::get(move || {
+            let html = html.clone();
+            async move { axum::response::Html(html) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/attack.html")
+}
+
+/// Which of `ids` deskgen knows, as the result route answers.
+async fn known_tasks(server: &TestServer, ids: &[&str]) -> Vec<bool> {
+    let client = reqwest::Client::new();
+    let mut known = Vec::new();
+    for id in ids {
+        let status = client.get(server.url(&format!("/v1/result/{id}"))).send().await.unwrap().status();
+        assert!(status == 200 || status == 404, "{id}: {status}");
+        known.push(status == 200);
+    }
+    known
+}
+
+#[tokio::test]
+async fn in_chromium_a_page_of_another_origin_cannot_submit_to_an_open_server() {
+    for (flags, expected) in [
+        (&[][..], [false, false, false]),
+        // `*` lets any page read and send JSON, as before; a text/plain body is still not JSON.
+        (&["--cors-allow-origin", "*"][..], [false, true, false]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start(serve_config(dir.path(), flags), ScriptedPipeline::new(1, 1)).await;
+        let ids = ["from-no-cors-fetch", "from-cors-fetch", "from-form-post"];
+        let page = foreign_site(attack_page(&server.base, ids)).await;
+        run_scenario("foreign", &server, &[("DESKGEN_FOREIGN_URL", &page)]).await;
+        assert_eq!(known_tasks(&server, &ids).await, expected, "with {flags:?}");
+        server.stop().await;
+    }
+}

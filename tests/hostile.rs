@@ -501,3 +501,151 @@ async fn hostile_photos_and_photo_urls_fail_with_their_codes() {
     assert_eq!(result["status"], "done", "{result}");
     tokio::time::timeout(Duration::from_secs(30), server.stop()).await.expect("stops");
 }
+
+/// Sends `head` then `trickle` one byte a second on a raw connection; returns what the server
+/// answered before closing it, and how long that took.
+async fn trickle(server: &TestServer, head: &[u8], trickle: &[u8]) -> (String, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    stream.write_all(head).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let bytes = trickle.to_vec();
+    let sender = tokio::spawn(async move {
+        for byte in bytes {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if writer.write_all(&[byte]).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), reader.read_to_end(&mut answer)).await;
+    sender.abort();
+    assert!(read.is_ok(), "the connection was still open after 30 s: {}", String::from_utf8_lossy(&answer));
+    (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
+}
+
+#[tokio::test]
+async fn slow_headers_and_trickled_bodies_are_cut_off_on_every_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--header-read-timeout", "2s", "--body-read-timeout", "3s"];
+    let server = start(serve_config(dir.path(), &flags), ScriptedPipeline::new(1, 1)).await;
+    let host = server.addr.to_string();
+
+    // Slowloris: the request line, then one header byte a second, never the blank line.
+    let (answer, took) =
+        trickle(&server, b"GET /healthcheck HTTP/1.1\r\n", b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaa").await;
+    assert!(took < Duration::from_secs(8), "headers cut off after {took:?}");
+    assert!(!answer.contains("200 OK"), "{answer}");
+
+    // A grpc-web body starts with its message's length prefix, announcing the 995 bytes that follow.
+    for (route, content_type, start) in [
+        ("/v1/generate", "application/json", &b""[..]),
+        ("/v1/uploads", "image/png", &b""[..]),
+        ("/deskgen.v1.Generate/Generate", "application/grpc-web+proto", &[0, 0, 0, 0x03, 0xe3][..]),
+    ] {
+        let mut head = format!(
+            "POST {route} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: 1000\r\n\r\n"
+        )
+        .into_bytes();
+        head.extend_from_slice(start);
+        let (answer, took) = trickle(&server, &head, &[b' '; 40]).await;
+        assert!(took < Duration::from_secs(10), "{route}: body cut off after {took:?}");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{route}: {answer}");
+        assert!(answer.contains("REQUEST_TIMEOUT"), "{route}: {answer}");
+    }
+
+    // A prompt body in time is untouched by the deadline.
+    let (status, body) = post_generate(&server, r#"{"prompt": "a desk"}"#, None).await;
+    assert_eq!(status, 202, "{body}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn foreign_pages_rebinding_hosts_and_non_json_bodies_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(serve_config(dir.path(), &[]), ScriptedPipeline::new(1, 1)).await;
+    let client = reqwest::Client::new();
+    let generate = server.url("/v1/generate");
+    let json_body = r#"{"prompt": "a desk"}"#;
+    let send = |request: reqwest::RequestBuilder| async move {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let allow_origin = response.headers().get("access-control-allow-origin").cloned();
+        (status, allow_origin, response.json::<Value>().await.unwrap_or(Value::Null))
+    };
+
+    // A page's form or simple fetch: text/plain JSON is not read as a request.
+    for content_type in ["text/plain", "application/x-www-form-urlencoded", "multipart/mixed; boundary=x"] {
+        let (status, _, body) =
+            send(client.post(&generate).header(header::CONTENT_TYPE, content_type).body(json_body)).await;
+        assert_eq!(status, 415, "{content_type}: {body}");
+        assert_eq!(body["error_code"], "INVALID_INPUT", "{content_type}: {body}");
+    }
+    // A body-less cancel stays as it was.
+    let (status, _, body) = send(client.post(server.url("/v1/result/none/cancel"))).await;
+    assert_eq!(status, 404, "{body}");
+
+    // A foreign Origin may not submit while no API key is configured, nor read answers.
+    let foreign = "http://attacker.example";
+    let (status, allow, body) = send(
+        client
+            .post(&generate)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ORIGIN, foreign)
+            .body(json_body),
+    )
+    .await;
+    assert_eq!((status, body["error_code"].as_str()), (403, Some("FORBIDDEN")), "{body}");
+    assert!(allow.is_none());
+    let preflight = client
+        .request(reqwest::Method::OPTIONS, &generate)
+        .header(header::ORIGIN, foreign)
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.headers().get("access-control-allow-origin").is_none(), "{:?}", preflight.headers());
+    // The server's own origin (the demo page) may.
+    let own = server.base.clone();
+    let (status, allow, body) = send(
+        client
+            .post(&generate)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ORIGIN, &own)
+            .body(json_body),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(allow.unwrap(), own.as_str());
+
+    // DNS rebinding: a name that resolves to this loopback server is not one it answers to.
+    let rebound = format!("attacker.example:{}", server.addr.port());
+    let (status, _, body) = send(client.get(server.url("/info")).header(header::HOST, rebound)).await;
+    assert_eq!((status, body["error_code"].as_str()), (403, Some("FORBIDDEN")), "{body}");
+    let by_name = format!("localhost:{}", server.addr.port());
+    let (status, _, body) = send(client.get(server.url("/info")).header(header::HOST, by_name)).await;
+    assert_eq!(status, 200, "{body}");
+    server.stop().await;
+
+    // `--cors-allow-origin '*'` lets any page in, as before; `--public-host` adds a name.
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--cors-allow-origin", "*", "--public-host", "desk.example.com"];
+    let server = start(serve_config(dir.path(), &flags), ScriptedPipeline::new(1, 1)).await;
+    let (status, allow, body) = send(
+        client
+            .post(server.url("/v1/generate"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ORIGIN, foreign)
+            .body(json_body),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(allow.unwrap(), foreign);
+    let (status, _, body) =
+        send(client.get(server.url("/info")).header(header::HOST, "desk.example.com")).await;
+    assert_eq!(status, 200, "{body}");
+    server.stop().await;
+}

@@ -29,6 +29,10 @@ pub enum ErrorCode {
     AlreadyFinished,
     /// The service is still loading its models, or its task backend is unreachable.
     NotReady,
+    /// A browser page of another origin, or a request naming another host, may not do this.
+    Forbidden,
+    /// The request's body did not arrive within the body read timeout.
+    RequestTimeout,
     /// Anything else.
     Internal,
 }
@@ -43,6 +47,8 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => "UNAUTHENTICATED",
             ErrorCode::AlreadyFinished => "ALREADY_FINISHED",
             ErrorCode::NotReady => "NOT_READY",
+            ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::RequestTimeout => "REQUEST_TIMEOUT",
             ErrorCode::Internal => "INTERNAL",
         }
     }
@@ -60,6 +66,15 @@ pub enum ApiError {
     /// The body is not JSON at all.
     #[error("{0}")]
     Malformed(String),
+    /// A body whose content type this route does not read.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// Refused for where it comes from: a foreign origin, or a Host this server does not answer to.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The body did not arrive within the read timeout.
+    #[error("The request body did not arrive within {0} s (--body-read-timeout).")]
+    BodyTimeout(u64),
     /// The body is over the size limit.
     #[error("Request body exceeds the limit of {0} bytes.")]
     TooLarge(usize),
@@ -128,9 +143,13 @@ impl ApiError {
     /// The stable code of this error.
     pub fn code(&self) -> ErrorCode {
         match self {
-            ApiError::EmptyPrompt | ApiError::Invalid(_) | ApiError::Malformed(_) | ApiError::TooLarge(_) => {
-                ErrorCode::InvalidInput
-            }
+            ApiError::EmptyPrompt
+            | ApiError::Invalid(_)
+            | ApiError::Malformed(_)
+            | ApiError::UnsupportedMediaType(_)
+            | ApiError::TooLarge(_) => ErrorCode::InvalidInput,
+            ApiError::Forbidden(_) => ErrorCode::Forbidden,
+            ApiError::BodyTimeout(_) => ErrorCode::RequestTimeout,
             ApiError::TaskNotFound(_) => ErrorCode::TaskNotFound,
             ApiError::QueueFull(_) => ErrorCode::QueueFull,
             ApiError::Unauthenticated => ErrorCode::Unauthenticated,
@@ -162,6 +181,9 @@ impl IntoResponse for ApiError {
             }
             ApiError::Invalid(_) => coded(StatusCode::UNPROCESSABLE_ENTITY).into_response(),
             ApiError::TooLarge(_) => coded(StatusCode::PAYLOAD_TOO_LARGE).into_response(),
+            ApiError::UnsupportedMediaType(_) => coded(StatusCode::UNSUPPORTED_MEDIA_TYPE).into_response(),
+            ApiError::Forbidden(_) => coded(StatusCode::FORBIDDEN).into_response(),
+            ApiError::BodyTimeout(_) => coded(StatusCode::REQUEST_TIMEOUT).into_response(),
             ApiError::TaskNotFound(_) => coded(StatusCode::NOT_FOUND).into_response(),
             ApiError::QueueFull(_) => coded(StatusCode::TOO_MANY_REQUESTS).into_response(),
             ApiError::Unauthenticated => coded(StatusCode::UNAUTHORIZED).into_response(),
@@ -178,10 +200,16 @@ impl IntoResponse for ApiError {
             ApiError::Unauthenticated => {
                 response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
+            // The rest of the body may still be on its way: the connection cannot be reused.
+            ApiError::BodyTimeout(_) => {
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             ApiError::EmptyPrompt
             | ApiError::Invalid(_)
             | ApiError::Malformed(_)
             | ApiError::TooLarge(_)
+            | ApiError::UnsupportedMediaType(_)
+            | ApiError::Forbidden(_)
             | ApiError::TaskNotFound(_)
             | ApiError::AlreadyFinished(..)
             | ApiError::Internal(_) => {}
@@ -207,7 +235,11 @@ impl From<ApiError> for tonic::Status {
                 }
                 tonic::Code::InvalidArgument
             }
-            ApiError::Malformed(_) | ApiError::TooLarge(_) => tonic::Code::InvalidArgument,
+            ApiError::Malformed(_) | ApiError::TooLarge(_) | ApiError::UnsupportedMediaType(_) => {
+                tonic::Code::InvalidArgument
+            }
+            ApiError::Forbidden(_) => tonic::Code::PermissionDenied,
+            ApiError::BodyTimeout(_) => tonic::Code::DeadlineExceeded,
             ApiError::TaskNotFound(_) => tonic::Code::NotFound,
             ApiError::QueueFull(_) => tonic::Code::ResourceExhausted,
             ApiError::Unauthenticated => tonic::Code::Unauthenticated,

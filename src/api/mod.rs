@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod errors;
 pub mod grpc;
+pub mod guard;
 pub mod health;
 pub mod photos;
 pub mod render;
@@ -22,7 +23,6 @@ use futures::Stream;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio::sync::watch;
-use tower_http::cors::{Any, CorsLayer};
 
 use self::auth::ApiKeys;
 use self::errors::ApiError;
@@ -246,20 +246,6 @@ pub fn rest_router(state: Arc<AppState>) -> Router {
         .route("/assets/{file}", get(web::asset))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
-}
-
-/// CORS for browsers: any origin, and the gRPC status headers grpc-web clients must read.
-pub fn cors() -> CorsLayer {
-    CorsLayer::new()
-        .allow_origin(Any)
-        .allow_methods(Any)
-        .allow_headers(Any)
-        .expose_headers([
-            "grpc-status".parse().expect("static"),
-            "grpc-message".parse().expect("static"),
-            "grpc-status-details-bin".parse().expect("static"),
-        ])
-        .max_age(Duration::from_secs(3600))
 }
 
 /// Counts requests and their latency by route and status.

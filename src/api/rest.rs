@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::errors::ApiError;
+use super::guard;
 use super::health::Probe;
 use super::photos;
 use super::render::result_json;
@@ -35,6 +36,7 @@ async fn read_generate(
     state: &AppState,
     request: Request,
 ) -> Result<(GenerateInput, Option<Bytes>), ApiError> {
+    guard::check_json_body(&request, true)?;
     if photos::is_multipart(request.headers()) {
         let (fields, image) = photos::generate_form(state, request).await?;
         check_shape(&fields)?;

@@ -185,6 +185,18 @@ pub struct ServeConfig {
     /// Largest image side a request may ask for, in pixels.
     #[arg(long, env = "DESKGEN_MAX_SIDE", default_value_t = 2048)]
     pub max_side: u32,
+    /// Origins whose pages may call the API from a browser, as `scheme://host[:port]` (repeatable;
+    /// `*` for any). The server's own origin always may. While no API key is configured, pages of
+    /// any other origin may not submit or cancel.
+    #[arg(long = "cors-allow-origin", env = "DESKGEN_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub cors_allow_origins: Vec<String>,
+    /// Host names clients reach this server by, with or without a port (repeatable). With them,
+    /// or on a loopback listener, a request naming any other `Host` is refused (DNS rebinding).
+    #[arg(long = "public-host", env = "DESKGEN_PUBLIC_HOST", value_delimiter = ',')]
+    pub public_hosts: Vec<String>,
+    /// How long clients may take to send a request.
+    #[command(flatten)]
+    pub read_timeouts: ReadTimeouts,
     /// Models, object store, photo fetching and shopping.
     #[command(flatten)]
     pub pipeline: PipelineConfig,
@@ -206,6 +218,9 @@ pub struct WorkerConfig {
     /// Name in metrics and logs; unique per worker process (default: the host name).
     #[arg(long, env = "DESKGEN_WORKER_NAME")]
     pub name: Option<String>,
+    /// How long clients may take to send a request.
+    #[command(flatten)]
+    pub read_timeouts: ReadTimeouts,
     /// Task store, workers, retries and lifetimes.
     #[command(flatten)]
     pub tasks: TaskConfig,
@@ -350,4 +365,17 @@ mod tests {
         assert!(matches!("rediss://h:1/0".parse::<QueueBackend>().unwrap(), QueueBackend::Redis(_)));
         assert!(matches!("postgres://h".parse::<QueueBackend>(), Err(QueueUrlError::UnknownScheme)));
     }
+}
+
+/// How long a client may take to send a request; slower ones are cut off, so that connections
+/// trickling bytes (slowloris) cannot pile up.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct ReadTimeouts {
+    /// Time to send a request's headers (HTTP/1.1); the connection is closed after it.
+    #[arg(id = "header_read_timeout", long = "header-read-timeout", env = "DESKGEN_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub header: Duration,
+    /// Time to send a request's whole body, counted from its headers; a body still arriving then
+    /// is answered 408 `REQUEST_TIMEOUT` and the connection closed.
+    #[arg(id = "body_read_timeout", long = "body-read-timeout", env = "DESKGEN_BODY_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s")]
+    pub body: Duration,
 }

@@ -5,6 +5,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::body::Body;
+use axum::middleware;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -13,6 +20,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use tower::ServiceExt;
 
 use super::node::{Node, Ready};
 use crate::api::auth::ApiKeys;
@@ -20,8 +28,9 @@ use crate::api::grpc::pb::generate_server::GenerateServer;
 use crate::api::grpc::pb::info_server::InfoServer;
 use crate::api::grpc::pb::result_server::ResultServer;
 use crate::api::grpc::{GrpcApi, check_auth, pb};
+use crate::api::guard::{self, BrowserPolicy};
 use crate::api::{self, About, AppState};
-use crate::config::ServeConfig;
+use crate::config::{ReadTimeouts, ServeConfig};
 use crate::core::Limits;
 use crate::intake::Intake;
 
@@ -51,15 +60,49 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
-/// Serves `app` on `listener` until `shutdown`, then lets open requests finish.
+/// Serves `app` on `listener` until `shutdown`, then lets open requests finish. A client has
+/// `timeouts.header` to send a request's headers (HTTP/1.1; the connection closes after that).
 pub(super) fn serve(
     listener: TcpListener,
     app: axum::Router,
+    timeouts: ReadTimeouts,
     shutdown: &CancellationToken,
 ) -> JoinHandle<std::io::Result<()>> {
     let shutdown = shutdown.clone();
     tokio::spawn(async move {
-        axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.header);
+        // CONNECT for HTTP/2 websockets, as axum::serve enables it.
+        builder.http2().enable_connect_protocol();
+        let connections = GracefulShutdown::new();
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = shutdown.cancelled() => break,
+            };
+            let service = TowerToHyperService::new(
+                app.clone().map_request(|r: http::Request<Incoming>| r.map(Body::new)),
+            );
+            let connection =
+                builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+            let connection = connections.watch(connection);
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        connections.shutdown().await;
+        Ok(())
     })
 }
 
@@ -70,7 +113,8 @@ pub(super) async fn api_app(
     node: &Node,
 ) -> anyhow::Result<(axum::Router, Ready)> {
     let keys = ApiKeys::load(&config.api_keys, config.api_key_file.as_deref()).context("reading API keys")?;
-    if keys.is_open() {
+    let open = keys.is_open();
+    if open {
         tracing::warn!("no API key configured: anyone who can reach {addr} can submit tasks");
     }
     let state = Arc::new(AppState {
@@ -98,7 +142,11 @@ pub(super) async fn api_app(
     if let Some(images) = node.services.store.router() {
         routes = routes.merge(images);
     }
-    let app = api::with_request_metrics(routes).layer(api::cors());
+    let policy = Arc::new(BrowserPolicy::new(addr, &config.cors_allow_origins, &config.public_hosts, open));
+    let app = api::with_request_metrics(routes)
+        .layer(middleware::from_fn_with_state(config.read_timeouts.body, guard::body_deadline))
+        .layer(middleware::from_fn_with_state(policy.clone(), guard::browser_guard))
+        .layer(policy.cors());
     let workers = config.tasks.workers;
     let ready: Ready = Box::new(move |pipeline| {
         Box::pin(async move {

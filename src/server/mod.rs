@@ -75,7 +75,7 @@ pub async fn start(
             .await?;
     let (app, ready) = listener::api_app(&config, addr, &node).await?;
     let shutdown = node.shutdown.clone();
-    let server = listener::serve(listener, app, &shutdown);
+    let server = listener::serve(listener, app, config.read_timeouts, &shutdown);
     let handle = tokio::spawn(node.run(server, loader, ready));
     Ok(RunningServer { addr, shutdown, handle })
 }
@@ -104,7 +104,7 @@ pub async fn start_worker(
     let node = node::Node::open(name, config.tasks.clone(), queue, &config.pipeline, &config.webhook).await?;
     let (app, ready) = worker::app(&node, config.tasks.workers);
     let shutdown = node.shutdown.clone();
-    let server = listener::serve(listener, app, &shutdown);
+    let server = listener::serve(listener, app, config.read_timeouts, &shutdown);
     let handle = tokio::spawn(node.run(server, loader, ready));
     Ok(RunningServer { addr, shutdown, handle })
 }

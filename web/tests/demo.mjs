@@ -6,8 +6,9 @@
 // shows), DESKGEN_IMAGES (folder of PNGs served for http://example.invalid/ images, as the scripted
 // pipeline's results point there), DESKGEN_PHOTO_URL (the desk photo to submit), DESKGEN_PHOTOS
 // (folder of photo files to choose on the page: desk.jpg, sideways.jpg, big-sideways.jpg,
-// broken.jpg), DESKGEN_API_KEY, DESKGEN_TIMEOUT_MS (how long a generation may take). Exits non-zero
-// on the first failed check.
+// broken.jpg), DESKGEN_API_KEY, DESKGEN_TIMEOUT_MS (how long a generation may take),
+// DESKGEN_FOREIGN_URL (a page of another origin, for the foreign scenario). Exits non-zero on the
+// first failed check.
 
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
@@ -410,6 +411,17 @@ const scenarios = {
     await assertWhatWasSeen(page);
     await screenshot(page);
     assert.deepEqual(problems, []);
+  },
+
+  // A page of another origin (DESKGEN_FOREIGN_URL, served by the test) tries to submit tasks to
+  // deskgen by fetch and by a form post, then puts what it saw in its title; the test asks deskgen
+  // which of the tasks exist.
+  async foreign(context) {
+    const page = await context.newPage();
+    current = page;
+    await page.goto(process.env.DESKGEN_FOREIGN_URL);
+    await page.waitForFunction(() => document.title.startsWith("done"), null, { timeout });
+    console.log(`foreign page: ${await page.title()}`);
   },
 };
 
