@@ -144,6 +144,24 @@ fn reencode(upright: Upright) -> Result<(Bytes, ImageFormat), IntakeError> {
     Ok((Bytes::from(out.into_inner()), format))
 }
 
+/// The key's extension for a photo of media type `content_type`, where it is a type photos are
+/// accepted in.
+pub fn extension_for(content_type: &str) -> Option<&'static str> {
+    let formats = [
+        ImageFormat::Jpeg,
+        ImageFormat::Png,
+        ImageFormat::WebP,
+        ImageFormat::Gif,
+        ImageFormat::Bmp,
+        ImageFormat::Tiff,
+    ];
+    formats
+        .into_iter()
+        .map(naming)
+        .find(|(_, media)| media.eq_ignore_ascii_case(content_type.trim()))
+        .map(|(ext, _)| ext)
+}
+
 /// The key's extension and the media type of a stored format.
 fn naming(format: ImageFormat) -> (&'static str, &'static str) {
     match format {

@@ -247,6 +247,66 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A photo a browser would PUT straight into the bucket: presigned by the server, sent by a plain
+/// HTTP client, then generated from by its `url`; a PUT of something that is not a photo fails
+/// that generation with INVALID_IMAGE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_photo_put_with_a_presigned_upload_is_generated_from() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join(BUCKET)).unwrap();
+    let (s3_addr, _s3) = start_s3(root.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let data = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://{s3_addr}");
+    let s3_flags = ["--object-store", "s3", "--s3-bucket", BUCKET, "--s3-endpoint", &endpoint];
+    let mut server = Process::spawn(
+        &data.path().join("server"),
+        &[&s3_flags[..], &["--s3-force-path-style", "--s3-region", "us-east-1", "--desk-threshold", "0"]]
+            .concat(),
+        &[("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY)],
+    );
+    server.wait_ready().await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let photo = std::fs::read(common::darknet("dog.jpg")).unwrap();
+
+    let generate_from = async |bytes: Vec<u8>| -> Value {
+        let presigned: Value = client
+            .post(server.url("/v1/uploads/presign"))
+            .json(&json!({"content_type": "image/jpeg"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let key = presigned["key"].as_str().unwrap_or_else(|| panic!("{presigned}"));
+        assert!(key.starts_with("images/uploads/") && key.ends_with(".jpg"), "{presigned}");
+        assert_eq!(presigned["url"], format!("s3://{BUCKET}/{key}"));
+        let upload = &presigned["upload"];
+        assert_eq!(upload["method"], "PUT");
+        assert!(upload["url"].as_str().unwrap().contains("X-Amz-Signature="), "{presigned}");
+        let mut put = client.put(upload["url"].as_str().unwrap()).body(bytes.clone());
+        for (name, value) in upload["headers"].as_object().unwrap() {
+            put = put.header(name, value.as_str().unwrap());
+        }
+        assert_eq!(put.send().await.unwrap().status(), 200);
+        assert_eq!(std::fs::read(root.path().join(BUCKET).join(key)).unwrap(), bytes);
+        let request = json!({"initial_image_url": presigned["url"], "num_inference_steps": 1, "seed": 1});
+        let task = server.submit(request).await;
+        server.poll_final(&task, Duration::from_secs(120)).await
+    };
+
+    let result = generate_from(photo).await;
+    assert_eq!(result["status"], "done", "{result}");
+    assert!(!result["detected_items"].as_array().unwrap().is_empty(), "the photo was read: {result}");
+    assert!(result["initial_image_url"].as_str().unwrap().contains("images/uploads/"), "{result}");
+    let result = generate_from(b"<html>not a photo</html>".to_vec()).await;
+    assert_eq!(
+        (result["status"].as_str(), result["error_code"].as_str()),
+        (Some("failed"), Some("INVALID_IMAGE")),
+        "{result}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn object_store_down_mid_run_retries_fails_then_recovers() {
     let root = tempfile::tempdir().unwrap();

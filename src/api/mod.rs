@@ -234,6 +234,7 @@ pub fn rest_router(state: Arc<AppState>) -> Router {
             "/v1/uploads",
             post(photos::upload).layer(DefaultBodyLimit::max(photos::upload_body_limit(&state))),
         )
+        .route("/v1/uploads/presign", post(photos::presign))
         .route("/v1/result/{task_id}", get(rest::result))
         .route("/result/{task_id}", get(rest::result))
         .route("/v1/result/{task_id}/events", get(rest::events))

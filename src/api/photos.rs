@@ -3,6 +3,7 @@
 //! the request's fields, or JSON `initial_image` as base64 or a `data:image/…;base64,` URL).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::multipart::MultipartError;
@@ -12,11 +13,14 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::AppState;
 use super::errors::ApiError;
 use crate::core::Violation;
+use crate::intake::extension_for;
+use crate::storage::new_upload_key;
 
 /// Request fields a multipart form carries as text; every other field is read as JSON (numbers,
 /// lists such as `loras`).
@@ -73,6 +77,67 @@ pub async fn upload(State(state): State<Arc<AppState>>, request: Request) -> Res
         "height": photo.height,
         "bytes": photo.bytes.len(),
         "sha256": photo.sha256,
+    });
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// How long a presigned upload may be used.
+pub const PRESIGNED_UPLOAD_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// What `POST /v1/uploads/presign` reads.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresignRequest {
+    content_type: String,
+}
+
+/// POST /v1/uploads/presign (S3 only): a PUT the client sends the photo's bytes with, straight to
+/// the bucket, under a fresh `images/uploads/` key; 201 with the key, the `url` a generation names
+/// it by, and the PUT's URL, headers and expiry. The photo is checked when a generation reads it.
+pub async fn presign(State(state): State<Arc<AppState>>, request: Request) -> Result<Response, ApiError> {
+    super::rest::authorize(&state, request.headers())?;
+    super::guard::check_json_body(&request, false)?;
+    let body = Bytes::from_request(request, &()).await.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(state.max_body_bytes),
+        _ => ApiError::Malformed(rejection.body_text()),
+    })?;
+    let asked: PresignRequest = serde_json::from_slice(&body).map_err(|e| {
+        invalid(
+            "content_type",
+            &format!("Send {{\"content_type\": \"image/jpeg\"}} or another image type ({e})."),
+        )
+    })?;
+    let extension = extension_for(&asked.content_type).ok_or_else(|| {
+        invalid(
+            "content_type",
+            "content_type must be image/jpeg, image/png, image/webp, image/gif, image/bmp or image/tiff.",
+        )
+    })?;
+    let key = new_upload_key(extension);
+    let store = state.services.store.as_ref();
+    let presigned = store
+        .presign_put(&key, &asked.content_type, PRESIGNED_UPLOAD_TTL)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("presigning an upload: {e}")))?
+        .ok_or_else(|| {
+            invalid(
+                "content_type",
+                "Presigned uploads need the S3 object store (--object-store s3); send the photo to POST /v1/uploads.",
+            )
+        })?;
+    let url = store.reference(&key).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let expires_at = chrono::Utc::now() + PRESIGNED_UPLOAD_TTL;
+    let headers: Map<String, Value> =
+        presigned.headers.into_iter().map(|(name, value)| (name, Value::String(value))).collect();
+    let body = json!({
+        "key": key,
+        "url": url,
+        "upload": {
+            "method": "PUT",
+            "url": presigned.url,
+            "headers": headers,
+            "expires_at": expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        },
     });
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }

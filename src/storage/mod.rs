@@ -135,6 +135,26 @@ pub trait ObjectStore: Send + Sync {
     fn router(&self) -> Option<axum::Router> {
         None
     }
+
+    /// A request a client can store the object under `key` with, straight into the store, valid
+    /// for `ttl`; `None` where the store has no such thing (the file store: upload to this server).
+    async fn presign_put(
+        &self,
+        _key: &str,
+        _content_type: &str,
+        _ttl: Duration,
+    ) -> Result<Option<PresignedPut>, StorageError> {
+        Ok(None)
+    }
+}
+
+/// A presigned upload: a PUT of the object's bytes to `url`, with exactly these headers.
+#[derive(Debug, Clone)]
+pub struct PresignedPut {
+    /// Where to PUT the bytes.
+    pub url: String,
+    /// Headers the signature covers; the PUT must send them as they are.
+    pub headers: Vec<(String, String)>,
 }
 
 /// Opens the configured object store. The file store lives under `<data_dir>/images`; the S3

@@ -17,7 +17,7 @@ use percent_encoding::percent_decode_str;
 use rand::Rng;
 use reqwest::Url;
 
-use super::{ObjectStore, StorageConfig, StorageError, check_key, content_type, record};
+use super::{ObjectStore, PresignedPut, StorageConfig, StorageError, check_key, content_type, record};
 
 /// The region used when neither the flag nor the AWS configuration chain names one.
 const FALLBACK_REGION: &str = "us-east-1";
@@ -237,6 +237,28 @@ impl ObjectStore for S3Store {
                 |e| StorageError::Config(format!("cannot presign {key}: {}", DisplayErrorContext(e))),
             )?;
         Ok(request.uri().to_owned())
+    }
+
+    async fn presign_put(
+        &self,
+        key: &str,
+        content_type: &str,
+        ttl: Duration,
+    ) -> Result<Option<PresignedPut>, StorageError> {
+        check_key(key)?;
+        let presigning = PresigningConfig::expires_in(ttl)
+            .map_err(|e| StorageError::Config(DisplayErrorContext(e).to_string()))?;
+        let request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .presigned(presigning)
+            .await
+            .map_err(|e| StorageError::Config(format!("cannot presign {key}: {}", DisplayErrorContext(e))))?;
+        let headers = request.headers().map(|(name, value)| (name.to_string(), value.to_string())).collect();
+        Ok(Some(PresignedPut { url: request.uri().to_owned(), headers }))
     }
 
     fn reference(&self, key: &str) -> Result<String, StorageError> {
