@@ -244,7 +244,9 @@ fn grpc_web_frames(body: &[u8]) -> (Vec<Vec<u8>>, String) {
 #[tokio::test]
 async fn grpc_web_unary_and_server_streaming_over_http1() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(serve_config(dir.path(), &[]), ScriptedPipeline::new(3, 5)).await;
+    // A page of another origin, allowed in by `*`.
+    let flags = ["--cors-allow-origin", "*"];
+    let server = start(serve_config(dir.path(), &flags), ScriptedPipeline::new(3, 5)).await;
     let http1 = reqwest::Client::builder().http1_only().build().unwrap();
     let call = |path: &str, frame: Vec<u8>| {
         http1

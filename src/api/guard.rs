@@ -68,9 +68,13 @@ impl BrowserPolicy {
     /// responses; gRPC-Web's trailers-as-headers are exposed to them.
     pub fn cors(self: &Arc<Self>) -> CorsLayer {
         let policy = self.clone();
-        let allow = AllowOrigin::predicate(move |origin: &HeaderValue, parts: &Parts| {
-            policy.allows_origin(origin, host(parts.headers.get(header::HOST), parts.uri.authority()))
-        });
+        let allow = if self.any_origin {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::predicate(move |origin: &HeaderValue, parts: &Parts| {
+                policy.allows_origin(origin, host(parts.headers.get(header::HOST), parts.uri.authority()))
+            })
+        };
         CorsLayer::new()
             .allow_origin(allow)
             .allow_methods(AllowMethods::mirror_request())
