@@ -195,6 +195,14 @@ impl Process {
         Process { child, base: format!("http://127.0.0.1:{port}"), log }
     }
 
+    /// `deskgen serve` storing images in the bucket at `endpoint`, with the test's credentials.
+    fn spawn_on_s3(data_dir: &Path, endpoint: &str, args: &[&str]) -> Process {
+        let s3 = ["--object-store", "s3", "--s3-bucket", BUCKET, "--s3-endpoint", endpoint];
+        let path_style = ["--s3-force-path-style", "--s3-region", "us-east-1"];
+        let credentials = [("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY)];
+        Process::spawn(data_dir, &[&s3[..], &path_style, args].concat(), &credentials)
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
@@ -257,13 +265,7 @@ async fn a_photo_put_with_a_presigned_upload_is_generated_from() {
     let (s3_addr, _s3) = start_s3(root.path(), "127.0.0.1:0".parse().unwrap()).await;
     let data = tempfile::tempdir().unwrap();
     let endpoint = format!("http://{s3_addr}");
-    let s3_flags = ["--object-store", "s3", "--s3-bucket", BUCKET, "--s3-endpoint", &endpoint];
-    let mut server = Process::spawn(
-        &data.path().join("server"),
-        &[&s3_flags[..], &["--s3-force-path-style", "--s3-region", "us-east-1", "--desk-threshold", "0"]]
-            .concat(),
-        &[("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY)],
-    );
+    let mut server = Process::spawn_on_s3(&data.path().join("server"), &endpoint, &["--desk-threshold", "0"]);
     server.wait_ready().await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let photo = std::fs::read(common::darknet("dog.jpg")).unwrap();
@@ -314,26 +316,10 @@ async fn object_store_down_mid_run_retries_fails_then_recovers() {
     let (s3_addr, s3) = start_s3(root.path(), "127.0.0.1:0".parse().unwrap()).await;
     let data = tempfile::tempdir().unwrap();
     let endpoint = format!("http://{s3_addr}");
-    let mut server = Process::spawn(
+    let mut server = Process::spawn_on_s3(
         &data.path().join("server"),
-        &[
-            "--object-store",
-            "s3",
-            "--s3-bucket",
-            BUCKET,
-            "--s3-endpoint",
-            &endpoint,
-            "--s3-force-path-style",
-            "--s3-region",
-            "us-east-1",
-            "--s3-upload-attempts",
-            "4",
-            "--s3-retry-backoff",
-            "300ms",
-            "--s3-timeout",
-            "2s",
-        ],
-        &[("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY)],
+        &endpoint,
+        &["--s3-upload-attempts", "4", "--s3-retry-backoff", "300ms", "--s3-timeout", "2s"],
     );
     server.wait_ready().await;
     let task = json!({"prompt": "a tidy desk", "num_inference_steps": 1, "seed": 1});
