@@ -15,7 +15,7 @@ use image::codecs::jpeg::JpegEncoder;
 use image::{DynamicImage, ImageFormat};
 use sha2::{Digest, Sha256};
 
-use crate::inference::vision::{ImageError, Upright, decode_upright};
+use crate::inference::vision::{ImageError, Upright, decode_upright, probe_header};
 use crate::storage::{ObjectStore, StorageError, new_upload_key};
 
 /// Quality of a JPEG re-encoded to store it upright.
@@ -77,21 +77,38 @@ impl Intake {
     /// Checks `bytes` and prepares them for the store; CPU-bound (it decodes the whole image), so
     /// call it off the async runtime or through [`Intake::check_blocking`].
     pub fn check(&self, bytes: Bytes) -> Result<Photo, IntakeError> {
-        if bytes.is_empty() {
-            return Err(IntakeError::Empty);
-        }
-        if bytes.len() as u64 > self.max_bytes {
-            return Err(IntakeError::TooLarge { limit: self.max_bytes });
-        }
-        if let Some(kind) = unsupported_kind(&bytes) {
-            return Err(IntakeError::Unsupported { kind });
-        }
+        self.check_size_and_kind(bytes.len() as u64, &bytes)?;
         let upright = decode_upright(&bytes, self.max_pixels)?;
         let (width, height) = (upright.image.width(), upright.image.height());
         let (bytes, format) = if upright.turned { reencode(upright)? } else { (bytes, upright.format) };
         let (extension, content_type) = naming(format);
         let sha256 = hex::encode(Sha256::digest(&bytes));
         Ok(Photo { key: new_upload_key(extension), bytes, content_type, width, height, sha256 })
+    }
+
+    /// Checks an object a client put into the store itself (a presigned upload) from its size and
+    /// first bytes, before a generation naming it is queued: empty, too large, a refused format,
+    /// too many pixels or too few. The whole image is decoded at the task's fetch stage, and a
+    /// header that runs past `head` (a TIFF's, say) is left to that stage too.
+    pub fn check_head(&self, size: u64, head: &[u8]) -> Result<(), IntakeError> {
+        self.check_size_and_kind(size, head)?;
+        match probe_header(head, self.max_pixels) {
+            Err(ImageError::Corrupt { .. }) if (head.len() as u64) < size => Ok(()),
+            probed => probed.map(drop).map_err(IntakeError::Image),
+        }
+    }
+
+    fn check_size_and_kind(&self, size: u64, head: &[u8]) -> Result<(), IntakeError> {
+        if size == 0 {
+            return Err(IntakeError::Empty);
+        }
+        if size > self.max_bytes {
+            return Err(IntakeError::TooLarge { limit: self.max_bytes });
+        }
+        match unsupported_kind(head) {
+            Some(kind) => Err(IntakeError::Unsupported { kind }),
+            None => Ok(()),
+        }
     }
 
     /// [`Intake::check`] on a blocking thread.
@@ -228,6 +245,32 @@ mod tests {
         let (top, bottom) = (stored.get_pixel(16, 8), stored.get_pixel(16, 56));
         assert!(top[0] > 200 && top[2] < 60, "{top:?}");
         assert!(bottom[2] > 200 && bottom[0] < 60, "{bottom:?}");
+    }
+
+    #[test]
+    fn a_stored_objects_first_bytes_are_enough_to_refuse_it() {
+        let whole = png(64, 48);
+        INTAKE.check_head(whole.len() as u64, &whole[..64]).unwrap();
+        assert!(matches!(INTAKE.check_head(0, b""), Err(IntakeError::Empty)));
+        assert!(matches!(INTAKE.check_head(2_000_000, &whole[..64]), Err(IntakeError::TooLarge { .. })));
+        let svg = b"<svg xmlns=\"http://www.w3.org/2000/svg\"/>";
+        assert!(matches!(
+            INTAKE.check_head(svg.len() as u64, svg),
+            Err(IntakeError::Unsupported { kind: "SVG" })
+        ));
+        let huge = png(3000, 2000);
+        assert!(matches!(
+            INTAKE.check_head(huge.len() as u64, &huge[..64]),
+            Err(IntakeError::Image(ImageError::TooLarge { width: 3000, height: 2000, .. }))
+        ));
+        let text = b"just some words, not a photo at all";
+        assert!(matches!(INTAKE.check_head(1000, text), Err(IntakeError::Image(ImageError::NotAnImage))));
+        // A header cut off by the read is left to the full decode; a whole object is not.
+        INTAKE.check_head(whole.len() as u64, &whole[..12]).unwrap();
+        assert!(matches!(
+            INTAKE.check_head(12, &whole[..12]),
+            Err(IntakeError::Image(ImageError::Corrupt { .. }))
+        ));
     }
 
     #[test]

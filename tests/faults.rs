@@ -256,8 +256,9 @@ fn free_port() -> u16 {
 }
 
 /// A photo a browser would PUT straight into the bucket: presigned by the server, sent by a plain
-/// HTTP client, then generated from by its `url`; a PUT of something that is not a photo fails
-/// that generation with INVALID_IMAGE.
+/// HTTP client, then generated from by its `url`. The object is checked from a HEAD and its first
+/// bytes before the task is queued (missing, not a photo, too many pixels: 422 at submit); one
+/// whose header passes but whose pixels are garbage fails its task with INVALID_IMAGE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_photo_put_with_a_presigned_upload_is_generated_from() {
     let root = tempfile::tempdir().unwrap();
@@ -265,12 +266,14 @@ async fn a_photo_put_with_a_presigned_upload_is_generated_from() {
     let (s3_addr, _s3) = start_s3(root.path(), "127.0.0.1:0".parse().unwrap()).await;
     let data = tempfile::tempdir().unwrap();
     let endpoint = format!("http://{s3_addr}");
-    let mut server = Process::spawn_on_s3(&data.path().join("server"), &endpoint, &["--desk-threshold", "0"]);
+    let args = ["--desk-threshold", "0", "--s3-presign-ttl", "10m"];
+    let mut server = Process::spawn_on_s3(&data.path().join("server"), &endpoint, &args);
     server.wait_ready().await;
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let photo = std::fs::read(common::darknet("dog.jpg")).unwrap();
 
-    let generate_from = async |bytes: Vec<u8>| -> Value {
+    // Presigns an upload, PUTs `bytes` to it unless `None`, and submits a generation from its url.
+    let submit_from = async |bytes: Option<&[u8]>| -> (u16, Value) {
         let presigned: Value = client
             .post(server.url("/v1/uploads/presign"))
             .json(&json!({"content_type": "image/jpeg"}))
@@ -286,22 +289,58 @@ async fn a_photo_put_with_a_presigned_upload_is_generated_from() {
         let upload = &presigned["upload"];
         assert_eq!(upload["method"], "PUT");
         assert!(upload["url"].as_str().unwrap().contains("X-Amz-Signature="), "{presigned}");
-        let mut put = client.put(upload["url"].as_str().unwrap()).body(bytes.clone());
-        for (name, value) in upload["headers"].as_object().unwrap() {
-            put = put.header(name, value.as_str().unwrap());
+        if let Some(bytes) = bytes {
+            let mut put = client.put(upload["url"].as_str().unwrap()).body(bytes.to_vec());
+            for (name, value) in upload["headers"].as_object().unwrap() {
+                put = put.header(name, value.as_str().unwrap());
+            }
+            assert_eq!(put.send().await.unwrap().status(), 200);
+            assert_eq!(std::fs::read(root.path().join(BUCKET).join(key)).unwrap(), bytes);
         }
-        assert_eq!(put.send().await.unwrap().status(), 200);
-        assert_eq!(std::fs::read(root.path().join(BUCKET).join(key)).unwrap(), bytes);
         let request = json!({"initial_image_url": presigned["url"], "num_inference_steps": 1, "seed": 1});
-        let task = server.submit(request).await;
-        server.poll_final(&task, Duration::from_secs(120)).await
+        let r = client.post(server.url("/v1/generate")).json(&request).send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
     };
 
-    let result = generate_from(photo).await;
+    let (status, accepted) = submit_from(Some(&photo)).await;
+    assert_eq!(status, 202, "{accepted}");
+    let result = server.poll_final(accepted["task_id"].as_str().unwrap(), Duration::from_secs(120)).await;
     assert_eq!(result["status"], "done", "{result}");
     assert!(!result["detected_items"].as_array().unwrap().is_empty(), "the photo was read: {result}");
-    assert!(result["initial_image_url"].as_str().unwrap().contains("images/uploads/"), "{result}");
-    let result = generate_from(b"<html>not a photo</html>".to_vec()).await;
+    // The original comes back presigned, like the processed image: a URL a client can open.
+    for (field, bytes) in [("initial_image_url", Some(&photo)), ("processed_image_url", None)] {
+        let url = result[field].as_str().unwrap();
+        assert!(url.starts_with(&endpoint) && url.contains("X-Amz-Signature="), "{field}: {result}");
+        let got = client.get(url).send().await.unwrap();
+        assert_eq!(got.status(), 200, "{field}: {url}");
+        if let Some(bytes) = bytes {
+            assert_eq!(&got.bytes().await.unwrap()[..], &bytes[..], "{field}");
+        }
+    }
+
+    let huge = common::png_claiming(30000, 30000);
+    let mut header_then_garbage = common::png(64, 64)[..33].to_vec();
+    header_then_garbage.resize(4096, 0x5a);
+    // Sound up to its pixels: the header check passes it, the decode does not.
+    let mut broken_pixels = common::png(64, 64);
+    let idat_tail = broken_pixels.len() - 20;
+    broken_pixels[idat_tail..idat_tail + 4].fill(0);
+    let refused: [(&str, Option<&[u8]>, &str); 5] = [
+        ("never uploaded", None, "upload the photo first"),
+        ("PNG header then garbage", Some(&header_then_garbage), "cannot"),
+        ("HTML", Some(b"<html>not a photo</html>"), "HTML"),
+        ("SVG", Some(b"<svg xmlns=\"http://www.w3.org/2000/svg\"/>"), "SVG is not accepted"),
+        ("30000x30000", Some(&huge), "pixels"),
+    ];
+    for (case, bytes, says) in refused {
+        let (status, body) = submit_from(bytes).await;
+        assert_eq!((status, body["error_code"].as_str()), (422, Some("INVALID_INPUT")), "{case}: {body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains("initial_image_url") && message.contains(says), "{case}: {body}");
+    }
+    let (status, accepted) = submit_from(Some(&broken_pixels)).await;
+    assert_eq!(status, 202, "a sound header is queued: {accepted}");
+    let result = server.poll_final(accepted["task_id"].as_str().unwrap(), Duration::from_secs(60)).await;
     assert_eq!(
         (result["status"].as_str(), result["error_code"].as_str()),
         (Some("failed"), Some("INVALID_IMAGE")),

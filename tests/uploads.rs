@@ -4,7 +4,7 @@
 mod common;
 
 use base64::Engine;
-use common::{ScriptedPipeline, darknet, poll_final, post_generate, serve_config, start, wait_ready};
+use common::{ScriptedPipeline, darknet, png, poll_final, post_generate, serve_config, start, wait_ready};
 use deskgen::api::grpc::pb;
 use serde_json::{Value, json};
 
@@ -135,24 +135,6 @@ fn walk(dir: &std::path::Path) -> usize {
         .sum()
 }
 
-/// The CRC of a PNG chunk (type and data).
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for byte in bytes {
-        crc ^= u32::from(*byte);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
-}
-
-fn png(width: u32, height: u32) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    image::DynamicImage::new_rgb8(width, height).write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
 #[tokio::test]
 async fn bad_photos_are_refused_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
@@ -172,11 +154,7 @@ async fn bad_photos_are_refused_before_any_work() {
     let mut garbage = png(64, 64)[..40].to_vec();
     garbage.extend(vec![0x5a; 400]);
     // A 30000×30000 PNG header in a small file: refused from the header, nothing decoded.
-    let mut huge = png(64, 64);
-    huge[16..20].copy_from_slice(&30000u32.to_be_bytes());
-    huge[20..24].copy_from_slice(&30000u32.to_be_bytes());
-    let crc = crc32(&huge[12..29]);
-    huge[29..33].copy_from_slice(&crc.to_be_bytes());
+    let huge = common::png_claiming(30000, 30000);
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
         ("empty", Vec::new(), 422, "empty"),
         ("html", b"<!doctype html><p>hi</p>".to_vec(), 422, "HTML"),

@@ -29,11 +29,18 @@ use self::errors::ApiError;
 use crate::core::request::{
     DEFAULT_GUIDANCE, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_STEPS,
 };
-use crate::core::{GenerateInput, Limits, LoraInfo, ModelInfo, PipelineInfo, Violation, validate};
+use crate::core::{
+    GenerateInput, Limits, LoraInfo, ModelInfo, PhotoSource, PipelineInfo, Violation, validate,
+};
 use crate::intake::{Intake, IntakeError, Photo};
 use crate::pipeline::Services;
+use crate::storage::StorageError;
 use crate::tasks::{TaskQueue, TaskRecord};
 use crate::webhook::WebhookSender;
+
+/// How much of a stored photo is read to check it before queueing: enough for the header of
+/// every accepted format, including a JPEG whose EXIF block comes before its frame header.
+const PHOTO_HEAD_BYTES: u64 = 256 * 1024;
 
 /// Shared state of every handler.
 pub struct AppState {
@@ -120,6 +127,8 @@ impl AppState {
         }
         if let Some(photo) = &photo {
             self.store_photo(photo).await?;
+        } else if let Some(PhotoSource::Url(url)) = &request.photo {
+            self.check_stored_photo(url).await?;
         }
         let (record, _created) = self.queue.submit(task_id, request).await?;
         Ok(record)
@@ -131,6 +140,31 @@ impl AppState {
             IntakeError::TooLarge { limit } => ApiError::TooLarge(limit as usize),
             IntakeError::Encode(reason) => ApiError::Internal(reason),
             refused => ApiError::Invalid(vec![Violation { field, description: refused.to_string() }]),
+        })
+    }
+
+    /// Checks an `initial_image_url` that names an object in the service's own store (a presigned
+    /// upload, say) from its size and first bytes, so a missing or refused photo is answered now
+    /// rather than by a failed task. A store that cannot be read right now leaves the check to the
+    /// task's fetch stage.
+    async fn check_stored_photo(&self, url: &str) -> Result<(), ApiError> {
+        const FIELD: &str = "initial_image_url";
+        let Some(key) = self.services.store.key_for_url(url) else { return Ok(()) };
+        let peek = match self.services.store.peek(&key, PHOTO_HEAD_BYTES).await {
+            Ok(peek) => peek,
+            Err(StorageError::NotFound { .. }) => {
+                let description =
+                    format!("initial_image_url names {key}, which holds no object; upload the photo first.");
+                return Err(ApiError::Invalid(vec![Violation { field: FIELD, description }]));
+            }
+            Err(e) => {
+                tracing::debug!(%key, error = %e, "stored photo not checked before queueing");
+                return Ok(());
+            }
+        };
+        self.intake.check_head(peek.size, &peek.head).map_err(|refused| {
+            let description = format!("initial_image_url ({key}): {refused}");
+            ApiError::Invalid(vec![Violation { field: FIELD, description }])
         })
     }
 

@@ -93,7 +93,8 @@ struct PresignRequest {
 
 /// POST /v1/uploads/presign (S3 only): a PUT the client sends the photo's bytes with, straight to
 /// the bucket, under a fresh `images/uploads/` key; 201 with the key, the `url` a generation names
-/// it by, and the PUT's URL, headers and expiry. The photo is checked when a generation reads it.
+/// it by, and the PUT's URL, headers and expiry. The photo is checked when a generation names it,
+/// from a HEAD and its first bytes before the task is queued, and whole at the fetch stage.
 pub async fn presign(State(state): State<Arc<AppState>>, request: Request) -> Result<Response, ApiError> {
     super::rest::authorize(&state, request.headers())?;
     super::guard::check_json_body(&request, false)?;

@@ -252,6 +252,10 @@ pub struct TaskConfig {
     /// How long finished results are kept (e.g. 7d, 12h).
     #[arg(long, env = "DESKGEN_RESULT_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
     pub result_ttl: Duration,
+    /// How long uploaded photos are kept in the file object store (with S3, a lifecycle rule on
+    /// the `images/uploads/` prefix does this; see the README).
+    #[arg(long, env = "DESKGEN_UPLOAD_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub upload_ttl: Duration,
     /// Longest a task may run before it fails with TIMEOUT.
     #[arg(long, env = "DESKGEN_TASK_DEADLINE", default_value = "10m", value_parser = humantime::parse_duration)]
     pub task_deadline: Duration,

@@ -47,15 +47,20 @@ impl PhotoSources {
         Ok(bytes)
     }
 
-    /// The URL the result reports as `initial_image_url`: the request's own, or for a photo it
-    /// handed in, the store's URL of it (in the form of `processed_image_url`).
+    /// The URL the result reports as `initial_image_url`: the request's own, or for a photo in the
+    /// service's store (handed in, uploaded, or named by its `s3://` URL) the store's URL of it, in
+    /// the form of `processed_image_url`.
     pub async fn url(&self, source: &PhotoSource) -> Result<String, Failure> {
-        match source {
-            PhotoSource::Url(url) => Ok(url.clone()),
-            PhotoSource::Stored { key } => self.store.url_for(key).await.map_err(|e| {
-                Failure::new(FailureCode::ImageFetchFailed, format!("Cannot name the stored photo: {e}"))
-            }),
-        }
+        let key = match source {
+            PhotoSource::Url(url) => match self.store.key_for_url(url) {
+                Some(key) => key,
+                None => return Ok(url.clone()),
+            },
+            PhotoSource::Stored { key } => key.clone(),
+        };
+        self.store.url_for(&key).await.map_err(|e| {
+            Failure::new(FailureCode::ImageFetchFailed, format!("Cannot name the stored photo: {e}"))
+        })
     }
 
     async fn read_stored(&self, key: &str) -> Result<Bytes, Failure> {

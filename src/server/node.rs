@@ -12,6 +12,7 @@ use super::PipelineLoader;
 use crate::config::TaskConfig;
 use crate::fetch::UrlPolicy;
 use crate::pipeline::{Pipeline, PipelineConfig, Services};
+use crate::storage::ObjectStore;
 use crate::tasks::WorkerQueue;
 use crate::tasks::worker::{Notifier, worker_task};
 use crate::webhook::{WebhookConfig, WebhookSender};
@@ -65,8 +66,12 @@ impl Node {
         };
         ready(pipeline.clone()).await;
         let workers = self.spawn_workers(&pipeline);
-        let upkeep =
-            tokio::spawn(purge_task(self.queue.clone(), self.tasks.result_ttl, self.shutdown.clone()));
+        let upkeep = tokio::spawn(purge_task(
+            self.queue.clone(),
+            self.services.store.clone(),
+            Ttls { results: self.tasks.result_ttl, uploads: self.tasks.upload_ttl },
+            self.shutdown.clone(),
+        ));
         let listener_ended = tokio::select! {
             _ = self.shutdown.cancelled() => None,
             ended = &mut server => {
@@ -134,18 +139,35 @@ async fn finish(server: Option<JoinHandle<std::io::Result<()>>>, mut workers: Jo
     }
 }
 
-/// Drops expired results every few minutes.
-async fn purge_task(queue: Arc<dyn WorkerQueue>, ttl: Duration, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(300).min(ttl.max(Duration::from_secs(1))));
+/// How long finished results and uploaded photos are kept.
+struct Ttls {
+    results: Duration,
+    uploads: Duration,
+}
+
+/// Drops expired results and stale uploads every few minutes.
+async fn purge_task(
+    queue: Arc<dyn WorkerQueue>,
+    store: Arc<dyn ObjectStore>,
+    ttls: Ttls,
+    shutdown: CancellationToken,
+) {
+    let shortest = ttls.results.min(ttls.uploads).max(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Duration::from_secs(300).min(shortest));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        match queue.purge_expired(ttl).await {
+        match queue.purge_expired(ttls.results).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "expired results removed"),
             Err(e) => tracing::warn!(error = %e, "cannot purge expired results"),
+        }
+        match store.purge_uploads(ttls.uploads).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "stale uploads removed"),
+            Err(e) => tracing::warn!(error = %e, "cannot purge stale uploads"),
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use axum::body::Body;
@@ -12,12 +12,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use reqwest::Url;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{ObjectStore, StorageError, check_key, content_type, record};
+use super::{ObjectStore, Peek, StorageError, check_key, content_type, record};
 
 /// Every key the file store accepts starts with this; the rest is the path under its root.
 const KEY_PREFIX: &str = "images/";
+
+/// Where uploaded photos are kept, under the root (keys `images/uploads/…`).
+const UPLOADS_DIR: &str = "uploads";
 
 /// Keys are unique (a fresh UUID per image), so a stored image never changes.
 const CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
@@ -114,6 +117,23 @@ impl ObjectStore for FileStore {
         }
     }
 
+    async fn peek(&self, key: &str, len: u64) -> Result<Peek, StorageError> {
+        let path = self.path_for(key)?;
+        let read = async {
+            let file = tokio::fs::File::open(&path).await?;
+            let size = file.metadata().await?.len();
+            let mut head = Vec::with_capacity(len.min(size) as usize);
+            file.take(len).read_to_end(&mut head).await?;
+            Ok::<_, std::io::Error>(Peek { size, head: head.into() })
+        }
+        .await;
+        record("file", "peek", read.is_ok());
+        read.map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => StorageError::NotFound { key: key.to_owned() },
+            _ => StorageError::Read { key: key.to_owned(), reason: e.to_string() },
+        })
+    }
+
     async fn url_for(&self, key: &str) -> Result<String, StorageError> {
         self.reference(key)
     }
@@ -159,6 +179,43 @@ impl ObjectStore for FileStore {
     fn router(&self) -> Option<axum::Router> {
         Some(image_router(self.root.clone()))
     }
+
+    async fn purge_uploads(&self, ttl: Duration) -> Result<usize, StorageError> {
+        let uploads = self.root.join(UPLOADS_DIR);
+        let cutoff = SystemTime::now().checked_sub(ttl).unwrap_or(UNIX_EPOCH);
+        let purged = tokio::task::spawn_blocking(move || remove_older(&uploads, cutoff))
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("purging uploads: {e}")))?;
+        purged.map_err(|e| StorageError::Unavailable(format!("purging uploads: {e}")))
+    }
+}
+
+/// Removes the files under `dir` last modified before `cutoff`, and the folders that leaves empty
+/// when nothing was added to them since `cutoff` either (not `dir` itself: a day's folder that
+/// still receives uploads stays); returns how many files went.
+fn remove_older(dir: &Path, cutoff: SystemTime) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let metadata = entry.metadata()?;
+        let path = entry.path();
+        if metadata.is_dir() {
+            removed += remove_older(&path, cutoff)?;
+            if metadata.modified()? < cutoff {
+                // Fails, as it should, while the folder still holds a photo.
+                let _ = std::fs::remove_dir(&path);
+            }
+        } else if metadata.modified()? < cutoff {
+            std::fs::remove_file(&path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// `GET /v1/images/{*key}`: the files under `root`, with ETag revalidation.
@@ -218,4 +275,33 @@ fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
             let candidate = candidate.trim();
             candidate == "*" || candidate.trim_start_matches("W/") == etag
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn uploads_older_than_the_ttl_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path().to_path_buf(), "http://127.0.0.1:1").await.unwrap();
+        let put = async |key: &str, age: Duration| {
+            store.put_image(key, Bytes::from_static(b"photo")).await.unwrap();
+            let path = store.path_for(key).unwrap();
+            let when = SystemTime::now() - age;
+            std::fs::File::options().write(true).open(&path).unwrap().set_modified(when).unwrap();
+            std::fs::File::open(path.parent().unwrap()).unwrap().set_modified(when).unwrap();
+            path
+        };
+        let day = Duration::from_secs(86_400);
+        let stale = put("images/uploads/2026/01/02/old.jpg", 8 * day).await;
+        let fresh = put("images/uploads/2026/01/09/new.jpg", day).await;
+        let result = put("images/2026/01/02/result.png", 30 * day).await;
+
+        assert_eq!(store.purge_uploads(7 * day).await.unwrap(), 1);
+        assert!(!stale.exists() && !stale.parent().unwrap().exists(), "the emptied day is gone too");
+        assert!(fresh.exists(), "a photo younger than the ttl stays");
+        assert!(result.exists(), "generated images are not uploads");
+        assert_eq!(store.purge_uploads(7 * day).await.unwrap(), 0);
+    }
 }

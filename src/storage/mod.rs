@@ -121,6 +121,10 @@ pub trait ObjectStore: Send + Sync {
     /// Reads the object under `key`, refusing objects bigger than `max_bytes`.
     async fn get(&self, key: &str, max_bytes: u64) -> Result<Bytes, StorageError>;
 
+    /// The size of the object under `key` and its first `len` bytes (all of it when shorter),
+    /// without reading the rest: a HEAD and a ranged read.
+    async fn peek(&self, key: &str, len: u64) -> Result<Peek, StorageError>;
+
     /// A URL for the object under `key`: public, or presigned with a fresh expiry.
     async fn url_for(&self, key: &str) -> Result<String, StorageError>;
 
@@ -136,6 +140,12 @@ pub trait ObjectStore: Send + Sync {
         None
     }
 
+    /// Removes uploaded photos (`images/uploads/…`) stored longer ago than `ttl`; returns how many
+    /// went. Stores whose own rules expire objects (an S3 lifecycle rule) remove nothing here.
+    async fn purge_uploads(&self, _ttl: Duration) -> Result<usize, StorageError> {
+        Ok(0)
+    }
+
     /// A request a client can store the object under `key` with, straight into the store, valid
     /// for `ttl`; `None` where the store has no such thing (the file store: upload to this server).
     async fn presign_put(
@@ -146,6 +156,15 @@ pub trait ObjectStore: Send + Sync {
     ) -> Result<Option<PresignedPut>, StorageError> {
         Ok(None)
     }
+}
+
+/// The start of a stored object, and how big all of it is.
+#[derive(Debug, Clone)]
+pub struct Peek {
+    /// The whole object's size in bytes.
+    pub size: u64,
+    /// Its first bytes.
+    pub head: Bytes,
 }
 
 /// A presigned upload: a PUT of the object's bytes to `url`, with exactly these headers.

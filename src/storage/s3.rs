@@ -17,7 +17,7 @@ use percent_encoding::percent_decode_str;
 use rand::Rng;
 use reqwest::Url;
 
-use super::{ObjectStore, PresignedPut, StorageConfig, StorageError, check_key, content_type, record};
+use super::{ObjectStore, Peek, PresignedPut, StorageConfig, StorageError, check_key, content_type, record};
 
 /// The region used when neither the flag nor the AWS configuration chain names one.
 const FALLBACK_REGION: &str = "us-east-1";
@@ -226,6 +226,36 @@ impl ObjectStore for S3Store {
         }
         record("s3", "get", true);
         Ok(bytes.freeze())
+    }
+
+    async fn peek(&self, key: &str, len: u64) -> Result<Peek, StorageError> {
+        let read_error = |reason: String| StorageError::Read { key: key.to_owned(), reason };
+        let head = self.client.head_object().bucket(&self.bucket).key(key).send().await;
+        record("s3", "head", head.is_ok());
+        let head = head.map_err(|error| {
+            if error.as_service_error().is_some_and(|e| e.is_not_found()) {
+                StorageError::NotFound { key: key.to_owned() }
+            } else {
+                read_error(DisplayErrorContext(&error).to_string())
+            }
+        })?;
+        let size = head.content_length().unwrap_or_default().max(0) as u64;
+        let wanted = len.min(size);
+        if wanted == 0 {
+            return Ok(Peek { size, head: Bytes::new() });
+        }
+        let range = format!("bytes=0-{}", wanted - 1);
+        let response = self.client.get_object().bucket(&self.bucket).key(key).range(range).send().await;
+        record("s3", "get", response.is_ok());
+        let response = response.map_err(|e| read_error(DisplayErrorContext(&e).to_string()))?;
+        let mut body = response.body;
+        let mut bytes = BytesMut::with_capacity(wanted as usize);
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| read_error(DisplayErrorContext(&e).to_string()))?;
+            let room = wanted as usize - bytes.len();
+            bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        Ok(Peek { size, head: bytes.freeze() })
     }
 
     async fn url_for(&self, key: &str) -> Result<String, StorageError> {

@@ -252,3 +252,26 @@ pub async fn start_real_guarded(data_dir: &Path, args: &[&str]) -> TestServer {
     });
     start_with_loader(config, loader).await
 }
+
+/// A black PNG of `width`×`height`.
+pub fn png(width: u32, height: u32) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::new_rgb8(width, height).write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// A small PNG whose header claims `width`×`height`: what a header check reads, nothing more.
+pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    let mut png = png(64, 64);
+    png[16..20].copy_from_slice(&width.to_be_bytes());
+    png[20..24].copy_from_slice(&height.to_be_bytes());
+    let mut crc = !0u32;
+    for &byte in &png[12..29] {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    png[29..33].copy_from_slice(&(!crc).to_be_bytes());
+    png
+}

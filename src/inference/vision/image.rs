@@ -69,12 +69,8 @@ pub struct Upright {
 /// Decodes `bytes` (at most `max_pixels` pixels, checked from the header first) and applies the
 /// EXIF orientation, keeping the decoder's pixel format.
 pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<Upright, ImageError> {
-    let format = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .ok()
-        .and_then(|reader| reader.format())
-        .ok_or(ImageError::NotAnImage)?;
-    let format_name = format.extensions_str().first().copied().unwrap_or("image");
+    let Header { format, width, height } = probe_header(bytes, max_pixels)?;
+    let format_name = format_name(format);
     let corrupt = |e: image::ImageError| ImageError::Corrupt { format: format_name, reason: e.to_string() };
 
     // The JPEG decoder pads a truncated scan with grey instead of failing.
@@ -84,18 +80,7 @@ pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<Upright, ImageErr
             reason: "truncated: no end-of-image marker".into(),
         });
     }
-
-    // Only the header is read here; nothing is allocated for pixels.
-    let mut probe = ImageReader::with_format(Cursor::new(bytes), format);
-    probe.no_limits();
-    let (width, height) = probe.into_dimensions().map_err(corrupt)?;
     let pixels = u64::from(width) * u64::from(height);
-    if pixels > max_pixels {
-        return Err(ImageError::TooLarge { width, height, pixels, max_pixels });
-    }
-    if width < MIN_SIDE || height < MIN_SIDE {
-        return Err(ImageError::TooSmall { width, height });
-    }
 
     // The decoders enforce a budget too, in case a file's pixel data disagrees with its header.
     let mut limits = Limits::default();
@@ -114,6 +99,45 @@ pub fn decode_upright(bytes: &[u8], max_pixels: u64) -> Result<Upright, ImageErr
     let mut image = DynamicImage::from_decoder(decoder).map_err(limited)?;
     image.apply_orientation(orientation);
     Ok(Upright { image, format, turned: orientation != Orientation::NoTransforms })
+}
+
+/// What an image's header says: its format and its dimensions as stored (before EXIF orientation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// The format sniffed from the bytes.
+    pub format: ImageFormat,
+    /// Stored width in pixels.
+    pub width: u32,
+    /// Stored height in pixels.
+    pub height: u32,
+}
+
+/// Reads the format and dimensions from the first bytes of an image, without decoding any pixel,
+/// and checks them against `max_pixels` and [`MIN_SIDE`]. `head` may be only the start of the
+/// file: every accepted format but TIFF keeps its dimensions in the first few kilobytes.
+pub fn probe_header(head: &[u8], max_pixels: u64) -> Result<Header, ImageError> {
+    let format = ImageReader::new(Cursor::new(head))
+        .with_guessed_format()
+        .ok()
+        .and_then(|reader| reader.format())
+        .ok_or(ImageError::NotAnImage)?;
+    let mut probe = ImageReader::with_format(Cursor::new(head), format);
+    probe.no_limits();
+    let (width, height) = probe
+        .into_dimensions()
+        .map_err(|e| ImageError::Corrupt { format: format_name(format), reason: e.to_string() })?;
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
+        return Err(ImageError::TooLarge { width, height, pixels, max_pixels });
+    }
+    if width < MIN_SIDE || height < MIN_SIDE {
+        return Err(ImageError::TooSmall { width, height });
+    }
+    Ok(Header { format, width, height })
+}
+
+fn format_name(format: ImageFormat) -> &'static str {
+    format.extensions_str().first().copied().unwrap_or("image")
 }
 
 /// Whether the JPEG's segments run through to its end-of-image marker.

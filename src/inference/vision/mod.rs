@@ -24,7 +24,7 @@ pub use captioner::{CaptionError, Captioner, GenerationOptions};
 pub use classifier::{ClassScore, Classifier};
 pub use desk::{SceneAnalysis, compose_caption};
 pub use detector::{Detection, Detector};
-pub use image::{ImageError, Upright, decode_image, decode_upright};
+pub use image::{Header, ImageError, Upright, decode_image, decode_upright, probe_header};
 
 /// How many ImageNet classes a [`SceneAnalysis`] reports.
 const TOP_CLASSES: usize = 5;
