@@ -10,6 +10,7 @@
 #   onnx/export_sd.sh MODEL_DIR_OR_ID OUT_DIR [--fp16] [--target cpu|cuda] [--device cpu|cuda]
 #                     [--opset N] [--atol X]
 #   onnx/export_sd.sh --ensure-venv     only create/update the venv
+#   onnx/export_sd.sh --find-python     print the Python 3.12 the venv would be made with; no changes
 #
 #   MODEL_DIR_OR_ID  a local diffusers checkpoint directory or a Hugging Face model id
 #                    (e.g. runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0;
@@ -35,8 +36,9 @@
 #
 # The tool chain is pinned in onnx/requirements-export.txt and installed into a virtual
 # environment at $DESKGEN_EXPORT_VENV (default ~/.cache/deskgen/venv-export), created with
-# Python 3.12 ($DESKGEN_PYTHON, else python3.12 on PATH, else pyenv's 3.12.x). The venv is
-# (re)installed whenever requirements-export.txt changes.
+# Python 3.12 ($DESKGEN_PYTHON, else python3.12 on PATH if it runs, else pyenv's 3.12.x). The
+# venv is (re)installed whenever requirements-export.txt changes; the first install downloads
+# about 3.5 GB (torch with its CUDA libraries) and takes 5-15 minutes.
 # (torch from PyPI is the CUDA build, so the same venv serves --device cuda on a GPU machine.)
 #
 # After the export every tokenizer directory is given a tokenizer.json (fast tokenizer file),
@@ -56,8 +58,9 @@ REQ="$HERE/requirements-export.txt"
 VENV="${DESKGEN_EXPORT_VENV:-$HOME/.cache/deskgen/venv-export}"
 
 [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && usage 0
-[[ "${1:-}" == "--ensure-venv" ]] || [[ $# -ge 2 ]] || usage 2
+[[ "${1:-}" == "--ensure-venv" || "${1:-}" == "--find-python" ]] || [[ $# -ge 2 ]] || usage 2
 MODE=export
+if [[ "$1" == "--find-python" ]]; then MODE=find; shift; set -- x x "$@"; fi
 if [[ "$1" == "--ensure-venv" ]]; then MODE=venv; shift; set -- x x "$@"; fi
 MODEL="$1"; OUT="$2"; shift 2
 DTYPE=fp32; DEVICE=cpu; TARGET=cpu; OPSET=(); ATOL=()
@@ -74,15 +77,29 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 
+# The first interpreter that really runs and is 3.12: $DESKGEN_PYTHON, python3.12 on PATH (a pyenv
+# shim is on PATH even when pyenv has not selected 3.12, so it is run, not just looked up), then
+# pyenv's newest installed 3.12.x (under $PYENV_ROOT, `pyenv root` or ~/.pyenv).
 find_python() {
-  if [[ -n "${DESKGEN_PYTHON:-}" ]]; then echo "$DESKGEN_PYTHON"; return; fi
-  if command -v python3.12 >/dev/null 2>&1; then command -v python3.12; return; fi
-  if command -v pyenv >/dev/null 2>&1; then
-    local p
-    p="$(ls -d "$(pyenv root)"/versions/3.12.*/bin/python3.12 2>/dev/null | sort -V | tail -1 || true)"
-    if [[ -n "$p" ]]; then echo "$p"; return; fi
-  fi
-  echo "export_sd.sh: Python 3.12 not found (set DESKGEN_PYTHON)" >&2; exit 1
+  local candidates=() root p
+  if [[ -n "${DESKGEN_PYTHON:-}" ]]; then candidates+=("$DESKGEN_PYTHON"); fi
+  if p="$(command -v python3.12 2>/dev/null)"; then candidates+=("$p"); fi
+  root="${PYENV_ROOT:-}"
+  if [[ -z "$root" ]] && command -v pyenv >/dev/null 2>&1; then root="$(pyenv root 2>/dev/null || true)"; fi
+  root="${root:-$HOME/.pyenv}"
+  while IFS= read -r p; do candidates+=("$p"); done \
+    < <(ls -d "$root"/versions/3.12.*/bin/python3.12 2>/dev/null | sort -V -r)
+  for p in "${candidates[@]}"; do
+    if [[ "$("$p" -c 'import sys; print(sys.version_info[:2] == (3, 12))' 2>/dev/null)" == True ]]; then
+      echo "$p"; return
+    fi
+  done
+  {
+    echo "export_sd.sh: no working Python 3.12 (tried: ${candidates[*]:-nothing found})."
+    echo "  Set DESKGEN_PYTHON=/path/to/python3.12, or \`pyenv install 3.12\` (pyenv's 3.12.x is used"
+    echo "  even when it is not the selected version)."
+  } >&2
+  exit 1
 }
 
 ensure_venv() {
@@ -97,6 +114,7 @@ ensure_venv() {
   echo "$want" > "$stamp"
 }
 
+if [[ "$MODE" == find ]]; then find_python; exit 0; fi
 ensure_venv
 [[ "$MODE" == venv ]] && exit 0
 

@@ -10,7 +10,7 @@
 //!   here (the machine's ceiling);
 //! - resident memory idle and after each of three rounds of 1,000 tasks.
 //!
-//! Knobs (environment): BENCH_ONLY (comma list of cold,stages,diffusion,api,memory), BENCH_RUNS
+//! Knobs (environment): BENCH_ONLY (comma list of cold,stages,diffusion,api,memory,uploads), BENCH_RUNS
 //! (20), BENCH_THREADS (2), BENCH_LOAD_SECS (5), BENCH_MEMORY_TASKS (1000 per round),
 //! BENCH_MEMORY_PHASES (3 rounds), BENCH_PYTHON (the reference's interpreter; default: the export
 //! venv, created by onnx/ensure_venv.sh).
@@ -21,6 +21,7 @@ mod load;
 mod report;
 mod server;
 mod stages;
+mod uploads;
 
 use std::time::Duration;
 
@@ -75,17 +76,27 @@ fn main() -> anyhow::Result<()> {
 async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut report = Report::new(&settings);
     eprintln!("load average at start: {}", report.load_at_start);
+    // One part that cannot run (a missing interpreter, say) leaves the others measured; the report
+    // says what was skipped and why.
     if settings.wants("cold") {
-        server::cold_start(&settings, &mut report).await?;
+        let outcome = server::cold_start(&settings, &mut report).await;
+        report.attempt("cold_start", outcome);
     }
     if settings.wants("stages") || settings.wants("memory") {
-        stages::run(&settings, &mut report).await?;
+        let outcome = stages::run(&settings, &mut report).await;
+        report.attempt("stages", outcome);
     }
     if settings.wants("diffusion") {
-        diffusion::run(&settings, &mut report).await?;
+        let outcome = diffusion::run(&settings, &mut report).await;
+        report.attempt("diffusion", outcome);
     }
     if settings.wants("api") {
-        load::run(&settings, &mut report).await?;
+        let outcome = load::run(&settings, &mut report).await;
+        report.attempt("api", outcome);
+    }
+    if settings.wants("uploads") {
+        let outcome = uploads::run(&settings, &mut report).await;
+        report.attempt("uploads", outcome);
     }
     report.finish();
     report.print();

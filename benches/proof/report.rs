@@ -55,6 +55,17 @@ impl Report {
         self.lines.extend(lines);
     }
 
+    /// Records a part that failed as skipped, with the reason, instead of ending the run.
+    pub fn attempt(&mut self, name: &str, outcome: anyhow::Result<()>) {
+        if let Err(e) = outcome {
+            let reason = format!("{e:#}");
+            eprintln!("{name}: skipped: {reason}");
+            let skipped = self.doc.entry("skipped").or_insert_with(|| json!({}));
+            skipped[name] = json!(reason);
+            self.lines.push(format!("== {name}: SKIPPED ({})", reason.lines().next().unwrap_or_default()));
+        }
+    }
+
     pub fn finish(&mut self) {
         self.doc.insert("machine_load_average_at_end".into(), json!(load_average()));
         self.doc.insert("finished_at".into(), json!(chrono::Utc::now().to_rfc3339()));

@@ -30,7 +30,7 @@ const STAGES: [&str; 10] = [
 ];
 
 /// Serves the darknet dog photo on 127.0.0.1, as a user's photo host would.
-async fn photo_host() -> anyhow::Result<String> {
+pub async fn photo_host() -> anyhow::Result<String> {
     let photo = std::fs::read(repo_path("assets/testdata/darknet/dog.jpg"))?;
     let router = axum::Router::new().route(
         "/desk.jpg",
@@ -46,7 +46,7 @@ async fn photo_host() -> anyhow::Result<String> {
 }
 
 /// Submits `body` and waits for its result (Prefer: wait).
-async fn run_task(client: &reqwest::Client, server: &str, body: &Value) -> anyhow::Result<Value> {
+pub async fn run_task(client: &reqwest::Client, server: &str, body: &Value) -> anyhow::Result<Value> {
     let response =
         client.post(format!("{server}/v1/generate")).header("prefer", "wait=60").json(body).send().await?;
     let status = response.status();

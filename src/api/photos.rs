@@ -12,7 +12,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -61,10 +62,7 @@ pub async fn upload(State(state): State<Arc<AppState>>, request: Request) -> Res
         }
         file.ok_or_else(|| invalid("file", "The form has no file part; send the photo as one."))?
     } else {
-        Bytes::from_request(request, &()).await.map_err(|rejection| match rejection.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(state.intake.max_bytes as usize),
-            _ => ApiError::Malformed(rejection.body_text()),
-        })?
+        read_photo_body(request, state.intake.max_bytes as usize).await?
     };
     let photo = state.check_photo("file", bytes).await?;
     state.store_photo(&photo).await?;
@@ -79,6 +77,29 @@ pub async fn upload(State(state): State<Arc<AppState>>, request: Request) -> Res
         "sha256": photo.sha256,
     });
     Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// A raw upload's body, read chunk by chunk into one buffer sized from its Content-Length, so the
+/// photo is held once (not as chunks plus their copy); refused as soon as it passes `limit`.
+async fn read_photo_body(request: Request, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(ApiError::TooLarge(limit));
+    }
+    let mut body = request.into_body().into_data_stream();
+    let mut buffer = BytesMut::with_capacity(declared.unwrap_or(0));
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::Malformed(format!("Cannot read the body: {e}.")))?;
+        if buffer.len() + chunk.len() > limit {
+            return Err(ApiError::TooLarge(limit));
+        }
+        buffer.extend_from_slice(&chunk);
+    }
+    Ok(buffer.freeze())
 }
 
 /// How long a presigned upload may be used.
