@@ -177,15 +177,16 @@ pub async fn generate(command: GenerateCommand, out: &mut impl Write) -> anyhow:
         stored_photo,
         ..generate_input(&command)
     };
-    let (task_id, request) = match validate(input, &Limits { max_side: 2048 }, &pipeline.info()) {
-        Ok(ok) => ok,
-        Err(invalid) => {
-            for line in invalid_lines(invalid) {
-                eprintln!("error: {line}");
+    let (task_id, request) =
+        match validate(input, &Limits { max_side: command.pipeline.max_side }, &pipeline.info()) {
+            Ok(ok) => ok,
+            Err(invalid) => {
+                for line in invalid_lines(invalid) {
+                    eprintln!("error: {line}");
+                }
+                return Ok(EXIT_BAD_INPUT);
             }
-            return Ok(EXIT_BAD_INPUT);
-        }
-    };
+        };
     let mut record = TaskRecord::new(task_id.unwrap_or_else(new_task_id), request);
     let (ctx, updates) = RunContext::new(
         record.task_id.clone(),
@@ -239,6 +240,7 @@ fn generate_input(command: &GenerateCommand) -> GenerateInput {
         guidance_scale: command.guidance_scale,
         height: command.height,
         width: command.width,
+        resize_mode: command.resize_mode.clone(),
         strength: command.strength,
         seed: command.seed,
         scheduler: command.scheduler.clone(),

@@ -87,7 +87,7 @@ fn generate_runs_the_pipeline_locally_and_writes_the_png() {
     assert_eq!(result["status"], "done");
     assert_eq!(result["processed_image_url"], out.display().to_string());
     let png = image::open(&out).unwrap();
-    assert_eq!((png.width(), png.height()), (256, 256));
+    assert_eq!((png.width(), png.height()), (288, 224), "the 4:3 photo's shape at the native area");
     let progress = String::from_utf8_lossy(&output.stderr);
     // Strength 0.75 of 4 steps: img2img runs the last 3, and progress says so from the start.
     assert!(progress.contains("diffusion 0/3\n") && progress.contains("diffusion 3/3\n"), "{progress}");

@@ -76,7 +76,8 @@ async fn a_desk_photo_becomes_a_generated_png_with_shopping_lists() {
     let png = reqwest::get(image_url).await.unwrap();
     assert_eq!(png.headers()["content-type"], "image/png");
     let decoded = image::load_from_memory(&png.bytes().await.unwrap()).unwrap();
-    assert_eq!((decoded.width(), decoded.height()), (256, 256), "the model's native size");
+    // 768×576 keeps its 4:3 at the model's native area (256²), sides multiples of 16.
+    assert_eq!((decoded.width(), decoded.height()), (288, 224), "the photo's shape");
     let keys = assert_offers(&result, 2);
     assert_eq!(keys.len(), 3, "max_categories of the built-in settings");
     let prompt = result["prompt_used"].as_str().unwrap();
@@ -103,6 +104,53 @@ async fn a_desk_photo_becomes_a_generated_png_with_shopping_lists() {
     let second =
         reqwest::get(again["processed_image_url"].as_str().unwrap()).await.unwrap().bytes().await.unwrap();
     assert_eq!(first, second);
+    server.stop().await;
+}
+
+/// A 1024×522 desk photo keeps its width: 352×176 by default instead of a 256² centre cut that
+/// drops half of it; each resize_mode gives the size it documents, and /info states the rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wide_photo_keeps_its_shape_unless_asked_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let dog = image::open(darknet("dog.jpg")).unwrap();
+    let mut wide = std::io::Cursor::new(Vec::new());
+    dog.resize_exact(1024, 522, image::imageops::FilterType::Triangle)
+        .write_to(&mut wide, image::ImageFormat::Jpeg)
+        .unwrap();
+    let host = photo_host(vec![("wide.jpg", wide.into_inner())]).await;
+    let server = start_real(dir.path(), &["--desk-threshold", "0"]).await;
+    let size_of = async |extra: Value| {
+        let mut body =
+            json!({"initial_image_url": format!("{host}/wide.jpg"), "num_inference_steps": 2, "seed": 1});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let result = poll_final(&server, &submit(&server, body).await, None).await;
+        assert_eq!(result["status"], "done", "{result}");
+        let png = reqwest::get(result["processed_image_url"].as_str().unwrap()).await.unwrap();
+        let decoded = image::load_from_memory(&png.bytes().await.unwrap()).unwrap();
+        (decoded.width(), decoded.height())
+    };
+    assert_eq!(size_of(json!({})).await, (352, 176));
+    for mode in ["crop", "fill", "stretch"] {
+        assert_eq!(size_of(json!({"resize_mode": mode})).await, (256, 256), "{mode}");
+    }
+    assert_eq!(size_of(json!({"width": 512})).await, (512, 256), "the other side follows the photo");
+    assert_eq!(size_of(json!({"resize_mode": "crop", "width": 128, "height": 64})).await, (128, 64));
+
+    let client = reqwest::Client::new();
+    let refused = client
+        .post(format!("{}/v1/generate", server.base))
+        .json(&json!({"initial_image_url": format!("{host}/wide.jpg"), "resize_mode": "zoom"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+    let message = refused.json::<Value>().await.unwrap()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("resize_mode must be one of fit, crop, fill, stretch"), "{message}");
+    let info: Value = client.get(format!("{}/info", server.base)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(info["defaults"]["resize_mode"], "fit");
+    assert_eq!(info["resize_modes"], json!(["fit", "crop", "fill", "stretch"]));
+    assert_eq!(info["limits"]["size_multiple"], 16);
+    assert!(info["size_rule"].as_str().unwrap().contains("aspect"), "{info}");
     server.stop().await;
 }
 

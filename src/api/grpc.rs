@@ -13,7 +13,7 @@ use super::errors::ApiError;
 use crate::core::request::{
     DEFAULT_GUIDANCE, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_STEPS,
 };
-use crate::core::{GenerateInput, LoraInput};
+use crate::core::{GenerateInput, LoraInput, ResizeMode};
 use crate::tasks::{self, TaskRecord};
 
 /// Generated protobuf types and service traits of `deskgen.v1`.
@@ -73,6 +73,7 @@ impl From<pb::GenerateRequest> for GenerateInput {
             guidance_scale: r.guidance_scale.map(f64::from),
             height: r.height.map(i64::from),
             width: r.width.map(i64::from),
+            resize_mode: r.resize_mode,
             strength: r.strength.map(f64::from),
             seed: r.seed,
             scheduler: r.scheduler,
@@ -245,6 +246,7 @@ impl Info for GrpcApi {
                 scheduler: pipeline.map(|p| p.default_scheduler.clone()).unwrap_or_default(),
                 negative_prompt: pipeline.map(|p| p.negative_prompt.clone()).unwrap_or_default(),
                 max_items_per_category: DEFAULT_ITEMS_PER_CATEGORY,
+                resize_mode: ResizeMode::default().as_str().to_string(),
             }),
             limits: Some(pb::Limits {
                 max_steps: MAX_STEPS,
@@ -253,9 +255,13 @@ impl Info for GrpcApi {
                 max_queue_depth: self.state.queue.capacity() as u32,
                 max_body_bytes: self.state.max_body_bytes as u64,
                 max_lora_weight: pipeline.map(|p| p.max_lora_weight).unwrap_or_default(),
+                max_upload_bytes: self.state.intake.max_bytes,
+                max_image_pixels: self.state.intake.max_pixels,
+                size_multiple: pipeline.map(|p| p.size_multiple).unwrap_or_default(),
             }),
             queue_backend: info.about.queue_backend,
             schedulers: info.schedulers,
+            resize_modes: info.resize_modes.iter().map(|m| m.to_string()).collect(),
             loras: info
                 .loras
                 .into_iter()

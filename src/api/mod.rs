@@ -30,13 +30,20 @@ use crate::core::request::{
     DEFAULT_GUIDANCE, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_STEPS,
 };
 use crate::core::{
-    GenerateInput, Limits, LoraInfo, ModelInfo, PhotoSource, PipelineInfo, Violation, validate,
+    GenerateInput, Limits, LoraInfo, ModelInfo, PhotoSource, PipelineInfo, ResizeMode, Violation, validate,
 };
 use crate::intake::{Intake, IntakeError, Photo};
 use crate::pipeline::Services;
 use crate::storage::StorageError;
 use crate::tasks::{TaskQueue, TaskRecord};
 use crate::webhook::WebhookSender;
+
+/// The size rule as /info states it.
+const SIZE_RULE: &str = "With resize_mode fit (the default) an image from a photo keeps the photo's aspect \
+ratio at the model's native area: width x height ~ native^2, each side rounded to the nearest \
+multiple of limits.size_multiple, the longer side at most limits.max_side. crop, fill and stretch \
+give the native square (defaults.width x defaults.height), as does text-to-image; width and height \
+override, and with only one given the other follows the photo's shape (fit) or stays native.";
 
 /// How much of a stored photo is read to check it before queueing: enough for the header of
 /// every accepted format, including a JPEG whose EXIF block comes before its frame header.
@@ -94,6 +101,10 @@ pub struct InfoDocument {
     pub defaults: serde_json::Value,
     /// Request limits.
     pub limits: serde_json::Value,
+    /// The ways a photo can be shaped to the output (`resize_mode`).
+    pub resize_modes: Vec<&'static str>,
+    /// How the output size follows from the photo, in words.
+    pub size_rule: &'static str,
     /// Deployment facts.
     #[serde(flatten)]
     pub about: About,
@@ -222,7 +233,10 @@ impl AppState {
                 "scheduler": pipeline.map(|p| p.default_scheduler.clone()),
                 "negative_prompt": pipeline.map(|p| p.negative_prompt.clone()),
                 "max_items_per_category": DEFAULT_ITEMS_PER_CATEGORY,
+                "resize_mode": ResizeMode::default().as_str(),
             }),
+            resize_modes: ResizeMode::ALL.iter().map(|m| m.as_str()).collect(),
+            size_rule: SIZE_RULE,
             limits: serde_json::json!({
                 "max_steps": MAX_STEPS,
                 "max_side": self.limits.max_side,
@@ -232,6 +246,7 @@ impl AppState {
                 "max_upload_bytes": self.intake.max_bytes,
                 "max_image_pixels": self.intake.max_pixels,
                 "max_lora_weight": pipeline.map(|p| p.max_lora_weight),
+                "size_multiple": pipeline.map(|p| p.size_multiple),
             }),
             about: self.about.clone(),
         }

@@ -411,6 +411,10 @@ pub struct PipelineFlags {
     /// Largest |weight| a request may give one LoRA adapter (negative weights down to -this work).
     #[arg(long, env = "DESKGEN_MAX_LORA_WEIGHT", default_value_t = 2.0)]
     max_lora_weight: f32,
+    /// Largest image side in pixels: what a request may ask for, and the bound of the size a photo's
+    /// shape gives.
+    #[arg(long, env = "DESKGEN_MAX_SIDE", default_value_t = 2048)]
+    max_side: u32,
     /// Category table and prompt templates (TOML); the built-in config/pipeline.toml when unset.
     #[arg(long, env = "DESKGEN_PIPELINE_CONFIG")]
     pipeline_config: Option<PathBuf>,
@@ -434,6 +438,7 @@ impl From<PipelineFlags> for PipelineConfig {
             lora_dir: f.lora_dir,
             lora_cache_size: f.lora_cache_size,
             max_lora_weight: f.max_lora_weight,
+            max_side: f.max_side,
             pipeline_config: f.pipeline_config,
             storage: f.storage,
             fetch: f.fetch,

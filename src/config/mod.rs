@@ -59,12 +59,16 @@ pub struct GenerateCommand {
     /// Classifier-free guidance scale (0..=30).
     #[arg(long, env = "DESKGEN_GUIDANCE_SCALE")]
     pub guidance_scale: Option<f64>,
-    /// Output width in pixels (default: the model's native size).
+    /// Output width in pixels (default: the photo's shape at the model's native area).
     #[arg(long, env = "DESKGEN_WIDTH")]
     pub width: Option<i64>,
-    /// Output height in pixels (default: the model's native size).
+    /// Output height in pixels (default: the photo's shape at the model's native area).
     #[arg(long, env = "DESKGEN_HEIGHT")]
     pub height: Option<i64>,
+    /// How the photo is shaped to the output: fit (its aspect ratio at the native area), crop (the
+    /// native square, centre-cropped), fill (the square, edges extended) or stretch.
+    #[arg(long, env = "DESKGEN_RESIZE_MODE")]
+    pub resize_mode: Option<String>,
     /// How much of the photo to repaint, in (0, 1].
     #[arg(long, env = "DESKGEN_STRENGTH")]
     pub strength: Option<f64>,
@@ -182,9 +186,6 @@ pub struct ServeConfig {
     /// decoded `initial_image` of a JSON body or a gRPC message's bytes.
     #[arg(long, env = "DESKGEN_MAX_UPLOAD_BYTES", default_value_t = 20_000_000)]
     pub max_upload_bytes: u64,
-    /// Largest image side a request may ask for, in pixels.
-    #[arg(long, env = "DESKGEN_MAX_SIDE", default_value_t = 2048)]
-    pub max_side: u32,
     /// Origins whose pages may call the API from a browser, as `scheme://host[:port]` (repeatable;
     /// `*` for any). The server's own origin always may. While no API key is configured, pages of
     /// any other origin may not submit or cancel.

@@ -10,6 +10,6 @@ pub mod validate;
 
 pub use failure::{Failure, FailureCode};
 pub use info::{LoraInfo, ModelInfo, PipelineInfo};
-pub use request::{GenerateRequest, LoraWeight, PhotoSource, Progress};
+pub use request::{GenerateRequest, LoraWeight, PhotoSource, Progress, ResizeMode};
 pub use result::{BoundingBox, DetectedItem, GenerateOutput, Offer, Recommendation};
 pub use validate::{GenerateInput, Invalid, Limits, LoraInput, Violation};

@@ -34,6 +34,42 @@ pub enum PhotoSource {
     },
 }
 
+/// How the photo is shaped to the generated image (see `pipeline::shape`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeMode {
+    /// The photo's aspect ratio at the model's native area; the default.
+    #[default]
+    Fit,
+    /// The native square (or `width`×`height`), the photo scaled to cover it and centre-cropped.
+    Crop,
+    /// The native square, the whole photo inside it and its edge pixels extended into the rest.
+    Fill,
+    /// The native square, the photo scaled to it on each axis alone.
+    Stretch,
+}
+
+impl ResizeMode {
+    /// Every mode, in the order /info lists them.
+    pub const ALL: [ResizeMode; 4] =
+        [ResizeMode::Fit, ResizeMode::Crop, ResizeMode::Fill, ResizeMode::Stretch];
+
+    /// The mode's name in requests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResizeMode::Fit => "fit",
+            ResizeMode::Crop => "crop",
+            ResizeMode::Fill => "fill",
+            ResizeMode::Stretch => "stretch",
+        }
+    }
+
+    /// The mode named `name`, if any.
+    pub fn parse(name: &str) -> Option<ResizeMode> {
+        ResizeMode::ALL.into_iter().find(|mode| mode.as_str() == name)
+    }
+}
+
 /// A LoRA adapter and its weight for one request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraWeight {
@@ -64,10 +100,13 @@ pub struct GenerateRequest {
     pub num_inference_steps: u32,
     /// Classifier-free guidance scale.
     pub guidance_scale: f32,
-    /// Output height in pixels; none means the model's native size.
+    /// Output height in pixels; none means the size rule's (see `resize_mode`).
     pub height: Option<u32>,
-    /// Output width in pixels; none means the model's native size.
+    /// Output width in pixels; none means the size rule's (see `resize_mode`).
     pub width: Option<u32>,
+    /// How the photo is shaped to the output. Records from before it existed read as `fit`.
+    #[serde(default)]
+    pub resize_mode: ResizeMode,
     /// img2img strength in (0, 1].
     pub strength: f32,
     /// Seed; none means pick one at random when the task runs.
@@ -108,6 +147,7 @@ impl GenerateRequest {
             guidance_scale: DEFAULT_GUIDANCE,
             height: None,
             width: None,
+            resize_mode: ResizeMode::Fit,
             strength: DEFAULT_STRENGTH,
             seed: Some(seed),
             scheduler: None,

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use super::info::PipelineInfo;
 use super::request::{
     DEFAULT_GUIDANCE, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH, GenerateRequest,
-    LoraWeight, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_STEPS, PhotoSource, WEBHOOK_EVENTS,
+    LoraWeight, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_STEPS, PhotoSource, ResizeMode, WEBHOOK_EVENTS,
 };
 use crate::inference::diffusion::SchedulerKind;
 use crate::inference::diffusion::lora::{check_name, extract_prompt_loras};
@@ -32,6 +32,8 @@ pub struct GenerateInput {
     pub height: Option<i64>,
     /// Output width.
     pub width: Option<i64>,
+    /// How the photo is shaped to the output: fit, crop, fill or stretch.
+    pub resize_mode: Option<String>,
     /// img2img strength.
     pub strength: Option<f64>,
     /// Seed.
@@ -115,6 +117,14 @@ pub fn validate(
     let multiple = info.size_multiple.max(8);
     let height = rules.side("height", input.height, multiple, limits.max_side);
     let width = rules.side("width", input.width, multiple, limits.max_side);
+    let resize_mode = match input.resize_mode.as_deref() {
+        None => ResizeMode::default(),
+        Some(name) => ResizeMode::parse(name).unwrap_or_else(|| {
+            let known: Vec<&str> = ResizeMode::ALL.iter().map(|m| m.as_str()).collect();
+            rules.bad("resize_mode", format!("resize_mode must be one of {}.", known.join(", ")));
+            ResizeMode::default()
+        }),
+    };
     let strength = input.strength.unwrap_or(f64::from(DEFAULT_STRENGTH));
     if !(strength.is_finite() && strength > 0.0 && strength <= 1.0) {
         rules.bad("strength", "strength must be greater than 0 and at most 1.".into());
@@ -140,6 +150,7 @@ pub fn validate(
         guidance_scale: guidance as f32,
         height,
         width,
+        resize_mode,
         strength: strength as f32,
         seed: input.seed,
         scheduler,

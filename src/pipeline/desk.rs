@@ -9,6 +9,7 @@ use super::draw::{Painter, Prompts};
 use super::look::{Seen, look_at};
 use super::photo::{PhotoSources, decode};
 use super::plan::{Category, PipelineSettings, PromptInput};
+use super::shape::SizeRule;
 use super::shop::shop;
 use super::{Pipeline, RunContext, Services};
 use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest, LoraInfo, ModelInfo, PipelineInfo};
@@ -39,6 +40,9 @@ pub struct PipelineConfig {
     pub lora_cache_size: usize,
     /// Largest |weight| a request may give one LoRA adapter (negative weights down to -this work).
     pub max_lora_weight: f32,
+    /// Largest image side in pixels: what a request may ask for, and the bound of the size a photo's
+    /// shape gives.
+    pub max_side: u32,
     /// Category table and prompt templates (TOML); the built-in config/pipeline.toml when unset.
     pub pipeline_config: Option<PathBuf>,
     /// Object storage for generated images.
@@ -53,7 +57,6 @@ pub struct PipelineConfig {
 pub struct DeskPipeline {
     vision: ModelOwner<Vision>,
     painter: Painter,
-    size_multiple: u32,
     photos: PhotoSources,
     shopping: Arc<dyn ShoppingProvider>,
     settings: PipelineSettings,
@@ -73,9 +76,12 @@ impl DeskPipeline {
         let loras = lora_list(&diffusion);
         Ok(DeskPipeline {
             vision: ModelOwner::spawn("vision", vision)?,
-            size_multiple: diffusion.config().size_multiple as u32,
             painter: Painter {
-                native_size: diffusion.native_size(),
+                size_rule: SizeRule {
+                    native: diffusion.native_size().0,
+                    multiple: diffusion.config().size_multiple as u32,
+                    max_side: config.max_side,
+                },
                 default_scheduler: diffusion.default_scheduler(),
                 diffusion: ModelOwner::spawn("diffusion", diffusion)?,
                 store: store.clone(),
@@ -189,8 +195,8 @@ impl Pipeline for DeskPipeline {
             models: self.models.clone(),
             schedulers: SchedulerKind::ALL.iter().map(|s| s.as_str().to_string()).collect(),
             default_scheduler: self.painter.default_scheduler.as_str().to_string(),
-            native_size: self.painter.native_size.0,
-            size_multiple: self.size_multiple,
+            native_size: self.painter.size_rule.native,
+            size_multiple: self.painter.size_rule.multiple,
             loras: self.loras.clone(),
             max_lora_weight: self.max_lora_weight,
             negative_prompt: self.settings.prompt.negative.clone(),

@@ -7,6 +7,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use image::{ImageEncoder, RgbImage};
 
+use super::shape::{SizeRule, shape_photo};
 use super::{RunContext, record_ms};
 use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest};
 use crate::inference::ModelOwner;
@@ -18,8 +19,8 @@ use crate::storage::ObjectStore;
 pub struct Painter {
     /// The loaded Stable Diffusion pipeline, on its owner thread.
     pub diffusion: ModelOwner<StableDiffusion>,
-    /// The model's training resolution (width, height), the size a request gets when it names none.
-    pub native_size: (u32, u32),
+    /// The size a request gets when it names none: the model's, shaped by the photo.
+    pub size_rule: SizeRule,
     /// The scheduler a request gets when it names none.
     pub default_scheduler: SchedulerKind,
     /// Where generated PNGs are stored.
@@ -50,14 +51,21 @@ impl Painter {
         output.prompt_used = Some(prompts.prompt.clone());
         output.negative_prompt_used = Some(prompts.negative.clone());
         output.seed = Some(seed);
-        let (native_w, native_h) = self.native_size;
+        let mode = request.resize_mode;
+        let (width, height) = self.size_rule.output_size(
+            photo.as_ref().map(RgbImage::dimensions),
+            mode,
+            request.width,
+            request.height,
+        );
+        let photo = photo.map(|photo| shape_photo(&photo, mode, width, height));
         let params = GenerateParams {
             prompt: prompts.prompt,
             negative_prompt: prompts.negative,
             num_inference_steps: request.num_inference_steps,
             guidance_scale: request.guidance_scale,
-            width: request.width.unwrap_or(native_w),
-            height: request.height.unwrap_or(native_h),
+            width,
+            height,
             strength: request.strength,
             seed,
             scheduler: request.scheduler.unwrap_or(self.default_scheduler),

@@ -10,6 +10,7 @@ pub mod draw;
 pub mod look;
 pub mod photo;
 pub mod plan;
+pub mod shape;
 pub mod shop;
 
 use std::sync::Arc;
