@@ -14,6 +14,10 @@ Stages (default: all):
   loras       tiny LoRA adapters for tiny-sd15 (peft and kohya format) -> onnx/loras (see
               make_lora_fixtures.py)
   lora-ref    diffusers-fused LoRA references -> fixtures/reference/lora
+  controlnet  tiny random ControlNets and the residual-input UNet for tiny-sd15 / tiny-sdxl
+              (see make_controlnet_fixtures.py and export_controlnet.py)
+  controlnet-ref
+              diffusers' ControlNet pipelines -> fixtures/reference/controlnet
   selfcheck   re-run one case and assert bit-identical output
   manifest    write fixtures/manifest.fixtures.json (fixtures and onnx/loras)
 """
@@ -990,7 +994,7 @@ def main() -> None:
     stages = args.stages
     if "all" in stages:
         stages = ["models", "captioner", "reference", "schedulers", "caption-ref", "loras", "lora-ref",
-                  "selfcheck", "manifest"]
+                  "controlnet", "controlnet-ref", "selfcheck", "manifest"]
     work_ctx = tempfile.TemporaryDirectory(prefix="deskgen-fixtures-") if args.work is None else None
     work = pathlib.Path(args.work or work_ctx.name)
     work.mkdir(parents=True, exist_ok=True)
@@ -1044,6 +1048,20 @@ def main() -> None:
         checks["lora_fused_by_diffusers_vs_w_plus_scaled_ba_max_abs_diff"] = make_lora_fixtures.lora_reference(
             work / "ckpt-sd15", loras, ref, work, sys.modules[__name__]
         )
+
+    if "controlnet" in stages or "controlnet-ref" in stages:
+        import make_controlnet_fixtures
+
+        for kind, build in (("sd15", build_sd15), ("sdxl", build_sdxl)):
+            ckpt = work / f"ckpt-{kind}"
+            if not ckpt.exists():
+                build(ckpt, work)  # seeded: the checkpoint tiny-<kind> was exported from
+            if "controlnet" in stages:
+                make_controlnet_fixtures.export(kind, ckpt, out / f"tiny-{kind}")
+            elif not (ckpt / "controlnet-canny").exists():
+                make_controlnet_fixtures.build_controlnets(ckpt)
+        if "controlnet-ref" in stages:
+            make_controlnet_fixtures.reference(sys.modules[__name__], work, ref)
 
     if "selfcheck" in stages:
         checks["rerun_max_abs_diff"] = selfcheck(out)

@@ -91,6 +91,7 @@ pub fn bench(command: &BenchCommand, out: &mut impl Write) -> anyhow::Result<()>
                 init_image: None,
                 guidance_rescale: 0.0,
                 loras: Vec::new(),
+                control: Vec::new(),
             };
             let started = Instant::now();
             let generated = diffusion.generate(&params, &mut |_, _| std::ops::ControlFlow::Continue(()))?;

@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use deskgen::inference::diffusion::schedulers::{SchedulerConfig, img2img_start_index};
 use deskgen::inference::diffusion::{
-    ClipTokenizer, DiffusionError, GenerateParams, SchedulerKind, StableDiffusion,
+    ClipTokenizer, ControlUnit, DiffusionError, GenerateParams, SchedulerKind, StableDiffusion,
 };
 use deskgen::inference::{ModelOwner, Runtime, RuntimeConfig};
 use ndarray::{Array4, ArrayD, ArrayView4, Axis, Ix4, concatenate};
@@ -78,6 +78,7 @@ fn params(prompt: &str, scheduler: SchedulerKind) -> GenerateParams {
         init_image: None,
         guidance_rescale: 0.0,
         loras: vec![],
+        control: vec![],
     }
 }
 
@@ -313,6 +314,7 @@ fn generations_match_reference_images() {
                 init_image,
                 guidance_rescale: 0.0,
                 loras: vec![],
+                control: vec![],
             };
             let noise = shared("noise");
             let denoised = pipeline.generate_with_noise(&params, noise.view(), &mut keep_going()).unwrap();
@@ -544,4 +546,125 @@ fn wrong_noise_shape_is_refused() {
         .generate_with_noise(&params("a desk", SchedulerKind::Ddim), view, &mut keep_going())
         .unwrap_err();
     assert!(matches!(error, DiffusionError::InvalidParams { field: "noise", .. }), "{error}");
+}
+
+fn controlnet_cases() -> Vec<Value> {
+    read_python_json(&fixtures().join("reference/controlnet/cases.json"))["cases"]
+        .as_array()
+        .expect("cases")
+        .clone()
+}
+
+fn control_unit(unit: &Value) -> ControlUnit {
+    ControlUnit {
+        control_type: unit["type"].as_str().unwrap().to_string(),
+        image: image::open(repo_path(unit["image"].as_str().unwrap()))
+            .expect("control image decodes")
+            .to_rgb8(),
+        scale: unit["scale"].as_f64().unwrap() as f32,
+        guidance_start: unit["guidance_start"].as_f64().unwrap() as f32,
+        guidance_end: unit["guidance_end"].as_f64().unwrap() as f32,
+    }
+}
+
+#[test]
+fn controlnet_generations_match_diffusers() {
+    let mut report = Vec::new();
+    for case in controlnet_cases() {
+        let id = case["id"].as_str().unwrap();
+        let mut pipeline = if case["model"] == "sd15" { sd15() } else { sdxl() };
+        let file = |key: &str| npy::read_f32(&repo_path(case["files"][key].as_str().unwrap()));
+        let init_image = case["init_image"]
+            .as_str()
+            .map(|path| image::open(repo_path(path)).expect("init image decodes").to_rgb8());
+        let params = GenerateParams {
+            prompt: case["prompt"].as_str().unwrap().to_string(),
+            negative_prompt: case["negative_prompt"].as_str().unwrap().to_string(),
+            num_inference_steps: case["num_inference_steps"].as_u64().unwrap() as u32,
+            guidance_scale: case["guidance_scale"].as_f64().unwrap() as f32,
+            width: case["width"].as_u64().unwrap() as u32,
+            height: case["height"].as_u64().unwrap() as u32,
+            strength: case["strength"].as_f64().unwrap_or(1.0) as f32,
+            scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
+            init_image,
+            control: case["units"].as_array().unwrap().iter().map(control_unit).collect(),
+            ..params("", SchedulerKind::Ddim)
+        };
+        let noise = as4(npy::read_f32(&repo_path(case["noise"].as_str().unwrap())));
+        let denoised = pipeline.generate_with_noise(&params, noise.view(), &mut keep_going()).unwrap();
+        let latents_diff = max_abs_diff(&denoised.latents, &file("final_latents"));
+        let image_diff = max_abs_diff(&denoised.image, &file("image"));
+        report.push(format!("{id}: final latents {latents_diff:.2e}, image {image_diff:.2e}"));
+        assert!(denoised.timings.controlnet_ms > 0.0, "{id}: the ControlNets ran");
+        assert!(latents_diff <= 1e-3, "{id}: final latents differ by {latents_diff}");
+        assert!(image_diff <= 1e-3, "{id}: image differs by {image_diff}");
+    }
+    assert_eq!(report.len(), 8);
+    println!("max abs diff against diffusers' ControlNet pipelines:\n{}", report.join("\n"));
+}
+
+#[test]
+fn control_steers_the_image_and_bad_control_is_refused() {
+    let mut pipeline = sd15();
+    assert_eq!(pipeline.control_types(), ["canny", "softedge"]);
+    let lines = image::open(fixtures().join("reference/controlnet/control_canny.png")).unwrap().to_rgb8();
+    let unit = ControlUnit {
+        control_type: "canny".into(),
+        image: lines,
+        scale: 1.0,
+        guidance_start: 0.0,
+        guidance_end: 1.0,
+    };
+    let plain = pipeline.generate(&params("a desk", SchedulerKind::Ddim), &mut keep_going()).unwrap();
+    let steered = GenerateParams { control: vec![unit.clone()], ..params("a desk", SchedulerKind::Ddim) };
+    let controlled = pipeline.generate(&steered, &mut keep_going()).unwrap();
+    assert_ne!(plain.image, controlled.image, "control changes the image");
+    let off = GenerateParams { control: vec![ControlUnit { scale: 0.0, ..unit.clone() }], ..steered.clone() };
+    assert_eq!(
+        pipeline.generate(&off, &mut keep_going()).unwrap().image,
+        plain.image,
+        "scale 0 is no control"
+    );
+
+    let refused = |pipeline: &mut StableDiffusion, unit: ControlUnit, loras: Vec<(String, f32)>| {
+        let params = GenerateParams { control: vec![unit], loras, ..steered.clone() };
+        pipeline.generate(&params, &mut keep_going()).unwrap_err().to_string()
+    };
+    let error = refused(&mut pipeline, ControlUnit { control_type: "depth".into(), ..unit.clone() }, vec![]);
+    assert!(
+        error.contains("control") && error.contains("\"depth\"") && error.contains("canny, softedge"),
+        "{error}"
+    );
+    let error = refused(&mut pipeline, ControlUnit { scale: 2.5, ..unit.clone() }, vec![]);
+    assert!(error.contains("scale must be between 0 and 2"), "{error}");
+    let error = refused(
+        &mut pipeline,
+        ControlUnit { guidance_start: 0.6, guidance_end: 0.5, ..unit.clone() },
+        vec![],
+    );
+    assert!(error.contains("guidance_start"), "{error}");
+    let error = refused(&mut pipeline, unit, vec![("style".into(), 0.8)]);
+    assert!(error.contains("LoRA"), "{error}");
+}
+
+#[test]
+fn a_controlnet_of_another_family_is_refused_at_load() {
+    let runtime = runtime();
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("model");
+    copy_dir(&fixtures().join("tiny-sd15"), &dir);
+    copy_dir(&fixtures().join("tiny-sdxl/controlnet/canny"), &dir.join("controlnet/xl-canny"));
+    let error = StableDiffusion::load(&runtime, &dir).err().expect("loading fails").to_string();
+    assert!(error.contains("controlnet/xl-canny/model.onnx") && error.contains("SDXL ControlNet"), "{error}");
+
+    std::fs::remove_dir_all(dir.join("controlnet/xl-canny")).unwrap();
+    std::fs::remove_dir_all(dir.join("unet_controlnet")).unwrap();
+    let error = StableDiffusion::load(&runtime, &dir).err().expect("loading fails").to_string();
+    assert!(error.contains("unet_controlnet/model.onnx"), "{error}");
+
+    std::fs::remove_dir_all(dir.join("controlnet")).unwrap();
+    let mut plain = StableDiffusion::load(&runtime, &dir).expect("loads without control");
+    assert!(plain.control_types().is_empty());
+    let error = plain.load_controlnet("canny", &fixtures().join("tiny-sd15/controlnet/canny")).unwrap_err();
+    assert!(error.to_string().contains("unet_controlnet/model.onnx"), "{error}");
 }

@@ -85,6 +85,7 @@ fn reference_params(loras: Vec<(String, f32)>) -> GenerateParams {
         init_image: None,
         guidance_rescale: 0.0,
         loras,
+        control: vec![],
     }
 }
 

@@ -72,6 +72,7 @@ fn rust_runs(pipeline: &mut StableDiffusion, runs: usize) -> anyhow::Result<Vec<
         init_image: None,
         guidance_rescale: 0.0,
         loras: Vec::new(),
+        control: Vec::new(),
     };
     let mut out = Vec::new();
     for _ in 0..runs {

@@ -72,6 +72,7 @@ impl Painter {
             init_image: photo,
             guidance_rescale: 0.0,
             loras: request.loras.iter().map(|l| (l.name.clone(), l.weight)).collect(),
+            control: Vec::new(),
         };
         ctx.progress("diffusion", 0, steps_to_run(&params));
         match self.generate(params, output, ctx).await {

@@ -19,6 +19,7 @@
 //! VAE's latent distribution, so it draws nothing for the encoder.
 
 mod config;
+mod controlnet;
 pub mod lora;
 mod pipeline;
 pub mod schedulers;
@@ -34,6 +35,7 @@ use std::path::PathBuf;
 use crate::inference::RuntimeError;
 
 pub use config::{DiffusionConfig, ModelFamily};
+pub use controlnet::{ControlUnit, MAX_CONTROL_SCALE};
 pub use pipeline::{
     Denoised, GenerateParams, Generated, MAX_STEPS, PromptEmbeddings, StableDiffusion, Timings,
 };

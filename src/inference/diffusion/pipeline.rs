@@ -13,12 +13,14 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
 use super::DiffusionError;
-use super::config::{DiffusionConfig, ModelFamily};
+use super::config::{DiffusionConfig, ModelFamily, config_error};
+use super::controlnet::{ControlNet, ControlUnit, MAX_CONTROL_SCALE, Residuals, acts_at, control_input};
 use super::lora::{LoraError, LoraLibrary, LoraOptions, MergedCache, MergedModels, ModelPart, RejectedLora};
 use super::schedulers::{Scheduler, SchedulerKind, img2img_start_index};
+use super::tensor::ModelTensor;
 use super::text_encoder::TextEncoder;
 use super::tokenizer::ClipTokenizer;
-use super::unet::{Unet, time_ids};
+use super::unet::{StepCost, Unet, UnetBuffers, UnetConditioning, UnetGraph, time_ids};
 use super::vae::VaeHalf;
 use super::variant::{ExportManifest, resolve_variant};
 use crate::inference::{InitializerOverrides, Runtime};
@@ -37,6 +39,13 @@ pub struct StableDiffusion {
     vae_encoder: Option<VaeHalf>,
     vae_decoder: VaeHalf,
     loras: Option<Loras>,
+    control: Option<Control>,
+}
+
+/// The residual-input UNet and the ControlNets that feed it, sorted by control type.
+struct Control {
+    unet: Unet,
+    nets: Vec<ControlNet>,
 }
 
 /// The adapters this pipeline can apply and the merged sessions built for recent requests.
@@ -76,6 +85,8 @@ pub struct GenerateParams {
     /// LoRA adapters (name, weight) merged into the UNet and text encoders for this generation;
     /// weight 0 leaves an adapter out, so an all-zero list runs the base model.
     pub loras: Vec<(String, f32)>,
+    /// ControlNet guidance, summed over the units; empty for none.
+    pub control: Vec<ControlUnit>,
 }
 
 /// Milliseconds spent in each sub-model during one generation.
@@ -89,6 +100,8 @@ pub struct Timings {
     pub unet_ms: f64,
     /// The UNet session runs alone, summed over the steps.
     pub unet_run_ms: f64,
+    /// The ControlNet runs, summed over the steps and units (part of `unet_ms`).
+    pub controlnet_ms: f64,
     /// Copies of samples and predictions between host and GPU memory, summed over the steps (zero
     /// on the CPU).
     pub transfer_ms: f64,
@@ -145,7 +158,7 @@ impl StableDiffusion {
         };
         let (tokenizers, text_encoders) = load_text_encoders(&config, dir, &placed)?;
         let xl = config.family == ModelFamily::StableDiffusionXl;
-        let unet = Unet::load(&placed("unet")?, dir, xl, InitializerOverrides::default())?;
+        let unet = Unet::load(&placed("unet")?, dir, UnetGraph::Plain, xl, InitializerOverrides::default())?;
         let vae_encoder = if dir.join("vae_encoder/model.onnx").is_file() {
             Some(VaeHalf::encoder(&placed("vae_encoder")?, dir)?)
         } else {
@@ -153,7 +166,7 @@ impl StableDiffusion {
         };
         let vae_decoder = VaeHalf::decoder(&placed("vae_decoder")?, dir)?;
         tracing::info!(dir = %dir.display(), family = ?config.family, img2img = vae_encoder.is_some(), "diffusion pipeline loaded");
-        Ok(StableDiffusion {
+        let mut pipeline = StableDiffusion {
             config,
             runtime: runtime.clone(),
             tokenizers,
@@ -162,7 +175,46 @@ impl StableDiffusion {
             vae_encoder,
             vae_decoder,
             loras: None,
-        })
+            control: None,
+        };
+        for (control_type, net_dir) in bundled_controlnets(dir)? {
+            pipeline.load_controlnet(&control_type, &net_dir)?;
+        }
+        Ok(pipeline)
+    }
+
+    /// Makes the ControlNet in `dir` (`dir/model.onnx`) available as `control_type`, replacing one
+    /// of that type; the first also loads the residual-input UNet (`unet_controlnet/`). A
+    /// ControlNet that does not fit the UNet is refused here, not at a request.
+    pub fn load_controlnet(&mut self, control_type: &str, dir: &Path) -> Result<(), DiffusionError> {
+        let xl = self.config.family == ModelFamily::StableDiffusionXl;
+        let runtime = self.runtime.for_model("unet");
+        let net = ControlNet::load(&runtime, dir, control_type, xl)?;
+        let control = match self.control.take() {
+            Some(control) => control,
+            None => {
+                let unet = Unet::load(
+                    &runtime,
+                    &self.config.dir,
+                    UnetGraph::Residual,
+                    xl,
+                    InitializerOverrides::default(),
+                )?;
+                Control { unet, nets: Vec::new() }
+            }
+        };
+        let control = self.control.insert(control);
+        net.check_fits(&control.unet, &dir.join("model.onnx"))?;
+        control.nets.retain(|n| n.control_type() != control_type);
+        control.nets.push(net);
+        control.nets.sort_by(|a, b| a.control_type().cmp(b.control_type()));
+        tracing::info!(control_type, dir = %dir.display(), "ControlNet loaded");
+        Ok(())
+    }
+
+    /// The control types requests may name, sorted.
+    pub fn control_types(&self) -> Vec<&str> {
+        self.control.as_ref().map_or_else(Vec::new, |c| c.nets.iter().map(ControlNet::control_type).collect())
     }
 
     /// Makes the adapters in `options.dir` that fit this model available to requests (replacing any
@@ -203,6 +255,7 @@ impl StableDiffusion {
             init_image: None,
             guidance_rescale: 0.0,
             loras: Vec::new(),
+            control: Vec::new(),
         };
         Ok(self.generate(&params, &mut |_, _| ControlFlow::Continue(()))?.timings)
     }
@@ -303,6 +356,7 @@ impl StableDiffusion {
         if !(0.0..=1.0).contains(&params.guidance_rescale) {
             return invalid("guidance_rescale", "must be between 0 and 1".into());
         }
+        self.validate_control(&params.control, &params.loras)?;
         if params.init_image.is_some() {
             if !(params.strength > 0.0 && params.strength <= 1.0) {
                 return invalid("strength", "must be in (0, 1]".into());
@@ -311,6 +365,35 @@ impl StableDiffusion {
                 return Err(DiffusionError::MissingFile {
                     path: self.config.dir.join("vae_encoder/model.onnx"),
                 });
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_control(&self, units: &[ControlUnit], loras: &[(String, f32)]) -> Result<(), DiffusionError> {
+        let invalid = |reason: String| Err(DiffusionError::InvalidParams { field: "control", reason });
+        let known = self.control_types();
+        if !units.is_empty() && loras.iter().any(|(_, weight)| *weight != 0.0) {
+            return invalid("LoRA adapters cannot be combined with control on this engine yet".into());
+        }
+        for unit in units {
+            if !known.contains(&unit.control_type.as_str()) {
+                return invalid(if known.is_empty() {
+                    "this model has no ControlNet".to_string()
+                } else {
+                    format!(
+                        "unknown control type {:?}; this model has {}",
+                        unit.control_type,
+                        known.join(", ")
+                    )
+                });
+            }
+            if !(0.0..=MAX_CONTROL_SCALE).contains(&unit.scale) {
+                return invalid(format!("scale must be between 0 and {MAX_CONTROL_SCALE}"));
+            }
+            let (start, end) = (unit.guidance_start, unit.guidance_end);
+            if !((0.0..1.0).contains(&start) && end > start && end <= 1.0) {
+                return invalid("guidance_start and guidance_end must satisfy 0 <= start < end <= 1".into());
             }
         }
         Ok(())
@@ -346,6 +429,7 @@ impl StableDiffusion {
             vae_encoder,
             vae_decoder,
             loras,
+            control,
         } = self;
         let mut timings = Timings::default();
         let started = Instant::now();
@@ -382,8 +466,11 @@ impl StableDiffusion {
 
         let started = Instant::now();
         let schedule = Schedule { scheduler: scheduler.as_mut(), start, rng };
-        let cost = run_steps(active.unet, embeddings, schedule, &mut latents, params, on_step)?;
+        let control = control.as_mut().filter(|_| !params.control.is_empty());
+        let unets = Unets { plain: active.unet, control };
+        let cost = run_steps(unets, embeddings, schedule, &mut latents, params, on_step)?;
         timings.unet_run_ms = cost.run_ms;
+        timings.controlnet_ms = cost.controlnet_ms;
         timings.transfer_ms = cost.transfer_ms;
         timings.steps = cost.steps;
         timings.unet_ms = elapsed_ms(started);
@@ -424,14 +511,73 @@ struct Schedule<'a> {
 #[derive(Default)]
 struct StepsCost {
     run_ms: f64,
+    controlnet_ms: f64,
     transfer_ms: f64,
     steps: u32,
+}
+
+/// The UNet of a generation, and with control the residual-input UNet and the ControlNets.
+struct Unets<'a> {
+    plain: &'a mut Unet,
+    control: Option<&'a mut Control>,
+}
+
+/// A generation's control: the units with their images as model inputs, the ControlNets and the
+/// residual-input UNet with its buffers.
+struct Steering<'a> {
+    control: &'a mut Control,
+    buffers: UnetBuffers,
+    units: Vec<(usize, &'a ControlUnit, ModelTensor<ndarray::Ix4>)>,
+}
+
+impl<'a> Steering<'a> {
+    fn new(
+        control: &'a mut Control,
+        units: &'a [ControlUnit],
+        shape: [usize; 4],
+        conditioning: &UnetConditioning,
+        params: &GenerateParams,
+    ) -> Result<Steering<'a>, DiffusionError> {
+        let buffers = control.unet.buffers(shape, conditioning)?;
+        let float_type = control.unet.float_type();
+        let units = units
+            .iter()
+            .filter_map(|unit| {
+                let net = control.nets.iter().position(|n| n.control_type() == unit.control_type)?;
+                let image = control_input(&unit.image, params.width, params.height, shape[0], float_type);
+                Some((net, unit, image))
+            })
+            .collect();
+        Ok(Steering { control, buffers, units })
+    }
+
+    /// The summed residuals of the units acting at step `index` of `total`, or `None` when none
+    /// acts (the plain UNet then serves, as zero residuals would).
+    fn residuals(
+        &mut self,
+        sample: ndarray::ArrayView4<'_, f32>,
+        timestep: f32,
+        conditioning: &UnetConditioning,
+        (index, total): (usize, usize),
+        cost: &mut StepsCost,
+    ) -> Result<Option<Residuals>, DiffusionError> {
+        let mut sums = None;
+        for (net, unit, image) in &self.units {
+            if unit.scale == 0.0 || !acts_at(index, total, unit.guidance_start, unit.guidance_end) {
+                continue;
+            }
+            let net = &mut self.control.nets[*net];
+            cost.controlnet_ms +=
+                net.add_residuals(sample, timestep, conditioning, image, unit.scale, &mut sums)?;
+        }
+        Ok(sums)
+    }
 }
 
 /// The denoising loop: one UNet prediction (both guidance rows at once) and one scheduler step per
 /// timestep from `schedule.start`, reporting each finished step to `on_step`.
 fn run_steps(
-    unet: &mut Unet,
+    unets: Unets<'_>,
     embeddings: PromptEmbeddings,
     schedule: Schedule<'_>,
     latents: &mut Array4<f32>,
@@ -444,8 +590,14 @@ fn run_steps(
     let added = embeddings
         .pooled_prompt_embeds
         .map(|pooled| (pooled, time_ids(params.height as usize, params.width as usize, rows)));
+    let Unets { plain: unet, control } = unets;
     let conditioning = unet.conditioning(embeddings.prompt_embeds, added);
-    let mut buffers = unet.buffers([rows, channels, latent_h, latent_w], &conditioning)?;
+    let shape = [rows, channels, latent_h, latent_w];
+    let mut buffers = unet.buffers(shape, &conditioning)?;
+    let mut steering = match control {
+        Some(control) => Some(Steering::new(control, &params.control, shape, &conditioning, params)?),
+        None => None,
+    };
     let mut noise_pred = Array4::<f32>::zeros(latents.raw_dim());
     let run = scheduler.timesteps()[start..].to_vec();
     let mut cost = StepsCost::default();
@@ -454,9 +606,28 @@ fn run_steps(
             row.assign(&latents.index_axis(Axis(0), 0));
         }
         scheduler.scale_model_input(buffers.sample.view_mut(), timestep);
-        let step = unet.predict(&mut buffers, timestep, &conditioning, |prediction| {
+        let mut consume = |prediction: ndarray::ArrayView4<'_, f32>| {
             guide(prediction, noise_pred.view_mut(), params.guidance_scale, params.guidance_rescale);
-        })?;
+        };
+        let residuals = match &mut steering {
+            Some(s) => {
+                s.residuals(buffers.sample.view(), timestep, &conditioning, (done, run.len()), &mut cost)?
+            }
+            None => None,
+        };
+        let step: StepCost = match (&mut steering, residuals) {
+            (Some(s), Some(residuals)) => {
+                s.buffers.sample.assign(&buffers.sample);
+                s.control.unet.predict(
+                    &mut s.buffers,
+                    timestep,
+                    &conditioning,
+                    Some(&residuals),
+                    &mut consume,
+                )?
+            }
+            _ => unet.predict(&mut buffers, timestep, &conditioning, None, &mut consume)?,
+        };
         cost.run_ms += step.run_ms;
         cost.transfer_ms += step.transfer_ms;
         cost.steps += 1;
@@ -470,6 +641,23 @@ fn run_steps(
         }
     }
     Ok(cost)
+}
+
+/// The ControlNets shipped beside the pipeline: `controlnet/<type>/model.onnx`, by type.
+fn bundled_controlnets(dir: &Path) -> Result<Vec<(String, std::path::PathBuf)>, DiffusionError> {
+    let root = dir.join("controlnet");
+    let Ok(entries) = std::fs::read_dir(&root) else { return Ok(Vec::new()) };
+    let mut nets = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| config_error(&root, e.to_string()))?.path();
+        if path.join("model.onnx").is_file()
+            && let Some(name) = path.file_name().and_then(|n| n.to_str())
+        {
+            nets.push((name.to_string(), path));
+        }
+    }
+    nets.sort();
+    Ok(nets)
 }
 
 /// The tokenizers and text encoders in `dir`: one pair, or SDXL's two, each session on the runtime
@@ -561,7 +749,7 @@ fn merged<'a>(
         };
         let unet = match overrides.remove(&ModelPart::Unet) {
             Some(values) => Some(
-                Unet::load(&runtime.for_model("unet"), dir, xl, values)
+                Unet::load(&runtime.for_model("unet"), dir, UnetGraph::Plain, xl, values)
                     .map_err(build_error(ModelPart::Unet))?,
             ),
             None => None,

@@ -1,5 +1,7 @@
-//! The denoising UNet, run once per step on the (unconditional, conditional) batch.
+//! The denoising UNet, run once per step on the (unconditional, conditional) batch; with control,
+//! the same UNet exported with ControlNet residual inputs (`unet_controlnet/`).
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::time::Instant;
 
@@ -12,17 +14,41 @@ use ort::value::{DynTensor, DynValue, Tensor, TensorRef};
 
 use super::DiffusionError;
 use super::config::{config_error, required_file};
+use super::controlnet::{ResidualLayout, Residuals};
 use super::tensor::{FloatType, ModelTensor, inference_error, output_f32};
 use crate::inference::{InitializerOverrides, Runtime};
 
 const MODEL: &str = "unet";
 const OUTPUT: &str = "out_sample";
+const MID_RESIDUAL: &str = "mid_block_additional_residual";
+
+/// Which export of the UNet a session holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UnetGraph {
+    /// `unet/model.onnx`: the sample, timestep and text conditioning.
+    Plain,
+    /// `unet_controlnet/model.onnx`: the same plus ControlNet residuals
+    /// (`down_block_additional_residual_<i>`, `mid_block_additional_residual`).
+    Residual,
+}
+
+impl UnetGraph {
+    /// The model file, relative to the pipeline directory.
+    pub(crate) fn file(self) -> &'static str {
+        match self {
+            UnetGraph::Plain => "unet/model.onnx",
+            UnetGraph::Residual => "unet_controlnet/model.onnx",
+        }
+    }
+}
 
 /// The UNet session and the input types it was exported with.
 pub(crate) struct Unet {
     session: Session,
     float_type: FloatType,
     timestep: TimestepInput,
+    /// The residual inputs a [`UnetGraph::Residual`] export takes; `None` for the plain UNet.
+    residuals: Option<ResidualLayout>,
     /// The CUDA device the session runs on; `None` on the CPU.
     cuda_device: Option<i32>,
 }
@@ -41,6 +67,18 @@ pub(crate) struct UnetConditioning {
     encoder_hidden_states: ModelTensor<Ix3>,
     /// SDXL: pooled text embeddings `[batch, projection]` and size conditioning `[batch, 6]`.
     added: Option<(ModelTensor<Ix2>, ModelTensor<Ix2>)>,
+}
+
+impl UnetConditioning {
+    /// The conditioning as named session inputs (ControlNets take the same).
+    pub(crate) fn inputs(&self) -> ort::Result<Vec<(Cow<'static, str>, SessionInputValue<'_>)>> {
+        let mut inputs = vec![("encoder_hidden_states".into(), self.encoder_hidden_states.input()?)];
+        if let Some((text_embeds, time_ids)) = &self.added {
+            inputs.push(("text_embeds".into(), text_embeds.input()?));
+            inputs.push(("time_ids".into(), time_ids.input()?));
+        }
+        Ok(inputs)
+    }
 }
 
 /// The buffers of one generation, reused at every step.
@@ -81,15 +119,16 @@ enum TimestepValue {
 }
 
 impl Unet {
-    /// Loads `dir/unet/model.onnx` with `overrides` replacing some initializers (merged LoRA
+    /// Loads `graph`'s file in `dir` with `overrides` replacing some initializers (merged LoRA
     /// weights) and checks its inputs; `size_conditioned` for SDXL.
     pub(crate) fn load(
         runtime: &Runtime,
         dir: &Path,
+        graph: UnetGraph,
         size_conditioned: bool,
         overrides: InitializerOverrides,
     ) -> Result<Unet, DiffusionError> {
-        let path = required_file(dir, "unet/model.onnx")?;
+        let path = required_file(dir, graph.file())?;
         let session = runtime.session_with_overrides(&path, overrides)?;
         let mut required = vec!["sample", "timestep", "encoder_hidden_states"];
         if size_conditioned {
@@ -123,7 +162,30 @@ impl Unet {
             .ok_or_else(|| {
                 config_error(&path, "input \"timestep\" must be a float or int64 scalar or 1-element tensor")
             })?;
-        Ok(Unet { session, float_type, timestep, cuda_device: runtime.cuda_device() })
+        let residuals = match graph {
+            UnetGraph::Plain => None,
+            UnetGraph::Residual => Some(
+                ResidualLayout::read(session.inputs(), down_residual_input, MID_RESIDUAL)
+                    .map_err(|reason| config_error(&path, reason))?,
+            ),
+        };
+        Ok(Unet { session, float_type, timestep, residuals, cuda_device: runtime.cuda_device() })
+    }
+
+    /// The ControlNet residuals a residual-input UNet takes.
+    pub(crate) fn residual_layout(&self) -> Option<&ResidualLayout> {
+        self.residuals.as_ref()
+    }
+
+    /// The width of the text conditioning the UNet attends to.
+    pub(crate) fn cross_attention_width(&self) -> Option<i64> {
+        let input = self.session.inputs().iter().find(|i| i.name() == "encoder_hidden_states")?;
+        input.dtype().tensor_shape()?.last().copied().filter(|&d| d > 0)
+    }
+
+    /// The element type of the sample and conditioning.
+    pub(crate) fn float_type(&self) -> FloatType {
+        self.float_type
     }
 
     /// Whether the model runs in float16.
@@ -211,14 +273,17 @@ impl Unet {
         Ok(DeviceBuffers { binding, output, host_output })
     }
 
-    /// Runs the UNet on `buffers.sample` at `timestep` and hands its prediction to `consume`.
+    /// Runs the UNet on `buffers.sample` at `timestep` (a residual-input UNet with `residuals`)
+    /// and hands its prediction to `consume`.
     pub(crate) fn predict(
         &mut self,
         buffers: &mut UnetBuffers,
         timestep: f32,
         conditioning: &UnetConditioning,
+        residuals: Option<&Residuals>,
         consume: impl FnOnce(ArrayView4<'_, f32>),
     ) -> Result<StepCost, DiffusionError> {
+        let residuals = self.residual_values(residuals)?;
         let fail = inference_error(MODEL);
         if let Some(halves) = &mut buffers.sample_f16 {
             ndarray::Zip::from(halves).and(&buffers.sample).for_each(|h, &s| *h = f16::from_f32(s));
@@ -228,7 +293,7 @@ impl Unet {
             TimestepValue::Int(t) => t.fill(timestep as i64),
         }
         if buffers.device.is_some() {
-            return self.predict_on_device(buffers, consume);
+            return self.predict_on_device(buffers, &residuals, consume);
         }
         let sample: SessionInputValue<'_> = match &buffers.sample_f16 {
             Some(halves) => TensorRef::from_array_view(halves.view()).map_err(&fail)?.into(),
@@ -241,11 +306,10 @@ impl Unet {
         let mut inputs = ort::inputs![
             "sample" => sample,
             "timestep" => timestep_input,
-            "encoder_hidden_states" => conditioning.encoder_hidden_states.input().map_err(&fail)?,
         ];
-        if let Some((text_embeds, time_ids)) = &conditioning.added {
-            inputs.push(("text_embeds".into(), text_embeds.input().map_err(&fail)?));
-            inputs.push(("time_ids".into(), time_ids.input().map_err(&fail)?));
+        inputs.extend(conditioning.inputs().map_err(&fail)?);
+        for (name, value) in &residuals {
+            inputs.push((name.clone().into(), value.input().map_err(&fail)?));
         }
         let started = Instant::now();
         let outputs = self.session.run_with_options(inputs, &buffers.options).map_err(&fail)?;
@@ -258,6 +322,7 @@ impl Unet {
     fn predict_on_device(
         &mut self,
         buffers: &mut UnetBuffers,
+        residuals: &[(String, ModelTensor<Ix4>)],
         consume: impl FnOnce(ArrayView4<'_, f32>),
     ) -> Result<StepCost, DiffusionError> {
         let fail = inference_error(MODEL);
@@ -276,6 +341,9 @@ impl Unet {
         let started = Instant::now();
         device.binding.bind_input("sample", &sample).map_err(&fail)?;
         device.binding.bind_input("timestep", &timestep).map_err(&fail)?;
+        for (name, value) in residuals {
+            device.binding.bind_input(name, &value.to_value().map_err(&fail)?).map_err(&fail)?;
+        }
         device.binding.synchronize_inputs().map_err(&fail)?;
         let mut transfer_ms = elapsed_ms(started);
         let started = Instant::now();
@@ -287,6 +355,37 @@ impl Unet {
         consume(as_4d(&output_f32(&device.host_output, MODEL)?)?);
         Ok(StepCost { run_ms, transfer_ms })
     }
+}
+
+impl Unet {
+    /// The residuals as named inputs in the model's element type; a residual-input UNet needs them
+    /// and a plain one takes none.
+    fn residual_values(
+        &self,
+        residuals: Option<&Residuals>,
+    ) -> Result<Vec<(String, ModelTensor<Ix4>)>, DiffusionError> {
+        let missing = |reason: &str| DiffusionError::Inference { model: MODEL, reason: reason.into() };
+        match (&self.residuals, residuals) {
+            (None, None) => Ok(Vec::new()),
+            (None, Some(_)) => Err(missing("this UNet takes no ControlNet residuals")),
+            (Some(_), None) => Err(missing("this UNet needs ControlNet residuals")),
+            (Some(layout), Some(residuals)) => {
+                if residuals.down.len() != layout.down_channels.len() {
+                    return Err(missing("the ControlNet residuals do not match the UNet's inputs"));
+                }
+                let down = residuals.down.iter().enumerate().map(|(i, r)| (down_residual_input(i), r));
+                Ok(down
+                    .chain(std::iter::once((MID_RESIDUAL.to_string(), &residuals.mid)))
+                    .map(|(name, r)| (name, ModelTensor::new(self.float_type, r.clone())))
+                    .collect())
+            }
+        }
+    }
+}
+
+/// The name of the residual-input UNet's `i`-th down-block residual input.
+fn down_residual_input(i: usize) -> String {
+    format!("down_block_additional_residual_{i}")
 }
 
 fn as_4d<'a>(
