@@ -18,6 +18,8 @@ Stages (default: all):
               (see make_controlnet_fixtures.py and export_controlnet.py)
   controlnet-ref
               diffusers' ControlNet pipelines -> fixtures/reference/controlnet
+  canny       OpenCV's Canny maps of the darknet photos -> fixtures/reference/canny (see
+              make_canny_fixtures.py)
   selfcheck   re-run one case and assert bit-identical output
   manifest    write fixtures/manifest.fixtures.json (fixtures and onnx/loras)
 """
@@ -994,7 +996,7 @@ def main() -> None:
     stages = args.stages
     if "all" in stages:
         stages = ["models", "captioner", "reference", "schedulers", "caption-ref", "loras", "lora-ref",
-                  "controlnet", "controlnet-ref", "selfcheck", "manifest"]
+                  "controlnet", "controlnet-ref", "canny", "selfcheck", "manifest"]
     work_ctx = tempfile.TemporaryDirectory(prefix="deskgen-fixtures-") if args.work is None else None
     work = pathlib.Path(args.work or work_ctx.name)
     work.mkdir(parents=True, exist_ok=True)
@@ -1062,6 +1064,11 @@ def main() -> None:
                 make_controlnet_fixtures.build_controlnets(ckpt)
         if "controlnet-ref" in stages:
             make_controlnet_fixtures.reference(sys.modules[__name__], work, ref)
+
+    if "canny" in stages:
+        import make_canny_fixtures
+
+        make_canny_fixtures.build(REPO, ref / "canny")
 
     if "selfcheck" in stages:
         checks["rerun_max_abs_diff"] = selfcheck(out)

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use deskgen::inference::vision::{
     CaptionError, Captioner, GenerationOptions, ImageError, SceneAnalysis, Vision, VisionConfig, VisionError,
-    compose_caption, decode_image,
+    canny, compose_caption, decode_image,
 };
 use deskgen::inference::{Runtime, RuntimeConfig};
 use image::{ImageFormat, Rgb, RgbImage};
@@ -465,4 +465,62 @@ fn vision_with_a_captioner_captions_with_it_and_lists_its_models() {
         .unwrap();
     assert_eq!(vision.caption(&image, &analysis).unwrap(), expected);
     assert_ne!(expected, compose_caption(&analysis));
+}
+
+/// Edge pixels of `ours` against `reference`: (differing pixels, precision, recall, F1).
+fn edge_agreement(ours: &image::GrayImage, reference: &image::GrayImage) -> (usize, f64, f64, f64) {
+    let (mut both, mut only_ours, mut only_reference) = (0usize, 0usize, 0usize);
+    for (a, b) in ours.pixels().zip(reference.pixels()) {
+        match (a.0[0] != 0, b.0[0] != 0) {
+            (true, true) => both += 1,
+            (true, false) => only_ours += 1,
+            (false, true) => only_reference += 1,
+            (false, false) => {}
+        }
+    }
+    let ratio = |n: usize, d: usize| if d == 0 { 1.0 } else { n as f64 / d as f64 };
+    let precision = ratio(both, both + only_ours);
+    let recall = ratio(both, both + only_reference);
+    let f1 = if precision + recall == 0.0 { 0.0 } else { 2.0 * precision * recall / (precision + recall) };
+    (only_ours + only_reference, precision, recall, f1)
+}
+
+/// Each case of onnx/fixtures/reference/canny: a photo's crop through our Canny against OpenCV's map.
+/// JPEG decoders differ by a few levels here and there (PIL's libjpeg-turbo and the image crate do),
+/// which moves some edges, so the maps must agree closely; where the decoded crop is PIL's to the
+/// byte (the stored lossless decoding), they must be equal.
+#[test]
+fn canny_edges_match_opencv_on_real_photos() {
+    let dir = fixtures().join("reference/canny");
+    let text = std::fs::read_to_string(dir.join("cases.json")).expect("run onnx/make_fixtures.sh canny");
+    let doc: serde_json::Value = serde_json::from_str(&text).expect("cases.json is JSON");
+    let cases = doc["cases"].as_array().expect("cases.json lists cases");
+    let mut exact_cases = 0;
+    for case in cases {
+        let file = case["file"].as_str().unwrap();
+        let input_path = root().join(case["input"].as_str().unwrap());
+        let bytes = std::fs::read(&input_path)
+            .unwrap_or_else(|e| panic!("{}: {e} (run onnx/fetch_testdata.sh)", input_path.display()));
+        let decoded = decode_image(&bytes, MAX_PIXELS).expect("the inputs decode");
+        let crop = |key: &str| u32::try_from(case["crop"][key].as_u64().unwrap()).unwrap();
+        let input = image::imageops::crop_imm(&decoded, crop("x"), crop("y"), crop("width"), crop("height"))
+            .to_image();
+        let same_input = case["crop_rgb_sha256"] == hex::encode(Sha256::digest(input.as_raw()));
+        let threshold = |key: &str| case[key].as_f64().unwrap() as f32;
+        let ours = canny(&input, threshold("low_threshold"), threshold("high_threshold"));
+        let reference = image::open(dir.join(file)).unwrap().to_luma8();
+        assert_eq!(ours.dimensions(), reference.dimensions(), "{file}");
+        let (differing, precision, recall, f1) = edge_agreement(&ours, &reference);
+        eprintln!(
+            "{file}: {differing} pixels differ from OpenCV {} (precision {precision:.4}, recall {recall:.4}, \
+             F1 {f1:.4}; input decoded as PIL did: {same_input})",
+            case["opencv"].as_str().unwrap_or("?"),
+        );
+        assert!(f1 >= 0.95, "{file}: F1 {f1:.4} against OpenCV");
+        if same_input {
+            assert_eq!(differing, 0, "{file}: same pixels as OpenCV's input, different edges");
+            exact_cases += 1;
+        }
+    }
+    assert!(exact_cases > 0, "no case had PIL's pixels, so none checked equality");
 }

@@ -7,6 +7,7 @@
 //! running a model takes `&mut` access, and the service gives each loaded model set one owner
 //! thread ([`crate::inference::ModelOwner`]).
 
+mod canny;
 pub mod captioner;
 pub mod classifier;
 pub mod desk;
@@ -20,6 +21,7 @@ use ort::session::Session;
 
 use crate::inference::{Runtime, RuntimeError};
 
+pub use canny::{canny, canny_control};
 pub use captioner::{CaptionError, Captioner, GenerationOptions};
 pub use classifier::{ClassScore, Classifier};
 pub use desk::{SceneAnalysis, compose_caption};
