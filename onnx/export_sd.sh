@@ -8,7 +8,7 @@
 #
 # Usage:
 #   onnx/export_sd.sh MODEL_DIR_OR_ID OUT_DIR [--fp16] [--target cpu|cuda] [--device cpu|cuda]
-#                     [--opset N] [--atol X]
+#                     [--opset N] [--atol X] [--controlnet TYPE=DIR_OR_ID ...]
 #   onnx/export_sd.sh --ensure-venv     only create/update the venv
 #   onnx/export_sd.sh --find-python     print the Python 3.12 the venv would be made with; no changes
 #
@@ -33,6 +33,12 @@
 #   --device         device used for tracing (default cpu).
 #   --opset          ONNX opset (default: optimum's choice, 18 for these models).
 #   --atol           validation tolerance passed to optimum (default: optimum's, or 1e-2 with --fp16).
+#   --controlnet     also export a ControlNet for control type TYPE (repeatable), e.g.
+#                    canny=lllyasviel/control_v11p_sd15_canny,
+#                    softedge=lllyasviel/control_v11p_sd15_softedge (SD 1.5) or
+#                    canny=diffusers/controlnet-canny-sdxl-1.0 (SDXL), into OUT_DIR/controlnet/TYPE/,
+#                    and the UNet with residual inputs into OUT_DIR/unet_controlnet/ (fp32, plain
+#                    graph; onnx/export_controlnet.py). deskgen loads them with the pipeline.
 #
 # The tool chain is pinned in onnx/requirements-export.txt and installed into a virtual
 # environment at $DESKGEN_EXPORT_VENV (default ~/.cache/deskgen/venv-export), created with
@@ -63,7 +69,7 @@ MODE=export
 if [[ "$1" == "--find-python" ]]; then MODE=find; shift; set -- x x "$@"; fi
 if [[ "$1" == "--ensure-venv" ]]; then MODE=venv; shift; set -- x x "$@"; fi
 MODEL="$1"; OUT="$2"; shift 2
-DTYPE=fp32; DEVICE=cpu; TARGET=cpu; OPSET=(); ATOL=()
+DTYPE=fp32; DEVICE=cpu; TARGET=cpu; OPSET=(); ATOL=(); CONTROLNETS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --fp16) DTYPE=fp16 ;;
@@ -71,6 +77,7 @@ while [[ $# -gt 0 ]]; do
     --target) TARGET="$2"; shift ;;
     --opset) OPSET=(--opset "$2"); shift ;;
     --atol) ATOL=(--atol "$2"); shift ;;
+    --controlnet) CONTROLNETS+=("$2"); shift ;;
     -h|--help) usage 0 ;;
     *) echo "export_sd.sh: unknown argument $1" >&2; usage 2 ;;
   esac
@@ -148,6 +155,9 @@ PY
 MAP_ARGS=()
 if [[ "$DTYPE" == fp16 ]]; then MAP_ARGS=(--fp16); fi
 "$VENV/bin/python" "$HERE/weights_map.py" "$MODEL" "$OUT" "${MAP_ARGS[@]}"
+if [[ ${#CONTROLNETS[@]} -gt 0 ]]; then
+  "$VENV/bin/python" "$HERE/export_controlnet.py" "$MODEL" "$OUT" "${CONTROLNETS[@]}"
+fi
 # The plain graph runs anywhere.
 "$VENV/bin/python" - "$OUT" <<'PY'
 import json, pathlib, sys

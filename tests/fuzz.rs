@@ -118,6 +118,8 @@ fn info() -> PipelineInfo {
             trigger_words: vec!["cozy".into()],
         }],
         max_lora_weight: MAX_LORA_WEIGHT,
+        controlnets: vec![deskgen::core::ControlNetInfo { control_type: "canny".into(), from_photo: true }],
+        default_control: None,
         negative_prompt: String::new(),
         object_store: "file".into(),
         shopping_provider: "catalog".into(),
@@ -200,7 +202,11 @@ fn check_request(bytes: &[u8]) {
             assert!(task_id.is_none_or(|id| (1..=128).contains(&id.len())));
             assert!((1..=MAX_STEPS).contains(&request.num_inference_steps));
             assert!(request.guidance_scale.is_finite() && (0.0..=30.0).contains(&request.guidance_scale));
-            assert!(request.strength > 0.0 && request.strength <= 1.0);
+            assert!(request.strength.is_none_or(|s| s > 0.0 && s <= 1.0));
+            for unit in request.control.iter().flatten() {
+                assert!((0.0..=2.0).contains(&unit.scale) && unit.guidance_start < unit.guidance_end);
+                assert!(unit.control_type == "canny" && unit.low_threshold <= unit.high_threshold);
+            }
             for side in [request.height, request.width].into_iter().flatten() {
                 assert!((64..=2048).contains(&side) && side % 8 == 0, "side {side}");
             }

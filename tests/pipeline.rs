@@ -31,6 +31,7 @@ fn assert_offers(result: &Value, max_items: usize) -> Vec<String> {
         "timings_ms",
         "warnings",
         "seed",
+        "control",
     ];
     let mut keys = Vec::new();
     for (key, value) in result.as_object().unwrap() {
@@ -88,9 +89,13 @@ async fn a_desk_photo_becomes_a_generated_png_with_shopping_lists() {
     assert!(prompt.contains("warm wooden tones"));
     assert!(result["negative_prompt_used"].as_str().unwrap().contains("people, human"));
     assert!(result["detected_items"].as_array().unwrap().iter().any(|d| d["label"] == "dog"));
-    for stage in ["fetch", "decode", "vision", "text_encode", "unet", "vae", "upload", "shopping"] {
+    for stage in
+        ["fetch", "decode", "vision", "text_encode", "unet", "controlnet", "vae", "upload", "shopping"]
+    {
         assert!(result["timings_ms"][stage].as_f64().is_some(), "no timing for {stage}: {result}");
     }
+    // The model has a canny ControlNet, so the desk keeps its edges by default (config/pipeline.toml).
+    assert_eq!(result["control"], json!([{"type": "canny", "scale": 0.8}]), "{result}");
 
     // Same seed, same inputs: the same image, byte for byte.
     let again = submit(
@@ -154,6 +159,64 @@ async fn a_wide_photo_keeps_its_shape_unless_asked_otherwise() {
     server.stop().await;
 }
 
+/// Desk photos get the configured canny control by default; a request may turn it off, bring its
+/// own control image for another ControlNet, and is told which control types exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_follows_the_request_and_the_desk_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let edges = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/fixtures/reference/controlnet/control_softedge.png"),
+    )
+    .unwrap();
+    let desk = std::fs::read(darknet("dog.jpg")).unwrap();
+    let host = photo_host(vec![("desk.jpg", desk), ("edges.png", edges)]).await;
+    let server = start_real(dir.path(), &["--desk-threshold", "0"]).await;
+    let photo = format!("{host}/desk.jpg");
+    let run = async |extra: Value| {
+        let mut body = json!({"initial_image_url": photo, "num_inference_steps": 2, "seed": 3});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let result = poll_final(&server, &submit(&server, body).await, None).await;
+        assert_eq!(result["status"], "done", "{result}");
+        let png = reqwest::get(result["processed_image_url"].as_str().unwrap()).await.unwrap();
+        (result, png.bytes().await.unwrap())
+    };
+    let (default, default_png) = run(json!({})).await;
+    assert_eq!(default["control"], json!([{"type": "canny", "scale": 0.8}]));
+    let (off, off_png) = run(json!({"control": []})).await;
+    assert_eq!(off["control"], json!([]));
+    assert!(off["timings_ms"].get("controlnet").is_none(), "{off}");
+    assert_ne!(default_png, off_png, "the control changes the image");
+    let own = json!({"control": [
+        {"type": "softedge", "scale": 0.5, "guidance_end": 0.5, "image_url": format!("{host}/edges.png")},
+        {"type": "canny", "low_threshold": 50, "high_threshold": 150}
+    ]});
+    let (both, _) = run(own).await;
+    assert_eq!(both["control"], json!([{"type": "softedge", "scale": 0.5}, {"type": "canny", "scale": 1.0}]));
+    let body = json!({"initial_image_url": photo, "control": [
+        {"type": "softedge", "image_url": format!("{host}/none.png")}]});
+    let missing = poll_final(&server, &submit(&server, body).await, None).await;
+    assert_eq!(missing["error_code"], "IMAGE_FETCH_FAILED", "{missing}");
+
+    let client = reqwest::Client::new();
+    let refused = client
+        .post(format!("{}/v1/generate", server.base))
+        .json(&json!({"initial_image_url": photo, "control": [{"type": "depth"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+    let message = refused.json::<Value>().await.unwrap()["message"].as_str().unwrap().to_string();
+    assert!(message.contains("Unknown control type 'depth'; known: canny, softedge"), "{message}");
+    let info: Value = client.get(format!("{}/info", server.base)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        info["controlnets"],
+        json!([{"type": "canny", "from_photo": true}, {"type": "softedge", "from_photo": false}])
+    );
+    assert_eq!(info["default_control"]["type"], "canny");
+    assert_eq!(info["default_control"]["strength"], 0.9);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_photo_that_is_not_a_desk_falls_back_to_shopping() {
     let dir = tempfile::tempdir().unwrap();
@@ -181,6 +244,7 @@ async fn a_prompt_alone_is_text_to_image() {
     let result = poll_final(&server, &task_id, None).await;
     assert_eq!(result["status"], "done", "{result}");
     assert!(result.get("is_desk").is_none());
+    assert_eq!(result["control"], json!([]), "no photo, no default control");
     let png =
         reqwest::get(result["processed_image_url"].as_str().unwrap()).await.unwrap().bytes().await.unwrap();
     let decoded = image::load_from_memory(&png).unwrap();

@@ -13,7 +13,7 @@ use super::errors::ApiError;
 use crate::core::request::{
     DEFAULT_GUIDANCE, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_STEPS,
 };
-use crate::core::{GenerateInput, LoraInput, ResizeMode};
+use crate::core::{ControlInput, GenerateInput, LoraInput, ResizeMode};
 use crate::tasks::{self, TaskRecord};
 
 /// Generated protobuf types and service traits of `deskgen.v1`.
@@ -83,11 +83,26 @@ impl From<pb::GenerateRequest> for GenerateInput {
                     .map(|l| LoraInput { name: l.name, weight: l.weight.map(f64::from) })
                     .collect()
             }),
+            control: r.control.map(|c| c.units.into_iter().map(ControlInput::from).collect()),
             webhook_url: r.webhook_url,
             webhook_events: (!r.webhook_events.is_empty()).then_some(r.webhook_events),
             max_items_per_category: r.max_items_per_category.map(i64::from),
             task_id: r.task_id,
             stored_photo: None,
+        }
+    }
+}
+
+impl From<pb::ControlUnit> for ControlInput {
+    fn from(u: pb::ControlUnit) -> Self {
+        ControlInput {
+            control_type: u.r#type,
+            scale: u.scale.map(f64::from),
+            guidance_start: u.guidance_start.map(f64::from),
+            guidance_end: u.guidance_end.map(f64::from),
+            image_url: u.image_url,
+            low_threshold: u.low_threshold.map(f64::from),
+            high_threshold: u.high_threshold.map(f64::from),
         }
     }
 }
@@ -151,6 +166,11 @@ impl From<&TaskRecord> for pb::TaskResult {
             created_at: Some(timestamp(record.created_at)),
             completed_at: record.completed_at.map(timestamp),
             seed: output.seed,
+            control: output
+                .control
+                .into_iter()
+                .map(|c| pb::ControlUsed { r#type: c.control_type, scale: c.scale as f32 })
+                .collect(),
         }
     }
 }
@@ -274,6 +294,18 @@ impl Info for GrpcApi {
                 .collect(),
             object_store: info.object_store.unwrap_or_default(),
             shopping_provider: info.shopping_provider.unwrap_or_default(),
+            controlnets: info
+                .controlnets
+                .into_iter()
+                .map(|c| pb::ControlNetInfo { r#type: c.control_type, from_photo: c.from_photo })
+                .collect(),
+            default_control: info.default_control.map(|d| pb::DefaultControl {
+                r#type: d.control_type,
+                scale: d.scale as f32,
+                guidance_start: d.guidance_start as f32,
+                guidance_end: d.guidance_end as f32,
+                strength: d.strength as f32,
+            }),
         }))
     }
 }

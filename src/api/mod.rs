@@ -30,7 +30,8 @@ use crate::core::request::{
     DEFAULT_GUIDANCE, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_STEPS,
 };
 use crate::core::{
-    GenerateInput, Limits, LoraInfo, ModelInfo, PhotoSource, PipelineInfo, ResizeMode, Violation, validate,
+    ControlNetInfo, DefaultControl, GenerateInput, Limits, LoraInfo, ModelInfo, PhotoSource, PipelineInfo,
+    ResizeMode, Violation, validate,
 };
 use crate::intake::{Intake, IntakeError, Photo};
 use crate::pipeline::Services;
@@ -93,6 +94,10 @@ pub struct InfoDocument {
     pub schedulers: Vec<String>,
     /// LoRA adapters a request may name, with rank, target modules and trigger words.
     pub loras: Vec<LoraInfo>,
+    /// ControlNets a request's `control` may name, by type.
+    pub controlnets: Vec<ControlNetInfo>,
+    /// The control desk photos get when a request leaves `control` out; null without one.
+    pub default_control: Option<DefaultControl>,
     /// Where generated images go.
     pub object_store: Option<String>,
     /// Where shopping offers come from.
@@ -222,6 +227,8 @@ impl AppState {
             models: pipeline.map(|p| p.models.clone()).unwrap_or_default(),
             schedulers: pipeline.map(|p| p.schedulers.clone()).unwrap_or_default(),
             loras: pipeline.map(|p| p.loras.clone()).unwrap_or_default(),
+            controlnets: pipeline.map(|p| p.controlnets.clone()).unwrap_or_default(),
+            default_control: pipeline.and_then(|p| p.default_control.clone()),
             object_store: pipeline.map(|p| p.object_store.clone()),
             shopping_provider: pipeline.map(|p| p.shopping_provider.clone()),
             defaults: serde_json::json!({

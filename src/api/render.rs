@@ -37,6 +37,7 @@ pub fn result_json(record: &TaskRecord) -> Value {
             body.insert("negative_prompt_used".into(), json!(output.negative_prompt_used));
             body.insert("timings_ms".into(), json!(output.timings_ms));
             body.insert("warnings".into(), json!(output.warnings));
+            body.insert("control".into(), json!(output.control));
             if let Some(seed) = output.seed {
                 body.insert("seed".into(), json!(seed));
             }

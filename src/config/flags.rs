@@ -411,6 +411,11 @@ pub struct PipelineFlags {
     /// Largest |weight| a request may give one LoRA adapter (negative weights down to -this work).
     #[arg(long, env = "DESKGEN_MAX_LORA_WEIGHT", default_value_t = 2.0)]
     max_lora_weight: f32,
+    /// A ControlNet besides those in the model folder's `controlnet/<type>/`, as TYPE=DIR (DIR holds
+    /// model.onnx, exported by onnx/export_controlnet.py); repeat for several. Needs the model's
+    /// residual-input UNet (`unet_controlnet/`); one that does not fit the model stops start-up.
+    #[arg(long = "controlnet", env = "DESKGEN_CONTROLNETS", value_delimiter = ',', value_parser = parse_controlnet)]
+    controlnets: Vec<(String, PathBuf)>,
     /// Largest image side in pixels: what a request may ask for, and the bound of the size a photo's
     /// shape gives.
     #[arg(long, env = "DESKGEN_MAX_SIDE", default_value_t = 2048)]
@@ -429,6 +434,16 @@ pub struct PipelineFlags {
     shopping: ShoppingConfig,
 }
 
+/// `TYPE=DIR` of `--controlnet`.
+fn parse_controlnet(spec: &str) -> Result<(String, PathBuf), String> {
+    match spec.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(dir)))
+        }
+        _ => Err(format!("expected TYPE=DIR (e.g. canny=models/controlnet-canny), got {spec:?}")),
+    }
+}
+
 impl From<PipelineFlags> for PipelineConfig {
     fn from(f: PipelineFlags) -> Self {
         PipelineConfig {
@@ -438,6 +453,7 @@ impl From<PipelineFlags> for PipelineConfig {
             lora_dir: f.lora_dir,
             lora_cache_size: f.lora_cache_size,
             max_lora_weight: f.max_lora_weight,
+            controlnets: f.controlnets,
             max_side: f.max_side,
             pipeline_config: f.pipeline_config,
             storage: f.storage,

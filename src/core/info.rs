@@ -31,6 +31,33 @@ pub struct LoraInfo {
     pub trigger_words: Vec<String>,
 }
 
+/// A ControlNet a request may name.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ControlNetInfo {
+    /// The control type requests name it by.
+    #[serde(rename = "type")]
+    pub control_type: String,
+    /// Whether the service makes its control image from the photo; otherwise a unit needs its
+    /// own `image_url`.
+    pub from_photo: bool,
+}
+
+/// The control a desk photo gets when a request says nothing of `control`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DefaultControl {
+    /// The control type.
+    #[serde(rename = "type")]
+    pub control_type: String,
+    /// Its scale.
+    pub scale: f64,
+    /// Its guidance window's start.
+    pub guidance_start: f64,
+    /// Its guidance window's end.
+    pub guidance_end: f64,
+    /// The img2img strength it comes with, when the request sets none.
+    pub strength: f64,
+}
+
 /// What the pipeline offers, for /info and for request defaults.
 #[derive(Debug, Clone, Serialize)]
 pub struct PipelineInfo {
@@ -46,6 +73,11 @@ pub struct PipelineInfo {
     pub size_multiple: u32,
     /// LoRA adapters a request may name.
     pub loras: Vec<LoraInfo>,
+    /// ControlNets a request may name, by type.
+    pub controlnets: Vec<ControlNetInfo>,
+    /// The control desk photos get by default; none when the model has no ControlNet of the
+    /// configured type.
+    pub default_control: Option<DefaultControl>,
     /// Largest |weight| a request may give one LoRA adapter.
     pub max_lora_weight: f32,
     /// The negative prompt used when a request gives none.

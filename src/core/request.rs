@@ -20,6 +20,14 @@ pub const MAX_GUIDANCE: f32 = 30.0;
 pub const MAX_PROMPT_CHARS: usize = 10_000;
 /// Webhook events a request may ask for.
 pub const WEBHOOK_EVENTS: [&str; 3] = ["start", "progress", "completed"];
+/// Most ControlNet units one request may have.
+pub const MAX_CONTROL_UNITS: usize = 4;
+/// A control unit's scale when the request gives none.
+pub const DEFAULT_CONTROL_SCALE: f64 = 1.0;
+/// Canny thresholds when a unit gives none (controlnet_aux's defaults).
+pub const DEFAULT_CANNY_THRESHOLDS: (f64, f64) = (100.0, 200.0);
+/// The control type whose images the service makes from the photo itself.
+pub const CANNY: &str = "canny";
 
 /// Where the photo a task starts from is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +87,26 @@ pub struct LoraWeight {
     pub weight: f32,
 }
 
+/// One ControlNet unit of a request, defaults filled in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlRequest {
+    /// The control type, one of /info's `controlnets`.
+    #[serde(rename = "type")]
+    pub control_type: String,
+    /// Multiplies the ControlNet's residuals, in [0, 2].
+    pub scale: f64,
+    /// The share of the steps after which the unit starts acting, in [0, 1).
+    pub guidance_start: f64,
+    /// The share of the steps after which it stops, in (0, 1], above `guidance_start`.
+    pub guidance_end: f64,
+    /// A control image of its own; none means the service makes it from the photo (canny).
+    pub image_url: Option<String>,
+    /// Canny's lower hysteresis threshold.
+    pub low_threshold: f64,
+    /// Canny's upper hysteresis threshold.
+    pub high_threshold: f64,
+}
+
 /// A generation request after its one parse: every default filled in, `<lora:…>` tags taken out
 /// of the prompt and merged into `loras`, the scheduler resolved.
 ///
@@ -107,14 +135,19 @@ pub struct GenerateRequest {
     /// How the photo is shaped to the output. Records from before it existed read as `fit`.
     #[serde(default)]
     pub resize_mode: ResizeMode,
-    /// img2img strength in (0, 1].
-    pub strength: f32,
+    /// img2img strength in (0, 1]; none means the default: the desk control's when that applies,
+    /// else 0.75.
+    pub strength: Option<f32>,
     /// Seed; none means pick one at random when the task runs.
     pub seed: Option<u64>,
     /// Scheduler; none means the model's.
     pub scheduler: Option<SchedulerKind>,
     /// LoRA adapters to apply: the request's `loras`, then prompt tags for adapters it does not name.
     pub loras: Vec<LoraWeight>,
+    /// ControlNet guidance: none means the pipeline's default for desk photos, empty means none.
+    /// Records from before it existed read as none.
+    #[serde(default)]
+    pub control: Option<Vec<ControlRequest>>,
     /// Where to POST the result.
     pub webhook_url: Option<String>,
     /// Which webhook events to send (all when empty).
@@ -148,10 +181,11 @@ impl GenerateRequest {
             height: None,
             width: None,
             resize_mode: ResizeMode::Fit,
-            strength: DEFAULT_STRENGTH,
+            strength: None,
             seed: Some(seed),
             scheduler: None,
             loras: Vec::new(),
+            control: None,
             webhook_url: None,
             webhook_events: Vec::new(),
             max_items_per_category: DEFAULT_ITEMS_PER_CATEGORY,

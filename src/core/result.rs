@@ -65,6 +65,20 @@ pub struct GenerateOutput {
     pub warnings: Vec<String>,
     /// The seed generation used.
     pub seed: Option<u64>,
+    /// The ControlNet guidance the image was made with (empty for none). Records from before it
+    /// existed read as empty.
+    #[serde(default)]
+    pub control: Vec<ControlUsed>,
+}
+
+/// One ControlNet unit a generation used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlUsed {
+    /// The control type.
+    #[serde(rename = "type")]
+    pub control_type: String,
+    /// Its scale.
+    pub scale: f64,
 }
 
 /// One product offer, in the result's JSON shape.

@@ -5,11 +5,12 @@ use serde::Deserialize;
 
 use super::info::PipelineInfo;
 use super::request::{
-    DEFAULT_GUIDANCE, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH, GenerateRequest,
-    LoraWeight, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_STEPS, PhotoSource, ResizeMode, WEBHOOK_EVENTS,
+    CANNY, ControlRequest, DEFAULT_CANNY_THRESHOLDS, DEFAULT_CONTROL_SCALE, DEFAULT_GUIDANCE,
+    DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, GenerateRequest, LoraWeight, MAX_CONTROL_UNITS, MAX_GUIDANCE,
+    MAX_PROMPT_CHARS, MAX_STEPS, PhotoSource, ResizeMode, WEBHOOK_EVENTS,
 };
-use crate::inference::diffusion::SchedulerKind;
 use crate::inference::diffusion::lora::{check_name, extract_prompt_loras};
+use crate::inference::diffusion::{MAX_CONTROL_SCALE, SchedulerKind};
 
 /// A generation request as received, before validation (REST JSON and gRPC map onto it).
 #[derive(Debug, Default, Deserialize)]
@@ -42,6 +43,8 @@ pub struct GenerateInput {
     pub scheduler: Option<String>,
     /// LoRA adapters.
     pub loras: Option<Vec<LoraInput>>,
+    /// ControlNet units; `[]` turns control off, absent means the pipeline's default.
+    pub control: Option<Vec<ControlInput>>,
     /// Webhook target.
     pub webhook_url: Option<String>,
     /// Webhook events wanted.
@@ -64,6 +67,27 @@ pub struct LoraInput {
     pub name: String,
     /// Merge weight (default 1).
     pub weight: Option<f64>,
+}
+
+/// A ControlNet unit as received.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlInput {
+    /// Control type.
+    #[serde(rename = "type")]
+    pub control_type: String,
+    /// Residual scale (default 1).
+    pub scale: Option<f64>,
+    /// Window start (default 0).
+    pub guidance_start: Option<f64>,
+    /// Window end (default 1).
+    pub guidance_end: Option<f64>,
+    /// A control image of its own.
+    pub image_url: Option<String>,
+    /// Canny's lower threshold (default 100).
+    pub low_threshold: Option<f64>,
+    /// Canny's upper threshold (default 200).
+    pub high_threshold: Option<f64>,
 }
 
 /// One broken rule.
@@ -125,12 +149,20 @@ pub fn validate(
             ResizeMode::default()
         }),
     };
-    let strength = input.strength.unwrap_or(f64::from(DEFAULT_STRENGTH));
-    if !(strength.is_finite() && strength > 0.0 && strength <= 1.0) {
+    if let Some(strength) = input.strength
+        && !(strength.is_finite() && strength > 0.0 && strength <= 1.0)
+    {
         rules.bad("strength", "strength must be greater than 0 and at most 1.".into());
     }
     let scheduler = input.scheduler.as_deref().and_then(|name| rules.scheduler(name, info));
     let (user_text, loras) = rules.loras(input.prompt.as_deref(), input.loras.unwrap_or_default(), info);
+    let control = input.control.map(|units| rules.control(units, photo.is_some(), info));
+    if control.as_ref().is_some_and(|units| !units.is_empty()) && loras.iter().any(|l| l.weight != 0.0) {
+        rules.bad(
+            "control",
+            "control cannot be combined with LoRA adapters yet; send one or the other.".into(),
+        );
+    }
     let webhook_events = input.webhook_events.unwrap_or_default();
     rules.webhook(input.webhook_url.as_deref(), &webhook_events);
     let per_category = input.max_items_per_category.unwrap_or(i64::from(DEFAULT_ITEMS_PER_CATEGORY));
@@ -151,10 +183,11 @@ pub fn validate(
         height,
         width,
         resize_mode,
-        strength: strength as f32,
+        strength: input.strength.map(|s| s as f32),
         seed: input.seed,
         scheduler,
         loras,
+        control,
         webhook_url: input.webhook_url,
         webhook_events,
         max_items_per_category: per_category as u32,
@@ -301,6 +334,66 @@ impl Rules {
         }
     }
 
+    /// The units with their defaults filled in; each is checked against the ControlNets the
+    /// pipeline has and must have a control image: its own, or canny's made from the photo.
+    fn control(
+        &mut self,
+        units: Vec<ControlInput>,
+        has_photo: bool,
+        info: &PipelineInfo,
+    ) -> Vec<ControlRequest> {
+        if units.len() > MAX_CONTROL_UNITS {
+            self.bad("control", format!("control may have at most {MAX_CONTROL_UNITS} units."));
+        }
+        units.into_iter().map(|unit| self.control_unit(unit, has_photo, info)).collect()
+    }
+
+    fn control_unit(&mut self, unit: ControlInput, has_photo: bool, info: &PipelineInfo) -> ControlRequest {
+        let name = unit.control_type.as_str();
+        match info.controlnets.iter().find(|c| c.control_type == name) {
+            None if info.controlnets.is_empty() => {
+                self.bad("control", "This model has no ControlNet; send control: [] or leave it out.".into())
+            }
+            None => {
+                let known: Vec<&str> = info.controlnets.iter().map(|c| c.control_type.as_str()).collect();
+                self.bad("control", format!("Unknown control type '{name}'; known: {}.", known.join(", ")));
+            }
+            Some(net) if unit.image_url.is_none() && !(net.from_photo && has_photo) => {
+                let why = if net.from_photo { "a photo or an image_url" } else { "an image_url" };
+                self.bad("control", format!("Control '{name}' needs {why} to make its control image from."));
+            }
+            Some(_) => {}
+        }
+        if let Some(url) = &unit.image_url {
+            self.url("control", url, &["https", "http", "s3"]);
+        }
+        let scale = unit.scale.unwrap_or(DEFAULT_CONTROL_SCALE);
+        if !(0.0..=f64::from(MAX_CONTROL_SCALE)).contains(&scale) {
+            self.bad("control", format!("Control scale must be between 0 and {MAX_CONTROL_SCALE}."));
+        }
+        let (start, end) = (unit.guidance_start.unwrap_or(0.0), unit.guidance_end.unwrap_or(1.0));
+        if !((0.0..1.0).contains(&start) && end > start && end <= 1.0) {
+            self.bad("control", "Control guidance_start and guidance_end need 0 <= start < end <= 1.".into());
+        }
+        let (default_low, default_high) = DEFAULT_CANNY_THRESHOLDS;
+        let low = unit.low_threshold.unwrap_or(default_low);
+        let high = unit.high_threshold.unwrap_or(default_high);
+        if name != CANNY && (unit.low_threshold.is_some() || unit.high_threshold.is_some()) {
+            self.bad("control", "low_threshold and high_threshold are for canny only.".into());
+        } else if !((0.0..=1000.0).contains(&low) && (0.0..=1000.0).contains(&high) && low <= high) {
+            self.bad("control", "Canny thresholds need 0 <= low_threshold <= high_threshold <= 1000.".into());
+        }
+        ControlRequest {
+            control_type: unit.control_type,
+            scale,
+            guidance_start: start,
+            guidance_end: end,
+            image_url: unit.image_url,
+            low_threshold: low,
+            high_threshold: high,
+        }
+    }
+
     fn webhook(&mut self, url: Option<&str>, events: &[String]) {
         if let Some(url) = url {
             self.url("webhook_url", url, &["https", "http"]);
@@ -328,7 +421,7 @@ impl Rules {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::LoraInfo;
+    use crate::core::{ControlNetInfo, LoraInfo};
 
     fn info() -> PipelineInfo {
         PipelineInfo {
@@ -346,6 +439,11 @@ mod tests {
                 })
                 .to_vec(),
             max_lora_weight: 2.0,
+            controlnets: vec![
+                ControlNetInfo { control_type: "canny".into(), from_photo: true },
+                ControlNetInfo { control_type: "softedge".into(), from_photo: false },
+            ],
+            default_control: None,
             negative_prompt: "blurry".into(),
             object_store: "file".into(),
             shopping_provider: "catalog".into(),
@@ -368,12 +466,65 @@ mod tests {
         }
     }
 
+    /// The descriptions of the broken rules.
+    fn reasons(json: serde_json::Value) -> Vec<String> {
+        match parse(json) {
+            Err(Invalid::Rules(violations)) => violations.into_iter().map(|v| v.description).collect(),
+            other => panic!("expected broken rules, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn control_units_get_defaults_and_empty_turns_control_off() {
+        let photo = "https://example.com/desk.jpg";
+        let request = ok(serde_json::json!({"initial_image_url": photo, "control": [{"type": "canny"}]}));
+        let unit = &request.control.expect("control given")[0];
+        assert_eq!((unit.scale, unit.guidance_start, unit.guidance_end), (1.0, 0.0, 1.0));
+        assert_eq!(
+            (unit.low_threshold, unit.high_threshold, unit.image_url.as_deref()),
+            (100.0, 200.0, None)
+        );
+        let off = ok(serde_json::json!({"initial_image_url": photo, "control": []}));
+        assert_eq!(off.control, Some(vec![]));
+        let own = ok(serde_json::json!({"prompt": "a desk", "control": [
+            {"type": "softedge", "scale": 0.5, "guidance_end": 0.6, "image_url": "https://example.com/edges.png"}
+        ]}));
+        assert_eq!(own.control.unwrap()[0].guidance_end, 0.6);
+    }
+
+    #[test]
+    fn bad_control_units_say_what_is_wrong() {
+        let photo = "https://example.com/desk.jpg";
+        let unknown =
+            reasons(serde_json::json!({"initial_image_url": photo, "control": [{"type": "depth"}]}));
+        assert_eq!(unknown, ["Unknown control type 'depth'; known: canny, softedge."]);
+        let no_image =
+            reasons(serde_json::json!({"initial_image_url": photo, "control": [{"type": "softedge"}]}));
+        assert_eq!(no_image, ["Control 'softedge' needs an image_url to make its control image from."]);
+        let no_photo = reasons(serde_json::json!({"prompt": "a desk", "control": [{"type": "canny"}]}));
+        assert_eq!(
+            no_photo,
+            ["Control 'canny' needs a photo or an image_url to make its control image from."]
+        );
+        let fields = broken(serde_json::json!({"initial_image_url": photo, "control": [
+            {"type": "canny", "scale": 3.0},
+            {"type": "canny", "guidance_start": 0.5, "guidance_end": 0.5},
+            {"type": "canny", "low_threshold": 300, "high_threshold": 200},
+            {"type": "softedge", "image_url": "ftp://x/y.png", "low_threshold": 10},
+            {"type": "canny"}
+        ]}));
+        assert_eq!(fields, ["control"; 6]);
+        let with_lora = reasons(serde_json::json!({"initial_image_url": photo, "loras": [{"name": "cozy"}],
+            "control": [{"type": "canny"}]}));
+        assert_eq!(with_lora, ["control cannot be combined with LoRA adapters yet; send one or the other."]);
+    }
+
     #[test]
     fn defaults_fill_what_the_request_leaves_out() {
         let request = ok(serde_json::json!({"prompt": "a desk"}));
         assert_eq!(request.num_inference_steps, DEFAULT_STEPS);
         assert_eq!(request.guidance_scale, DEFAULT_GUIDANCE);
-        assert_eq!(request.strength, DEFAULT_STRENGTH);
+        assert_eq!((request.strength, request.control.clone()), (None, None));
         assert_eq!(request.max_items_per_category, DEFAULT_ITEMS_PER_CATEGORY);
         assert_eq!((request.width, request.height, request.scheduler), (None, None, None));
         assert_eq!(request.user_text.as_deref(), Some("a desk"));

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use super::control::Controls;
 use super::draw::{Painter, Prompts};
 use super::look::{Seen, look_at};
 use super::photo::{PhotoSources, decode};
@@ -40,6 +41,8 @@ pub struct PipelineConfig {
     pub lora_cache_size: usize,
     /// Largest |weight| a request may give one LoRA adapter (negative weights down to -this work).
     pub max_lora_weight: f32,
+    /// ControlNets besides those in the model folder's `controlnet/<type>/`, as (type, folder).
+    pub controlnets: Vec<(String, PathBuf)>,
     /// Largest image side in pixels: what a request may ask for, and the bound of the size a photo's
     /// shape gives.
     pub max_side: u32,
@@ -63,6 +66,7 @@ pub struct DeskPipeline {
     models: Vec<ModelInfo>,
     loras: Vec<LoraInfo>,
     max_lora_weight: f32,
+    controls: Controls,
 }
 
 impl DeskPipeline {
@@ -74,6 +78,11 @@ impl DeskPipeline {
         let diffusion = load_diffusion(&runtime, config)?;
         let models = model_list(&vision, &diffusion, runtime.provider().as_str())?;
         let loras = lora_list(&diffusion);
+        let settings = PipelineSettings::load(config.pipeline_config.as_deref())?;
+        let controls = Controls {
+            types: diffusion.control_types().into_iter().map(str::to_string).collect(),
+            default: settings.control.clone(),
+        };
         Ok(DeskPipeline {
             vision: ModelOwner::spawn("vision", vision)?,
             painter: Painter {
@@ -93,10 +102,11 @@ impl DeskPipeline {
                 max_image_pixels: config.vision.max_image_pixels,
             },
             shopping,
-            settings: PipelineSettings::load(config.pipeline_config.as_deref())?,
+            settings,
             models,
             loras,
             max_lora_weight: config.max_lora_weight,
+            controls,
         })
     }
 
@@ -177,7 +187,9 @@ impl Pipeline for DeskPipeline {
             seen => {
                 let (caption, photo) = seen.map(|s| (s.caption, s.photo)).unzip();
                 let prompts = self.prompts(request, caption.as_deref(), &plan);
-                self.painter.draw(request, prompts, photo, &mut output, ctx).await?;
+                let guidance =
+                    self.controls.guidance(request, &self.photos, ctx, &mut output.timings_ms).await?;
+                self.painter.draw(request, prompts, photo, &guidance, &mut output, ctx).await?;
             }
         }
         ctx.check()?;
@@ -199,6 +211,8 @@ impl Pipeline for DeskPipeline {
             size_multiple: self.painter.size_rule.multiple,
             loras: self.loras.clone(),
             max_lora_weight: self.max_lora_weight,
+            controlnets: self.controls.info(),
+            default_control: self.controls.default_info(),
             negative_prompt: self.settings.prompt.negative.clone(),
             object_store: self.photos.store.kind().to_string(),
             shopping_provider: self.shopping.name().to_string(),
@@ -210,6 +224,9 @@ impl Pipeline for DeskPipeline {
 /// the first request does not pay cuDNN's algorithm search.
 fn load_diffusion(runtime: &Runtime, config: &PipelineConfig) -> anyhow::Result<StableDiffusion> {
     let mut diffusion = StableDiffusion::load(runtime, &config.sd_model)?;
+    for (control_type, dir) in &config.controlnets {
+        diffusion.load_controlnet(control_type, dir)?;
+    }
     anyhow::ensure!(
         config.max_lora_weight.is_finite() && config.max_lora_weight > 0.0,
         "--max-lora-weight must be a positive number, not {}",

@@ -7,6 +7,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use image::{ImageEncoder, RgbImage};
 
+use super::control::Guidance;
 use super::shape::{SizeRule, shape_photo};
 use super::{RunContext, record_ms};
 use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest};
@@ -44,6 +45,7 @@ impl Painter {
         request: &GenerateRequest,
         prompts: Prompts,
         photo: Option<RgbImage>,
+        guidance: &Guidance,
         output: &mut GenerateOutput,
         ctx: &RunContext,
     ) -> Result<(), Failure> {
@@ -59,6 +61,7 @@ impl Painter {
             request.height,
         );
         let photo = photo.map(|photo| shape_photo(&photo, mode, width, height));
+        let control = guidance.units(photo.as_ref());
         let params = GenerateParams {
             prompt: prompts.prompt,
             negative_prompt: prompts.negative,
@@ -66,14 +69,15 @@ impl Painter {
             guidance_scale: request.guidance_scale,
             width,
             height,
-            strength: request.strength,
+            strength: request.strength.unwrap_or(guidance.default_strength as f32),
             seed,
             scheduler: request.scheduler.unwrap_or(self.default_scheduler),
             init_image: photo,
             guidance_rescale: 0.0,
             loras: request.loras.iter().map(|l| (l.name.clone(), l.weight)).collect(),
-            control: Vec::new(),
+            control,
         };
+        output.control = guidance.used();
         ctx.progress("diffusion", 0, steps_to_run(&params));
         match self.generate(params, output, ctx).await {
             Ok(png) => {
@@ -104,6 +108,7 @@ impl Painter {
         ctx: &RunContext,
     ) -> Result<Vec<u8>, DiffusionError> {
         let with_loras = !params.loras.is_empty();
+        let with_control = !params.control.is_empty();
         let step_ctx = ctx.clone();
         let (generated, png, encode_ms) = self
             .diffusion
@@ -124,6 +129,9 @@ impl Painter {
         }
         timings.insert("text_encode".into(), generated.timings.text_encode_ms);
         timings.insert("unet".into(), generated.timings.unet_ms);
+        if with_control {
+            timings.insert("controlnet".into(), generated.timings.controlnet_ms);
+        }
         timings.insert("vae".into(), generated.timings.vae_ms);
         timings.insert("encode_png".into(), encode_ms);
         Ok(png)

@@ -1,10 +1,11 @@
 //! The pipeline: what happens to one request, from the photo to the result.
 //!
 //! [`DeskPipeline`] runs the stages in order: [`photo`] (fetch and decode), [`look`] (detector,
-//! classifier, captioner), [`plan`] (categories and the prompt), [`draw`] (Stable Diffusion and the
-//! upload) and [`shop`] (offers per category, beside the drawing).
+//! classifier, captioner), [`plan`] (categories and the prompt), [`control`] (ControlNet units and
+//! their images), [`draw`] (Stable Diffusion and the upload) and [`shop`] (offers per category, beside the drawing).
 
 pub mod context;
+pub mod control;
 pub mod desk;
 pub mod draw;
 pub mod look;

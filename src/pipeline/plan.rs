@@ -75,6 +75,49 @@ pub struct PipelineSettings {
     pub prompt: PromptTemplates,
     /// The category table, in order of preference.
     pub categories: Vec<Category>,
+    /// The ControlNet guidance desk photos get by default; none for plain img2img.
+    #[serde(default)]
+    pub control: Option<ControlSettings>,
+}
+
+/// The default control of desk photos (`[control]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSettings {
+    /// The control type; applies only when the model has a ControlNet of this type.
+    #[serde(rename = "type")]
+    pub control_type: String,
+    /// Residual scale, in [0, 2].
+    pub scale: f64,
+    /// Guidance window start, in [0, 1).
+    pub guidance_start: f64,
+    /// Guidance window end, in (0, 1].
+    pub guidance_end: f64,
+    /// img2img strength with this control, when the request sets none.
+    pub strength: f64,
+    /// Canny's lower threshold.
+    pub low_threshold: f64,
+    /// Canny's upper threshold.
+    pub high_threshold: f64,
+}
+
+impl ControlSettings {
+    fn check(&self) -> Result<(), String> {
+        let ControlSettings { scale, guidance_start: start, guidance_end: end, strength, .. } = *self;
+        if !(0.0..=2.0).contains(&scale) {
+            return Err("scale must be between 0 and 2".into());
+        }
+        if !((0.0..1.0).contains(&start) && end > start && end <= 1.0) {
+            return Err("guidance_start and guidance_end need 0 <= start < end <= 1".into());
+        }
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err("strength must be in (0, 1]".into());
+        }
+        if !(0.0 <= self.low_threshold && self.low_threshold <= self.high_threshold) {
+            return Err("thresholds need 0 <= low_threshold <= high_threshold".into());
+        }
+        Ok(())
+    }
 }
 
 /// What the prompt is built from.
@@ -114,6 +157,9 @@ impl PipelineSettings {
         }
         if self.max_categories == 0 {
             return Err(PlanError::Invalid("max_categories must be at least 1".into()));
+        }
+        if let Some(control) = &self.control {
+            control.check().map_err(|reason| PlanError::Invalid(format!("[control]: {reason}")))?;
         }
         Ok(())
     }

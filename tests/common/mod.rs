@@ -98,6 +98,8 @@ impl Pipeline for ScriptedPipeline {
             size_multiple: 8,
             loras: vec![],
             max_lora_weight: 2.0,
+            controlnets: vec![],
+            default_control: None,
             negative_prompt: "blurry".into(),
             object_store: "file".into(),
             shopping_provider: "catalog".into(),
