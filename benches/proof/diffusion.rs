@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use deskgen::inference::diffusion::{GenerateParams, SchedulerKind, StableDiffusion};
+use deskgen::inference::diffusion::{ControlUnit, GenerateParams, SchedulerKind, StableDiffusion};
 use deskgen::inference::{Runtime, RuntimeConfig};
 use serde_json::{Value, json};
 
@@ -56,10 +56,11 @@ struct RustRun {
     total_ms: f64,
     unet_ms: f64,
     unet_run_ms: f64,
+    controlnet_ms: f64,
 }
 
-fn rust_runs(pipeline: &mut StableDiffusion, runs: usize) -> anyhow::Result<Vec<RustRun>> {
-    let params = GenerateParams {
+fn params() -> GenerateParams {
+    GenerateParams {
         prompt: PROMPT.into(),
         negative_prompt: NEGATIVE.into(),
         num_inference_steps: STEPS,
@@ -73,15 +74,36 @@ fn rust_runs(pipeline: &mut StableDiffusion, runs: usize) -> anyhow::Result<Vec<
         guidance_rescale: 0.0,
         loras: Vec::new(),
         control: Vec::new(),
+    }
+}
+
+/// One canny ControlNet over every step, on the fixture's control image.
+fn controlled() -> anyhow::Result<GenerateParams> {
+    let image = image::open(repo_path("onnx/fixtures/reference/controlnet/control_canny.png"))?.to_rgb8();
+    let unit = ControlUnit {
+        control_type: "canny".into(),
+        image,
+        scale: 1.0,
+        guidance_start: 0.0,
+        guidance_end: 1.0,
     };
+    Ok(GenerateParams { control: vec![unit], ..params() })
+}
+
+fn rust_runs(
+    pipeline: &mut StableDiffusion,
+    params: &GenerateParams,
+    runs: usize,
+) -> anyhow::Result<Vec<RustRun>> {
     let mut out = Vec::new();
     for _ in 0..runs {
         let started = Instant::now();
-        let generated = pipeline.generate(&params, &mut |_, _| ControlFlow::Continue(()))?;
+        let generated = pipeline.generate(params, &mut |_, _| ControlFlow::Continue(()))?;
         out.push(RustRun {
             total_ms: started.elapsed().as_secs_f64() * 1000.0,
             unet_ms: generated.timings.unet_ms,
             unet_run_ms: generated.timings.unet_run_ms,
+            controlnet_ms: generated.timings.controlnet_ms,
         });
     }
     Ok(out)
@@ -93,12 +115,15 @@ pub async fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()>
     let mut pipeline = StableDiffusion::load(&runtime, repo_path(MODEL))?;
     // Warm-up, then half the Rust runs before the Python ones and half after, so drift in the
     // machine's load falls on both sides.
-    rust_runs(&mut pipeline, 2)?;
+    let (plain, steered) = (params(), controlled()?);
+    rust_runs(&mut pipeline, &plain, 2)?;
     let half = settings.runs.div_ceil(2);
-    let mut rust = rust_runs(&mut pipeline, half)?;
+    let mut rust = rust_runs(&mut pipeline, &plain, half)?;
     // Without the reference the Rust figures still stand; the report says why the ratio is missing.
     let reference = tokio::task::block_in_place(|| python_runs(settings));
-    rust.extend(rust_runs(&mut pipeline, settings.runs - half)?);
+    rust.extend(rust_runs(&mut pipeline, &plain, settings.runs - half)?);
+    rust_runs(&mut pipeline, &steered, 1)?;
+    let with_control = rust_runs(&mut pipeline, &steered, settings.runs)?;
 
     let rust_total: Vec<f64> = rust.iter().map(|r| r.total_ms).collect();
     let step_ms: Vec<f64> = rust.iter().map(|r| r.unet_ms / f64::from(STEPS)).collect();
@@ -150,6 +175,18 @@ pub async fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()>
         share * 100.0,
         verdict(share < 0.01)
     ));
+    let controlled_step: Vec<f64> = with_control.iter().map(|r| r.unet_ms / f64::from(STEPS)).collect();
+    let controlnet_step: Vec<f64> = with_control.iter().map(|r| r.controlnet_ms / f64::from(STEPS)).collect();
+    let control_ratio = percentile(&controlled_step, 50.0) / percentile(&step_ms, 50.0);
+    lines.push(format!(
+        "UNet step + 1 ControlNet median {:>8.3} ms = {control_ratio:.2}x the plain step (the ControlNet alone {:.3} ms)",
+        percentile(&controlled_step, 50.0),
+        percentile(&controlnet_step, 50.0)
+    ));
+    doc["controlnet"] = json!({
+        "unet_step_ms": summary(&controlled_step), "controlnet_ms_per_step": summary(&controlnet_step),
+        "over_plain_step": control_ratio,
+    });
     report.section("diffusion", doc, lines);
     Ok(())
 }
