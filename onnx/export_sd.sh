@@ -152,12 +152,12 @@ for d in sorted(out.glob("tokenizer*")):
         tok.backend_tokenizer.save(str(d / "tokenizer.json"))
         print(f"export_sd.sh: wrote {d / 'tokenizer.json'}", file=sys.stderr)
 PY
-MAP_ARGS=()
-if [[ "$DTYPE" == fp16 ]]; then MAP_ARGS=(--fp16); fi
-"$VENV/bin/python" "$HERE/weights_map.py" "$MODEL" "$OUT" "${MAP_ARGS[@]}"
 if [[ ${#CONTROLNETS[@]} -gt 0 ]]; then
   "$VENV/bin/python" "$HERE/export_controlnet.py" "$MODEL" "$OUT" "${CONTROLNETS[@]}"
 fi
+MAP_ARGS=()
+if [[ "$DTYPE" == fp16 ]]; then MAP_ARGS=(--fp16); fi
+"$VENV/bin/python" "$HERE/weights_map.py" "$MODEL" "$OUT" "${MAP_ARGS[@]}"
 # The plain graph runs anywhere.
 "$VENV/bin/python" - "$OUT" <<'PY'
 import json, pathlib, sys

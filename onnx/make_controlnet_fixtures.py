@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import export_controlnet
+import weights_map
 
 CONTROL_TYPES = ("canny", "softedge")
 # (mode, scheduler, units of (type, scale, guidance_start, guidance_end))
@@ -63,6 +64,8 @@ def export(kind: str, ckpt: pathlib.Path, out: pathlib.Path) -> None:
     for control_type, net in nets.items():
         export_controlnet.export_controlnet(net, unet, control_type, out)
     export_controlnet.export_residual_unet(unet, nets[CONTROL_TYPES[0]], out)
+    doc = weights_map.map_part(str(ckpt), out / "unet_controlnet", "unet_controlnet", torch.float32)
+    (out / "unet_controlnet" / "weights_map.json").write_text(weights_map.to_json(doc))
     for cfg in (out / "controlnet").rglob("config.json"):
         obj = json.loads(cfg.read_text())
         obj["_name_or_path"] = f"{out.name}/{cfg.parent.relative_to(out)}"
@@ -111,11 +114,12 @@ def img2img_module(kind: str):
     return m
 
 
-def run(fx, kind, mode, sched_name, units, ckpt, noise, init, images, output_type):
+def run(fx, kind, mode, sched_name, units, ckpt, noise, init, images, output_type, pipeline_ckpt=None):
+    """One case; the pipeline's weights from `pipeline_ckpt` (a LoRA-fused copy) when given."""
     from diffusers import ControlNetModel
 
     nets = [ControlNetModel.from_pretrained(str(ckpt / f"controlnet-{t}")) for t, *_ in units]
-    t2i, i2i = pipelines(kind, ckpt, nets)
+    t2i, i2i = pipelines(kind, pipeline_ckpt or ckpt, nets)
     pipe = t2i if mode == "txt2img" else i2i
     pipe.scheduler = fx.make_scheduler(sched_name, pipe.scheduler.config)
     mids = []
@@ -151,6 +155,62 @@ def run(fx, kind, mode, sched_name, units, ckpt, noise, init, images, output_typ
     return np.asarray(result, dtype=np.float32), np.stack(mids)
 
 
+# LoRA adapters fused into the UNet and text encoder, the ControlNet as it is (diffusers merges LoRA
+# into the pipeline's UNet only): (case, adapters, mode, scheduler, units)
+LORA_CASES = (
+    ("lora_txt2img_ddim_1net", (("minimal-desk", 1.0),), "txt2img", "ddim", (("canny", 1.0, 0.0, 1.0),)),
+)
+
+
+def lora_reference(fx, work: pathlib.Path, ref_root: pathlib.Path, images, init) -> list:
+    import make_lora_fixtures
+
+    ckpt = work / "ckpt-sd15"
+    noise = torch.from_numpy(np.load(ref_root / "sd15" / "noise.npy"))
+    cases = []
+    for cid, adapters, mode, sched_name, units in LORA_CASES:
+        fused = work / f"ckpt-sd15-controlnet-{cid}"
+        shutil.rmtree(fused, ignore_errors=True)
+        make_lora_fixtures._fused_checkpoint(ckpt, fx.ONNX_DIR / "loras", list(adapters), fused)
+        cdir = ref_root / "controlnet" / "sd15" / cid
+        cdir.mkdir(parents=True)
+        image, mids = run(fx, "sd15", mode, sched_name, units, ckpt, noise, init, images, "np", fused)
+        latents, _ = run(fx, "sd15", mode, sched_name, units, ckpt, noise, init, images, "latent", fused)
+        files = {
+            "image": fx.save_npy(cdir / "image.npy", image),
+            "final_latents": fx.save_npy(cdir / "final_latents.npy", latents),
+            "mid_residual": fx.save_npy(cdir / "mid_residual.npy", mids),
+        }
+        cases.append(case_entry(fx, "sd15", cid, mode, sched_name, units, ref_root, files, cdir)
+                     | {"loras": [{"name": n, "weight": w} for n, w in adapters]})
+        print(f"controlnet-ref: sd15/{cid} image mean {image.mean():.6f}", file=sys.stderr)
+    return cases
+
+
+def case_entry(fx, kind, cid, mode, sched_name, units, ref_root, files, cdir) -> dict:
+    root = ref_root / "controlnet"
+    return {
+        "id": f"{kind}/{cid}",
+        "model": kind,
+        "model_dir": fx.rel(fx.FIXTURES["out"] / f"tiny-{kind}"),
+        "mode": mode,
+        "scheduler": sched_name,
+        "units": [{"type": t, "scale": s, "guidance_start": a, "guidance_end": b,
+                   "image": fx.rel(root / f"control_{t}.png")} for t, s, a, b in units],
+        "prompt": fx.PROMPT,
+        "negative_prompt": fx.NEGATIVE,
+        "guidance_scale": fx.GUIDANCE,
+        "num_inference_steps": fx.STEPS,
+        "height": fx.HEIGHT,
+        "width": fx.WIDTH,
+        "strength": fx.STRENGTH if mode == "img2img" else None,
+        "noise": fx.rel(ref_root / kind / "noise.npy"),
+        "init_image": fx.rel(ref_root / "init_image.png") if mode == "img2img" else None,
+        "loras": [],
+        "files": {k: fx.rel(cdir / v) for k, v in files.items()},
+    }
+
+
 def reference(fx, work: pathlib.Path, ref_root: pathlib.Path) -> dict:
     """Every case of CASES for both models -> ref_root/controlnet/<kind>/<case>/."""
     from PIL import Image
@@ -175,26 +235,9 @@ def reference(fx, work: pathlib.Path, ref_root: pathlib.Path) -> dict:
                 "final_latents": fx.save_npy(cdir / "final_latents.npy", latents),
                 "mid_residual": fx.save_npy(cdir / "mid_residual.npy", mids),
             }
-            cases.append({
-                "id": f"{kind}/{cid}",
-                "model": kind,
-                "model_dir": fx.rel(fx.FIXTURES["out"] / f"tiny-{kind}"),
-                "mode": mode,
-                "scheduler": sched_name,
-                "units": [{"type": t, "scale": s, "guidance_start": a, "guidance_end": b,
-                           "image": fx.rel(root / f"control_{t}.png")} for t, s, a, b in units],
-                "prompt": fx.PROMPT,
-                "negative_prompt": fx.NEGATIVE,
-                "guidance_scale": fx.GUIDANCE,
-                "num_inference_steps": fx.STEPS,
-                "height": fx.HEIGHT,
-                "width": fx.WIDTH,
-                "strength": fx.STRENGTH if mode == "img2img" else None,
-                "noise": fx.rel(ref_root / kind / "noise.npy"),
-                "init_image": fx.rel(ref_root / "init_image.png") if mode == "img2img" else None,
-                "files": {k: fx.rel(cdir / v) for k, v in files.items()},
-            })
+            cases.append(case_entry(fx, kind, cid, mode, sched_name, units, ref_root, files, cdir))
             print(f"controlnet-ref: {kind}/{cid} image mean {image.mean():.6f}", file=sys.stderr)
+    cases.extend(lora_reference(fx, work, ref_root, images, init))
     doc = {
         "conventions": (
             "diffusers' PyTorch ControlNet pipelines (StableDiffusion[XL]ControlNet[Img2Img]Pipeline, CPU, "
@@ -203,7 +246,8 @@ def reference(fx, work: pathlib.Path, ref_root: pathlib.Path) -> dict:
             "control_guidance_end per unit. Noise and img2img conventions as in cases.json (the noise of "
             "reference/<model>/noise.npy; VAE encode = latent mean). image: [1,H,W,3] in [0,1]; final_latents: "
             "[1,4,H/8,W/8] in scheduler space; mid_residual: [S,2,C,h,w] the summed, scaled mid-block residual "
-            "the UNet received at each step."
+            "the UNet received at each step. Cases with loras: the adapters (onnx/loras/) fused by diffusers into the "
+            "pipeline's UNet and text encoder as for reference/lora, the ControlNet unchanged."
         ),
         "cases": cases,
     }

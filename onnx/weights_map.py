@@ -9,8 +9,8 @@ here by value: every weight matrix of a real or random checkpoint is unique, and
 constant holds exactly the same numbers (bit for bit), possibly transposed.
 
 Usage: weights_map.py MODEL_DIR_OR_ID OUT_DIR [--fp16]
-Called by export_sd.sh after `optimum-cli export onnx`; writes OUT_DIR/{unet,text_encoder,
-text_encoder_2}/weights_map.json for the parts that exist.
+Called by export_sd.sh after `optimum-cli export onnx` (and after onnx/export_controlnet.py); writes
+OUT_DIR/{unet,unet_controlnet,text_encoder,text_encoder_2}/weights_map.json for the parts that exist.
 
 Only weights with two or more dimensions (Linear and Conv, what LoRA targets) are mapped. A weight
 whose values are found in no initializer, or in several, is listed under "unmapped" with the reason;
@@ -32,6 +32,8 @@ from onnx import numpy_helper
 FORMAT = "deskgen.weights_map.v1"
 PARTS = {
     "unet": ("diffusers", "UNet2DConditionModel"),
+    # the UNet exported again with ControlNet residual inputs (onnx/export_controlnet.py)
+    "unet_controlnet": ("diffusers", "UNet2DConditionModel"),
     "text_encoder": ("transformers", "CLIPTextModel"),
     "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
 }
@@ -49,8 +51,13 @@ def digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
+# the PyTorch weights a part's graph was exported from, when not its own folder
+SOURCE = {"unet_controlnet": "unet"}
+
+
 def load_module(model: str, part: str, dtype: torch.dtype):
     package, cls_name = PARTS[part]
+    part = SOURCE.get(part, part)
     cls = getattr(__import__(package), cls_name)
     # diffusers and transformers spell the dtype argument differently
     kwargs = {"torch_dtype" if package == "diffusers" else "dtype": dtype}

@@ -8,6 +8,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
+use deskgen::inference::diffusion::lora::LoraOptions;
 use deskgen::inference::diffusion::schedulers::{SchedulerConfig, img2img_start_index};
 use deskgen::inference::diffusion::{
     ClipTokenizer, ControlUnit, DiffusionError, GenerateParams, SchedulerKind, StableDiffusion,
@@ -32,11 +33,16 @@ fn runtime() -> Runtime {
 /// One of the shared pipelines below.
 type Shared = fn() -> MutexGuard<'static, StableDiffusion>;
 
-/// The tiny SD 1.5 pipeline, loaded once; running it takes `&mut`, so tests take turns.
+/// The tiny SD 1.5 pipeline with the committed LoRA adapters, loaded once; running it takes
+/// `&mut`, so tests take turns.
 fn sd15() -> MutexGuard<'static, StableDiffusion> {
     static PIPELINE: OnceLock<Mutex<StableDiffusion>> = OnceLock::new();
     let pipeline = PIPELINE.get_or_init(|| {
-        Mutex::new(StableDiffusion::load(&runtime(), fixtures().join("tiny-sd15")).expect("tiny-sd15 loads"))
+        let mut sd =
+            StableDiffusion::load(&runtime(), fixtures().join("tiny-sd15")).expect("tiny-sd15 loads");
+        let loras = LoraOptions { dir: repo_path("onnx/loras"), cache_size: 2, max_weight: 2.0 };
+        assert!(sd.load_loras(&loras).expect("the LoRA folder reads").is_empty());
+        Mutex::new(sd)
     });
     pipeline.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -588,6 +594,12 @@ fn controlnet_generations_match_diffusers() {
             scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
             init_image,
             control: case["units"].as_array().unwrap().iter().map(control_unit).collect(),
+            loras: case["loras"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| (l["name"].as_str().unwrap().to_string(), l["weight"].as_f64().unwrap() as f32))
+                .collect(),
             ..params("", SchedulerKind::Ddim)
         };
         let noise = as4(npy::read_f32(&repo_path(case["noise"].as_str().unwrap())));
@@ -599,7 +611,7 @@ fn controlnet_generations_match_diffusers() {
         assert!(latents_diff <= 1e-3, "{id}: final latents differ by {latents_diff}");
         assert!(image_diff <= 1e-3, "{id}: image differs by {image_diff}");
     }
-    assert_eq!(report.len(), 8);
+    assert_eq!(report.len(), 9);
     println!("max abs diff against diffusers' ControlNet pipelines:\n{}", report.join("\n"));
 }
 
@@ -626,25 +638,19 @@ fn control_steers_the_image_and_bad_control_is_refused() {
         "scale 0 is no control"
     );
 
-    let refused = |pipeline: &mut StableDiffusion, unit: ControlUnit, loras: Vec<(String, f32)>| {
-        let params = GenerateParams { control: vec![unit], loras, ..steered.clone() };
+    let refused = |pipeline: &mut StableDiffusion, unit: ControlUnit| {
+        let params = GenerateParams { control: vec![unit], ..steered.clone() };
         pipeline.generate(&params, &mut keep_going()).unwrap_err().to_string()
     };
-    let error = refused(&mut pipeline, ControlUnit { control_type: "depth".into(), ..unit.clone() }, vec![]);
+    let error = refused(&mut pipeline, ControlUnit { control_type: "depth".into(), ..unit.clone() });
     assert!(
         error.contains("control") && error.contains("\"depth\"") && error.contains("canny, softedge"),
         "{error}"
     );
-    let error = refused(&mut pipeline, ControlUnit { scale: 2.5, ..unit.clone() }, vec![]);
+    let error = refused(&mut pipeline, ControlUnit { scale: 2.5, ..unit.clone() });
     assert!(error.contains("scale must be between 0 and 2"), "{error}");
-    let error = refused(
-        &mut pipeline,
-        ControlUnit { guidance_start: 0.6, guidance_end: 0.5, ..unit.clone() },
-        vec![],
-    );
+    let error = refused(&mut pipeline, ControlUnit { guidance_start: 0.6, guidance_end: 0.5, ..unit });
     assert!(error.contains("guidance_start"), "{error}");
-    let error = refused(&mut pipeline, unit, vec![("style".into(), 0.8)]);
-    assert!(error.contains("LoRA"), "{error}");
 }
 
 #[test]

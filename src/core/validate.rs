@@ -157,12 +157,6 @@ pub fn validate(
     let scheduler = input.scheduler.as_deref().and_then(|name| rules.scheduler(name, info));
     let (user_text, loras) = rules.loras(input.prompt.as_deref(), input.loras.unwrap_or_default(), info);
     let control = input.control.map(|units| rules.control(units, photo.is_some(), info));
-    if control.as_ref().is_some_and(|units| !units.is_empty()) && loras.iter().any(|l| l.weight != 0.0) {
-        rules.bad(
-            "control",
-            "control cannot be combined with LoRA adapters yet; send one or the other.".into(),
-        );
-    }
     let webhook_events = input.webhook_events.unwrap_or_default();
     rules.webhook(input.webhook_url.as_deref(), &webhook_events);
     let per_category = input.max_items_per_category.unwrap_or(i64::from(DEFAULT_ITEMS_PER_CATEGORY));
@@ -514,9 +508,6 @@ mod tests {
             {"type": "canny"}
         ]}));
         assert_eq!(fields, ["control"; 6]);
-        let with_lora = reasons(serde_json::json!({"initial_image_url": photo, "loras": [{"name": "cozy"}],
-            "control": [{"type": "canny"}]}));
-        assert_eq!(with_lora, ["control cannot be combined with LoRA adapters yet; send one or the other."]);
     }
 
     #[test]

@@ -56,9 +56,8 @@ impl Controls {
         self.default.as_ref().filter(|d| self.types.contains(&d.control_type))
     }
 
-    /// The units `request` asks for, or for a photo without `control` the default one (left out
-    /// while LoRA adapters are in use: the residual-input UNet does not take their merges), with
-    /// the images of units that bring their own, read like the photo.
+    /// The units `request` asks for, or for a photo without `control` the default one, with the
+    /// images of units that bring their own, read like the photo.
     pub async fn guidance(
         &self,
         request: &GenerateRequest,
@@ -66,10 +65,9 @@ impl Controls {
         ctx: &RunContext,
         timings: &mut BTreeMap<String, f64>,
     ) -> Result<Guidance, Failure> {
-        let with_loras = request.loras.iter().any(|l| l.weight != 0.0);
         let (requests, default_strength) = match (&request.control, self.applicable_default()) {
             (Some(units), _) => (units.clone(), f64::from(DEFAULT_STRENGTH)),
-            (None, Some(d)) if request.photo.is_some() && !with_loras => (vec![default_unit(d)], d.strength),
+            (None, Some(d)) if request.photo.is_some() => (vec![default_unit(d)], d.strength),
             (None, _) => (Vec::new(), f64::from(DEFAULT_STRENGTH)),
         };
         let mut units = Vec::with_capacity(requests.len());

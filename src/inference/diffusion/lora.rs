@@ -248,6 +248,9 @@ struct PartMap {
 pub struct LoraLibrary {
     adapters: BTreeMap<String, LoraAdapter>,
     maps: BTreeMap<ModelPart, PartMap>,
+    /// The weights map of the UNet with ControlNet residual inputs (`unet_controlnet/`), whose
+    /// initializers take the same UNet merges under other names.
+    residual_unet: Option<PartMap>,
     max_weight: f32,
 }
 
@@ -268,8 +271,12 @@ impl LoraLibrary {
         model_dir: &Path,
         family: ModelFamily,
     ) -> Result<(LoraLibrary, Vec<RejectedLora>), LoraError> {
-        let mut library =
-            LoraLibrary { adapters: BTreeMap::new(), maps: BTreeMap::new(), max_weight: options.max_weight };
+        let mut library = LoraLibrary {
+            adapters: BTreeMap::new(),
+            maps: BTreeMap::new(),
+            residual_unet: None,
+            max_weight: options.max_weight,
+        };
         let mut files: Vec<PathBuf> = match std::fs::read_dir(&options.dir) {
             Ok(entries) => entries
                 .flatten()
@@ -289,6 +296,8 @@ impl LoraLibrary {
                 library.maps.insert(part, PartMap::load(&onnx));
             }
         }
+        let residual = model_dir.join("unet_controlnet/model.onnx");
+        library.residual_unet = residual.is_file().then(|| PartMap::load(&residual));
         let mut rejected = Vec::new();
         for path in files {
             match library.load_adapter(&path, family) {
@@ -494,15 +503,43 @@ impl LoraLibrary {
         parts.into_iter().map(|part| Ok((part, self.merged_initializers(set, part)?))).collect()
     }
 
+    /// The initializers of the residual-input UNet for `set`, or `None` when the set leaves the
+    /// UNet alone.
+    pub(crate) fn residual_unet_overrides(
+        &self,
+        set: &[(&LoraAdapter, f32)],
+    ) -> Result<Option<InitializerOverrides>, LoraError> {
+        if !set.iter().any(|(a, _)| a.parts().contains(&ModelPart::Unet)) {
+            return Ok(None);
+        }
+        let map = self.residual_unet.as_ref().ok_or_else(|| LoraError::Merge {
+            part: "unet_controlnet",
+            reason: "the model has no residual-input UNet".into(),
+        })?;
+        self.merged_into(set, ModelPart::Unet, map).map(Some)
+    }
+
     /// The merged initializers of `part` for `set`, ready to replace those of the base model.
     fn merged_initializers(
         &self,
         set: &[(&LoraAdapter, f32)],
         part: ModelPart,
     ) -> Result<InitializerOverrides, LoraError> {
+        let part_map = self.maps.get(&part).ok_or_else(|| LoraError::Merge {
+            part: part.as_str(),
+            reason: "the model has no such part".into(),
+        })?;
+        self.merged_into(set, part, part_map)
+    }
+
+    /// The merged initializers of the `part` modules of `set` in the graph `part_map` describes.
+    fn merged_into(
+        &self,
+        set: &[(&LoraAdapter, f32)],
+        part: ModelPart,
+        part_map: &PartMap,
+    ) -> Result<InitializerOverrides, LoraError> {
         let merge_error = |reason: String| LoraError::Merge { part: part.as_str(), reason };
-        let part_map =
-            self.maps.get(&part).ok_or_else(|| merge_error("the model has no such part".into()))?;
         let map = part_map.map.as_ref().map_err(|r| merge_error(r.clone()))?;
         let mut targets: BTreeMap<&str, &MappedWeight> = BTreeMap::new();
         for (adapter, _) in set {

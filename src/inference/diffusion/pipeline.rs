@@ -356,7 +356,7 @@ impl StableDiffusion {
         if !(0.0..=1.0).contains(&params.guidance_rescale) {
             return invalid("guidance_rescale", "must be between 0 and 1".into());
         }
-        self.validate_control(&params.control, &params.loras)?;
+        self.validate_control(&params.control)?;
         if params.init_image.is_some() {
             if !(params.strength > 0.0 && params.strength <= 1.0) {
                 return invalid("strength", "must be in (0, 1]".into());
@@ -370,12 +370,9 @@ impl StableDiffusion {
         Ok(())
     }
 
-    fn validate_control(&self, units: &[ControlUnit], loras: &[(String, f32)]) -> Result<(), DiffusionError> {
+    fn validate_control(&self, units: &[ControlUnit]) -> Result<(), DiffusionError> {
         let invalid = |reason: String| Err(DiffusionError::InvalidParams { field: "control", reason });
         let known = self.control_types();
-        if !units.is_empty() && loras.iter().any(|(_, weight)| *weight != 0.0) {
-            return invalid("LoRA adapters cannot be combined with control on this engine yet".into());
-        }
         for unit in units {
             if !known.contains(&unit.control_type.as_str()) {
                 return invalid(if known.is_empty() {
@@ -433,7 +430,8 @@ impl StableDiffusion {
         } = self;
         let mut timings = Timings::default();
         let started = Instant::now();
-        let merged = merged(loras.as_mut(), &params.loras, config, runtime, text_encoders)?;
+        let controlled = control.is_some() && !params.control.is_empty();
+        let merged = merged(loras.as_mut(), &params.loras, controlled, config, runtime, text_encoders)?;
         let mut active = Active::of(unet, text_encoders, merged);
         timings.lora_ms = elapsed_ms(started);
         let started = Instant::now();
@@ -466,7 +464,10 @@ impl StableDiffusion {
 
         let started = Instant::now();
         let schedule = Schedule { scheduler: scheduler.as_mut(), start, rng };
-        let control = control.as_mut().filter(|_| !params.control.is_empty());
+        let control = control.as_mut().filter(|_| controlled).map(|Control { unet, nets }| ControlSessions {
+            unet: active.residual_unet.take().unwrap_or(unet),
+            nets,
+        });
         let unets = Unets { plain: active.unet, control };
         let cost = run_steps(unets, embeddings, schedule, &mut latents, params, on_step)?;
         timings.unet_run_ms = cost.run_ms;
@@ -519,20 +520,26 @@ struct StepsCost {
 /// The UNet of a generation, and with control the residual-input UNet and the ControlNets.
 struct Unets<'a> {
     plain: &'a mut Unet,
-    control: Option<&'a mut Control>,
+    control: Option<ControlSessions<'a>>,
+}
+
+/// The residual-input UNet (merged with the generation's adapters, if any) and the ControlNets.
+struct ControlSessions<'a> {
+    unet: &'a mut Unet,
+    nets: &'a mut [ControlNet],
 }
 
 /// A generation's control: the units with their images as model inputs, the ControlNets and the
 /// residual-input UNet with its buffers.
 struct Steering<'a> {
-    control: &'a mut Control,
+    control: ControlSessions<'a>,
     buffers: UnetBuffers,
     units: Vec<(usize, &'a ControlUnit, ModelTensor<ndarray::Ix4>)>,
 }
 
 impl<'a> Steering<'a> {
     fn new(
-        control: &'a mut Control,
+        control: ControlSessions<'a>,
         units: &'a [ControlUnit],
         shape: [usize; 4],
         conditioning: &UnetConditioning,
@@ -702,6 +709,8 @@ fn load_text_encoders(
 struct Active<'a> {
     unet: &'a mut Unet,
     text_encoders: Vec<&'a mut TextEncoder>,
+    /// The merged residual-input UNet of a controlled generation with adapters.
+    residual_unet: Option<&'a mut Unet>,
 }
 
 impl<'a> Active<'a> {
@@ -710,12 +719,14 @@ impl<'a> Active<'a> {
         text_encoders: &'a mut [TextEncoder],
         merged: Option<&'a mut Merged>,
     ) -> Active<'a> {
-        let Some(MergedModels { unet: merged_unet, text_encoders: merged_encoders }) = merged else {
-            return Active { unet, text_encoders: text_encoders.iter_mut().collect() };
+        let Some(MergedModels { unet: merged_unet, text_encoders: merged_encoders, residual_unet }) = merged
+        else {
+            return Active { unet, text_encoders: text_encoders.iter_mut().collect(), residual_unet: None };
         };
         let mut merged_encoders = merged_encoders.iter_mut();
         Active {
             unet: merged_unet.as_mut().unwrap_or(unet),
+            residual_unet: residual_unet.as_mut(),
             text_encoders: text_encoders
                 .iter_mut()
                 .map(|base| merged_encoders.next().and_then(Option::as_mut).unwrap_or(base))
@@ -729,6 +740,7 @@ impl<'a> Active<'a> {
 fn merged<'a>(
     loras: Option<&'a mut Loras>,
     requested: &[(String, f32)],
+    controlled: bool,
     config: &DiffusionConfig,
     runtime: &Runtime,
     base_encoders: &[TextEncoder],
@@ -765,8 +777,16 @@ fn merged<'a>(
                 None => None,
             });
         }
-        Ok(MergedModels { unet, text_encoders })
+        Ok(MergedModels { unet, text_encoders, residual_unet: None })
     })?;
+    if controlled && merged.residual_unet.is_none() {
+        let xl = config.family == ModelFamily::StableDiffusionXl;
+        if let Some(values) = library.residual_unet_overrides(&set)? {
+            let unet = Unet::load(&runtime.for_model("unet"), &config.dir, UnetGraph::Residual, xl, values)
+                .map_err(|e| LoraError::Merge { part: "unet_controlnet", reason: e.to_string() })?;
+            merged.residual_unet = Some(unet);
+        }
+    }
     tracing::debug!(loras = ?requested, cache_hit = hit, "LoRA sessions ready");
     Ok(Some(merged))
 }

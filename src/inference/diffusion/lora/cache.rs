@@ -8,6 +8,9 @@ use super::{LoraAdapter, LoraError};
 pub(crate) struct MergedModels<U, T> {
     pub(crate) unet: Option<U>,
     pub(crate) text_encoders: Vec<Option<T>>,
+    /// The residual-input UNet with the same merges, built when a controlled generation first
+    /// needs it.
+    pub(crate) residual_unet: Option<U>,
 }
 
 /// The adapter names and weight bits of a set, sorted by name.
