@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use crate::api::render::result_json;
 use crate::config::{BenchCommand, EvalCommand, GenerateCommand, ModelsCommand};
 use crate::core::validate::validate;
-use crate::core::{Failure, FailureCode, GenerateInput, GenerateOutput, Invalid, Limits, Progress};
+use crate::core::{
+    ControlInput, Failure, FailureCode, GenerateInput, GenerateOutput, Invalid, Limits, Progress,
+};
 use crate::inference::Runtime;
 use crate::inference::diffusion::{GenerateParams, StableDiffusion, resolve_variant};
 use crate::inference::vision::{ModelFile, Vision, describe};
@@ -246,8 +248,24 @@ fn generate_input(command: &GenerateCommand) -> GenerateInput {
         seed: command.seed,
         scheduler: command.scheduler.clone(),
         max_items_per_category: command.max_items_per_category,
+        control: control_units(command),
         ..GenerateInput::default()
     }
+}
+
+/// `--control TYPE[:SCALE]` as units, `--no-control` as none; neither means the default.
+fn control_units(command: &GenerateCommand) -> Option<Vec<ControlInput>> {
+    if command.no_control {
+        return Some(Vec::new());
+    }
+    let units = command.control.iter().map(|spec| {
+        let (control_type, scale) = match spec.split_once(':') {
+            Some((name, scale)) => (name, Some(scale.parse::<f64>().unwrap_or(f64::NAN))),
+            None => (spec.as_str(), None),
+        };
+        ControlInput { control_type: control_type.to_string(), scale, ..ControlInput::default() }
+    });
+    (!command.control.is_empty()).then(|| units.collect())
 }
 
 /// What was wrong with the request, a line each.
@@ -305,6 +323,9 @@ fn summarise(record: &TaskRecord, out: &mut impl Write) -> std::io::Result<()> {
     match &output.processed_image_url {
         Some(path) => writeln!(out, "image: {path}")?,
         None => writeln!(out, "image: none")?,
+    }
+    for unit in &output.control {
+        writeln!(out, "control: {} at scale {}", unit.control_type, unit.scale)?;
     }
     for warning in &output.warnings {
         writeln!(out, "warning: {warning}")?;

@@ -89,8 +89,25 @@ fn generate_runs_the_pipeline_locally_and_writes_the_png() {
     let png = image::open(&out).unwrap();
     assert_eq!((png.width(), png.height()), (288, 224), "the 4:3 photo's shape at the native area");
     let progress = String::from_utf8_lossy(&output.stderr);
-    // Strength 0.75 of 4 steps: img2img runs the last 3, and progress says so from the start.
+    // The desk's default control comes with strength 0.9: img2img runs int(4 × 0.9) = 3 steps,
+    // and progress says so from the start.
     assert!(progress.contains("diffusion 0/3\n") && progress.contains("diffusion 3/3\n"), "{progress}");
+    assert_eq!(result["control"], serde_json::json!([{"type": "canny", "scale": 0.8}]));
+
+    let plain = deskgen()
+        .args(["generate", "--desk-threshold", "0", "--steps", "4", "--seed", "5", "--no-control", "--image"])
+        .arg(&photo)
+        .arg("--out")
+        .arg(dir.path().join("plain.png"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    let summary = String::from_utf8_lossy(&plain.stdout);
+    assert!(summary.contains("image: ") && !summary.contains("control:"), "{summary}");
+    // Strength 0.75 without control: 3 of 4 steps too, but another image.
+    assert_ne!(std::fs::read(&out).unwrap(), std::fs::read(dir.path().join("plain.png")).unwrap());
 }
 
 #[test]
@@ -107,6 +124,10 @@ fn generate_exit_codes_tell_bad_input_from_failure() {
     assert!(String::from_utf8_lossy(&blank.stderr).contains("Prompt must not be empty."));
     let steps = run(&["--prompt", "desk", "--steps", "0"]);
     assert_eq!(steps.status.code(), Some(2));
+    let control = run(&["--prompt", "desk", "--control", "softedge:0.5"]);
+    assert_eq!(control.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&control.stderr);
+    assert!(said.contains("Control 'softedge' needs an image_url"), "{said}");
     let not_image = dir.path().join("notes.jpg");
     std::fs::write(&not_image, b"plain text, not a photo").unwrap();
     let invalid = run(&["--image", not_image.to_str().unwrap()]);
