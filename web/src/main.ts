@@ -46,6 +46,7 @@ const resultNote = byId<HTMLElement>("result-note");
 const boxes = byId<HTMLElement>("boxes");
 const deskVerdict = byId<HTMLElement>("desk-verdict");
 const caption = byId<HTMLElement>("caption");
+const control = byId<HTMLElement>("control");
 const noItems = byId<HTMLElement>("no-items");
 const detectedItems = byId<HTMLElement>("detected-items");
 const warningsBlock = byId<HTMLElement>("warnings-block");
@@ -406,6 +407,9 @@ function showSeen(result: TaskResult): void {
   seen.hidden = result.isDesk === undefined && !result.caption && result.detectedItems.length === 0;
   deskVerdict.textContent = result.isDesk === undefined ? "Not checked" : result.isDesk ? "Yes" : "No";
   caption.textContent = result.caption || "None";
+  control.textContent =
+    result.control.map((unit) => `${unit.type} ControlNet at ${unit.scale.toFixed(2)}`).join(", ") ||
+    "Nothing: plain image-to-image";
   detectedItems.replaceChildren(
     ...result.detectedItems.map((item) => {
       const line = document.createElement("li");

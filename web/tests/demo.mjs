@@ -183,6 +183,7 @@ async function assertWhatWasSeen(page) {
   assert.equal(await page.locator("#seen").isVisible(), true, "what deskgen saw is shown");
   assert.equal(await page.locator("#desk-verdict").textContent(), "Yes");
   assert.ok((await page.locator("#caption").textContent()).length > 0, "a caption");
+  assert.equal(await page.locator("#control").textContent(), "canny ControlNet at 0.80", "the desk's default control");
   const items = await page.locator("#detected-items li").allTextContents();
   assert.ok(items.some((t) => t.startsWith("dog (")), `items: ${items}`);
   const drawn = await drawnBoxes(page);
@@ -324,6 +325,7 @@ const scenarios = {
     assert.deepEqual(await naturalSize(page, "#original-image"), [768, 576], "the stored original");
     assert.equal(await page.locator("#desk-verdict").textContent(), "Yes");
     assert.equal(await page.locator("#caption").textContent(), "a desk with a laptop");
+    assert.equal(await page.locator("#control").textContent(), "Nothing: plain image-to-image");
     assert.equal(await page.locator("#no-items").isVisible(), true);
 
     // Another generation from the same photo names the stored original again.
