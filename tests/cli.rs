@@ -127,7 +127,7 @@ fn generate_exit_codes_tell_bad_input_from_failure() {
     let control = run(&["--prompt", "desk", "--control", "softedge:0.5"]);
     assert_eq!(control.status.code(), Some(2));
     let said = String::from_utf8_lossy(&control.stderr);
-    assert!(said.contains("Control 'softedge' needs an image_url"), "{said}");
+    assert!(said.contains("Control 'softedge' needs a photo or an image_url"), "{said}");
     let not_image = dir.path().join("notes.jpg");
     std::fs::write(&not_image, b"plain text, not a photo").unwrap();
     let invalid = run(&["--image", not_image.to_str().unwrap()]);

@@ -192,6 +192,10 @@ async fn control_follows_the_request_and_the_desk_default() {
     ]});
     let (both, _) = run(own).await;
     assert_eq!(both["control"], json!([{"type": "softedge", "scale": 0.5}, {"type": "canny", "scale": 1.0}]));
+    // HED makes the soft edges from the photo itself.
+    let (soft, soft_png) = run(json!({"control": [{"type": "softedge"}]})).await;
+    assert_eq!(soft["control"], json!([{"type": "softedge", "scale": 1.0}]));
+    assert_ne!(soft_png, default_png);
     let body = json!({"initial_image_url": photo, "control": [
         {"type": "softedge", "image_url": format!("{host}/none.png")}]});
     let missing = poll_final(&server, &submit(&server, body).await, None).await;
@@ -210,7 +214,7 @@ async fn control_follows_the_request_and_the_desk_default() {
     let info: Value = client.get(format!("{}/info", server.base)).send().await.unwrap().json().await.unwrap();
     assert_eq!(
         info["controlnets"],
-        json!([{"type": "canny", "from_photo": true}, {"type": "softedge", "from_photo": false}])
+        json!([{"type": "canny", "from_photo": true}, {"type": "softedge", "from_photo": true}])
     );
     assert_eq!(info["default_control"]["type"], "canny");
     assert_eq!(info["default_control"]["strength"], 0.9);

@@ -416,6 +416,10 @@ pub struct PipelineFlags {
     /// residual-input UNet (`unet_controlnet/`); one that does not fit the model stops start-up.
     #[arg(long = "controlnet", env = "DESKGEN_CONTROLNETS", value_delimiter = ',', value_parser = parse_controlnet)]
     controlnets: Vec<(String, PathBuf)>,
+    /// HED soft-edge model (ONNX, built by `make models`), which makes "softedge" control images
+    /// from the photo; without the file, softedge units need their own image_url.
+    #[arg(long, env = "DESKGEN_HED_MODEL", default_value = crate::inference::vision::DEFAULT_HED_MODEL)]
+    hed_model: PathBuf,
     /// Largest image side in pixels: what a request may ask for, and the bound of the size a photo's
     /// shape gives.
     #[arg(long, env = "DESKGEN_MAX_SIDE", default_value_t = 2048)]
@@ -454,6 +458,7 @@ impl From<PipelineFlags> for PipelineConfig {
             lora_cache_size: f.lora_cache_size,
             max_lora_weight: f.max_lora_weight,
             controlnets: f.controlnets,
+            hed_model: f.hed_model,
             max_side: f.max_side,
             pipeline_config: f.pipeline_config,
             storage: f.storage,

@@ -1,5 +1,5 @@
 //! The control stage: which ControlNet units a generation gets, and their control images (a
-//! unit's own `image_url`, or canny edges of the user's photo).
+//! unit's own `image_url`, or made from the user's photo: canny edges, HED soft edges).
 
 use std::collections::BTreeMap;
 
@@ -8,27 +8,36 @@ use image::RgbImage;
 use super::RunContext;
 use super::photo::{PhotoSources, decode};
 use super::plan::ControlSettings;
+use crate::core::FailureCode;
 use crate::core::request::{CANNY, DEFAULT_STRENGTH};
 use crate::core::{
     ControlNetInfo, ControlRequest, ControlUsed, DefaultControl, Failure, GenerateRequest, PhotoSource,
 };
+use crate::inference::ModelOwner;
 use crate::inference::diffusion::ControlUnit;
-use crate::inference::vision::canny_control;
+use crate::inference::vision::{Hed, canny_control};
 
-/// The ControlNets the model has and the default control of desk photos.
+/// The control type whose images HED makes from the photo.
+pub const SOFTEDGE: &str = "softedge";
+
+/// The ControlNets the model has, the default control of desk photos, and the model that makes
+/// soft-edge control images.
 pub struct Controls {
     /// The control types the model has ControlNets for, sorted.
     pub types: Vec<String>,
     /// `[control]` of the pipeline settings.
     pub default: Option<ControlSettings>,
+    /// The HED soft-edge model, on its own thread; none when not loaded.
+    pub hed: Option<ModelOwner<Hed>>,
 }
 
 /// The control of one generation: the units, the images fetched for those that have their own,
 /// and the img2img strength that goes with them.
-pub struct Guidance {
+pub struct Guidance<'a> {
     units: Vec<(ControlRequest, Option<RgbImage>)>,
     /// The img2img strength when the request sets none.
     pub default_strength: f64,
+    hed: Option<&'a ModelOwner<Hed>>,
 }
 
 impl Controls {
@@ -36,8 +45,13 @@ impl Controls {
     pub fn info(&self) -> Vec<ControlNetInfo> {
         self.types
             .iter()
-            .map(|t| ControlNetInfo { control_type: t.clone(), from_photo: t == CANNY })
+            .map(|t| ControlNetInfo { control_type: t.clone(), from_photo: self.makes_from_photo(t) })
             .collect()
+    }
+
+    /// Whether the service can make `control_type`'s image from the photo.
+    fn makes_from_photo(&self, control_type: &str) -> bool {
+        control_type == CANNY || (control_type == SOFTEDGE && self.hed.is_some())
     }
 
     /// The default control as /info states it; none when the model lacks its ControlNet.
@@ -64,7 +78,7 @@ impl Controls {
         sources: &PhotoSources,
         ctx: &RunContext,
         timings: &mut BTreeMap<String, f64>,
-    ) -> Result<Guidance, Failure> {
+    ) -> Result<Guidance<'_>, Failure> {
         let (requests, default_strength) = match (&request.control, self.applicable_default()) {
             (Some(units), _) => (units.clone(), f64::from(DEFAULT_STRENGTH)),
             (None, Some(d)) if request.photo.is_some() => (vec![default_unit(d)], d.strength),
@@ -81,33 +95,44 @@ impl Controls {
             };
             units.push((unit, image));
         }
-        Ok(Guidance { units, default_strength })
+        Ok(Guidance { units, default_strength, hed: self.hed.as_ref() })
     }
 }
 
-impl Guidance {
-    /// The units for the engine, the photo already shaped to the output: canny units without an
-    /// image of their own get the photo's edges.
-    pub fn units(&self, shaped_photo: Option<&RgbImage>) -> Vec<ControlUnit> {
-        self.units
-            .iter()
-            .filter_map(|(unit, image)| {
-                let image = match (image, shaped_photo) {
-                    (Some(image), _) => image.clone(),
-                    (None, Some(photo)) => {
-                        canny_control(photo, unit.low_threshold as f32, unit.high_threshold as f32)
-                    }
-                    (None, None) => return None,
-                };
-                Some(ControlUnit {
-                    control_type: unit.control_type.clone(),
-                    image,
-                    scale: unit.scale as f32,
-                    guidance_start: unit.guidance_start as f32,
-                    guidance_end: unit.guidance_end as f32,
-                })
-            })
-            .collect()
+impl Guidance<'_> {
+    /// The units for the engine, the photo already shaped to the output: units without an image
+    /// of their own get the photo's canny edges or HED soft edges.
+    pub async fn units(&self, shaped_photo: Option<&RgbImage>) -> Result<Vec<ControlUnit>, Failure> {
+        let mut units = Vec::with_capacity(self.units.len());
+        for (unit, own) in &self.units {
+            let image = match (own, shaped_photo) {
+                (Some(image), _) => image.clone(),
+                (None, Some(photo)) => self.image_from_photo(unit, photo).await?,
+                (None, None) => continue,
+            };
+            units.push(ControlUnit {
+                control_type: unit.control_type.clone(),
+                image,
+                scale: unit.scale as f32,
+                guidance_start: unit.guidance_start as f32,
+                guidance_end: unit.guidance_end as f32,
+            });
+        }
+        Ok(units)
+    }
+
+    /// The control image of `unit` made from `photo`: HED's soft edges, or canny's edges.
+    async fn image_from_photo(&self, unit: &ControlRequest, photo: &RgbImage) -> Result<RgbImage, Failure> {
+        let failed = |reason: String| Failure::new(FailureCode::ModelError, format!("soft edges: {reason}"));
+        match (unit.control_type.as_str(), self.hed) {
+            (SOFTEDGE, Some(hed)) => {
+                let photo = photo.clone();
+                let edges =
+                    hed.run(move |hed| hed.soft_edges(&photo)).await.map_err(|e| failed(e.to_string()))?;
+                edges.map_err(|e| failed(e.to_string()))
+            }
+            _ => Ok(canny_control(photo, unit.low_threshold as f32, unit.high_threshold as f32)),
+        }
     }
 
     /// What the result reports of the control used.

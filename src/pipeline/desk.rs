@@ -17,7 +17,7 @@ use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest, LoraInf
 use crate::fetch::{FetchConfig, Fetcher};
 use crate::inference::diffusion::lora::LoraOptions;
 use crate::inference::diffusion::{SchedulerKind, StableDiffusion};
-use crate::inference::vision::{Vision, VisionConfig};
+use crate::inference::vision::{Hed, Vision, VisionConfig};
 use crate::inference::{ExecutionProvider, ModelOwner, Runtime, RuntimeConfig};
 use crate::shopping::{ShoppingConfig, ShoppingProvider};
 use crate::storage::StorageConfig;
@@ -43,6 +43,8 @@ pub struct PipelineConfig {
     pub max_lora_weight: f32,
     /// ControlNets besides those in the model folder's `controlnet/<type>/`, as (type, folder).
     pub controlnets: Vec<(String, PathBuf)>,
+    /// HED soft-edge model for "softedge" control images; skipped when the file is missing.
+    pub hed_model: PathBuf,
     /// Largest image side in pixels: what a request may ask for, and the bound of the size a photo's
     /// shape gives.
     pub max_side: u32,
@@ -76,12 +78,14 @@ impl DeskPipeline {
         let runtime = Runtime::init(&config.runtime)?;
         let vision = Vision::load(&runtime, &config.vision)?;
         let diffusion = load_diffusion(&runtime, config)?;
-        let models = model_list(&vision, &diffusion, runtime.provider().as_str())?;
+        let hed = load_hed(&runtime, &config.hed_model)?;
+        let models = model_list(&vision, &diffusion, hed.as_ref(), runtime.provider().as_str())?;
         let loras = lora_list(&diffusion);
         let settings = PipelineSettings::load(config.pipeline_config.as_deref())?;
         let controls = Controls {
             types: diffusion.control_types().into_iter().map(str::to_string).collect(),
             default: settings.control.clone(),
+            hed: hed.map(|hed| ModelOwner::spawn("hed", hed)).transpose()?,
         };
         Ok(DeskPipeline {
             vision: ModelOwner::spawn("vision", vision)?,
@@ -220,6 +224,15 @@ impl Pipeline for DeskPipeline {
     }
 }
 
+/// The HED soft-edge model, or none (with a warning) when its file is missing.
+fn load_hed(runtime: &Runtime, path: &std::path::Path) -> anyhow::Result<Option<Hed>> {
+    if !path.is_file() {
+        tracing::warn!(path = %path.display(), "no HED model: softedge control needs an image_url");
+        return Ok(None);
+    }
+    Ok(Some(Hed::load(runtime, path)?))
+}
+
 /// Loads Stable Diffusion with the LoRA adapters of `config.lora_dir`; on CUDA, runs it once so
 /// the first request does not pay cuDNN's algorithm search.
 fn load_diffusion(runtime: &Runtime, config: &PipelineConfig) -> anyhow::Result<StableDiffusion> {
@@ -267,11 +280,13 @@ fn lora_list(diffusion: &StableDiffusion) -> Vec<LoraInfo> {
 fn model_list(
     vision: &Vision,
     diffusion: &StableDiffusion,
+    hed: Option<&Hed>,
     provider: &str,
 ) -> anyhow::Result<Vec<ModelInfo>> {
     let mut models: Vec<ModelInfo> = vision
         .models()
         .into_iter()
+        .chain(hed.map(|h| h.model().clone()))
         .map(|m| ModelInfo {
             id: m.id,
             path: m.path.display().to_string(),

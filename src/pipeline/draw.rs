@@ -45,7 +45,7 @@ impl Painter {
         request: &GenerateRequest,
         prompts: Prompts,
         photo: Option<RgbImage>,
-        guidance: &Guidance,
+        guidance: &Guidance<'_>,
         output: &mut GenerateOutput,
         ctx: &RunContext,
     ) -> Result<(), Failure> {
@@ -61,7 +61,7 @@ impl Painter {
             request.height,
         );
         let photo = photo.map(|photo| shape_photo(&photo, mode, width, height));
-        let control = guidance.units(photo.as_ref());
+        let control = guidance.units(photo.as_ref()).await?;
         let params = GenerateParams {
             prompt: prompts.prompt,
             negative_prompt: prompts.negative,
