@@ -138,6 +138,8 @@ pub struct Runtime {
     config: RuntimeConfig,
     /// The provider sessions actually run on after `auto` was resolved.
     active: ExecutionProvider,
+    /// Whether a session's intra-op threads spin while waiting for work (ONNX Runtime's default).
+    spinning: bool,
 }
 
 /// ONNX Runtime allows one environment per process; every `Runtime` shares it.
@@ -188,7 +190,7 @@ impl Runtime {
                 }
             },
         };
-        Ok(Runtime { env, config: config.clone(), active })
+        Ok(Runtime { env, config: config.clone(), active, spinning: true })
     }
 
     /// The provider sessions run on (`auto` resolved).
@@ -210,6 +212,13 @@ impl Runtime {
         runtime
     }
 
+    /// This runtime for sessions that run in turn with others every step (a ControlNet and the
+    /// UNet it feeds): their threads do not spin after a run, where on a few cores they would take
+    /// the CPU from the next session (2.3x slower steps on 2 cores otherwise).
+    pub fn taking_turns(&self) -> Runtime {
+        Runtime { spinning: false, ..self.clone() }
+    }
+
     /// A session builder with this runtime's threads, optimisation level and provider.
     pub fn builder(&self) -> Result<SessionBuilder, RuntimeError> {
         let fail = |reason: String| RuntimeError::Provider { provider: self.active.as_str(), reason };
@@ -220,6 +229,9 @@ impl Runtime {
         if self.config.intra_threads > 0 {
             builder =
                 builder.with_intra_threads(self.config.intra_threads).map_err(|e| fail(e.to_string()))?;
+        }
+        if !self.spinning {
+            builder = builder.with_intra_op_spinning(false).map_err(|e| fail(e.to_string()))?;
         }
         if self.active == ExecutionProvider::Cuda {
             builder = with_cuda(builder, &self.config).map_err(fail)?;

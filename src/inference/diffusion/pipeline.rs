@@ -188,7 +188,7 @@ impl StableDiffusion {
     /// ControlNet that does not fit the UNet is refused here, not at a request.
     pub fn load_controlnet(&mut self, control_type: &str, dir: &Path) -> Result<(), DiffusionError> {
         let xl = self.config.family == ModelFamily::StableDiffusionXl;
-        let runtime = self.runtime.for_model("unet");
+        let runtime = self.runtime.for_model("unet").taking_turns();
         let net = ControlNet::load(&runtime, dir, control_type, xl)?;
         let control = match self.control.take() {
             Some(control) => control,
@@ -782,8 +782,14 @@ fn merged<'a>(
     if controlled && merged.residual_unet.is_none() {
         let xl = config.family == ModelFamily::StableDiffusionXl;
         if let Some(values) = library.residual_unet_overrides(&set)? {
-            let unet = Unet::load(&runtime.for_model("unet"), &config.dir, UnetGraph::Residual, xl, values)
-                .map_err(|e| LoraError::Merge { part: "unet_controlnet", reason: e.to_string() })?;
+            let unet = Unet::load(
+                &runtime.for_model("unet").taking_turns(),
+                &config.dir,
+                UnetGraph::Residual,
+                xl,
+                values,
+            )
+            .map_err(|e| LoraError::Merge { part: "unet_controlnet", reason: e.to_string() })?;
             merged.residual_unet = Some(unet);
         }
     }
