@@ -83,10 +83,16 @@ pub struct GenerateCommand {
     pub max_items_per_category: Option<i64>,
     /// A ControlNet unit as TYPE or TYPE:SCALE (repeatable), instead of the default control of
     /// desk photos; canny's image is made from the photo.
-    #[arg(long = "control", value_name = "TYPE[:SCALE]", conflicts_with = "no_control")]
+    #[arg(
+        long = "control",
+        env = "DESKGEN_CONTROL",
+        value_delimiter = ',',
+        value_name = "TYPE[:SCALE]",
+        conflicts_with = "no_control"
+    )]
     pub control: Vec<String>,
     /// No ControlNet guidance, not even the default for desk photos.
-    #[arg(long)]
+    #[arg(long, env = "DESKGEN_NO_CONTROL")]
     pub no_control: bool,
     /// Where to write the generated PNG.
     #[arg(long, env = "DESKGEN_OUT", default_value = "result.png")]
