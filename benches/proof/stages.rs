@@ -16,13 +16,14 @@ use crate::report::{Report, summary};
 use crate::server::{Server, check_assets, repo_path};
 
 /// Stages in pipeline order, as `timings_ms` names them.
-const STAGES: [&str; 10] = [
+const STAGES: [&str; 11] = [
     "fetch",
     "decode",
     "vision",
     "caption",
     "text_encode",
     "unet",
+    "controlnet",
     "vae",
     "encode_png",
     "upload",
@@ -78,8 +79,12 @@ pub async fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()>
     let client = reqwest::Client::new();
 
     if settings.wants("stages") {
-        // The embedded defaults: 50 steps at strength 0.75 (37 run), the model's native size.
+        // The embedded defaults: 50 steps, the photo's shape at the model's native area, and the
+        // desk's default control with its strength (0.75 without one).
         let body = json!({"initial_image_url": photo, "prompt": "warm wooden tones", "seed": 1});
+        let info: Value = client.get(format!("{}/info", server.base)).send().await?.json().await?;
+        let control = info["default_control"]["type"].as_str().unwrap_or("none").to_string();
+        let strength = info["default_control"]["strength"].as_f64().unwrap_or(0.75);
         run_task(&client, &server.base, &body).await?; // warm-up
         let mut stages: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         let mut totals = Vec::new();
@@ -93,7 +98,7 @@ pub async fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()>
                 }
             }
         }
-        let steps_run = (50.0_f64 * 0.75).floor();
+        let steps_run = (50.0 * strength).floor();
         if let Some(unet) = stages.get("unet") {
             let per_step: Vec<f64> = unet.iter().map(|ms| ms / steps_run).collect();
             stages.insert("unet_step", per_step);
@@ -115,7 +120,8 @@ pub async fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()>
             doc.insert(stage.to_string(), s);
         }
         lines.push(format!(
-            "({} runs; dog.jpg from a local host, 37 img2img steps at 256x256, catalog shopping, file store)",
+            "({} runs; dog.jpg from a local host, {steps_run} img2img steps at 288x224 with control {control} \
+             (unet includes controlnet), catalog shopping, file store)",
             settings.runs
         ));
         report.section("stages", Value::Object(doc), lines);
