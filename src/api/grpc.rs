@@ -13,7 +13,9 @@ use super::errors::ApiError;
 use crate::core::request::{
     DEFAULT_GUIDANCE, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_STEPS,
 };
-use crate::core::{ControlInput, GenerateInput, LoraInput, ResizeMode};
+use crate::core::{
+    ControlInput, ControlNetInfo, ControlUsed, DefaultControl, GenerateInput, LoraInput, ResizeMode,
+};
 use crate::tasks::{self, TaskRecord};
 
 /// Generated protobuf types and service traits of `deskgen.v1`.
@@ -107,6 +109,30 @@ impl From<pb::ControlUnit> for ControlInput {
     }
 }
 
+impl From<ControlUsed> for pb::ControlUsed {
+    fn from(c: ControlUsed) -> Self {
+        pb::ControlUsed { r#type: c.control_type, scale: c.scale as f32 }
+    }
+}
+
+impl From<ControlNetInfo> for pb::ControlNetInfo {
+    fn from(c: ControlNetInfo) -> Self {
+        pb::ControlNetInfo { r#type: c.control_type, from_photo: c.from_photo }
+    }
+}
+
+impl From<DefaultControl> for pb::DefaultControl {
+    fn from(d: DefaultControl) -> Self {
+        pb::DefaultControl {
+            r#type: d.control_type,
+            scale: d.scale as f32,
+            guidance_start: d.guidance_start as f32,
+            guidance_end: d.guidance_end as f32,
+            strength: d.strength as f32,
+        }
+    }
+}
+
 impl From<&TaskRecord> for pb::TaskResult {
     fn from(record: &TaskRecord) -> Self {
         let output = record.output.clone().unwrap_or_default();
@@ -166,11 +192,7 @@ impl From<&TaskRecord> for pb::TaskResult {
             created_at: Some(timestamp(record.created_at)),
             completed_at: record.completed_at.map(timestamp),
             seed: output.seed,
-            control: output
-                .control
-                .into_iter()
-                .map(|c| pb::ControlUsed { r#type: c.control_type, scale: c.scale as f32 })
-                .collect(),
+            control: output.control.into_iter().map(pb::ControlUsed::from).collect(),
         }
     }
 }
@@ -294,18 +316,8 @@ impl Info for GrpcApi {
                 .collect(),
             object_store: info.object_store.unwrap_or_default(),
             shopping_provider: info.shopping_provider.unwrap_or_default(),
-            controlnets: info
-                .controlnets
-                .into_iter()
-                .map(|c| pb::ControlNetInfo { r#type: c.control_type, from_photo: c.from_photo })
-                .collect(),
-            default_control: info.default_control.map(|d| pb::DefaultControl {
-                r#type: d.control_type,
-                scale: d.scale as f32,
-                guidance_start: d.guidance_start as f32,
-                guidance_end: d.guidance_end as f32,
-                strength: d.strength as f32,
-            }),
+            controlnets: info.controlnets.into_iter().map(pb::ControlNetInfo::from).collect(),
+            default_control: info.default_control.map(pb::DefaultControl::from),
         }))
     }
 }

@@ -141,18 +141,9 @@ pub fn validate(
     let multiple = info.size_multiple.max(8);
     let height = rules.side("height", input.height, multiple, limits.max_side);
     let width = rules.side("width", input.width, multiple, limits.max_side);
-    let resize_mode = match input.resize_mode.as_deref() {
-        None => ResizeMode::default(),
-        Some(name) => ResizeMode::parse(name).unwrap_or_else(|| {
-            let known: Vec<&str> = ResizeMode::ALL.iter().map(|m| m.as_str()).collect();
-            rules.bad("resize_mode", format!("resize_mode must be one of {}.", known.join(", ")));
-            ResizeMode::default()
-        }),
-    };
-    if let Some(strength) = input.strength
-        && !(strength.is_finite() && strength > 0.0 && strength <= 1.0)
-    {
-        rules.bad("strength", "strength must be greater than 0 and at most 1.".into());
+    let resize_mode = input.resize_mode.as_deref().map_or_else(ResizeMode::default, |m| rules.resize_mode(m));
+    if let Some(strength) = input.strength {
+        rules.strength(strength);
     }
     let scheduler = input.scheduler.as_deref().and_then(|name| rules.scheduler(name, info));
     let (user_text, loras) = rules.loras(input.prompt.as_deref(), input.loras.unwrap_or_default(), info);
@@ -246,6 +237,20 @@ impl Rules {
                 }
                 None
             }
+        }
+    }
+
+    fn resize_mode(&mut self, name: &str) -> ResizeMode {
+        ResizeMode::parse(name).unwrap_or_else(|| {
+            let known: Vec<&str> = ResizeMode::ALL.iter().map(|m| m.as_str()).collect();
+            self.bad("resize_mode", format!("resize_mode must be one of {}.", known.join(", ")));
+            ResizeMode::default()
+        })
+    }
+
+    fn strength(&mut self, strength: f64) {
+        if !(strength.is_finite() && strength > 0.0 && strength <= 1.0) {
+            self.bad("strength", "strength must be greater than 0 and at most 1.".into());
         }
     }
 

@@ -447,20 +447,11 @@ impl StableDiffusion {
         timings.text_encode_ms = elapsed_ms(started);
 
         let mut scheduler = params.scheduler.build(&config.scheduler);
-        let steps = params.num_inference_steps as usize;
-        scheduler.set_timesteps(steps);
-        let (mut latents, start) = match &params.init_image {
-            None => (noise.mapv(|n| n * scheduler.init_noise_sigma()), 0),
-            Some(photo) => {
-                let started = Instant::now();
-                let encoder = vae_encoder.as_mut().ok_or_else(|| DiffusionError::MissingFile {
-                    path: config.dir.join("vae_encoder/model.onnx"),
-                })?;
-                let latents = encode_photo(encoder, config, photo, params)?;
-                timings.vae_ms += elapsed_ms(started);
-                noised_photo(scheduler.as_mut(), latents, noise, steps, params.strength)
-            }
-        };
+        scheduler.set_timesteps(params.num_inference_steps as usize);
+        let started = Instant::now();
+        let (mut latents, start) =
+            initial_latents(scheduler.as_mut(), vae_encoder.as_mut(), config, noise, params)?;
+        timings.vae_ms += elapsed_ms(started);
 
         let started = Instant::now();
         let schedule = Schedule { scheduler: scheduler.as_mut(), start, rng };
@@ -482,6 +473,25 @@ impl StableDiffusion {
         timings.vae_ms += elapsed_ms(started);
         Ok(Denoised { image, latents, timings })
     }
+}
+
+/// The latents before the first step and that step's index: the scaled noise (text-to-image), or
+/// the encoded photo noised to where `strength` starts.
+fn initial_latents(
+    scheduler: &mut dyn Scheduler,
+    vae_encoder: Option<&mut VaeHalf>,
+    config: &DiffusionConfig,
+    noise: ArrayView4<'_, f32>,
+    params: &GenerateParams,
+) -> Result<(Array4<f32>, usize), DiffusionError> {
+    let Some(photo) = &params.init_image else {
+        return Ok((noise.mapv(|n| n * scheduler.init_noise_sigma()), 0));
+    };
+    let encoder = vae_encoder
+        .ok_or_else(|| DiffusionError::MissingFile { path: config.dir.join("vae_encoder/model.onnx") })?;
+    let latents = encode_photo(encoder, config, photo, params)?;
+    let steps = params.num_inference_steps as usize;
+    Ok(noised_photo(scheduler, latents, noise, steps, params.strength))
 }
 
 /// Image-to-image: the photo's latents noised to the step that `strength` starts from, and that
@@ -558,8 +568,34 @@ impl<'a> Steering<'a> {
         Ok(Steering { control, buffers, units })
     }
 
+    /// One step's prediction: the residual-input UNet on the summed residuals of the units acting
+    /// at step `index` of `total`, or the plain UNet when none acts (as zero residuals would).
+    fn predict(
+        &mut self,
+        plain: &mut Unet,
+        buffers: &mut UnetBuffers,
+        (timestep, index, total): (f32, usize, usize),
+        conditioning: &UnetConditioning,
+        cost: &mut StepsCost,
+        consume: impl FnOnce(ndarray::ArrayView4<'_, f32>),
+    ) -> Result<StepCost, DiffusionError> {
+        match self.residuals(buffers.sample.view(), timestep, conditioning, (index, total), cost)? {
+            Some(residuals) => {
+                self.buffers.sample.assign(&buffers.sample);
+                self.control.unet.predict(
+                    &mut self.buffers,
+                    timestep,
+                    conditioning,
+                    Some(&residuals),
+                    consume,
+                )
+            }
+            None => plain.predict(buffers, timestep, conditioning, None, consume),
+        }
+    }
+
     /// The summed residuals of the units acting at step `index` of `total`, or `None` when none
-    /// acts (the plain UNet then serves, as zero residuals would).
+    /// acts.
     fn residuals(
         &mut self,
         sample: ndarray::ArrayView4<'_, f32>,
@@ -613,27 +649,14 @@ fn run_steps(
             row.assign(&latents.index_axis(Axis(0), 0));
         }
         scheduler.scale_model_input(buffers.sample.view_mut(), timestep);
-        let mut consume = |prediction: ndarray::ArrayView4<'_, f32>| {
+        let consume = |prediction: ndarray::ArrayView4<'_, f32>| {
             guide(prediction, noise_pred.view_mut(), params.guidance_scale, params.guidance_rescale);
         };
-        let residuals = match &mut steering {
+        let step = match &mut steering {
             Some(s) => {
-                s.residuals(buffers.sample.view(), timestep, &conditioning, (done, run.len()), &mut cost)?
+                s.predict(unet, &mut buffers, (timestep, done, run.len()), &conditioning, &mut cost, consume)?
             }
-            None => None,
-        };
-        let step: StepCost = match (&mut steering, residuals) {
-            (Some(s), Some(residuals)) => {
-                s.buffers.sample.assign(&buffers.sample);
-                s.control.unet.predict(
-                    &mut s.buffers,
-                    timestep,
-                    &conditioning,
-                    Some(&residuals),
-                    &mut consume,
-                )?
-            }
-            _ => unet.predict(&mut buffers, timestep, &conditioning, None, &mut consume)?,
+            None => unet.predict(&mut buffers, timestep, &conditioning, None, consume)?,
         };
         cost.run_ms += step.run_ms;
         cost.transfer_ms += step.transfer_ms;
