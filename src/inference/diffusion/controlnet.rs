@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use image::RgbImage;
 use image::imageops::FilterType;
-use ndarray::{Array0, Array4, ArrayView4, Ix4};
+use ndarray::{Array0, Array4, ArrayView4, CowArray, Ix4};
 use ort::session::Session;
 use ort::value::Outlet;
 
@@ -213,24 +213,24 @@ impl ControlNet {
         let started = Instant::now();
         let outputs = self.session.run(inputs).map_err(&fail)?;
         let run_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let residual = |name: &str| -> Result<Array4<f32>, DiffusionError> {
+        // Borrowed where the model gives float32: each residual is read once, scaled as it goes.
+        let residual = |name: &str| -> Result<CowArray<'_, f32, Ix4>, DiffusionError> {
             output_f32(&outputs[name], MODEL)?
-                .into_owned()
                 .into_dimensionality::<Ix4>()
                 .map_err(|e| DiffusionError::Inference { model: MODEL, reason: e.to_string() })
         };
-        let scaled = |name: &str| residual(name).map(|r| r.mapv(|v| v * scale));
         match sums {
             None => {
+                let scaled = |name: &str| residual(name).map(|r| r.mapv(|v| v * scale));
                 let down: Result<Vec<_>, _> =
                     (0..self.layout.down_channels.len()).map(|i| scaled(&down_output(i))).collect();
                 *sums = Some(Residuals { down: down?, mid: scaled(MID_OUTPUT)? });
             }
             Some(sums) => {
                 for (i, sum) in sums.down.iter_mut().enumerate() {
-                    *sum += &scaled(&down_output(i))?;
+                    sum.scaled_add(scale, &residual(&down_output(i))?);
                 }
-                sums.mid += &scaled(MID_OUTPUT)?;
+                sums.mid.scaled_add(scale, &residual(MID_OUTPUT)?);
             }
         }
         Ok(run_ms)

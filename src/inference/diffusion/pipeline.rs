@@ -582,13 +582,7 @@ impl<'a> Steering<'a> {
         match self.residuals(buffers.sample.view(), timestep, conditioning, (index, total), cost)? {
             Some(residuals) => {
                 self.buffers.sample.assign(&buffers.sample);
-                self.control.unet.predict(
-                    &mut self.buffers,
-                    timestep,
-                    conditioning,
-                    Some(&residuals),
-                    consume,
-                )
+                self.control.unet.predict(&mut self.buffers, timestep, conditioning, Some(residuals), consume)
             }
             None => plain.predict(buffers, timestep, conditioning, None, consume),
         }

@@ -280,7 +280,7 @@ impl Unet {
         buffers: &mut UnetBuffers,
         timestep: f32,
         conditioning: &UnetConditioning,
-        residuals: Option<&Residuals>,
+        residuals: Option<Residuals>,
         consume: impl FnOnce(ArrayView4<'_, f32>),
     ) -> Result<StepCost, DiffusionError> {
         let residuals = self.residual_values(residuals)?;
@@ -358,11 +358,11 @@ impl Unet {
 }
 
 impl Unet {
-    /// The residuals as named inputs in the model's element type; a residual-input UNet needs them
-    /// and a plain one takes none.
+    /// The residuals as named inputs in the model's element type (float32 ones moved, not copied);
+    /// a residual-input UNet needs them and a plain one takes none.
     fn residual_values(
         &self,
-        residuals: Option<&Residuals>,
+        residuals: Option<Residuals>,
     ) -> Result<Vec<(String, ModelTensor<Ix4>)>, DiffusionError> {
         let missing = |reason: &str| DiffusionError::Inference { model: MODEL, reason: reason.into() };
         match (&self.residuals, residuals) {
@@ -373,10 +373,11 @@ impl Unet {
                 if residuals.down.len() != layout.down_channels.len() {
                     return Err(missing("the ControlNet residuals do not match the UNet's inputs"));
                 }
-                let down = residuals.down.iter().enumerate().map(|(i, r)| (down_residual_input(i), r));
+                let Residuals { down, mid } = residuals;
+                let down = down.into_iter().enumerate().map(|(i, r)| (down_residual_input(i), r));
                 Ok(down
-                    .chain(std::iter::once((MID_RESIDUAL.to_string(), &residuals.mid)))
-                    .map(|(name, r)| (name, ModelTensor::new(self.float_type, r.clone())))
+                    .chain(std::iter::once((MID_RESIDUAL.to_string(), mid)))
+                    .map(|(name, r)| (name, ModelTensor::new(self.float_type, r)))
                     .collect())
             }
         }
