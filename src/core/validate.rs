@@ -10,7 +10,7 @@ use super::request::{
     MAX_PROMPT_CHARS, MAX_STEPS, PhotoSource, ResizeMode, WEBHOOK_EVENTS,
 };
 use crate::inference::diffusion::lora::{check_name, extract_prompt_loras};
-use crate::inference::diffusion::{MAX_CONTROL_SCALE, SchedulerKind};
+use crate::inference::diffusion::{MAX_CONTROL_SCALE, SchedulerKind, is_guidance_window};
 
 /// A generation request as received, before validation (REST JSON and gRPC map onto it).
 #[derive(Debug, Default, Deserialize)]
@@ -371,7 +371,7 @@ impl Rules {
             self.bad("control", format!("Control scale must be between 0 and {MAX_CONTROL_SCALE}."));
         }
         let (start, end) = (unit.guidance_start.unwrap_or(0.0), unit.guidance_end.unwrap_or(1.0));
-        if !((0.0..1.0).contains(&start) && end > start && end <= 1.0) {
+        if !is_guidance_window(start, end) {
             self.bad("control", "Control guidance_start and guidance_end need 0 <= start < end <= 1.".into());
         }
         let (default_low, default_high) = DEFAULT_CANNY_THRESHOLDS;

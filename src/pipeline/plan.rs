@@ -6,6 +6,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::inference::diffusion::{MAX_CONTROL_SCALE, is_guidance_window};
+
 /// The built-in settings file.
 pub const DEFAULT_PIPELINE_CONFIG: &str = include_str!("../../config/pipeline.toml");
 
@@ -104,10 +106,10 @@ pub struct ControlSettings {
 impl ControlSettings {
     fn check(&self) -> Result<(), String> {
         let ControlSettings { scale, guidance_start: start, guidance_end: end, strength, .. } = *self;
-        if !(0.0..=2.0).contains(&scale) {
-            return Err("scale must be between 0 and 2".into());
+        if !(0.0..=f64::from(MAX_CONTROL_SCALE)).contains(&scale) {
+            return Err(format!("scale must be between 0 and {MAX_CONTROL_SCALE}"));
         }
-        if !((0.0..1.0).contains(&start) && end > start && end <= 1.0) {
+        if !is_guidance_window(start, end) {
             return Err("guidance_start and guidance_end need 0 <= start < end <= 1".into());
         }
         if !(strength > 0.0 && strength <= 1.0) {

@@ -265,6 +265,11 @@ pub(crate) fn control_input(
     ModelTensor::new(float_type, pixels)
 }
 
+/// Whether `[start, end]` is a guidance window diffusers accepts: `0 <= start < end <= 1`.
+pub fn is_guidance_window(start: f64, end: f64) -> bool {
+    (0.0..1.0).contains(&start) && end > start && end <= 1.0
+}
+
 /// diffusers' `controlnet_keep`: whether a unit with guidance window `[start, end]` acts at step
 /// `index` of `total` steps run.
 pub(crate) fn acts_at(index: usize, total: usize, start: f32, end: f32) -> bool {

@@ -35,7 +35,7 @@ use std::path::PathBuf;
 use crate::inference::RuntimeError;
 
 pub use config::{DiffusionConfig, ModelFamily};
-pub use controlnet::{ControlUnit, MAX_CONTROL_SCALE};
+pub use controlnet::{ControlUnit, MAX_CONTROL_SCALE, is_guidance_window};
 pub use pipeline::{
     Denoised, GenerateParams, Generated, MAX_STEPS, PromptEmbeddings, StableDiffusion, Timings,
 };

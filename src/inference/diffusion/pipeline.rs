@@ -14,7 +14,9 @@ use rand_distr::StandardNormal;
 
 use super::DiffusionError;
 use super::config::{DiffusionConfig, ModelFamily, config_error};
-use super::controlnet::{ControlNet, ControlUnit, MAX_CONTROL_SCALE, Residuals, acts_at, control_input};
+use super::controlnet::{
+    ControlNet, ControlUnit, MAX_CONTROL_SCALE, Residuals, acts_at, control_input, is_guidance_window,
+};
 use super::lora::{LoraError, LoraLibrary, LoraOptions, MergedCache, MergedModels, ModelPart, RejectedLora};
 use super::schedulers::{Scheduler, SchedulerKind, img2img_start_index};
 use super::tensor::ModelTensor;
@@ -388,8 +390,7 @@ impl StableDiffusion {
             if !(0.0..=MAX_CONTROL_SCALE).contains(&unit.scale) {
                 return invalid(format!("scale must be between 0 and {MAX_CONTROL_SCALE}"));
             }
-            let (start, end) = (unit.guidance_start, unit.guidance_end);
-            if !((0.0..1.0).contains(&start) && end > start && end <= 1.0) {
+            if !is_guidance_window(f64::from(unit.guidance_start), f64::from(unit.guidance_end)) {
                 return invalid("guidance_start and guidance_end must satisfy 0 <= start < end <= 1".into());
             }
         }
