@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use deskgen::inference::diffusion::lora::LoraOptions;
 use deskgen::inference::diffusion::schedulers::{SchedulerConfig, img2img_start_index};
 use deskgen::inference::diffusion::{
-    ClipTokenizer, ControlUnit, DiffusionError, GenerateParams, SchedulerKind, StableDiffusion,
+    ClipTokenizer, ControlUnit, Denoised, DiffusionError, GenerateParams, SchedulerKind, StableDiffusion,
 };
 use deskgen::inference::{ModelOwner, Runtime, RuntimeConfig};
 use ndarray::{Array4, ArrayD, ArrayView4, Axis, Ix4, concatenate};
@@ -294,6 +294,38 @@ fn tokenizer_pads_truncates_and_takes_any_script() {
     assert_eq!(tokenizer_2.encode("desk").unwrap()[3..], [0; 74], "SDXL's second tokenizer pads with '!'");
 }
 
+/// The generation a reference case describes, without LoRA or control.
+fn case_params(case: &Value) -> GenerateParams {
+    GenerateParams {
+        prompt: case["prompt"].as_str().unwrap().to_string(),
+        negative_prompt: case["negative_prompt"].as_str().unwrap().to_string(),
+        num_inference_steps: case["num_inference_steps"].as_u64().unwrap() as u32,
+        guidance_scale: case["guidance_scale"].as_f64().unwrap() as f32,
+        width: case["width"].as_u64().unwrap() as u32,
+        height: case["height"].as_u64().unwrap() as u32,
+        strength: case["strength"].as_f64().unwrap_or(1.0) as f32,
+        seed: 0,
+        scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
+        init_image: case["init_image"]
+            .as_str()
+            .map(|path| image::open(repo_path(path)).expect("init image decodes").to_rgb8()),
+        guidance_rescale: 0.0,
+        loras: vec![],
+        control: vec![],
+    }
+}
+
+/// Asserts that `denoised` matches the case's final latents and image within 1e-3; returns the
+/// report line.
+fn assert_matches_case(id: &str, case: &Value, denoised: &Denoised) -> String {
+    let file = |key: &str| npy::read_f32(&repo_path(case["files"][key].as_str().unwrap()));
+    let latents_diff = max_abs_diff(&denoised.latents, &file("final_latents"));
+    let image_diff = max_abs_diff(&denoised.image, &file("image"));
+    assert!(latents_diff <= 1e-3, "{id}: final latents differ by {latents_diff}");
+    assert!(image_diff <= 1e-3, "{id}: image differs by {image_diff}");
+    format!("{id}: final latents {latents_diff:.2e}, image {image_diff:.2e}")
+}
+
 #[test]
 fn generations_match_reference_images() {
     let mut report = Vec::new();
@@ -303,32 +335,10 @@ fn generations_match_reference_images() {
             let id = case["id"].as_str().unwrap().to_string();
             let shared =
                 |key: &str| as4(npy::read_f32(&repo_path(case["shared_files"][key].as_str().unwrap())));
-            let file = |key: &str| npy::read_f32(&repo_path(case["files"][key].as_str().unwrap()));
-            let init_image = case["init_image"]
-                .as_str()
-                .map(|path| image::open(repo_path(path)).expect("init image decodes").to_rgb8());
-            let params = GenerateParams {
-                prompt: case["prompt"].as_str().unwrap().to_string(),
-                negative_prompt: case["negative_prompt"].as_str().unwrap().to_string(),
-                num_inference_steps: case["num_inference_steps"].as_u64().unwrap() as u32,
-                guidance_scale: case["guidance_scale"].as_f64().unwrap() as f32,
-                width: case["width"].as_u64().unwrap() as u32,
-                height: case["height"].as_u64().unwrap() as u32,
-                strength: case["strength"].as_f64().unwrap_or(1.0) as f32,
-                seed: 0,
-                scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
-                init_image,
-                guidance_rescale: 0.0,
-                loras: vec![],
-                control: vec![],
-            };
             let noise = shared("noise");
-            let denoised = pipeline.generate_with_noise(&params, noise.view(), &mut keep_going()).unwrap();
-            let latents_diff = max_abs_diff(&denoised.latents, &file("final_latents"));
-            let image_diff = max_abs_diff(&denoised.image, &file("image"));
-            report.push(format!("{id}: final latents {latents_diff:.2e}, image {image_diff:.2e}"));
-            assert!(latents_diff <= 1e-3, "{id}: final latents differ by {latents_diff}");
-            assert!(image_diff <= 1e-3, "{id}: image differs by {image_diff}");
+            let denoised =
+                pipeline.generate_with_noise(&case_params(&case), noise.view(), &mut keep_going()).unwrap();
+            report.push(assert_matches_case(&id, &case, &denoised));
         }
     }
     assert_eq!(report.len(), 12);
@@ -579,20 +589,7 @@ fn controlnet_generations_match_diffusers() {
     for case in controlnet_cases() {
         let id = case["id"].as_str().unwrap();
         let mut pipeline = if case["model"] == "sd15" { sd15() } else { sdxl() };
-        let file = |key: &str| npy::read_f32(&repo_path(case["files"][key].as_str().unwrap()));
-        let init_image = case["init_image"]
-            .as_str()
-            .map(|path| image::open(repo_path(path)).expect("init image decodes").to_rgb8());
         let params = GenerateParams {
-            prompt: case["prompt"].as_str().unwrap().to_string(),
-            negative_prompt: case["negative_prompt"].as_str().unwrap().to_string(),
-            num_inference_steps: case["num_inference_steps"].as_u64().unwrap() as u32,
-            guidance_scale: case["guidance_scale"].as_f64().unwrap() as f32,
-            width: case["width"].as_u64().unwrap() as u32,
-            height: case["height"].as_u64().unwrap() as u32,
-            strength: case["strength"].as_f64().unwrap_or(1.0) as f32,
-            scheduler: case["scheduler"].as_str().unwrap().parse().unwrap(),
-            init_image,
             control: case["units"].as_array().unwrap().iter().map(control_unit).collect(),
             loras: case["loras"]
                 .as_array()
@@ -600,16 +597,12 @@ fn controlnet_generations_match_diffusers() {
                 .iter()
                 .map(|l| (l["name"].as_str().unwrap().to_string(), l["weight"].as_f64().unwrap() as f32))
                 .collect(),
-            ..params("", SchedulerKind::Ddim)
+            ..case_params(&case)
         };
         let noise = as4(npy::read_f32(&repo_path(case["noise"].as_str().unwrap())));
         let denoised = pipeline.generate_with_noise(&params, noise.view(), &mut keep_going()).unwrap();
-        let latents_diff = max_abs_diff(&denoised.latents, &file("final_latents"));
-        let image_diff = max_abs_diff(&denoised.image, &file("image"));
-        report.push(format!("{id}: final latents {latents_diff:.2e}, image {image_diff:.2e}"));
         assert!(denoised.timings.controlnet_ms > 0.0, "{id}: the ControlNets ran");
-        assert!(latents_diff <= 1e-3, "{id}: final latents differ by {latents_diff}");
-        assert!(image_diff <= 1e-3, "{id}: image differs by {image_diff}");
+        report.push(assert_matches_case(id, &case, &denoised));
     }
     assert_eq!(report.len(), 9);
     println!("max abs diff against diffusers' ControlNet pipelines:\n{}", report.join("\n"));
