@@ -18,6 +18,10 @@ Stages (default: all):
               (see make_controlnet_fixtures.py and export_controlnet.py)
   controlnet-ref
               diffusers' ControlNet pipelines -> fixtures/reference/controlnet
+  lcm-lora    a tiny LCM-LoRA for tiny-sd15 -> onnx/loras/lcm-desk.safetensors (see
+              make_fewstep_fixtures.py)
+  fewstep-ref LCM, trailing Euler ancestral and guidance-free runs with every noise draw recorded,
+              and the LCM-LoRA fused by diffusers -> fixtures/reference/fewstep
   canny       OpenCV's Canny maps of the darknet photos -> fixtures/reference/canny (see
               make_canny_fixtures.py)
   selfcheck   re-run one case and assert bit-identical output
@@ -996,7 +1000,7 @@ def main() -> None:
     stages = args.stages
     if "all" in stages:
         stages = ["models", "captioner", "reference", "schedulers", "caption-ref", "loras", "lora-ref",
-                  "controlnet", "controlnet-ref", "canny", "selfcheck", "manifest"]
+                  "controlnet", "controlnet-ref", "lcm-lora", "fewstep-ref", "canny", "selfcheck", "manifest"]
     work_ctx = tempfile.TemporaryDirectory(prefix="deskgen-fixtures-") if args.work is None else None
     work = pathlib.Path(args.work or work_ctx.name)
     work.mkdir(parents=True, exist_ok=True)
@@ -1064,6 +1068,18 @@ def main() -> None:
                 make_controlnet_fixtures.build_controlnets(ckpt)
         if "controlnet-ref" in stages:
             make_controlnet_fixtures.reference(sys.modules[__name__], work, ref)
+
+    if "lcm-lora" in stages or "fewstep-ref" in stages:
+        import make_fewstep_fixtures
+
+        if not (work / "ckpt-sd15").exists():
+            build_sd15(work / "ckpt-sd15", work)
+        if "lcm-lora" in stages:
+            make_fewstep_fixtures.build_lcm_lora(work / "ckpt-sd15", loras)
+        if "fewstep-ref" in stages:
+            checks["lcm_lora_fused_by_diffusers_vs_w_plus_scaled_ba_max_abs_diff"] = make_fewstep_fixtures.reference(
+                sys.modules[__name__], work, ref, loras
+            )
 
     if "canny" in stages:
         import make_canny_fixtures

@@ -1,6 +1,8 @@
 //! The Stable Diffusion engine on the committed tiny fixtures, against the Python reference
 //! (optimum's ONNX Runtime pipelines on the same ONNX files, `onnx/fixtures/README.md`).
 
+#[path = "common/draws.rs"]
+mod draws;
 #[path = "common/npy.rs"]
 mod npy;
 
@@ -14,8 +16,10 @@ use deskgen::inference::diffusion::{
     ClipTokenizer, ControlUnit, Denoised, DiffusionError, GenerateParams, SchedulerKind, StableDiffusion,
 };
 use deskgen::inference::{ModelOwner, Runtime, RuntimeConfig};
-use ndarray::{Array4, ArrayD, ArrayView4, Axis, Ix4, concatenate};
+use ndarray::{Array4, ArrayD, Axis, Ix4, concatenate};
 use serde_json::Value;
+
+use draws::Draws;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/fixtures")
@@ -215,14 +219,14 @@ fn scheduler_steps_match_reference_latents() {
             let steps_file = |key: &str| npy::read_f32(&repo_path(case["files"][key].as_str().unwrap()));
             let (unet_sample, noise_pred, step_latents) =
                 (steps_file("unet_sample"), steps_file("noise_pred"), steps_file("step_latents"));
-            let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+            let mut no_draws = Draws::none();
             for (i, &timestep) in want_timesteps.iter().enumerate() {
                 let mut sample = concatenate(Axis(0), &[latents.view(), latents.view()]).unwrap();
                 scheduler.scale_model_input(sample.view_mut(), timestep);
                 let diff = max_abs_diff(&sample, unet_sample.index_axis(Axis(0), i).iter());
                 assert!(diff < 1e-5, "{id} step {i}: scale_model_input differs by {diff}");
                 let pred = noise_pred.index_axis(Axis(0), i).into_dimensionality::<Ix4>().unwrap();
-                scheduler.step(pred, timestep, latents.view_mut(), &mut rng);
+                scheduler.step(pred, timestep, latents.view_mut(), &mut no_draws);
                 let diff = max_abs_diff(&latents, step_latents.index_axis(Axis(0), i).iter());
                 assert!(diff < 1e-4, "{id} step {i}: latents differ by {diff}");
             }
@@ -335,14 +339,81 @@ fn generations_match_reference_images() {
             let id = case["id"].as_str().unwrap().to_string();
             let shared =
                 |key: &str| as4(npy::read_f32(&repo_path(case["shared_files"][key].as_str().unwrap())));
-            let noise = shared("noise");
+            let mut draws = Draws::initial(shared("noise"));
             let denoised =
-                pipeline.generate_with_noise(&case_params(&case), noise.view(), &mut keep_going()).unwrap();
+                pipeline.generate_with_noise(&case_params(&case), &mut draws, &mut keep_going()).unwrap();
             report.push(assert_matches_case(&id, &case, &denoised));
         }
     }
     assert_eq!(report.len(), 12);
     println!("max abs diff against the Python reference:\n{}", report.join("\n"));
+}
+
+fn fewstep_cases() -> Vec<Value> {
+    read_python_json(&fixtures().join("reference/fewstep/cases.json"))["cases"]
+        .as_array()
+        .expect("cases")
+        .clone()
+}
+
+/// The case's model with its scheduler config overrides written into a copy (a Turbo model's
+/// config says "trailing"; the tiny models' say "leading").
+fn model_for(case: &Value, scratch: &Path) -> Option<StableDiffusion> {
+    let overrides = case["scheduler_config_overrides"].as_object().expect("overrides");
+    if overrides.is_empty() {
+        return None;
+    }
+    let dir = scratch.join(case["id"].as_str().unwrap().replace('/', "_"));
+    copy_dir(&repo_path(case["model_dir"].as_str().unwrap()), &dir);
+    let path = dir.join("scheduler/scheduler_config.json");
+    let mut config = read_python_json(&path);
+    for (key, value) in overrides {
+        config[key] = value.clone();
+    }
+    std::fs::write(&path, config.to_string()).unwrap();
+    Some(StableDiffusion::load(&runtime(), dir).expect("the copied model loads"))
+}
+
+/// LCM, trailing Euler ancestral, the conditional-only pass of guidance <= 1, and LCM-LoRA merged at
+/// run time, each replaying every noise draw diffusers made.
+#[test]
+fn fewstep_generations_match_diffusers() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut report = Vec::new();
+    let mut images = std::collections::HashMap::new();
+    for case in fewstep_cases() {
+        let id = case["id"].as_str().unwrap();
+        let params = GenerateParams {
+            loras: case["loras"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| (l["name"].as_str().unwrap().to_string(), l["weight"].as_f64().unwrap() as f32))
+                .collect(),
+            ..case_params(&case)
+        };
+        let file = |key: &str| npy::read_f32(&repo_path(case["files"][key].as_str().unwrap()));
+        let noise = as4(npy::read_f32(&repo_path(case["noise"].as_str().unwrap())));
+        let mut draws = match case["files"].get("draws") {
+            Some(_) => Draws::with_steps(noise, &file("draws")),
+            None => Draws::initial(noise),
+        };
+        let denoised = match model_for(&case, scratch.path()) {
+            Some(mut own) => own.generate_with_noise(&params, &mut draws, &mut keep_going()),
+            None if case["model"] == "sd15" => {
+                sd15().generate_with_noise(&params, &mut draws, &mut keep_going())
+            }
+            None => sdxl().generate_with_noise(&params, &mut draws, &mut keep_going()),
+        }
+        .unwrap();
+        assert_eq!(draws.left(), 0, "{id}: every recorded draw is used");
+        report.push(assert_matches_case(id, &case, &denoised));
+        images.insert(id.to_string(), denoised.image);
+    }
+    assert_eq!(report.len(), 7);
+    let lora_effect = max_abs_diff(&images["sd15/txt2img_lcm_lora"], &images["sd15/txt2img_lcm"]);
+    assert!(lora_effect > 1e-2, "the LCM-LoRA changes the image ({lora_effect})");
+    println!("max abs diff against diffusers, every draw replayed:\n{}", report.join("\n"));
 }
 
 #[test]
@@ -555,13 +626,11 @@ async fn a_pipeline_on_its_owner_thread_serves_concurrent_requests() {
 }
 
 #[test]
-fn wrong_noise_shape_is_refused() {
-    let noise = Array4::<f32>::zeros((1, 4, 4, 4));
-    let view: ArrayView4<'_, f32> = noise.view();
-    let error = sd15()
-        .generate_with_noise(&params("a desk", SchedulerKind::Ddim), view, &mut keep_going())
-        .unwrap_err();
-    assert!(matches!(error, DiffusionError::InvalidParams { field: "noise", .. }), "{error}");
+fn lcm_refuses_more_steps_than_the_model_was_distilled_on() {
+    let params = GenerateParams { num_inference_steps: 51, ..params("a desk", SchedulerKind::Lcm) };
+    let error = sd15().generate(&params, &mut keep_going()).unwrap_err();
+    assert!(matches!(error, DiffusionError::InvalidParams { field: "num_inference_steps", .. }), "{error}");
+    assert!(error.to_string().contains("at most 50"), "{error}");
 }
 
 fn controlnet_cases() -> Vec<Value> {
@@ -599,8 +668,8 @@ fn controlnet_generations_match_diffusers() {
                 .collect(),
             ..case_params(&case)
         };
-        let noise = as4(npy::read_f32(&repo_path(case["noise"].as_str().unwrap())));
-        let denoised = pipeline.generate_with_noise(&params, noise.view(), &mut keep_going()).unwrap();
+        let mut draws = Draws::initial(as4(npy::read_f32(&repo_path(case["noise"].as_str().unwrap()))));
+        let denoised = pipeline.generate_with_noise(&params, &mut draws, &mut keep_going()).unwrap();
         assert!(denoised.timings.controlnet_ms > 0.0, "{id}: the ControlNets ran");
         report.push(assert_matches_case(id, &case, &denoised));
     }

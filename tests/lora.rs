@@ -2,6 +2,9 @@
 //! every kind of bad adapter and request, and requests through the real server.
 
 mod common;
+#[allow(dead_code)]
+#[path = "common/draws.rs"]
+mod draws;
 // Shared with tests/diffusion.rs, which reads integer tensors too.
 #[allow(dead_code)]
 #[path = "common/npy.rs"]
@@ -17,6 +20,7 @@ use common::{TestServer, poll_final, start_real_guarded};
 use deskgen::inference::diffusion::lora::{LoraError, LoraOptions, extract_prompt_loras};
 use deskgen::inference::diffusion::{DiffusionError, GenerateParams, SchedulerKind, StableDiffusion};
 use deskgen::inference::{Runtime, RuntimeConfig};
+use draws::Draws;
 use ndarray::{Array4, Ix4};
 use serde_json::{Value, json};
 
@@ -101,7 +105,9 @@ fn vm_rss_kib() -> u64 {
 #[test]
 fn merged_generations_match_diffusers_fused_reference() {
     let mut sd = shared_pipeline();
-    let base = sd.generate_with_noise(&reference_params(vec![]), noise().view(), &mut keep_going()).unwrap();
+    let base = sd
+        .generate_with_noise(&reference_params(vec![]), &mut Draws::initial(noise()), &mut keep_going())
+        .unwrap();
     let mut report = Vec::new();
     let mut latents_by_case = BTreeMap::new();
     for case in reference()["cases"].as_array().unwrap() {
@@ -113,8 +119,9 @@ fn merged_generations_match_diffusers_fused_reference() {
             .map(|l| (l["name"].as_str().unwrap().to_string(), l["weight"].as_f64().unwrap() as f32))
             .collect();
         let file = |key: &str| npy::read_f32(&repo_path(case["files"][key].as_str().unwrap()));
-        let got =
-            sd.generate_with_noise(&reference_params(loras), noise().view(), &mut keep_going()).unwrap();
+        let got = sd
+            .generate_with_noise(&reference_params(loras), &mut Draws::initial(noise()), &mut keep_going())
+            .unwrap();
         let latents_diff = max_abs_diff(&got.latents, &file("final_latents"));
         let image_diff = max_abs_diff(&got.image, &file("image"));
         let moved = max_abs_diff(&got.latents, &base.latents);
@@ -139,9 +146,13 @@ fn merged_generations_match_diffusers_fused_reference() {
 #[test]
 fn weight_zero_is_the_base_model_exactly() {
     let mut sd = shared_pipeline();
-    let base = sd.generate_with_noise(&reference_params(vec![]), noise().view(), &mut keep_going()).unwrap();
+    let base = sd
+        .generate_with_noise(&reference_params(vec![]), &mut Draws::initial(noise()), &mut keep_going())
+        .unwrap();
     let zero = vec![("minimal-desk".to_string(), 0.0), ("cozy-desk".to_string(), 0.0)];
-    let got = sd.generate_with_noise(&reference_params(zero), noise().view(), &mut keep_going()).unwrap();
+    let got = sd
+        .generate_with_noise(&reference_params(zero), &mut Draws::initial(noise()), &mut keep_going())
+        .unwrap();
     assert_eq!(got.latents, base.latents);
     assert_eq!(got.image, base.image);
     assert!(got.timings.lora_ms < 5.0, "weight 0 must not build sessions ({} ms)", got.timings.lora_ms);
@@ -164,15 +175,18 @@ fn merged_sessions_are_cached_bounded_and_leave_the_base_alone() {
     }
     let mut sd = pipeline(2);
     let params = |weight: f32| reference_params(vec![("minimal-desk".into(), weight)]);
-    let base_before = sd.generate_with_noise(&params(0.0), noise().view(), &mut keep_going()).unwrap();
+    let base_before =
+        sd.generate_with_noise(&params(0.0), &mut Draws::initial(noise()), &mut keep_going()).unwrap();
     let rss_start = vm_rss_kib();
 
     let started = Instant::now();
-    let first = sd.generate_with_noise(&params(1.0), noise().view(), &mut keep_going()).unwrap();
+    let first =
+        sd.generate_with_noise(&params(1.0), &mut Draws::initial(noise()), &mut keep_going()).unwrap();
     let build_ms = started.elapsed().as_secs_f64() * 1000.0;
     let rss_after_merge = vm_rss_kib();
     let started = Instant::now();
-    let again = sd.generate_with_noise(&params(1.0), noise().view(), &mut keep_going()).unwrap();
+    let again =
+        sd.generate_with_noise(&params(1.0), &mut Draws::initial(noise()), &mut keep_going()).unwrap();
     let hit_ms = started.elapsed().as_secs_f64() * 1000.0;
     assert_eq!(first.latents, again.latents);
     assert_eq!(sd.cached_lora_sets(), 1);
@@ -186,11 +200,17 @@ fn merged_sessions_are_cached_bounded_and_leave_the_base_alone() {
     // Many distinct sets: the cache holds two, memory stops growing.
     let mut rss = Vec::new();
     for i in 0..12 {
-        sd.generate_with_noise(&params(0.1 + 0.1 * i as f32), noise().view(), &mut keep_going()).unwrap();
+        sd.generate_with_noise(
+            &params(0.1 + 0.1 * i as f32),
+            &mut Draws::initial(noise()),
+            &mut keep_going(),
+        )
+        .unwrap();
         rss.push(vm_rss_kib());
         assert!(sd.cached_lora_sets() <= 2);
     }
-    let base_after = sd.generate_with_noise(&params(0.0), noise().view(), &mut keep_going()).unwrap();
+    let base_after =
+        sd.generate_with_noise(&params(0.0), &mut Draws::initial(noise()), &mut keep_going()).unwrap();
     assert_eq!(base_after.latents, base_before.latents, "merging must never change the base sessions");
     let growth_after_warmup = rss[11] as i64 - rss[3] as i64;
     println!(
@@ -212,8 +232,8 @@ fn merged_sessions_are_cached_bounded_and_leave_the_base_alone() {
 fn cache_size_zero_merges_per_request() {
     let mut sd = pipeline(0);
     let params = reference_params(vec![("cozy-desk".into(), 0.5)]);
-    let a = sd.generate_with_noise(&params, noise().view(), &mut keep_going()).unwrap();
-    let b = sd.generate_with_noise(&params, noise().view(), &mut keep_going()).unwrap();
+    let a = sd.generate_with_noise(&params, &mut Draws::initial(noise()), &mut keep_going()).unwrap();
+    let b = sd.generate_with_noise(&params, &mut Draws::initial(noise()), &mut keep_going()).unwrap();
     assert_eq!(a.latents, b.latents);
     assert_eq!(sd.cached_lora_sets(), 0);
 }
@@ -223,8 +243,11 @@ fn library_lists_rank_targets_and_trigger_words() {
     let sd = shared_pipeline();
     let library = sd.lora_library().unwrap();
     let adapters: Vec<_> = library.adapters().collect();
-    assert_eq!(adapters.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(), ["cozy-desk", "minimal-desk"]);
-    let (cozy, minimal) = (adapters[0], adapters[1]);
+    assert_eq!(
+        adapters.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
+        ["cozy-desk", "lcm-desk", "minimal-desk"]
+    );
+    let (cozy, lcm, minimal) = (adapters[0], adapters[1], adapters[2]);
     assert_eq!(minimal.rank, 4);
     assert_eq!(
         minimal.target_modules,
@@ -254,6 +277,26 @@ fn library_lists_rank_targets_and_trigger_words() {
         ]
     );
     assert_eq!(cozy.trigger_words, ["cozy desk", "warm light"]);
+    assert_eq!(lcm.rank, 4);
+    assert_eq!(
+        lcm.target_modules,
+        [
+            "unet.conv",
+            "unet.conv1",
+            "unet.conv2",
+            "unet.conv_shortcut",
+            "unet.net.2",
+            "unet.proj",
+            "unet.proj_in",
+            "unet.proj_out",
+            "unet.time_emb_proj",
+            "unet.to_k",
+            "unet.to_out.0",
+            "unet.to_q",
+            "unet.to_v"
+        ]
+    );
+    assert!(lcm.trigger_words.is_empty());
 }
 
 #[test]
@@ -396,7 +439,9 @@ fn bad_adapter_files_are_skipped_with_clear_reasons() {
 #[test]
 fn sd15_adapters_do_not_fit_sdxl() {
     let (names, rejected) = scan(&repo_path("onnx/loras"), &repo_path("onnx/fixtures/tiny-sdxl"));
-    assert!(names.is_empty());
+    // lcm-desk names no base model and the two tiny UNets share their block widths, so every
+    // module it adapts exists in the tiny SDXL with the same shape: it loads there too.
+    assert_eq!(names, ["lcm-desk"]);
     // cozy-desk declares sd_v1; minimal-desk's shapes give it away.
     assert!(matches!(rejected["cozy-desk.safetensors"], LoraError::WrongFamily { .. }));
     assert!(matches!(rejected["minimal-desk.safetensors"], LoraError::Shape { .. }), "{:?}", rejected);
@@ -457,10 +502,10 @@ fn bad_requests_name_the_problem_and_leave_the_pipeline_working() {
     };
     let unknown = run(vec![("../minimal-desk", 1.0)]).unwrap_err();
     assert!(
-        matches!(&unknown, DiffusionError::Lora(LoraError::Unknown { known, .. }) if known == &["cozy-desk", "minimal-desk"]),
+        matches!(&unknown, DiffusionError::Lora(LoraError::Unknown { known, .. }) if known == &["cozy-desk", "lcm-desk", "minimal-desk"]),
         "{unknown:?}"
     );
-    assert!(unknown.to_string().contains("known: cozy-desk, minimal-desk"));
+    assert!(unknown.to_string().contains("known: cozy-desk, lcm-desk, minimal-desk"));
     for weight in [100.0, -5.0, f32::NAN, f32::INFINITY] {
         let error = run(vec![("minimal-desk", weight)]).unwrap_err();
         assert!(matches!(error, DiffusionError::Lora(LoraError::Weight { .. })), "{weight}: {error:?}");
@@ -607,7 +652,7 @@ async fn server_lists_and_applies_adapters() {
     let refused = generate.generate(request("vintage")).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     assert!(
-        refused.message().contains("known: cozy-desk, minimal-desk")
+        refused.message().contains("known: cozy-desk, lcm-desk, minimal-desk")
             || format!("{refused:?}").contains("known: cozy-desk")
     );
 

@@ -75,7 +75,7 @@ pub struct GenerateCommand {
     /// Seed; the same seed and inputs give the same image.
     #[arg(long, env = "DESKGEN_SEED")]
     pub seed: Option<u64>,
-    /// Scheduler id (ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras).
+    /// Scheduler id (ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm).
     #[arg(long, env = "DESKGEN_SCHEDULER")]
     pub scheduler: Option<String>,
     /// Offers per recommended category (1..=10).

@@ -11,7 +11,11 @@
 //! `ChaCha8Rng::seed_from_u64(seed)` (rand_chacha), read as float32 standard normals
 //! (`rand_distr::StandardNormal`) in C order:
 //! 1. first the initial noise, shaped like the latents `[1, C, height / 8, width / 8]`;
-//! 2. then, for Euler ancestral only, one latent-shaped draw per step.
+//! 2. then one latent-shaped draw per step for the schedulers that add fresh noise: Euler
+//!    ancestral every step, LCM every step but the last.
+//!
+//! [`StableDiffusion::generate_with_noise`] takes these draws from any [`NoiseSource`] instead,
+//! which is how the tests replay diffusers' own draws.
 //!
 //! The initial noise is used as diffusers uses the `latents=` argument (text-to-image: multiplied
 //! by the scheduler's `init_noise_sigma`) or its single noise draw (image-to-image: added to the
@@ -21,6 +25,7 @@
 mod config;
 mod controlnet;
 pub mod lora;
+mod noise;
 mod pipeline;
 pub mod schedulers;
 mod tensor;
@@ -36,6 +41,7 @@ use crate::inference::RuntimeError;
 
 pub use config::{DiffusionConfig, ModelFamily};
 pub use controlnet::{ControlUnit, MAX_CONTROL_SCALE, is_guidance_window};
+pub use noise::{NoiseSource, SeededNoise};
 pub use pipeline::{
     Denoised, GenerateParams, Generated, MAX_STEPS, PromptEmbeddings, StableDiffusion, Timings,
 };

@@ -8,9 +8,6 @@ use std::time::Instant;
 use image::RgbImage;
 use image::imageops::FilterType;
 use ndarray::{Array2, Array3, Array4, ArrayView4, ArrayViewMut4, Axis, Zip, concatenate, s};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use rand_distr::StandardNormal;
 
 use super::DiffusionError;
 use super::config::{DiffusionConfig, ModelFamily, config_error};
@@ -18,6 +15,7 @@ use super::controlnet::{
     ControlNet, ControlUnit, MAX_CONTROL_SCALE, Residuals, acts_at, control_input, is_guidance_window,
 };
 use super::lora::{LoraError, LoraLibrary, LoraOptions, MergedCache, MergedModels, ModelPart, RejectedLora};
+use super::noise::{NoiseSource, SeededNoise};
 use super::schedulers::{Scheduler, SchedulerKind, img2img_start_index};
 use super::tensor::ModelTensor;
 use super::text_encoder::TextEncoder;
@@ -291,31 +289,21 @@ impl StableDiffusion {
         on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Generated, DiffusionError> {
         self.validate(params)?;
-        let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
-        let noise = Array4::from_shape_simple_fn(self.latent_shape(params), || rng.sample(StandardNormal));
-        let denoised = self.denoise(params, noise.view(), &mut rng, on_step)?;
+        let denoised = self.denoise(params, &mut SeededNoise::new(params.seed), on_step)?;
         Ok(Generated { image: to_rgb8(denoised.image.view()), timings: denoised.timings, seed: params.seed })
     }
 
-    /// Generates from given unit Gaussian `noise` `[1, C, height / 8, width / 8]` instead of the
-    /// seed's, with diffusers' meaning of it (see the module docs); Euler ancestral's per-step
-    /// noise still comes from `params.seed`.
+    /// Generates with every Gaussian draw taken from `noise` instead of the seed's stream, in the
+    /// order of the module docs (`params.seed` is ignored), and returns the float image and final
+    /// latents: how a run recorded elsewhere is replayed.
     pub fn generate_with_noise(
         &mut self,
         params: &GenerateParams,
-        noise: ArrayView4<'_, f32>,
+        noise: &mut dyn NoiseSource,
         on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Denoised, DiffusionError> {
         self.validate(params)?;
-        let expected = self.latent_shape(params);
-        if noise.dim() != expected {
-            return Err(DiffusionError::InvalidParams {
-                field: "noise",
-                reason: format!("shape {:?} does not match the latents {expected:?}", noise.shape()),
-            });
-        }
-        let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
-        self.denoise(params, noise, &mut rng, on_step)
+        self.denoise(params, noise, on_step)
     }
 
     /// Encodes the prompt (and with `guided` the negative prompt first) as the UNet sees it.
@@ -339,6 +327,14 @@ impl StableDiffusion {
             |field: &'static str, reason: String| Err(DiffusionError::InvalidParams { field, reason });
         if !(1..=MAX_STEPS).contains(&params.num_inference_steps) {
             return invalid("num_inference_steps", format!("must be between 1 and {MAX_STEPS}"));
+        }
+        if let Some(max) = params.scheduler.max_steps(&self.config.scheduler)
+            && params.num_inference_steps as usize > max
+        {
+            return invalid(
+                "num_inference_steps",
+                format!("{} runs at most {max} steps on this model", params.scheduler),
+            );
         }
         let multiple = self.config.size_multiple;
         for (field, side) in [("width", params.width), ("height", params.height)] {
@@ -400,11 +396,10 @@ impl StableDiffusion {
     fn denoise(
         &mut self,
         params: &GenerateParams,
-        noise: ArrayView4<'_, f32>,
-        rng: &mut ChaCha8Rng,
+        noise: &mut dyn NoiseSource,
         on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Denoised, DiffusionError> {
-        let denoised = self.denoise_with_sessions(params, noise, rng, on_step);
+        let denoised = self.denoise_with_sessions(params, noise, on_step);
         if let Some(loras) = &mut self.loras {
             loras.cache.trim();
         }
@@ -414,10 +409,10 @@ impl StableDiffusion {
     fn denoise_with_sessions(
         &mut self,
         params: &GenerateParams,
-        noise: ArrayView4<'_, f32>,
-        rng: &mut ChaCha8Rng,
+        noise: &mut dyn NoiseSource,
         on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Denoised, DiffusionError> {
+        let latent_shape = self.latent_shape(params);
         let StableDiffusion {
             config,
             runtime,
@@ -450,12 +445,14 @@ impl StableDiffusion {
         let mut scheduler = params.scheduler.build(&config.scheduler);
         scheduler.set_timesteps(params.num_inference_steps as usize);
         let started = Instant::now();
+        let mut initial_noise = Array4::zeros(latent_shape);
+        noise.fill(initial_noise.view_mut());
         let (mut latents, start) =
-            initial_latents(scheduler.as_mut(), vae_encoder.as_mut(), config, noise, params)?;
+            initial_latents(scheduler.as_mut(), vae_encoder.as_mut(), config, initial_noise.view(), params)?;
         timings.vae_ms += elapsed_ms(started);
 
         let started = Instant::now();
-        let schedule = Schedule { scheduler: scheduler.as_mut(), start, rng };
+        let schedule = Schedule { scheduler: scheduler.as_mut(), start, noise };
         let control = control.as_mut().filter(|_| controlled).map(|Control { unet, nets }| ControlSessions {
             unet: active.residual_unet.take().unwrap_or(unet),
             nets,
@@ -516,7 +513,7 @@ fn noised_photo(
 struct Schedule<'a> {
     scheduler: &'a mut dyn Scheduler,
     start: usize,
-    rng: &'a mut ChaCha8Rng,
+    noise: &'a mut dyn NoiseSource,
 }
 
 /// What the UNet steps cost.
@@ -622,7 +619,7 @@ fn run_steps(
     params: &GenerateParams,
     on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
 ) -> Result<StepsCost, DiffusionError> {
-    let Schedule { scheduler, start, rng } = schedule;
+    let Schedule { scheduler, start, noise } = schedule;
     let rows = if params.guidance_scale > 1.0 { 2 } else { 1 };
     let (_, channels, latent_h, latent_w) = latents.dim();
     let added = embeddings
@@ -656,7 +653,7 @@ fn run_steps(
         cost.run_ms += step.run_ms;
         cost.transfer_ms += step.transfer_ms;
         cost.steps += 1;
-        scheduler.step(noise_pred.view(), timestep, latents.view_mut(), rng);
+        scheduler.step(noise_pred.view(), timestep, latents.view_mut(), noise);
         if unet.is_half() {
             // diffusers casts each step's result back to the model's float16.
             latents.mapv_inplace(|l| half::f16::from_f32(l).to_f32());

@@ -1,8 +1,8 @@
 //! DDIM (Song et al. 2020), deterministic (eta = 0), as diffusers' `DDIMScheduler`.
 
 use ndarray::{ArrayView4, ArrayViewMut4, Zip};
-use rand::RngCore;
 
+use super::super::noise::NoiseSource;
 use super::schedule::spaced_timesteps;
 use super::{PredictionType, Scheduler, SchedulerConfig, TimestepSpacing};
 
@@ -87,7 +87,7 @@ impl Scheduler for DdimScheduler {
         model_output: ArrayView4<'_, f32>,
         timestep: f32,
         sample: ArrayViewMut4<'_, f32>,
-        _rng: &mut dyn RngCore,
+        _noise: &mut dyn NoiseSource,
     ) {
         let timestep = timestep as i64;
         // diffusers steps back by the "leading" stride whatever the spacing.

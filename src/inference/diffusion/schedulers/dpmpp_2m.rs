@@ -3,8 +3,8 @@
 //! and the midpoint solver; optionally on Karras sigmas (`dpmpp_2m_karras`).
 
 use ndarray::{Array4, ArrayView4, ArrayViewMut4, Zip};
-use rand::RngCore;
 
+use super::super::noise::NoiseSource;
 use super::schedule::{
     interp, karras_sigmas, np_arange_descending, np_linspace, sigma_to_t, training_sigmas,
 };
@@ -155,7 +155,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         model_output: ArrayView4<'_, f32>,
         timestep: f32,
         sample: ArrayViewMut4<'_, f32>,
-        _rng: &mut dyn RngCore,
+        _noise: &mut dyn NoiseSource,
     ) {
         let index = self.step_index(timestep);
         let num_steps = self.timesteps.len();

@@ -2,8 +2,8 @@
 //! as diffusers' `EulerDiscreteScheduler`.
 
 use ndarray::{ArrayView4, ArrayViewMut4, Zip};
-use rand::RngCore;
 
+use super::super::noise::NoiseSource;
 use super::schedule::{karras_sigmas, sigma_to_t, training_sigmas};
 use super::sigma_steps::{SigmaSteps, sigma_steps_methods};
 use super::{FinalSigmasType, Scheduler, SchedulerConfig};
@@ -50,7 +50,7 @@ impl Scheduler for EulerDiscreteScheduler {
         model_output: ArrayView4<'_, f32>,
         timestep: f32,
         sample: ArrayViewMut4<'_, f32>,
-        _rng: &mut dyn RngCore,
+        _noise: &mut dyn NoiseSource,
     ) {
         let index = self.steps.step_index(timestep);
         let sigma = self.steps.sigmas[index];

@@ -1,10 +1,9 @@
 //! Ancestral sampling with Euler steps, as diffusers' `EulerAncestralDiscreteScheduler`: each step
 //! goes down to `sigma_down` deterministically, then adds fresh noise of `sigma_up`.
 
-use ndarray::{ArrayView4, ArrayViewMut4, Zip};
-use rand::{Rng, RngCore};
-use rand_distr::StandardNormal;
+use ndarray::{Array4, ArrayView4, ArrayViewMut4, Zip};
 
+use super::super::noise::NoiseSource;
 use super::sigma_steps::{SigmaSteps, sigma_steps_methods};
 use super::{Scheduler, SchedulerConfig};
 
@@ -34,7 +33,7 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         model_output: ArrayView4<'_, f32>,
         timestep: f32,
         sample: ArrayViewMut4<'_, f32>,
-        rng: &mut dyn RngCore,
+        noise: &mut dyn NoiseSource,
     ) {
         let index = self.steps.step_index(timestep);
         let (sigma_from, sigma_to) = (self.steps.sigmas[index], self.steps.sigmas[index + 1]);
@@ -44,10 +43,11 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         let sigma_down = (sigma_to * sigma_to - sigma_up * sigma_up).sqrt();
         let dt = sigma_down - sigma_from;
         let pred_original_sample = self.steps.pred_original_sample(sigma_from);
-        Zip::from(sample).and(model_output).for_each(|x, &output| {
+        let mut fresh = Array4::zeros(sample.raw_dim());
+        noise.fill(fresh.view_mut());
+        Zip::from(sample).and(model_output).and(&fresh).for_each(|x, &output, &fresh| {
             let derivative = (*x - pred_original_sample(*x, output)) / sigma_from;
-            let noise: f32 = rng.sample(StandardNormal);
-            *x = *x + derivative * dt + noise * sigma_up;
+            *x = *x + derivative * dt + fresh * sigma_up;
         });
         self.steps.advance(index);
     }

@@ -9,6 +9,7 @@ mod ddim;
 mod dpmpp_2m;
 mod euler;
 mod euler_ancestral;
+mod lcm;
 mod schedule;
 mod sigma_steps;
 
@@ -16,13 +17,15 @@ use std::fmt;
 use std::str::FromStr;
 
 use ndarray::{ArrayView4, ArrayViewMut4};
-use rand::RngCore;
 use serde::Deserialize;
+
+use super::noise::NoiseSource;
 
 pub use ddim::DdimScheduler;
 pub use dpmpp_2m::DpmSolverMultistepScheduler;
 pub use euler::EulerDiscreteScheduler;
 pub use euler_ancestral::EulerAncestralDiscreteScheduler;
+pub use lcm::LcmScheduler;
 
 /// One denoising schedule: which timesteps the UNet sees and how each prediction moves the sample.
 pub trait Scheduler: Send {
@@ -44,13 +47,14 @@ pub trait Scheduler: Send {
     /// Scales the UNet input for `timestep`, in place.
     fn scale_model_input(&mut self, sample: ArrayViewMut4<'_, f32>, timestep: f32);
 
-    /// Advances `sample` from `timestep` to the next timestep given the model's prediction.
+    /// Advances `sample` from `timestep` to the next timestep given the model's prediction;
+    /// ancestral and consistency steps take fresh noise from `noise`.
     fn step(
         &mut self,
         model_output: ArrayView4<'_, f32>,
         timestep: f32,
         sample: ArrayViewMut4<'_, f32>,
-        rng: &mut dyn RngCore,
+        noise: &mut dyn NoiseSource,
     );
 
     /// Noises clean `original` latents, in place, to the level of `timestep` (the first one
@@ -71,21 +75,25 @@ pub enum SchedulerKind {
     DpmPp2m,
     /// DPM-Solver++ 2M on Karras sigmas.
     DpmPp2mKarras,
+    /// Latent consistency: 1 to 8 steps for LCM-distilled models and LCM-LoRA, fresh noise each
+    /// step but the last.
+    Lcm,
 }
 
 /// An unknown scheduler id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown scheduler {0:?}; choose one of ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras")]
+#[error("unknown scheduler {0:?}; choose one of ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm")]
 pub struct UnknownScheduler(pub String);
 
 impl SchedulerKind {
     /// Every scheduler, in the order `/info` lists them.
-    pub const ALL: [SchedulerKind; 5] = [
+    pub const ALL: [SchedulerKind; 6] = [
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
         SchedulerKind::DpmPp2m,
         SchedulerKind::DpmPp2mKarras,
+        SchedulerKind::Lcm,
     ];
 
     /// The request id.
@@ -96,6 +104,7 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "euler_a",
             SchedulerKind::DpmPp2m => "dpmpp_2m",
             SchedulerKind::DpmPp2mKarras => "dpmpp_2m_karras",
+            SchedulerKind::Lcm => "lcm",
         }
     }
 
@@ -109,6 +118,7 @@ impl SchedulerKind {
                 Some(SchedulerKind::DpmPp2mKarras)
             }
             "DPMSolverMultistepScheduler" => Some(SchedulerKind::DpmPp2m),
+            "LCMScheduler" => Some(SchedulerKind::Lcm),
             _ => None,
         }
     }
@@ -121,6 +131,16 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => Box::new(EulerAncestralDiscreteScheduler::new(config)),
             SchedulerKind::DpmPp2m => Box::new(DpmSolverMultistepScheduler::new(config, false)),
             SchedulerKind::DpmPp2mKarras => Box::new(DpmSolverMultistepScheduler::new(config, true)),
+            SchedulerKind::Lcm => Box::new(LcmScheduler::new(config)),
+        }
+    }
+
+    /// The most inference steps this scheduler can run on `config`: LCM picks its steps from the
+    /// schedule the model was distilled on (`original_inference_steps`, 50 by default).
+    pub fn max_steps(self, config: &SchedulerConfig) -> Option<usize> {
+        match self {
+            SchedulerKind::Lcm => Some(lcm::lcm_original_steps(config)),
+            _ => None,
         }
     }
 }
@@ -231,6 +251,10 @@ pub struct SchedulerConfig {
     pub lower_order_final: Option<bool>,
     /// DPM-Solver: always a first-order final step.
     pub euler_at_final: Option<bool>,
+    /// LCM: the length of the schedule the model was distilled on.
+    pub original_inference_steps: Option<usize>,
+    /// LCM: how timesteps are scaled in the consistency boundary condition.
+    pub timestep_scaling: Option<f64>,
     /// Options this implementation does not have; set to a non-default value they are refused.
     #[serde(flatten)]
     pub unsupported: UnsupportedOptions,
