@@ -51,6 +51,10 @@
 # because the Rust side reads tokenizer/tokenizer.json with the `tokenizers` crate and many
 # checkpoints ship only vocab.json + merges.txt.
 #
+# A model id listed in config/model-defaults.json (SD-Turbo, SDXL-Turbo) also gets
+# deskgen-defaults.json: the steps, guidance, scheduler and size it is made for, which requests
+# that set none of them get (edit or write the file for any other model).
+#
 # Then onnx/weights_map.py writes unet/weights_map.json and text_encoder*/weights_map.json: which
 # ONNX initializer holds each PyTorch weight, and whether it is stored transposed (the exporter
 # renames Linear weights to `onnx::MatMul_N` and transposes them). deskgen needs these maps to merge
@@ -168,4 +172,14 @@ PY
 if [[ "$TARGET" == cuda ]]; then
   TQDM_DISABLE=1 "$VENV/bin/python" "$HERE/optimize_sd.py" "$PLAIN" "$OUT_ROOT/cuda"
 fi
+# Few-step models (SD-Turbo, ...) get their steps, guidance, scheduler and size as deskgen's defaults.
+"$VENV/bin/python" - "$MODEL" "$HERE/../config/model-defaults.json" "$PLAIN" "$OUT_ROOT/cuda" <<'PY'
+import json, pathlib, sys
+model, table, *dirs = sys.argv[1:]
+defaults = json.loads(pathlib.Path(table).read_text()).get(model)
+for d in map(pathlib.Path, dirs):
+    if defaults is not None and d.is_dir():
+        (d / "deskgen-defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
+        print(f"export_sd.sh: wrote {d / 'deskgen-defaults.json'} (defaults of {model})", file=sys.stderr)
+PY
 echo "export_sd.sh: exported $MODEL -> $OUT_ROOT ($DTYPE, target $TARGET)" >&2

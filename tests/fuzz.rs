@@ -109,6 +109,8 @@ fn info() -> PipelineInfo {
         models: vec![],
         schedulers: vec!["ddim".into(), "euler".into()],
         default_scheduler: "ddim".into(),
+        default_steps: deskgen::core::request::DEFAULT_STEPS,
+        default_guidance: deskgen::core::request::DEFAULT_GUIDANCE,
         native_size: 512,
         size_multiple: 8,
         loras: vec![deskgen::core::LoraInfo {

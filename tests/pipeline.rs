@@ -324,6 +324,33 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A few-step model's `deskgen-defaults.json` is what a request that sets nothing gets, and what
+/// /info reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_s_own_defaults_fill_a_bare_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("turbo-sd");
+    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/fixtures/tiny-sd15"), &model);
+    let defaults = json!({"num_inference_steps": 2, "guidance_scale": 0.0, "scheduler": "lcm", "size": 128});
+    std::fs::write(model.join("deskgen-defaults.json"), defaults.to_string()).unwrap();
+    let server = start_real(dir.path(), &["--sd-model", model.to_str().unwrap()]).await;
+    let info: Value = reqwest::get(server.url("/info")).await.unwrap().json().await.unwrap();
+    let shown = &info["defaults"];
+    assert_eq!(
+        [&shown["num_inference_steps"], &shown["guidance_scale"], &shown["scheduler"], &shown["width"]],
+        [&json!(2), &json!(0.0), &json!("lcm"), &json!(128)],
+        "{info}"
+    );
+    let task_id = submit(&server, json!({"prompt": "a desk with a lamp"})).await;
+    let result = poll_final(&server, &task_id, None).await;
+    assert_eq!(result["status"], "done", "{result}");
+    let png =
+        reqwest::get(result["processed_image_url"].as_str().unwrap()).await.unwrap().bytes().await.unwrap();
+    let decoded = image::load_from_memory(&png).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (128, 128));
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_diffusion_within_a_step() {
     let dir = tempfile::tempdir().unwrap();

@@ -280,8 +280,8 @@ impl Info for GrpcApi {
                 })
                 .collect(),
             defaults: Some(pb::Defaults {
-                num_inference_steps: DEFAULT_STEPS,
-                guidance_scale: DEFAULT_GUIDANCE,
+                num_inference_steps: pipeline.map_or(DEFAULT_STEPS, |p| p.default_steps),
+                guidance_scale: pipeline.map_or(DEFAULT_GUIDANCE, |p| p.default_guidance),
                 height: native,
                 width: native,
                 strength: DEFAULT_STRENGTH,

@@ -232,8 +232,8 @@ impl AppState {
             object_store: pipeline.map(|p| p.object_store.clone()),
             shopping_provider: pipeline.map(|p| p.shopping_provider.clone()),
             defaults: serde_json::json!({
-                "num_inference_steps": DEFAULT_STEPS,
-                "guidance_scale": DEFAULT_GUIDANCE,
+                "num_inference_steps": pipeline.map_or(DEFAULT_STEPS, |p| p.default_steps),
+                "guidance_scale": pipeline.map_or(DEFAULT_GUIDANCE, |p| p.default_guidance),
                 "strength": DEFAULT_STRENGTH,
                 "height": native,
                 "width": native,

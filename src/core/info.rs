@@ -67,6 +67,10 @@ pub struct PipelineInfo {
     pub schedulers: Vec<String>,
     /// The scheduler used when a request names none.
     pub default_scheduler: String,
+    /// The steps a request gets when it sets none: the model's own default, else 50.
+    pub default_steps: u32,
+    /// The guidance scale a request gets when it sets none: the model's own default, else 7.5.
+    pub default_guidance: f32,
     /// The diffusion model's native image side in pixels.
     pub native_size: u32,
     /// Image sides must be multiples of this (8, or more for deep UNets).

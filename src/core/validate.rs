@@ -5,9 +5,9 @@ use serde::Deserialize;
 
 use super::info::PipelineInfo;
 use super::request::{
-    CANNY, ControlRequest, DEFAULT_CANNY_THRESHOLDS, DEFAULT_CONTROL_SCALE, DEFAULT_GUIDANCE,
-    DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, GenerateRequest, LoraWeight, MAX_CONTROL_UNITS, MAX_GUIDANCE,
-    MAX_PROMPT_CHARS, MAX_STEPS, PhotoSource, ResizeMode, WEBHOOK_EVENTS,
+    CANNY, ControlRequest, DEFAULT_CANNY_THRESHOLDS, DEFAULT_CONTROL_SCALE, DEFAULT_ITEMS_PER_CATEGORY,
+    GenerateRequest, LoraWeight, MAX_CONTROL_UNITS, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_STEPS, PhotoSource,
+    ResizeMode, WEBHOOK_EVENTS,
 };
 use crate::inference::diffusion::lora::{check_name, extract_prompt_loras};
 use crate::inference::diffusion::{MAX_CONTROL_SCALE, SchedulerKind, is_guidance_window};
@@ -132,11 +132,11 @@ pub fn validate(
         rules.text("negative_prompt", negative);
     }
     let photo = rules.photo(input.initial_image_url, input.stored_photo, input.prompt.is_some());
-    let steps = input.num_inference_steps.unwrap_or(i64::from(DEFAULT_STEPS));
+    let steps = input.num_inference_steps.unwrap_or(i64::from(info.default_steps));
     if !(1..=i64::from(MAX_STEPS)).contains(&steps) {
         rules.bad("num_inference_steps", format!("num_inference_steps must be between 1 and {MAX_STEPS}."));
     }
-    let guidance = input.guidance_scale.unwrap_or(f64::from(DEFAULT_GUIDANCE));
+    let guidance = input.guidance_scale.unwrap_or(f64::from(info.default_guidance));
     rules.guidance(guidance);
     let multiple = info.size_multiple.max(8);
     let height = rules.side("height", input.height, multiple, limits.max_side);
@@ -420,6 +420,7 @@ impl Rules {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::request::{DEFAULT_GUIDANCE, DEFAULT_STEPS};
     use crate::core::{ControlNetInfo, LoraInfo};
 
     fn info() -> PipelineInfo {
@@ -427,6 +428,8 @@ mod tests {
             models: vec![],
             schedulers: vec!["ddim".into(), "euler".into()],
             default_scheduler: "ddim".into(),
+            default_steps: DEFAULT_STEPS,
+            default_guidance: DEFAULT_GUIDANCE,
             native_size: 256,
             size_multiple: 16,
             loras: ["cozy", "neon"]
@@ -524,6 +527,19 @@ mod tests {
         assert_eq!(request.max_items_per_category, DEFAULT_ITEMS_PER_CATEGORY);
         assert_eq!((request.width, request.height, request.scheduler), (None, None, None));
         assert_eq!(request.user_text.as_deref(), Some("a desk"));
+    }
+
+    #[test]
+    fn a_few_step_model_s_defaults_fill_steps_and_guidance() {
+        let turbo = PipelineInfo { default_steps: 1, default_guidance: 0.0, ..info() };
+        let parse =
+            |json| validate(serde_json::from_value(json).unwrap(), &Limits { max_side: 1024 }, &turbo);
+        let (_, request) = parse(serde_json::json!({"prompt": "a desk"})).unwrap();
+        assert_eq!((request.num_inference_steps, request.guidance_scale), (1, 0.0));
+        let (_, request) =
+            parse(serde_json::json!({"prompt": "a desk", "num_inference_steps": 4, "guidance_scale": 1.5}))
+                .unwrap();
+        assert_eq!((request.num_inference_steps, request.guidance_scale), (4, 1.5));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use super::plan::{Category, PipelineSettings, PromptInput};
 use super::shape::SizeRule;
 use super::shop::shop;
 use super::{Pipeline, RunContext, Services};
+use crate::core::request::{DEFAULT_GUIDANCE, DEFAULT_STEPS};
 use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest, LoraInfo, ModelInfo, PipelineInfo};
 use crate::fetch::{FetchConfig, Fetcher};
 use crate::inference::diffusion::lora::LoraOptions;
@@ -96,6 +97,8 @@ impl DeskPipeline {
                     max_side: config.max_side,
                 },
                 default_scheduler: diffusion.default_scheduler(),
+                default_steps: diffusion.defaults().num_inference_steps.unwrap_or(DEFAULT_STEPS),
+                default_guidance: diffusion.defaults().guidance_scale.unwrap_or(DEFAULT_GUIDANCE),
                 diffusion: ModelOwner::spawn("diffusion", diffusion)?,
                 store: store.clone(),
             },
@@ -211,6 +214,8 @@ impl Pipeline for DeskPipeline {
             models: self.models.clone(),
             schedulers: SchedulerKind::ALL.iter().map(|s| s.as_str().to_string()).collect(),
             default_scheduler: self.painter.default_scheduler.as_str().to_string(),
+            default_steps: self.painter.default_steps,
+            default_guidance: self.painter.default_guidance,
             native_size: self.painter.size_rule.native,
             size_multiple: self.painter.size_rule.multiple,
             loras: self.loras.clone(),

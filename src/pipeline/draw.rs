@@ -24,6 +24,10 @@ pub struct Painter {
     pub size_rule: SizeRule,
     /// The scheduler a request gets when it names none.
     pub default_scheduler: SchedulerKind,
+    /// The steps a request gets when it sets none (filled in when it is parsed).
+    pub default_steps: u32,
+    /// The guidance scale a request gets when it sets none (filled in when it is parsed).
+    pub default_guidance: f32,
     /// Where generated PNGs are stored.
     pub store: Arc<dyn ObjectStore>,
 }

@@ -94,6 +94,8 @@ impl Pipeline for ScriptedPipeline {
             }],
             schedulers: vec!["ddim".into(), "euler".into()],
             default_scheduler: "ddim".into(),
+            default_steps: deskgen::core::request::DEFAULT_STEPS,
+            default_guidance: deskgen::core::request::DEFAULT_GUIDANCE,
             native_size: 512,
             size_multiple: 8,
             loras: vec![],

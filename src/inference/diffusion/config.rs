@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::DiffusionError;
+use super::defaults::ModelDefaults;
 use super::schedulers::{SchedulerConfig, SchedulerKind};
 
 /// Which Stable Diffusion architecture a directory holds.
@@ -26,8 +27,11 @@ pub struct DiffusionConfig {
     pub family: ModelFamily,
     /// `scheduler/scheduler_config.json`.
     pub scheduler: SchedulerConfig,
-    /// The scheduler used when a request names none: the model's own if implemented, else DPM++ 2M.
+    /// The scheduler used when a request names none: `deskgen-defaults.json`'s, else the model's
+    /// own if implemented, else DPM++ 2M.
     pub default_scheduler: SchedulerKind,
+    /// `deskgen-defaults.json`: the model's own generation defaults.
+    pub defaults: ModelDefaults,
     /// Channels of the latent space.
     pub latent_channels: usize,
     /// Pixels per latent along each side: 2^(VAE blocks - 1), 8 for Stable Diffusion.
@@ -140,17 +144,23 @@ impl DiffusionConfig {
         check_unet(&unet_path, &unet, &vae, text_width, family, index.class_name.as_deref())?;
 
         let vae_scale_factor = 1 << (vae.block_out_channels.len() - 1);
-        let default_scheduler = SchedulerKind::from_config(&scheduler).unwrap_or(SchedulerKind::DpmPp2m);
+        let size_multiple = vae_scale_factor << (unet.block_out_channels.len() - 1);
+        let defaults = ModelDefaults::load(dir, size_multiple)?;
+        let default_scheduler = defaults
+            .scheduler
+            .or_else(|| SchedulerKind::from_config(&scheduler))
+            .unwrap_or(SchedulerKind::DpmPp2m);
         Ok(DiffusionConfig {
             dir: dir.to_path_buf(),
             family,
             scheduler,
             default_scheduler,
+            defaults,
             latent_channels: vae.latent_channels,
             vae_scale_factor,
             vae_scaling_factor: vae.scaling_factor,
             sample_size: unet.sample_size,
-            size_multiple: vae_scale_factor << (unet.block_out_channels.len() - 1),
+            size_multiple,
             text_encoder_layers: encoder_configs.iter().map(|c| c.num_hidden_layers).collect(),
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt.unwrap_or(true),
         })

@@ -24,6 +24,7 @@
 
 mod config;
 mod controlnet;
+mod defaults;
 pub mod lora;
 mod noise;
 mod pipeline;
@@ -41,6 +42,7 @@ use crate::inference::RuntimeError;
 
 pub use config::{DiffusionConfig, ModelFamily};
 pub use controlnet::{ControlUnit, MAX_CONTROL_SCALE, is_guidance_window};
+pub use defaults::{DEFAULTS_FILE, ModelDefaults};
 pub use noise::{NoiseSource, SeededNoise};
 pub use pipeline::{
     Denoised, GenerateParams, Generated, MAX_STEPS, PromptEmbeddings, StableDiffusion, Timings,

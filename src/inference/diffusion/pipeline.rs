@@ -14,6 +14,7 @@ use super::config::{DiffusionConfig, ModelFamily, config_error};
 use super::controlnet::{
     ControlNet, ControlUnit, MAX_CONTROL_SCALE, Residuals, acts_at, control_input, is_guidance_window,
 };
+use super::defaults::ModelDefaults;
 use super::lora::{LoraError, LoraLibrary, LoraOptions, MergedCache, MergedModels, ModelPart, RejectedLora};
 use super::noise::{NoiseSource, SeededNoise};
 use super::schedulers::{Scheduler, SchedulerKind, img2img_start_index};
@@ -238,15 +239,16 @@ impl StableDiffusion {
         self.loras.as_ref().map_or(0, |l| l.cache.len())
     }
 
-    /// Runs one guided step at the native size, so that session set-up and CUDA's cuDNN algorithm
-    /// search happen before the first request (on CUDA the first run of a shape takes about a second).
+    /// Runs one step at the native size with the model's default guidance, so that session set-up
+    /// and CUDA's cuDNN algorithm search happen before the first request (on CUDA the first run of
+    /// a shape takes about a second).
     pub fn warm_up(&mut self) -> Result<Timings, DiffusionError> {
         let (width, height) = self.native_size();
         let params = GenerateParams {
             prompt: "a desk".into(),
             negative_prompt: String::new(),
             num_inference_steps: 1,
-            guidance_scale: 7.5,
+            guidance_scale: self.config.defaults.guidance_scale.unwrap_or(7.5),
             width,
             height,
             strength: 1.0,
@@ -260,10 +262,17 @@ impl StableDiffusion {
         Ok(self.generate(&params, &mut |_, _| ControlFlow::Continue(()))?.timings)
     }
 
-    /// The model's training resolution as (width, height): 512² for SD 1.x, 1024² for SDXL.
+    /// The size a request gets when it sets none, as (width, height): `deskgen-defaults.json`'s
+    /// `size`, else the training resolution (512² for SD 1.x, 1024² for SDXL).
     pub fn native_size(&self) -> (u32, u32) {
-        let side = (self.config.sample_size * self.config.vae_scale_factor) as u32;
+        let trained = (self.config.sample_size * self.config.vae_scale_factor) as u32;
+        let side = self.config.defaults.size.unwrap_or(trained);
         (side, side)
+    }
+
+    /// The model's own generation defaults (`deskgen-defaults.json`).
+    pub fn defaults(&self) -> ModelDefaults {
+        self.config.defaults
     }
 
     /// The scheduler a request gets when it names none.
