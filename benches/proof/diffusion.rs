@@ -1,5 +1,6 @@
 //! The Rust diffusion pipeline against the Python reference on the same ONNX files, thread count,
-//! scheduler (DDIM), size, steps and guidance; and the denoising loop's own cost per step.
+//! scheduler (DDIM), size, steps and guidance; the denoising loop's own cost per step; what a
+//! ControlNet adds to a step; and what few-step generation saves.
 
 use std::ops::ControlFlow;
 use std::process::Command;
@@ -187,8 +188,54 @@ pub async fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()>
         "unet_step_ms": summary(&controlled_step), "controlnet_ms_per_step": summary(&controlnet_step),
         "over_plain_step": control_ratio,
     });
+    let (few_lines, few_doc) = few_steps(&mut pipeline, settings.runs)?;
+    lines.extend(few_lines);
+    doc["few_steps"] = few_doc;
     report.section("diffusion", doc, lines);
     Ok(())
+}
+
+/// A 4-step LCM image without guidance against a 50-step DDIM image with it, and the conditional
+/// pass alone (guidance <= 1) against the guided step, on the same pipeline.
+fn few_steps(pipeline: &mut StableDiffusion, runs: usize) -> anyhow::Result<(Vec<String>, Value)> {
+    let lcm = GenerateParams {
+        num_inference_steps: 4,
+        guidance_scale: 1.0,
+        scheduler: SchedulerKind::Lcm,
+        ..params()
+    };
+    let ddim = GenerateParams { num_inference_steps: 50, ..params() };
+    let unguided = GenerateParams { guidance_scale: 1.0, ..params() };
+    let mut timed = |params: &GenerateParams| -> anyhow::Result<Vec<RustRun>> {
+        rust_runs(pipeline, params, 1)?;
+        rust_runs(pipeline, params, runs)
+    };
+    let (lcm_runs, ddim_runs, unguided_runs) = (timed(&lcm)?, timed(&ddim)?, timed(&unguided)?);
+    let guided_runs = timed(&params())?;
+    let total = |runs: &[RustRun]| runs.iter().map(|r| r.total_ms).collect::<Vec<_>>();
+    let step = |runs: &[RustRun]| runs.iter().map(|r| r.unet_ms / f64::from(STEPS)).collect::<Vec<_>>();
+    let (lcm_ms, ddim_ms) = (total(&lcm_runs), total(&ddim_runs));
+    let (unguided_step, guided_step) = (step(&unguided_runs), step(&guided_runs));
+    let image_ratio = percentile(&lcm_ms, 50.0) / percentile(&ddim_ms, 50.0);
+    let step_ratio = percentile(&unguided_step, 50.0) / percentile(&guided_step, 50.0);
+    let lines = vec![
+        format!(
+            "4 LCM steps, guidance 1  median {:>8.1} ms = {image_ratio:.3}x 50 DDIM steps, guidance 7.5 ({:.1} ms)",
+            percentile(&lcm_ms, 50.0),
+            percentile(&ddim_ms, 50.0)
+        ),
+        format!(
+            "conditional-only step    median {:>8.3} ms = {step_ratio:.2}x the guided step ({:.3} ms)",
+            percentile(&unguided_step, 50.0),
+            percentile(&guided_step, 50.0)
+        ),
+    ];
+    let doc = json!({
+        "lcm_4_steps_ms": summary(&lcm_ms), "ddim_50_steps_ms": summary(&ddim_ms), "lcm_over_ddim": image_ratio,
+        "conditional_step_ms": summary(&unguided_step), "guided_step_ms": summary(&guided_step),
+        "conditional_over_guided_step": step_ratio,
+    });
+    Ok((lines, doc))
 }
 
 /// The first non-empty line of a possibly long error (a script's whole stderr).
