@@ -1,7 +1,9 @@
-//! The offline subcommands: `deskgen generate`, `deskgen eval`, `deskgen models` and
-//! `deskgen bench`.
+//! The offline subcommands: `deskgen generate`, `deskgen eval`, `deskgen models` (and
+//! `models pull`) and `deskgen bench`.
 
 use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -10,11 +12,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::render::result_json;
-use crate::config::{BenchCommand, EvalCommand, GenerateCommand, ModelsCommand};
+use crate::config::{BenchCommand, EvalCommand, GenerateCommand, ModelsCommand, PullCommand};
 use crate::core::validate::validate;
 use crate::core::{
     ControlInput, Failure, FailureCode, GenerateInput, GenerateOutput, Invalid, Limits, Progress,
 };
+use crate::hub::{HubSettings, PlannedFile, PullObserver, RepoRef};
 use crate::inference::Runtime;
 use crate::inference::diffusion::{GenerateParams, StableDiffusion, resolve_variant};
 use crate::inference::vision::{ModelFile, Vision, describe};
@@ -61,6 +64,77 @@ pub fn models(command: &ModelsCommand, out: &mut impl Write) -> anyhow::Result<(
         print_model(model, provider, out).context("writing the model list")?;
     }
     Ok(())
+}
+
+/// Pulls a pipeline from the Hugging Face hub (`deskgen models pull`): a progress bar per file on
+/// stderr, then the folder to pass as `--sd-model` on `out`.
+pub async fn models_pull(
+    command: &PullCommand,
+    hub: &HubSettings,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let dir = pull_with_progress(hub, &command.model, command.subfolder.as_deref()).await?;
+    writeln!(out, "{}", dir.display())?;
+    Ok(())
+}
+
+/// Pulls `model` (its `subfolder`, when given) from the hub with a progress bar per fetched file
+/// on stderr, or a line per file when stderr is not a terminal; the folder to load.
+pub async fn pull_with_progress(
+    hub: &HubSettings,
+    model: &RepoRef,
+    subfolder: Option<&str>,
+) -> anyhow::Result<PathBuf> {
+    let bars = PullBars { terminal: std::io::stderr().is_terminal(), ..PullBars::default() };
+    crate::hub::pull(hub, model, subfolder, &bars)
+        .await
+        .with_context(|| format!("pulling {model} from the hub"))
+}
+
+/// Progress bars of a pull, one per file it fetches.
+#[derive(Default)]
+struct PullBars {
+    multi: indicatif::MultiProgress,
+    terminal: bool,
+    files: Mutex<Vec<(PlannedFile, Option<indicatif::ProgressBar>)>>,
+}
+
+impl PullBars {
+    fn file_bar(&self, file: &PlannedFile) -> indicatif::ProgressBar {
+        let bar = indicatif::ProgressBar::new(file.size).with_message(file.path.clone()).with_style(
+            indicatif::ProgressStyle::with_template(
+                "[{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} {msg}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        self.multi.add(bar)
+    }
+}
+
+impl PullObserver for PullBars {
+    fn planned(&self, files: &[PlannedFile]) {
+        let cached = files.iter().filter(|f| f.cached).count();
+        eprintln!("{} files, {cached} already in the cache", files.len());
+        *self.files.lock().expect("bars lock") = files
+            .iter()
+            .map(|file| (file.clone(), (self.terminal && !file.cached).then(|| self.file_bar(file))))
+            .collect();
+    }
+
+    fn position(&self, index: usize, bytes: u64) {
+        if let Some((_, Some(bar))) = self.files.lock().expect("bars lock").get(index) {
+            bar.set_position(bytes);
+        }
+    }
+
+    fn finished(&self, index: usize) {
+        match self.files.lock().expect("bars lock").get(index) {
+            Some((_, Some(bar))) => bar.finish(),
+            Some((file, None)) => eprintln!("fetched {} ({} bytes)", file.path, file.size),
+            None => {}
+        }
+    }
 }
 
 /// Times Stable Diffusion text-to-image generations and prints one JSON report.

@@ -10,6 +10,7 @@ pub mod config;
 pub mod core;
 pub mod eval;
 pub mod fetch;
+pub mod hub;
 pub mod inference;
 pub mod intake;
 pub mod pipeline;

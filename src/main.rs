@@ -1,12 +1,14 @@
 //! The `deskgen` command: parses the configuration and hands over to the library.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use deskgen::config::{Cli, Command};
+use deskgen::config::{Cli, Command, ModelsAction};
+use deskgen::hub::{HubSettings, PullStatus, RepoRef};
 use deskgen::pipeline::{DeskPipeline, Pipeline, PipelineConfig};
 use deskgen::server::{PipelineLoader, RunningServer};
 
@@ -28,30 +30,55 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let hub = HubSettings::from_env();
     match cli.command {
         Command::Serve(config) => {
             let listener = bind(config.listen).await?;
-            let loader = pipeline_loader(config.pipeline.clone());
+            let loader = pipeline_loader(config.pipeline.clone(), hub_model(&config.pipeline.sd_model)?, hub);
             let server = deskgen::server::start(*config, listener, loader).await?;
             until_signal(server).await.map(|()| 0)
         }
         Command::Worker(config) => {
             let listener = bind(config.listen).await?;
-            let loader = pipeline_loader(config.pipeline.clone());
+            let loader = pipeline_loader(config.pipeline.clone(), hub_model(&config.pipeline.sd_model)?, hub);
             let server = deskgen::server::start_worker(*config, listener, loader).await?;
             until_signal(server).await.map(|()| 0)
         }
         Command::Eval(command) => {
             deskgen::commands::eval(&command, &mut std::io::stdout().lock()).map(|()| 0)
         }
-        Command::Models(command) => {
-            deskgen::commands::models(&command, &mut std::io::stdout().lock()).map(|()| 0)
+        Command::Models(command) => match &command.action {
+            Some(ModelsAction::Pull(pull)) => {
+                deskgen::commands::models_pull(pull, &hub, &mut std::io::stdout()).await.map(|()| 0)
+            }
+            None => {
+                let mut command = command;
+                pull_sd_model(&mut command.sd_model, &hub).await?;
+                deskgen::commands::models(&command, &mut std::io::stdout().lock()).map(|()| 0)
+            }
+        },
+        Command::Generate(mut command) => {
+            pull_sd_model(&mut command.pipeline.sd_model, &hub).await?;
+            deskgen::commands::generate(*command, &mut std::io::stdout()).await
         }
-        Command::Generate(command) => deskgen::commands::generate(*command, &mut std::io::stdout()).await,
-        Command::Bench(command) => {
+        Command::Bench(mut command) => {
+            pull_sd_model(&mut command.sd_model, &hub).await?;
             deskgen::commands::bench(&command, &mut std::io::stdout().lock()).map(|()| 0)
         }
     }
+}
+
+/// The hub model an `--sd-model hf:REPO[@REVISION]` names; `None` for a folder.
+fn hub_model(sd_model: &std::path::Path) -> anyhow::Result<Option<RepoRef>> {
+    deskgen::hub::hub_model(sd_model).map(|spec| spec.parse().context("--sd-model")).transpose()
+}
+
+/// Replaces an `--sd-model hf:…` by the folder it pulls to, with progress on stderr.
+async fn pull_sd_model(sd_model: &mut PathBuf, hub: &HubSettings) -> anyhow::Result<()> {
+    if let Some(model) = hub_model(sd_model)? {
+        *sd_model = deskgen::commands::pull_with_progress(hub, &model, None).await?;
+    }
+    Ok(())
 }
 
 async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
@@ -61,9 +88,25 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     Ok(listener)
 }
 
-/// The real pipeline, loaded over the services the node opened.
-fn pipeline_loader(config: PipelineConfig) -> PipelineLoader {
-    Box::new(move |services| Ok(Arc::new(DeskPipeline::load(&config, services)?) as Arc<dyn Pipeline>))
+/// The real pipeline, loaded over the services the node opened; a hub model is pulled first,
+/// its progress in the health document.
+fn pipeline_loader(mut config: PipelineConfig, model: Option<RepoRef>, hub: HubSettings) -> PipelineLoader {
+    Box::new(move |services| {
+        if let Some(model) = model {
+            let status = PullStatus::new(model.to_string());
+            status.publish();
+            tracing::info!(%model, cache = %hub.cache_dir.display(), "pulling the Stable Diffusion model from the hub");
+            // The loader runs on a blocking thread of the runtime, which may wait on it.
+            let pulled = tokio::runtime::Handle::current().block_on(deskgen::hub::pull(
+                &hub,
+                &model,
+                None,
+                status.as_ref(),
+            ));
+            config.sd_model = pulled.with_context(|| format!("pulling {model} from the hub"))?;
+        }
+        Ok(Arc::new(DeskPipeline::load(&config, services)?) as Arc<dyn Pipeline>)
+    })
 }
 
 /// Runs `server` until it stops, or stops it gracefully on Ctrl-C / SIGTERM.

@@ -2,7 +2,8 @@
 //!
 //! Ready means the models are loaded, the queue answers and the object store is usable; a refused
 //! shopping provider is reported but does not take the node out of service (tasks still finish,
-//! with a warning instead of offers).
+//! with a warning instead of offers). While a model pulled from the hub downloads, `download`
+//! says how far it is.
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -66,6 +67,10 @@ impl Probe<'_> {
         });
         if let Some(worker) = self.worker {
             body["worker"] = json!(worker);
+        }
+        // A model pulled from the hub at start: how far its download is while the models load.
+        if let Some(download) = crate::hub::PullStatus::published().filter(|_| !self.models_loaded) {
+            body["download"] = json!(download);
         }
         (ready, body)
     }

@@ -395,7 +395,8 @@ pub struct PipelineFlags {
     /// Vision models.
     #[command(flatten)]
     vision: VisionConfig,
-    /// Stable Diffusion pipeline folder in optimum's ONNX layout (the default is a tiny random-weight
+    /// Stable Diffusion pipeline folder in optimum's ONNX layout, or `hf:REPO[@REVISION]` to pull
+    /// one from the Hugging Face hub while the node starts (the default is a tiny random-weight
     /// pipeline whose images are noise; see README for real weights).
     #[arg(long, env = "DESKGEN_SD_MODEL", default_value = "onnx/fixtures/tiny-sd15")]
     sd_model: PathBuf,

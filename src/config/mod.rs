@@ -33,7 +33,8 @@ pub enum Command {
     Worker(Box<WorkerConfig>),
     /// Measure the desk decision over a folder of labelled photos (desk/ and not_desk/).
     Eval(EvalCommand),
-    /// List the models the pipeline loads: id, path, sha256, size, inputs/outputs, execution provider.
+    /// List the models the pipeline loads: id, path, sha256, size, inputs/outputs, execution
+    /// provider; `models pull` fetches a pipeline from the Hugging Face hub.
     Models(ModelsCommand),
     /// Run the whole pipeline once, locally, without a server; writes the PNG and prints the result.
     Generate(Box<GenerateCommand>),
@@ -114,7 +115,8 @@ pub struct BenchCommand {
     /// ONNX Runtime settings.
     #[command(flatten)]
     pub runtime: crate::inference::RuntimeConfig,
-    /// Stable Diffusion pipeline folder (or a folder holding `cpu/` and `cuda/` exports).
+    /// Stable Diffusion pipeline folder (or a folder holding `cpu/` and `cuda/` exports), or
+    /// `hf:REPO[@REVISION]` to pull it from the Hugging Face hub first.
     #[arg(long, env = "DESKGEN_SD_MODEL", default_value = "onnx/fixtures/tiny-sd15")]
     pub sd_model: PathBuf,
     /// Denoising step counts to time, each with guidance 7.5.
@@ -155,6 +157,9 @@ pub struct EvalCommand {
 /// Settings of `deskgen models`.
 #[derive(Debug, Clone, Args)]
 pub struct ModelsCommand {
+    /// Without one, list the loaded models.
+    #[command(subcommand)]
+    pub action: Option<ModelsAction>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -164,9 +169,31 @@ pub struct ModelsCommand {
     /// Vision models.
     #[command(flatten)]
     pub vision: crate::inference::vision::VisionConfig,
-    /// Stable Diffusion pipeline folder.
+    /// Stable Diffusion pipeline folder, or `hf:REPO[@REVISION]` to pull it from the hub first.
     #[arg(long, env = "DESKGEN_SD_MODEL", default_value = "onnx/fixtures/tiny-sd15")]
     pub sd_model: PathBuf,
+}
+
+/// What `deskgen models` does besides listing.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ModelsAction {
+    /// Fetch a Stable Diffusion pipeline in ONNX layout from the Hugging Face hub; print its folder.
+    ///
+    /// Files go into huggingface_hub's cache (`HF_HUB_CACHE`, else `$HF_HOME/hub`); `HF_ENDPOINT`,
+    /// `HF_TOKEN` and `HF_HUB_OFFLINE` are read as huggingface_hub reads them. The printed folder is
+    /// what `--sd-model` takes.
+    Pull(PullCommand),
+}
+
+/// Settings of `deskgen models pull`.
+#[derive(Debug, Clone, Args)]
+pub struct PullCommand {
+    /// The hub repo, and a branch, tag or commit (default `main`).
+    #[arg(value_name = "REPO[@REVISION]")]
+    pub model: crate::hub::RepoRef,
+    /// Only this folder of the repo (one holding `model_index.json`); the printed folder is it.
+    #[arg(long, env = "DESKGEN_PULL_SUBFOLDER", value_name = "DIR")]
+    pub subfolder: Option<String>,
 }
 
 /// Settings of `deskgen serve`.

@@ -1,9 +1,20 @@
-//! The CLIP tokenizer, from the `tokenizer.json` saved next to a text encoder.
+//! The CLIP tokenizer, from the `tokenizer.json` saved next to a text encoder, or built from the
+//! `vocab.json` and `merges.txt` that many exports ship instead.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use tokenizers::{PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::roberta::RobertaProcessing;
+use tokenizers::{
+    AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, SplitDelimiterBehavior, Tokenizer,
+    TruncationParams,
+};
 
 use super::DiffusionError;
 use super::config::{read_json, required_file};
@@ -30,10 +41,13 @@ enum SpecialToken {
 }
 
 impl ClipTokenizer {
-    /// Loads `dir/tokenizer.json`, with the context length and pad token of
-    /// `dir/tokenizer_config.json` (77 and `<|endoftext|>` when it does not say).
+    /// Loads `dir/tokenizer.json` (or, without it, CLIP's tokenizer from `dir/vocab.json` and
+    /// `dir/merges.txt`), with the context length and pad token of `dir/tokenizer_config.json`
+    /// (77 and `<|endoftext|>` when it does not say).
     pub fn from_dir(dir: &Path) -> Result<ClipTokenizer, DiffusionError> {
-        let path = required_file(dir, "tokenizer.json")?;
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        let from_vocab = !dir.join("tokenizer.json").is_file() && vocab.is_file() && merges.is_file();
+        let path = if from_vocab { vocab.clone() } else { required_file(dir, "tokenizer.json")? };
         let config_path = dir.join("tokenizer_config.json");
         let config = if config_path.is_file() {
             read_json::<TokenizerConfig>(&config_path)?
@@ -50,7 +64,11 @@ impl ClipTokenizer {
             None => "<|endoftext|>".to_string(),
         };
         let fail = |reason: String| DiffusionError::Tokenizer { path: path.clone(), reason };
-        let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| fail(e.to_string()))?;
+        let mut tokenizer = if from_vocab {
+            clip_from_vocab(&vocab, &merges).map_err(fail)?
+        } else {
+            Tokenizer::from_file(&path).map_err(|e| fail(e.to_string()))?
+        };
         let pad_id = tokenizer
             .token_to_id(&pad_token)
             .ok_or_else(|| fail(format!("pad token {pad_token:?} is not in the vocabulary")))?;
@@ -89,4 +107,63 @@ impl ClipTokenizer {
         }
         Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
     }
+}
+
+/// CLIP's start and end tokens.
+const START_OF_TEXT: &str = "<|startoftext|>";
+const END_OF_TEXT: &str = "<|endoftext|>";
+/// Words CLIP's pre-tokenizer keeps: contractions, letter runs, single digits, symbol runs.
+const CLIP_WORDS: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+/// Merges CLIP's BPE uses; its `merges.txt` may list more, which CLIP itself never reads.
+const CLIP_MERGES: usize = 49152 - 256 - 2;
+
+/// The tokenizer `transformers` converts CLIP's `vocab.json` and `merges.txt` into (its
+/// `CLIPConverter`), so that ids match those of the `tokenizer.json` it would save.
+fn clip_from_vocab(vocab: &Path, merges: &Path) -> Result<Tokenizer, String> {
+    let read = |path: &Path| std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
+    let vocab: HashMap<String, u32> =
+        serde_json::from_str(&read(vocab)?).map_err(|e| format!("vocab.json is not a token table: {e}"))?;
+    let merges = parse_merges(&read(merges)?)?;
+    let id = |token: &str| vocab.get(token).copied().ok_or_else(|| format!("{token} is not in vocab.json"));
+    let (start, end) = (id(START_OF_TEXT)?, id(END_OF_TEXT)?);
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab.into_iter().collect::<Vocab>(), merges)
+        .unk_token(END_OF_TEXT.into())
+        .end_of_word_suffix("</w>".into())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let whitespace =
+        Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
+            .map_err(|e| e.to_string())?;
+    let words = Split::new(SplitPattern::Regex(CLIP_WORDS.into()), SplitDelimiterBehavior::Removed, true)
+        .map_err(|e| e.to_string())?;
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer
+        .with_normalizer(Some(Sequence::new(vec![NFC.into(), whitespace.into(), Lowercase.into()])))
+        .with_pre_tokenizer(Some(PreSequence::new(vec![
+            words.into(),
+            ByteLevel::new(false, true, true).into(),
+        ])))
+        .with_post_processor(Some(
+            RobertaProcessing::new((END_OF_TEXT.into(), end), (START_OF_TEXT.into(), start))
+                .trim_offsets(false)
+                .add_prefix_space(false),
+        ))
+        .with_decoder(Some(ByteLevel::default()));
+    let special = |token: &str| AddedToken::from(token, true).normalized(true);
+    tokenizer.add_special_tokens(&[special(START_OF_TEXT), special(END_OF_TEXT)]);
+    Ok(tokenizer)
+}
+
+/// `merges.txt`: a `#version` line, then one `left right` pair a line, in rank order.
+fn parse_merges(text: &str) -> Result<Vec<(String, String)>, String> {
+    text.lines()
+        .filter(|line| !line.starts_with("#version") && !line.is_empty())
+        .take(CLIP_MERGES)
+        .enumerate()
+        .map(|(rank, line)| match line.split_once(' ') {
+            Some((left, right)) if !right.contains(' ') => Ok((left.to_string(), right.to_string())),
+            _ => Err(format!("merges.txt line {} is not a pair: {line:?}", rank + 2)),
+        })
+        .collect()
 }
