@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use deskgen::config::{Cli, Command, ModelsAction};
-use deskgen::hub::{HubSettings, PullStatus, RepoRef};
+use deskgen::hub::{HubModel, HubSettings, PullStatus};
 use deskgen::pipeline::{DeskPipeline, Pipeline, PipelineConfig};
 use deskgen::server::{PipelineLoader, RunningServer};
 
@@ -68,15 +68,16 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
-/// The hub model an `--sd-model hf:REPO[@REVISION]` names; `None` for a folder.
-fn hub_model(sd_model: &std::path::Path) -> anyhow::Result<Option<RepoRef>> {
+/// The hub model an `--sd-model hf:REPO[@REVISION][:SUBFOLDER]` names; `None` for a folder.
+fn hub_model(sd_model: &std::path::Path) -> anyhow::Result<Option<HubModel>> {
     deskgen::hub::hub_model(sd_model).map(|spec| spec.parse().context("--sd-model")).transpose()
 }
 
 /// Replaces an `--sd-model hf:…` by the folder it pulls to, with progress on stderr.
 async fn pull_sd_model(sd_model: &mut PathBuf, hub: &HubSettings) -> anyhow::Result<()> {
     if let Some(model) = hub_model(sd_model)? {
-        *sd_model = deskgen::commands::pull_with_progress(hub, &model, None).await?;
+        *sd_model =
+            deskgen::commands::pull_with_progress(hub, &model.repo, model.subfolder.as_deref()).await?;
     }
     Ok(())
 }
@@ -90,7 +91,7 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 
 /// The real pipeline, loaded over the services the node opened; a hub model is pulled first,
 /// its progress in the health document.
-fn pipeline_loader(mut config: PipelineConfig, model: Option<RepoRef>, hub: HubSettings) -> PipelineLoader {
+fn pipeline_loader(mut config: PipelineConfig, model: Option<HubModel>, hub: HubSettings) -> PipelineLoader {
     Box::new(move |services| {
         if let Some(model) = model {
             let status = PullStatus::new(model.to_string());
@@ -99,8 +100,8 @@ fn pipeline_loader(mut config: PipelineConfig, model: Option<RepoRef>, hub: HubS
             // The loader runs on a blocking thread of the runtime, which may wait on it.
             let pulled = tokio::runtime::Handle::current().block_on(deskgen::hub::pull(
                 &hub,
-                &model,
-                None,
+                &model.repo,
+                model.subfolder.as_deref(),
                 status.as_ref(),
             ));
             config.sd_model = pulled.with_context(|| format!("pulling {model} from the hub"))?;

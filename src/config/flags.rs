@@ -395,9 +395,10 @@ pub struct PipelineFlags {
     /// Vision models.
     #[command(flatten)]
     vision: VisionConfig,
-    /// Stable Diffusion pipeline folder in optimum's ONNX layout, or `hf:REPO[@REVISION]` to pull
-    /// one from the Hugging Face hub while the node starts (the default is a tiny random-weight
-    /// pipeline whose images are noise; see README for real weights).
+    /// Stable Diffusion pipeline folder in optimum's ONNX layout, or
+    /// `hf:REPO[@REVISION][:SUBFOLDER]` to pull one from the Hugging Face hub while the node starts
+    /// (the default is a tiny random-weight pipeline whose images are noise; see README for real
+    /// weights).
     #[arg(long, env = "DESKGEN_SD_MODEL", default_value = "onnx/fixtures/tiny-sd15")]
     sd_model: PathBuf,
     /// Folder of LoRA adapters (`*.safetensors`, diffusers/peft or kohya format, trigger words in

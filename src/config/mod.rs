@@ -116,7 +116,7 @@ pub struct BenchCommand {
     #[command(flatten)]
     pub runtime: crate::inference::RuntimeConfig,
     /// Stable Diffusion pipeline folder (or a folder holding `cpu/` and `cuda/` exports), or
-    /// `hf:REPO[@REVISION]` to pull it from the Hugging Face hub first.
+    /// `hf:REPO[@REVISION][:SUBFOLDER]` to pull it from the Hugging Face hub first.
     #[arg(long, env = "DESKGEN_SD_MODEL", default_value = "onnx/fixtures/tiny-sd15")]
     pub sd_model: PathBuf,
     /// Denoising step counts to time, each with guidance 7.5.
@@ -169,7 +169,8 @@ pub struct ModelsCommand {
     /// Vision models.
     #[command(flatten)]
     pub vision: crate::inference::vision::VisionConfig,
-    /// Stable Diffusion pipeline folder, or `hf:REPO[@REVISION]` to pull it from the hub first.
+    /// Stable Diffusion pipeline folder, or `hf:REPO[@REVISION][:SUBFOLDER]` to pull it from the
+    /// hub first.
     #[arg(long, env = "DESKGEN_SD_MODEL", default_value = "onnx/fixtures/tiny-sd15")]
     pub sd_model: PathBuf,
 }

@@ -120,9 +120,40 @@ impl fmt::Display for RepoRef {
     }
 }
 
-/// The `REPO[@REVISION]` an `--sd-model` of `hf:REPO[@REVISION]` names; `None` for a folder.
+/// The `REPO[@REVISION][:SUBFOLDER]` an `--sd-model` of `hf:…` names; `None` for a folder.
 pub fn hub_model(sd_model: &Path) -> Option<&str> {
     sd_model.to_str()?.strip_prefix(MODEL_PREFIX)
+}
+
+/// What `--sd-model hf:REPO[@REVISION][:SUBFOLDER]` pulls: a revision of a repo and, for repos
+/// whose ONNX export is one folder of them, that folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubModel {
+    /// The repo and revision.
+    pub repo: RepoRef,
+    /// The folder holding `model_index.json`; the repo root when absent.
+    pub subfolder: Option<String>,
+}
+
+impl FromStr for HubModel {
+    type Err = InvalidRepo;
+
+    fn from_str(spec: &str) -> Result<HubModel, InvalidRepo> {
+        let (repo, subfolder) = match spec.split_once(':') {
+            Some((repo, folder)) => (repo, Some(folder.to_string()).filter(|f| !f.is_empty())),
+            None => (spec, None),
+        };
+        Ok(HubModel { repo: repo.parse()?, subfolder })
+    }
+}
+
+impl fmt::Display for HubModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.subfolder {
+            Some(folder) => write!(f, "{}:{folder}", self.repo),
+            None => write!(f, "{}", self.repo),
+        }
+    }
 }
 
 /// Why a pull failed; each says what to do about it.
@@ -456,6 +487,12 @@ mod tests {
         }
         assert_eq!(hub_model(Path::new("hf:org/name@v1")), Some("org/name@v1"));
         assert_eq!(hub_model(Path::new("models/sd")), None);
+        let nested: HubModel = "org/name@v1:onnx/fp16".parse().unwrap();
+        assert_eq!((nested.repo.revision.as_str(), nested.subfolder.as_deref()), ("v1", Some("onnx/fp16")));
+        assert_eq!(nested.to_string(), "org/name@v1:onnx/fp16");
+        let root: HubModel = "org/name".parse().unwrap();
+        assert_eq!((root.subfolder.as_deref(), root.to_string()), (None, "org/name@main".to_string()));
+        assert!("org/na me:onnx".parse::<HubModel>().is_err());
     }
 
     #[test]
