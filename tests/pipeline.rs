@@ -348,6 +348,16 @@ async fn a_model_s_own_defaults_fill_a_bare_request() {
         reqwest::get(result["processed_image_url"].as_str().unwrap()).await.unwrap().bytes().await.unwrap();
     let decoded = image::load_from_memory(&png).unwrap();
     assert_eq!((decoded.width(), decoded.height()), (128, 128));
+    assert_eq!(info["limits"]["scheduler_max_steps"], json!({"lcm": 50}), "{info}");
+    let refused = reqwest::Client::new()
+        .post(server.url("/v1/generate"))
+        .json(&json!({"prompt": "a desk", "num_inference_steps": 60}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422, "the model's default scheduler, lcm, runs at most 50 steps");
+    let body: Value = refused.json().await.unwrap();
+    assert!(body.to_string().contains("at most 50 with the lcm scheduler"), "{body}");
     server.stop().await;
 }
 

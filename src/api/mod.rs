@@ -254,6 +254,7 @@ impl AppState {
                 "max_image_pixels": self.intake.max_pixels,
                 "max_lora_weight": pipeline.map(|p| p.max_lora_weight),
                 "size_multiple": pipeline.map(|p| p.size_multiple),
+                "scheduler_max_steps": pipeline.map(|p| p.scheduler_max_steps.clone()),
             }),
             about: self.about.clone(),
         }

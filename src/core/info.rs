@@ -1,6 +1,8 @@
 //! What the loaded pipeline offers: models, schedulers, sizes and adapters, for `/info` and for
 //! checking requests against.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 /// One model the pipeline runs, as /info and `deskgen models` report it.
@@ -71,6 +73,8 @@ pub struct PipelineInfo {
     pub default_steps: u32,
     /// The guidance scale a request gets when it sets none: the model's own default, else 7.5.
     pub default_guidance: f32,
+    /// The most steps a scheduler runs on this model, for those with a bound of their own (LCM).
+    pub scheduler_max_steps: BTreeMap<String, u32>,
     /// The diffusion model's native image side in pixels.
     pub native_size: u32,
     /// Image sides must be multiples of this (8, or more for deep UNets).

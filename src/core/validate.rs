@@ -146,6 +146,7 @@ pub fn validate(
         rules.strength(strength);
     }
     let scheduler = input.scheduler.as_deref().and_then(|name| rules.scheduler(name, info));
+    rules.steps_for_scheduler(steps, scheduler.map_or(info.default_scheduler.as_str(), |s| s.as_str()), info);
     let (user_text, loras) = rules.loras(input.prompt.as_deref(), input.loras.unwrap_or_default(), info);
     let control = input.control.map(|units| rules.control(units, photo.is_some(), info));
     let webhook_events = input.webhook_events.unwrap_or_default();
@@ -274,6 +275,20 @@ impl Rules {
     }
 
     /// The scheduler `name` names, when the pipeline offers it.
+    /// Schedulers that run at most so many steps on this model (LCM: the distillation schedule).
+    fn steps_for_scheduler(&mut self, steps: i64, scheduler: &str, info: &PipelineInfo) {
+        if let Some(&max) = info.scheduler_max_steps.get(scheduler)
+            && steps > i64::from(max)
+        {
+            self.bad(
+                "num_inference_steps",
+                format!(
+                    "num_inference_steps must be at most {max} with the {scheduler} scheduler on this model."
+                ),
+            );
+        }
+    }
+
     fn scheduler(&mut self, name: &str, info: &PipelineInfo) -> Option<SchedulerKind> {
         let offered = info.schedulers.iter().any(|s| s == name);
         match name.parse::<SchedulerKind>() {
@@ -430,6 +445,7 @@ mod tests {
             default_scheduler: "ddim".into(),
             default_steps: DEFAULT_STEPS,
             default_guidance: DEFAULT_GUIDANCE,
+            scheduler_max_steps: [("lcm".to_string(), 50)].into(),
             native_size: 256,
             size_multiple: 16,
             loras: ["cozy", "neon"]
@@ -527,6 +543,37 @@ mod tests {
         assert_eq!(request.max_items_per_category, DEFAULT_ITEMS_PER_CATEGORY);
         assert_eq!((request.width, request.height, request.scheduler), (None, None, None));
         assert_eq!(request.user_text.as_deref(), Some("a desk"));
+    }
+
+    #[test]
+    fn lcm_steps_are_capped_where_the_request_is_read() {
+        let info = PipelineInfo { schedulers: vec!["ddim".into(), "lcm".into()], ..info() };
+        let parse = |json| validate(serde_json::from_value(json).unwrap(), &Limits { max_side: 1024 }, &info);
+        let fields = |json| match parse(json) {
+            Err(Invalid::Rules(violations)) => {
+                violations.iter().map(|v| (v.field, v.description.clone())).collect()
+            }
+            other => panic!("expected broken rules, got {other:?}"),
+        };
+        let broken: Vec<(&str, String)> =
+            fields(serde_json::json!({"prompt": "d", "scheduler": "lcm", "num_inference_steps": 51}));
+        assert_eq!(broken.len(), 1);
+        assert_eq!(broken[0].0, "num_inference_steps");
+        assert!(broken[0].1.contains("at most 50 with the lcm scheduler"), "{}", broken[0].1);
+        assert!(
+            parse(serde_json::json!({"prompt": "d", "scheduler": "lcm", "num_inference_steps": 50})).is_ok()
+        );
+        assert!(
+            parse(serde_json::json!({"prompt": "d", "num_inference_steps": 51})).is_ok(),
+            "ddim has no cap"
+        );
+        let lcm_model = PipelineInfo { default_scheduler: "lcm".into(), ..info.clone() };
+        let by_default = validate(
+            serde_json::from_value(serde_json::json!({"prompt": "d", "num_inference_steps": 60})).unwrap(),
+            &Limits { max_side: 1024 },
+            &lcm_model,
+        );
+        assert!(matches!(by_default, Err(Invalid::Rules(_))), "the model's default scheduler counts too");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The real pipeline: photo → look → plan → draw → store, with shopping beside the drawing.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -99,6 +100,7 @@ impl DeskPipeline {
                 default_scheduler: diffusion.default_scheduler(),
                 default_steps: diffusion.defaults().num_inference_steps.unwrap_or(DEFAULT_STEPS),
                 default_guidance: diffusion.defaults().guidance_scale.unwrap_or(DEFAULT_GUIDANCE),
+                scheduler_max_steps: scheduler_max_steps(&diffusion),
                 diffusion: ModelOwner::spawn("diffusion", diffusion)?,
                 store: store.clone(),
             },
@@ -216,6 +218,7 @@ impl Pipeline for DeskPipeline {
             default_scheduler: self.painter.default_scheduler.as_str().to_string(),
             default_steps: self.painter.default_steps,
             default_guidance: self.painter.default_guidance,
+            scheduler_max_steps: self.painter.scheduler_max_steps.clone(),
             native_size: self.painter.size_rule.native,
             size_multiple: self.painter.size_rule.multiple,
             loras: self.loras.clone(),
@@ -322,4 +325,12 @@ fn dir_size(dir: &std::path::Path) -> u64 {
             _ => entry.metadata().map(|m| m.len()).unwrap_or(0),
         })
         .sum()
+}
+
+/// The schedulers with a step bound of their own on this model, and that bound.
+fn scheduler_max_steps(diffusion: &StableDiffusion) -> BTreeMap<String, u32> {
+    let config = &diffusion.config().scheduler;
+    let bounded =
+        SchedulerKind::ALL.iter().filter_map(|kind| Some((kind.to_string(), kind.max_steps(config)?)));
+    bounded.map(|(kind, max)| (kind, u32::try_from(max).unwrap_or(u32::MAX))).collect()
 }

@@ -1,5 +1,6 @@
 //! The draw stage: Stable Diffusion from the prompt (and the photo), then the PNG into the store.
 
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,6 +29,8 @@ pub struct Painter {
     pub default_steps: u32,
     /// The guidance scale a request gets when it sets none (filled in when it is parsed).
     pub default_guidance: f32,
+    /// The most steps a scheduler runs on this model, for those with a bound (LCM).
+    pub scheduler_max_steps: BTreeMap<String, u32>,
     /// Where generated PNGs are stored.
     pub store: Arc<dyn ObjectStore>,
 }

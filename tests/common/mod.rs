@@ -96,6 +96,7 @@ impl Pipeline for ScriptedPipeline {
             default_scheduler: "ddim".into(),
             default_steps: deskgen::core::request::DEFAULT_STEPS,
             default_guidance: deskgen::core::request::DEFAULT_GUIDANCE,
+            scheduler_max_steps: Default::default(),
             native_size: 512,
             size_multiple: 8,
             loras: vec![],
