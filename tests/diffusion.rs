@@ -298,7 +298,7 @@ fn tokenizer_pads_truncates_and_takes_any_script() {
     assert_eq!(tokenizer_2.encode("desk").unwrap()[3..], [0; 74], "SDXL's second tokenizer pads with '!'");
 }
 
-/// The generation a reference case describes, without LoRA or control.
+/// The generation a reference case describes, with the LoRA adapters it lists; without control.
 fn case_params(case: &Value) -> GenerateParams {
     GenerateParams {
         prompt: case["prompt"].as_str().unwrap().to_string(),
@@ -314,7 +314,12 @@ fn case_params(case: &Value) -> GenerateParams {
             .as_str()
             .map(|path| image::open(repo_path(path)).expect("init image decodes").to_rgb8()),
         guidance_rescale: 0.0,
-        loras: vec![],
+        loras: case["loras"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| (l["name"].as_str().unwrap().to_string(), l["weight"].as_f64().unwrap() as f32))
+            .collect(),
         control: vec![],
     }
 }
@@ -383,15 +388,7 @@ fn fewstep_generations_match_diffusers() {
     let mut images = std::collections::HashMap::new();
     for case in fewstep_cases() {
         let id = case["id"].as_str().unwrap();
-        let params = GenerateParams {
-            loras: case["loras"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| (l["name"].as_str().unwrap().to_string(), l["weight"].as_f64().unwrap() as f32))
-                .collect(),
-            ..case_params(&case)
-        };
+        let params = case_params(&case);
         let file = |key: &str| npy::read_f32(&repo_path(case["files"][key].as_str().unwrap()));
         let noise = as4(npy::read_f32(&repo_path(case["noise"].as_str().unwrap())));
         let mut draws = match case["files"].get("draws") {
@@ -660,12 +657,6 @@ fn controlnet_generations_match_diffusers() {
         let mut pipeline = if case["model"] == "sd15" { sd15() } else { sdxl() };
         let params = GenerateParams {
             control: case["units"].as_array().unwrap().iter().map(control_unit).collect(),
-            loras: case["loras"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| (l["name"].as_str().unwrap().to_string(), l["weight"].as_f64().unwrap() as f32))
-                .collect(),
             ..case_params(&case)
         };
         let mut draws = Draws::initial(as4(npy::read_f32(&repo_path(case["noise"].as_str().unwrap()))));

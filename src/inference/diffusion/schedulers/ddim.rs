@@ -3,7 +3,7 @@
 use ndarray::{ArrayView4, ArrayViewMut4, Zip};
 
 use super::super::noise::NoiseSource;
-use super::schedule::spaced_timesteps;
+use super::schedule::{add_training_noise, spaced_timesteps, training_pred_original_sample};
 use super::{PredictionType, Scheduler, SchedulerConfig, TimestepSpacing};
 
 /// Denoising diffusion implicit models with eta = 0.
@@ -101,11 +101,11 @@ impl Scheduler for DdimScheduler {
         let prediction_type = self.prediction_type;
         let clip = self.clip_sample;
         Zip::from(sample).and(model_output).for_each(|x, &output| {
-            let (mut pred_original_sample, pred_epsilon) = match prediction_type {
-                PredictionType::Epsilon => ((*x - sqrt_beta_t * output) / sqrt_alpha_t, output),
-                PredictionType::VPrediction => {
-                    (sqrt_alpha_t * *x - sqrt_beta_t * output, sqrt_alpha_t * output + sqrt_beta_t * *x)
-                }
+            let mut pred_original_sample =
+                training_pred_original_sample(prediction_type, *x, output, sqrt_alpha_t, sqrt_beta_t);
+            let pred_epsilon = match prediction_type {
+                PredictionType::Epsilon => output,
+                PredictionType::VPrediction => sqrt_alpha_t * output + sqrt_beta_t * *x,
             };
             if let Some(range) = clip {
                 pred_original_sample = pred_original_sample.clamp(-range, range);
@@ -116,11 +116,6 @@ impl Scheduler for DdimScheduler {
     }
 
     fn add_noise(&self, original: ArrayViewMut4<'_, f32>, noise: ArrayView4<'_, f32>, timestep: f32) {
-        let alpha_prod = self.alphas_cumprod[timestep as usize];
-        let sqrt_alpha_prod = alpha_prod.sqrt();
-        let sqrt_one_minus_alpha_prod = (1.0 - alpha_prod).sqrt();
-        Zip::from(original).and(noise).for_each(|x, &n| {
-            *x = sqrt_alpha_prod * *x + sqrt_one_minus_alpha_prod * n;
-        });
+        add_training_noise(&self.alphas_cumprod, original, noise, timestep);
     }
 }

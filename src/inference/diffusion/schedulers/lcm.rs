@@ -5,6 +5,7 @@
 use ndarray::{Array4, ArrayView4, ArrayViewMut4, Zip};
 
 use super::super::noise::NoiseSource;
+use super::schedule::{add_training_noise, training_pred_original_sample};
 use super::{PredictionType, Scheduler, SchedulerConfig};
 
 /// The boundary condition's data standard deviation, fixed in diffusers.
@@ -96,10 +97,8 @@ impl Scheduler for LcmScheduler {
         let (c_skip, c_out) = self.boundary_scalings(timestep);
         let (prediction_type, clip) = (self.prediction_type, self.clip_sample);
         Zip::from(&mut sample).and(model_output).for_each(|x, &output| {
-            let mut pred_original_sample = match prediction_type {
-                PredictionType::Epsilon => (*x - sqrt_beta_t * output) / sqrt_alpha_t,
-                PredictionType::VPrediction => sqrt_alpha_t * *x - sqrt_beta_t * output,
-            };
+            let mut pred_original_sample =
+                training_pred_original_sample(prediction_type, *x, output, sqrt_alpha_t, sqrt_beta_t);
             if let Some(range) = clip {
                 pred_original_sample = pred_original_sample.clamp(-range, range);
             }
@@ -117,9 +116,7 @@ impl Scheduler for LcmScheduler {
     }
 
     fn add_noise(&self, original: ArrayViewMut4<'_, f32>, noise: ArrayView4<'_, f32>, timestep: f32) {
-        let alpha_prod = self.alphas_cumprod[timestep as usize];
-        let (sqrt_alpha_prod, sqrt_one_minus) = (alpha_prod.sqrt(), (1.0 - alpha_prod).sqrt());
-        Zip::from(original).and(noise).for_each(|x, &n| *x = sqrt_alpha_prod * *x + sqrt_one_minus * n);
+        add_training_noise(&self.alphas_cumprod, original, noise, timestep);
     }
 }
 

@@ -3,7 +3,9 @@
 //! Each helper reproduces the rounding of the numpy or torch call named in its comment, so that
 //! integer timesteps come out identical and float ones agree to the last bit or two.
 
-use super::{BetaSchedule, TimestepSpacing};
+use ndarray::{ArrayView4, ArrayViewMut4, Zip};
+
+use super::{BetaSchedule, PredictionType, TimestepSpacing};
 
 /// `alphas_cumprod` of the training schedule, as diffusers computes it in float32.
 pub(crate) fn alphas_cumprod(
@@ -30,6 +32,34 @@ pub(crate) fn alphas_cumprod(
             product as f32
         })
         .collect()
+}
+
+/// Noises clean `original` latents, in place, to `timestep` of the training schedule:
+/// `sqrt(alpha_bar) * x + sqrt(1 - alpha_bar) * noise`, as DDIM and LCM start image-to-image.
+pub(crate) fn add_training_noise(
+    alphas_cumprod: &[f32],
+    original: ArrayViewMut4<'_, f32>,
+    noise: ArrayView4<'_, f32>,
+    timestep: f32,
+) {
+    let alpha_prod = alphas_cumprod[timestep as usize];
+    let (sqrt_alpha_prod, sqrt_one_minus) = (alpha_prod.sqrt(), (1.0 - alpha_prod).sqrt());
+    Zip::from(original).and(noise).for_each(|x, &n| *x = sqrt_alpha_prod * *x + sqrt_one_minus * n);
+}
+
+/// The clean sample a prediction implies at a timestep of the training schedule, given
+/// `sqrt(alpha_bar)` and `sqrt(1 - alpha_bar)` there.
+pub(crate) fn training_pred_original_sample(
+    prediction_type: PredictionType,
+    sample: f32,
+    output: f32,
+    sqrt_alpha: f32,
+    sqrt_beta: f32,
+) -> f32 {
+    match prediction_type {
+        PredictionType::Epsilon => (sample - sqrt_beta * output) / sqrt_alpha,
+        PredictionType::VPrediction => sqrt_alpha * sample - sqrt_beta * output,
+    }
 }
 
 /// `torch.linspace(start, end, steps, dtype=float32)`: a float32 step, each value one fused
