@@ -321,6 +321,7 @@ fn generate_input(command: &GenerateCommand) -> GenerateInput {
         strength: command.strength,
         seed: command.seed,
         scheduler: command.scheduler.clone(),
+        model: command.model.clone(),
         max_items_per_category: command.max_items_per_category,
         control: control_units(command),
         ..GenerateInput::default()

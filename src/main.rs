@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use deskgen::config::{Cli, Command, ModelsAction};
 use deskgen::hub::{HubModel, HubSettings, PullStatus};
-use deskgen::pipeline::{DeskPipeline, Pipeline, PipelineConfig};
+use deskgen::pipeline::{DeskPipeline, Pipeline, PipelineConfig, SdModelSpec};
 use deskgen::server::{PipelineLoader, RunningServer};
 
 #[tokio::main]
@@ -34,13 +34,13 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Serve(config) => {
             let listener = bind(config.listen).await?;
-            let loader = pipeline_loader(config.pipeline.clone(), hub_model(&config.pipeline.sd_model)?, hub);
+            let loader = pipeline_loader(config.pipeline.clone(), hub)?;
             let server = deskgen::server::start(*config, listener, loader).await?;
             until_signal(server).await.map(|()| 0)
         }
         Command::Worker(config) => {
             let listener = bind(config.listen).await?;
-            let loader = pipeline_loader(config.pipeline.clone(), hub_model(&config.pipeline.sd_model)?, hub);
+            let loader = pipeline_loader(config.pipeline.clone(), hub)?;
             let server = deskgen::server::start_worker(*config, listener, loader).await?;
             until_signal(server).await.map(|()| 0)
         }
@@ -58,7 +58,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             }
         },
         Command::Generate(mut command) => {
-            pull_sd_model(&mut command.pipeline.sd_model, &hub).await?;
+            for model in &mut command.pipeline.sd_models {
+                pull_sd_model(&mut model.source, &hub).await?;
+            }
             deskgen::commands::generate(*command, &mut std::io::stdout()).await
         }
         Command::Bench(mut command) => {
@@ -89,14 +91,18 @@ async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     Ok(listener)
 }
 
-/// The real pipeline, loaded over the services the node opened; a hub model is pulled first,
-/// its progress in the health document.
-fn pipeline_loader(mut config: PipelineConfig, model: Option<HubModel>, hub: HubSettings) -> PipelineLoader {
-    Box::new(move |services| {
-        if let Some(model) = model {
+/// The real pipeline, loaded over the services the node opened; hub models are pulled first, one
+/// after the other, each one's progress in the health document while it downloads.
+fn pipeline_loader(mut config: PipelineConfig, hub: HubSettings) -> anyhow::Result<PipelineLoader> {
+    let pulls: Vec<(usize, HubModel)> = (config.sd_models.iter().enumerate())
+        .filter_map(|(index, spec)| Some(hub_model(&spec.source).transpose()?.map(|model| (index, model))))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Box::new(move |services| {
+        for (index, model) in pulls {
+            let spec: &mut SdModelSpec = &mut config.sd_models[index];
             let status = PullStatus::new(model.to_string());
             status.publish();
-            tracing::info!(%model, cache = %hub.cache_dir.display(), "pulling the Stable Diffusion model from the hub");
+            tracing::info!(model = %spec.name, repo = %model, cache = %hub.cache_dir.display(), "pulling a Stable Diffusion model from the hub");
             // The loader runs on a blocking thread of the runtime, which may wait on it.
             let pulled = tokio::runtime::Handle::current().block_on(deskgen::hub::pull(
                 &hub,
@@ -104,10 +110,10 @@ fn pipeline_loader(mut config: PipelineConfig, model: Option<HubModel>, hub: Hub
                 model.subfolder.as_deref(),
                 status.as_ref(),
             ));
-            config.sd_model = pulled.with_context(|| format!("pulling {model} from the hub"))?;
+            spec.source = pulled.with_context(|| format!("pulling {model} from the hub"))?;
         }
         Ok(Arc::new(DeskPipeline::load(&config, services)?) as Arc<dyn Pipeline>)
-    })
+    }))
 }
 
 /// Runs `server` until it stops, or stops it gracefully on Ctrl-C / SIGTERM.

@@ -107,22 +107,34 @@ fn fuzz(name: &str, corpus: Vec<Vec<u8>>, mut check: impl FnMut(&[u8])) -> u64 {
 fn info() -> PipelineInfo {
     PipelineInfo {
         models: vec![],
-        schedulers: vec!["ddim".into(), "euler".into()],
-        default_scheduler: "ddim".into(),
-        default_steps: deskgen::core::request::DEFAULT_STEPS,
-        default_guidance: deskgen::core::request::DEFAULT_GUIDANCE,
-        scheduler_max_steps: Default::default(),
-        native_size: 512,
-        size_multiple: 8,
-        loras: vec![deskgen::core::LoraInfo {
-            name: "cozy".into(),
-            rank: 4,
-            target_modules: vec!["unet.to_q".into()],
-            trigger_words: vec!["cozy".into()],
+        sd_models: vec![deskgen::core::SdModelInfo {
+            name: "tiny".into(),
+            variant: "sd".into(),
+            path: "-".into(),
+            native_size: 512,
+            size_multiple: 8,
+            schedulers: vec!["ddim".into(), "euler".into()],
+            defaults: deskgen::core::SdModelDefaults {
+                num_inference_steps: deskgen::core::request::DEFAULT_STEPS,
+                guidance_scale: deskgen::core::request::DEFAULT_GUIDANCE,
+                scheduler: "ddim".into(),
+                height: 512,
+                width: 512,
+            },
+            scheduler_max_steps: Default::default(),
+            loras: vec![deskgen::core::LoraInfo {
+                name: "cozy".into(),
+                rank: 4,
+                target_modules: vec!["unet.to_q".into()],
+                trigger_words: vec!["cozy".into()],
+            }],
+            controlnets: vec![deskgen::core::ControlNetInfo {
+                control_type: "canny".into(),
+                from_photo: true,
+            }],
+            default_control: None,
         }],
         max_lora_weight: MAX_LORA_WEIGHT,
-        controlnets: vec![deskgen::core::ControlNetInfo { control_type: "canny".into(), from_photo: true }],
-        default_control: None,
         negative_prompt: String::new(),
         object_store: "file".into(),
         shopping_provider: "catalog".into(),
@@ -131,7 +143,7 @@ fn info() -> PipelineInfo {
 
 /// A random request object built from the fields' names and hostile values.
 fn random_request(rng: &mut ChaCha8Rng) -> Vec<u8> {
-    const FIELDS: [&str; 16] = [
+    const FIELDS: [&str; 17] = [
         "initial_image_url",
         "prompt",
         "negative_prompt",
@@ -142,6 +154,7 @@ fn random_request(rng: &mut ChaCha8Rng) -> Vec<u8> {
         "strength",
         "seed",
         "scheduler",
+        "model",
         "loras",
         "webhook_url",
         "webhook_events",

@@ -398,3 +398,99 @@ async fn cancel_stops_diffusion_within_a_step() {
     assert_eq!(canceled["error_code"], "CANCELED");
     server.stop().await;
 }
+
+/// `NAME=DIR` of `--sd-model` for a committed fixture.
+fn fixture_model(name: &str, fixture: &str) -> String {
+    format!("{name}={}", Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/fixtures").join(fixture).display())
+}
+
+/// The generated image of a finished task.
+async fn image_of(result: &Value) -> image::RgbImage {
+    let url = result["processed_image_url"].as_str().unwrap_or_else(|| panic!("no image: {result}"));
+    let png = reqwest::get(url).await.unwrap().bytes().await.unwrap();
+    image::load_from_memory(&png).unwrap().to_rgb8()
+}
+
+fn max_pixel_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap()
+}
+
+/// What the engine itself draws on `fixture` for the prompts, seed and defaults a task reported.
+fn drawn_directly(fixture: &str, result: &Value, scheduler: &str) -> image::RgbImage {
+    use deskgen::inference::diffusion::{GenerateParams, StableDiffusion};
+    use deskgen::inference::{Runtime, RuntimeConfig};
+    let runtime = Runtime::init(&RuntimeConfig { intra_threads: 1, ..RuntimeConfig::default() }).unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/fixtures").join(fixture);
+    let mut sd = StableDiffusion::load(&runtime, dir).unwrap();
+    let params = GenerateParams {
+        prompt: result["prompt_used"].as_str().unwrap().into(),
+        negative_prompt: result["negative_prompt_used"].as_str().unwrap().into(),
+        num_inference_steps: 3,
+        guidance_scale: 7.5,
+        width: 64,
+        height: 64,
+        strength: 0.75,
+        seed: result["seed"].as_u64().unwrap(),
+        scheduler: scheduler.parse().unwrap(),
+        init_image: None,
+        guidance_rescale: 0.0,
+        loras: vec![],
+        control: vec![],
+    };
+    sd.generate(&params, &mut |_, _| std::ops::ControlFlow::Continue(())).unwrap().image
+}
+
+/// Two models in one server: a request gets the image its model makes (what the engine draws on
+/// that model directly), one that names none gets the first model's, /info lists both, and an
+/// unknown name is refused with the known ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_models_serve_side_by_side_each_with_its_own_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sd, xl) = (fixture_model("sd", "tiny-sd15"), fixture_model("xl", "tiny-sdxl"));
+    let server = start_real(dir.path(), &["--sd-model", &sd, "--sd-model", &xl, "--workers", "2"]).await;
+    let info: Value = reqwest::get(server.url("/info")).await.unwrap().json().await.unwrap();
+    let listed: Vec<(&str, &str, bool)> = (info["sd_models"].as_array().unwrap().iter())
+        .map(|m| {
+            (m["name"].as_str().unwrap(), m["variant"].as_str().unwrap(), m["loaded"].as_bool().unwrap())
+        })
+        .collect();
+    assert_eq!(listed, [("sd", "sd", true), ("xl", "sdxl", true)], "{info}");
+    assert_eq!(info["defaults"]["scheduler"], info["sd_models"][0]["defaults"]["scheduler"]);
+    let refused = reqwest::Client::new()
+        .post(server.url("/v1/generate"))
+        .json(&json!({"prompt": "a desk", "model": "turbo"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 422);
+    let body: Value = refused.json().await.unwrap();
+    assert!(body.to_string().contains("Unknown model 'turbo'; choose one of: sd, xl."), "{body}");
+
+    let request = |model: Option<&str>| {
+        let mut body = json!({"prompt": "a desk with a lamp", "num_inference_steps": 3, "seed": 7, "width": 64, "height": 64});
+        if let Some(model) = model {
+            body["model"] = json!(model);
+        }
+        body
+    };
+    let ids = [
+        submit(&server, request(Some("xl"))).await,
+        submit(&server, request(Some("sd"))).await,
+        submit(&server, request(None)).await,
+    ];
+    let mut images = Vec::new();
+    for id in &ids {
+        let result = poll_final(&server, id, None).await;
+        assert_eq!(result["status"], "done", "{result}");
+        images.push((image_of(&result).await, result));
+    }
+    let scheduler = |i: usize| info["sd_models"][i]["defaults"]["scheduler"].as_str().unwrap().to_string();
+    let (xl_image, sd_image, default_image) = (&images[0].0, &images[1].0, &images[2].0);
+    assert_eq!(max_pixel_diff(xl_image, &drawn_directly("tiny-sdxl", &images[0].1, &scheduler(1))), 0);
+    assert_eq!(max_pixel_diff(sd_image, &drawn_directly("tiny-sd15", &images[1].1, &scheduler(0))), 0);
+    assert_eq!(sd_image, default_image, "no model named: the first one");
+    let apart = max_pixel_diff(sd_image, xl_image);
+    assert!(apart > 64, "the two models drew nearly the same image (max difference {apart})");
+    server.stop().await;
+}

@@ -8,13 +8,14 @@ use futures::{Stream, StreamExt};
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
-use super::AppState;
 use super::errors::ApiError;
+use super::{AppState, SdModelEntry};
 use crate::core::request::{
     DEFAULT_GUIDANCE, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_STEPS,
 };
 use crate::core::{
-    ControlInput, ControlNetInfo, ControlUsed, DefaultControl, GenerateInput, LoraInput, ResizeMode,
+    ControlInput, ControlNetInfo, ControlUsed, DefaultControl, GenerateInput, LoraInfo, LoraInput,
+    PipelineInfo, ResizeMode,
 };
 use crate::tasks::{self, TaskRecord};
 
@@ -79,6 +80,7 @@ impl From<pb::GenerateRequest> for GenerateInput {
             strength: r.strength.map(f64::from),
             seed: r.seed,
             scheduler: r.scheduler,
+            model: r.model,
             loras: (!r.loras.is_empty()).then(|| {
                 r.loras
                     .into_iter()
@@ -112,6 +114,43 @@ impl From<pb::ControlUnit> for ControlInput {
 impl From<ControlUsed> for pb::ControlUsed {
     fn from(c: ControlUsed) -> Self {
         pb::ControlUsed { r#type: c.control_type, scale: c.scale as f32 }
+    }
+}
+
+impl From<LoraInfo> for pb::LoraInfo {
+    fn from(l: LoraInfo) -> Self {
+        pb::LoraInfo {
+            name: l.name,
+            rank: l.rank,
+            target_modules: l.target_modules,
+            trigger_words: l.trigger_words,
+        }
+    }
+}
+
+impl From<SdModelEntry> for pb::SdModel {
+    fn from(entry: SdModelEntry) -> Self {
+        let SdModelEntry { model: m, loaded } = entry;
+        pb::SdModel {
+            name: m.name,
+            variant: m.variant,
+            path: m.path,
+            native_size: m.native_size,
+            size_multiple: m.size_multiple,
+            schedulers: m.schedulers,
+            defaults: Some(pb::SdModelDefaults {
+                num_inference_steps: m.defaults.num_inference_steps,
+                guidance_scale: m.defaults.guidance_scale,
+                scheduler: m.defaults.scheduler,
+                height: m.defaults.height,
+                width: m.defaults.width,
+            }),
+            scheduler_max_steps: m.scheduler_max_steps.into_iter().collect(),
+            loras: m.loras.into_iter().map(pb::LoraInfo::from).collect(),
+            controlnets: m.controlnets.into_iter().map(pb::ControlNetInfo::from).collect(),
+            default_control: m.default_control.map(pb::DefaultControl::from),
+            loaded,
+        }
     }
 }
 
@@ -265,7 +304,7 @@ impl Info for GrpcApi {
     async fn get_info(&self, _: Request<pb::GetInfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         let info = self.state.info();
         let pipeline = self.state.pipeline_info();
-        let native = pipeline.map(|p| p.native_size).unwrap_or_default();
+        let model = pipeline.map(PipelineInfo::default_model);
         Ok(Response::new(pb::InfoResponse {
             version: info.version.to_string(),
             models: info
@@ -280,12 +319,12 @@ impl Info for GrpcApi {
                 })
                 .collect(),
             defaults: Some(pb::Defaults {
-                num_inference_steps: pipeline.map_or(DEFAULT_STEPS, |p| p.default_steps),
-                guidance_scale: pipeline.map_or(DEFAULT_GUIDANCE, |p| p.default_guidance),
-                height: native,
-                width: native,
+                num_inference_steps: model.map_or(DEFAULT_STEPS, |m| m.defaults.num_inference_steps),
+                guidance_scale: model.map_or(DEFAULT_GUIDANCE, |m| m.defaults.guidance_scale),
+                height: model.map(|m| m.defaults.height).unwrap_or_default(),
+                width: model.map(|m| m.defaults.width).unwrap_or_default(),
                 strength: DEFAULT_STRENGTH,
-                scheduler: pipeline.map(|p| p.default_scheduler.clone()).unwrap_or_default(),
+                scheduler: model.map(|m| m.defaults.scheduler.clone()).unwrap_or_default(),
                 negative_prompt: pipeline.map(|p| p.negative_prompt.clone()).unwrap_or_default(),
                 max_items_per_category: DEFAULT_ITEMS_PER_CATEGORY,
                 resize_mode: ResizeMode::default().as_str().to_string(),
@@ -299,25 +338,20 @@ impl Info for GrpcApi {
                 max_lora_weight: pipeline.map(|p| p.max_lora_weight).unwrap_or_default(),
                 max_upload_bytes: self.state.intake.max_bytes,
                 max_image_pixels: self.state.intake.max_pixels,
-                size_multiple: pipeline.map(|p| p.size_multiple).unwrap_or_default(),
+                size_multiple: model.map(|m| m.size_multiple).unwrap_or_default(),
+                scheduler_max_steps: model
+                    .map(|m| m.scheduler_max_steps.clone().into_iter().collect())
+                    .unwrap_or_default(),
             }),
             queue_backend: info.about.queue_backend,
             schedulers: info.schedulers,
             resize_modes: info.resize_modes.iter().map(|m| m.to_string()).collect(),
-            loras: info
-                .loras
-                .into_iter()
-                .map(|l| pb::LoraInfo {
-                    name: l.name,
-                    rank: l.rank,
-                    target_modules: l.target_modules,
-                    trigger_words: l.trigger_words,
-                })
-                .collect(),
+            loras: info.loras.into_iter().map(pb::LoraInfo::from).collect(),
             object_store: info.object_store.unwrap_or_default(),
             shopping_provider: info.shopping_provider.unwrap_or_default(),
             controlnets: info.controlnets.into_iter().map(pb::ControlNetInfo::from).collect(),
             default_control: info.default_control.map(pb::DefaultControl::from),
+            sd_models: info.sd_models.into_iter().map(pb::SdModel::from).collect(),
         }))
     }
 }

@@ -31,10 +31,10 @@ use crate::core::request::{
 };
 use crate::core::{
     ControlNetInfo, DefaultControl, GenerateInput, Limits, LoraInfo, ModelInfo, PhotoSource, PipelineInfo,
-    ResizeMode, Violation, validate,
+    ResizeMode, SdModelInfo, Violation, validate,
 };
 use crate::intake::{Intake, IntakeError, Photo};
-use crate::pipeline::Services;
+use crate::pipeline::{Pipeline, Services};
 use crate::storage::StorageError;
 use crate::tasks::{TaskQueue, TaskRecord};
 use crate::webhook::WebhookSender;
@@ -69,9 +69,27 @@ pub struct AppState {
     /// Prometheus registry.
     pub metrics: PrometheusHandle,
     /// Set once the models are loaded; the service is ready from then on.
-    pub pipeline: OnceLock<PipelineInfo>,
+    pub pipeline: OnceLock<ReadyPipeline>,
     /// Fixed facts for /info.
     pub about: About,
+}
+
+/// The loaded pipeline and its description, taken once when it became ready.
+pub struct ReadyPipeline {
+    /// What it offers; requests are checked against this.
+    pub info: PipelineInfo,
+    /// The pipeline, asked which models are in memory now.
+    pub pipeline: Arc<dyn Pipeline>,
+}
+
+/// One entry of /info's `sd_models`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SdModelEntry {
+    /// The model.
+    #[serde(flatten)]
+    pub model: SdModelInfo,
+    /// Whether its sessions are in memory now (with `--max-loaded-models`, others load on demand).
+    pub loaded: bool,
 }
 
 /// Facts about the deployment, for /info.
@@ -90,6 +108,9 @@ pub struct InfoDocument {
     pub version: &'static str,
     /// Loaded models (empty while loading).
     pub models: Vec<ModelInfo>,
+    /// The Stable Diffusion models a request's `model` may name; the first is the default, which
+    /// the other fields describe (empty while loading).
+    pub sd_models: Vec<SdModelEntry>,
     /// Schedulers a request may name.
     pub schedulers: Vec<String>,
     /// LoRA adapters a request may name, with rank, target modules and trigger words.
@@ -118,7 +139,15 @@ pub struct InfoDocument {
 impl AppState {
     /// The pipeline's description once models are loaded.
     pub fn pipeline_info(&self) -> Option<&PipelineInfo> {
-        self.pipeline.get()
+        self.pipeline.get().map(|ready| &ready.info)
+    }
+
+    /// Every Stable Diffusion model, default first, and whether it is in memory now.
+    pub fn sd_models(&self) -> Vec<SdModelEntry> {
+        let Some(ready) = self.pipeline.get() else { return Vec::new() };
+        let loaded = ready.pipeline.loaded_models();
+        let entries = ready.info.sd_models.iter().cloned();
+        entries.map(|model| SdModelEntry { loaded: loaded.contains(&model.name), model }).collect()
     }
 
     /// Validates and queues a request; a photo sent inline (`photo`) is checked first and stored
@@ -221,23 +250,24 @@ impl AppState {
     /// The /info document.
     pub fn info(&self) -> InfoDocument {
         let pipeline = self.pipeline_info();
-        let native = pipeline.map(|p| p.native_size);
+        let model = pipeline.map(PipelineInfo::default_model);
         InfoDocument {
             version: env!("CARGO_PKG_VERSION"),
             models: pipeline.map(|p| p.models.clone()).unwrap_or_default(),
-            schedulers: pipeline.map(|p| p.schedulers.clone()).unwrap_or_default(),
-            loras: pipeline.map(|p| p.loras.clone()).unwrap_or_default(),
-            controlnets: pipeline.map(|p| p.controlnets.clone()).unwrap_or_default(),
-            default_control: pipeline.and_then(|p| p.default_control.clone()),
+            sd_models: self.sd_models(),
+            schedulers: model.map(|m| m.schedulers.clone()).unwrap_or_default(),
+            loras: model.map(|m| m.loras.clone()).unwrap_or_default(),
+            controlnets: model.map(|m| m.controlnets.clone()).unwrap_or_default(),
+            default_control: model.and_then(|m| m.default_control.clone()),
             object_store: pipeline.map(|p| p.object_store.clone()),
             shopping_provider: pipeline.map(|p| p.shopping_provider.clone()),
             defaults: serde_json::json!({
-                "num_inference_steps": pipeline.map_or(DEFAULT_STEPS, |p| p.default_steps),
-                "guidance_scale": pipeline.map_or(DEFAULT_GUIDANCE, |p| p.default_guidance),
+                "num_inference_steps": model.map_or(DEFAULT_STEPS, |m| m.defaults.num_inference_steps),
+                "guidance_scale": model.map_or(DEFAULT_GUIDANCE, |m| m.defaults.guidance_scale),
                 "strength": DEFAULT_STRENGTH,
-                "height": native,
-                "width": native,
-                "scheduler": pipeline.map(|p| p.default_scheduler.clone()),
+                "height": model.map(|m| m.defaults.height),
+                "width": model.map(|m| m.defaults.width),
+                "scheduler": model.map(|m| m.defaults.scheduler.clone()),
                 "negative_prompt": pipeline.map(|p| p.negative_prompt.clone()),
                 "max_items_per_category": DEFAULT_ITEMS_PER_CATEGORY,
                 "resize_mode": ResizeMode::default().as_str(),
@@ -253,8 +283,8 @@ impl AppState {
                 "max_upload_bytes": self.intake.max_bytes,
                 "max_image_pixels": self.intake.max_pixels,
                 "max_lora_weight": pipeline.map(|p| p.max_lora_weight),
-                "size_multiple": pipeline.map(|p| p.size_multiple),
-                "scheduler_max_steps": pipeline.map(|p| p.scheduler_max_steps.clone()),
+                "size_multiple": model.map(|m| m.size_multiple),
+                "scheduler_max_steps": model.map(|m| m.scheduler_max_steps.clone()),
             }),
             about: self.about.clone(),
         }

@@ -10,7 +10,7 @@ use clap::Args;
 use crate::fetch::{AllowRule, DEFAULT_MAX_IMAGE_BYTES, FetchConfig};
 use crate::inference::vision::VisionConfig;
 use crate::inference::{ArenaExtend, ConvAlgoSearch, ExecutionProvider, RuntimeConfig};
-use crate::pipeline::PipelineConfig;
+use crate::pipeline::{PipelineConfig, SdModelSpec};
 use crate::shopping::{ApiSecret, NaverSort, ProviderChoice, ShoppingConfig};
 use crate::storage::{DEFAULT_UPLOAD_ATTEMPTS, ObjectStoreKind, StorageConfig};
 use crate::webhook::{WebhookConfig, WebhookSecret};
@@ -395,12 +395,23 @@ pub struct PipelineFlags {
     /// Vision models.
     #[command(flatten)]
     vision: VisionConfig,
-    /// Stable Diffusion pipeline folder in optimum's ONNX layout, or
-    /// `hf:REPO[@REVISION][:SUBFOLDER]` to pull one from the Hugging Face hub while the node starts
+    /// A Stable Diffusion model requests may name: a folder in optimum's ONNX layout, or
+    /// `hf:REPO[@REVISION][:SUBFOLDER]` to pull one from the Hugging Face hub while the node starts,
+    /// as NAME=… or named after its folder or repo. Repeat for several; the first is the default
     /// (the default is a tiny random-weight pipeline whose images are noise; see README for real
     /// weights).
-    #[arg(long, env = "DESKGEN_SD_MODEL", default_value = "onnx/fixtures/tiny-sd15")]
-    sd_model: PathBuf,
+    #[arg(
+        long = "sd-model",
+        env = "DESKGEN_SD_MODEL",
+        value_delimiter = ',',
+        value_name = "[NAME=]DIR|hf:REPO",
+        default_value = "onnx/fixtures/tiny-sd15"
+    )]
+    sd_models: Vec<SdModelSpec>,
+    /// How many Stable Diffusion models stay in memory at most (0: all). The others load when a
+    /// request names one, in place of the least recently used.
+    #[arg(long, env = "DESKGEN_MAX_LOADED_MODELS", default_value_t = 0)]
+    max_loaded_models: usize,
     /// Folder of LoRA adapters (`*.safetensors`, diffusers/peft or kohya format, trigger words in
     /// `<name>.json` / `<name>.txt`) that requests may name; files that do not fit the model are
     /// skipped with a warning.
@@ -413,9 +424,10 @@ pub struct PipelineFlags {
     /// Largest |weight| a request may give one LoRA adapter (negative weights down to -this work).
     #[arg(long, env = "DESKGEN_MAX_LORA_WEIGHT", default_value_t = 2.0)]
     max_lora_weight: f32,
-    /// A ControlNet besides those in the model folder's `controlnet/<type>/`, as TYPE=DIR (DIR holds
-    /// model.onnx, exported by onnx/export_controlnet.py); repeat for several. Needs the model's
-    /// residual-input UNet (`unet_controlnet/`); one that does not fit the model stops start-up.
+    /// A ControlNet of the default model besides those in its folder's `controlnet/<type>/`, as
+    /// TYPE=DIR (DIR holds model.onnx, exported by onnx/export_controlnet.py); repeat for several.
+    /// Needs the model's residual-input UNet (`unet_controlnet/`); one that does not fit the model
+    /// stops start-up.
     #[arg(long = "controlnet", env = "DESKGEN_CONTROLNETS", value_delimiter = ',', value_parser = parse_controlnet)]
     controlnets: Vec<(String, PathBuf)>,
     /// HED soft-edge model (ONNX, built by `make models`), which makes "softedge" control images
@@ -455,7 +467,8 @@ impl From<PipelineFlags> for PipelineConfig {
         PipelineConfig {
             runtime: f.runtime,
             vision: f.vision,
-            sd_model: f.sd_model,
+            sd_models: f.sd_models,
+            max_loaded_models: f.max_loaded_models,
             lora_dir: f.lora_dir,
             lora_cache_size: f.lora_cache_size,
             max_lora_weight: f.max_lora_weight,

@@ -79,6 +79,9 @@ pub struct GenerateCommand {
     /// Scheduler id (ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm).
     #[arg(long, env = "DESKGEN_SCHEDULER")]
     pub scheduler: Option<String>,
+    /// Stable Diffusion model, by the name of one `--sd-model` (the first when unset).
+    #[arg(long, env = "DESKGEN_MODEL")]
+    pub model: Option<String>,
     /// Offers per recommended category (1..=10).
     #[arg(long, env = "DESKGEN_MAX_ITEMS_PER_CATEGORY")]
     pub max_items_per_category: Option<i64>,

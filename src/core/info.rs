@@ -60,32 +60,56 @@ pub struct DefaultControl {
     pub strength: f64,
 }
 
+/// What a request that sets none of these gets on one Stable Diffusion model.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SdModelDefaults {
+    /// Denoising steps: the model's own default, else 50.
+    pub num_inference_steps: u32,
+    /// Guidance scale: the model's own default, else 7.5.
+    pub guidance_scale: f32,
+    /// Scheduler id.
+    pub scheduler: String,
+    /// Output height without a photo.
+    pub height: u32,
+    /// Output width without a photo.
+    pub width: u32,
+}
+
+/// One Stable Diffusion model a request may name (`model`), as /info's `sd_models` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SdModelInfo {
+    /// The name requests use.
+    pub name: String,
+    /// Its architecture: "sd" (1.x/2.x) or "sdxl".
+    pub variant: String,
+    /// The folder it is loaded from.
+    pub path: String,
+    /// Native image side in pixels.
+    pub native_size: u32,
+    /// Image sides must be multiples of this (8, or more for deep UNets).
+    pub size_multiple: u32,
+    /// Scheduler ids a request may name.
+    pub schedulers: Vec<String>,
+    /// What a request that sets none of these gets.
+    pub defaults: SdModelDefaults,
+    /// The most steps a scheduler runs on this model, for those with a bound of their own (LCM).
+    pub scheduler_max_steps: BTreeMap<String, u32>,
+    /// LoRA adapters that fit it.
+    pub loras: Vec<LoraInfo>,
+    /// ControlNets it has, by type.
+    pub controlnets: Vec<ControlNetInfo>,
+    /// The control desk photos get by default; none when the model has no ControlNet of the
+    /// configured type.
+    pub default_control: Option<DefaultControl>,
+}
+
 /// What the pipeline offers, for /info and for request defaults.
 #[derive(Debug, Clone, Serialize)]
 pub struct PipelineInfo {
     /// Models in use.
     pub models: Vec<ModelInfo>,
-    /// Scheduler ids a request may name.
-    pub schedulers: Vec<String>,
-    /// The scheduler used when a request names none.
-    pub default_scheduler: String,
-    /// The steps a request gets when it sets none: the model's own default, else 50.
-    pub default_steps: u32,
-    /// The guidance scale a request gets when it sets none: the model's own default, else 7.5.
-    pub default_guidance: f32,
-    /// The most steps a scheduler runs on this model, for those with a bound of their own (LCM).
-    pub scheduler_max_steps: BTreeMap<String, u32>,
-    /// The diffusion model's native image side in pixels.
-    pub native_size: u32,
-    /// Image sides must be multiples of this (8, or more for deep UNets).
-    pub size_multiple: u32,
-    /// LoRA adapters a request may name.
-    pub loras: Vec<LoraInfo>,
-    /// ControlNets a request may name, by type.
-    pub controlnets: Vec<ControlNetInfo>,
-    /// The control desk photos get by default; none when the model has no ControlNet of the
-    /// configured type.
-    pub default_control: Option<DefaultControl>,
+    /// The Stable Diffusion models requests may name; the first is the default. Never empty.
+    pub sd_models: Vec<SdModelInfo>,
     /// Largest |weight| a request may give one LoRA adapter.
     pub max_lora_weight: f32,
     /// The negative prompt used when a request gives none.
@@ -94,4 +118,24 @@ pub struct PipelineInfo {
     pub object_store: String,
     /// Where shopping offers come from.
     pub shopping_provider: String,
+}
+
+impl PipelineInfo {
+    /// The model a request that names none gets.
+    pub fn default_model(&self) -> &SdModelInfo {
+        &self.sd_models[0]
+    }
+
+    /// The model `name` names, or the default one for none; `None` for an unknown name.
+    pub fn sd_model(&self, name: Option<&str>) -> Option<&SdModelInfo> {
+        match name {
+            None => Some(self.default_model()),
+            Some(name) => self.sd_models.iter().find(|m| m.name == name),
+        }
+    }
+
+    /// The names of the Stable Diffusion models, default first.
+    pub fn sd_model_names(&self) -> Vec<&str> {
+        self.sd_models.iter().map(|m| m.name.as_str()).collect()
+    }
 }

@@ -9,7 +9,9 @@ pub mod result;
 pub mod validate;
 
 pub use failure::{Failure, FailureCode};
-pub use info::{ControlNetInfo, DefaultControl, LoraInfo, ModelInfo, PipelineInfo};
+pub use info::{
+    ControlNetInfo, DefaultControl, LoraInfo, ModelInfo, PipelineInfo, SdModelDefaults, SdModelInfo,
+};
 pub use request::{ControlRequest, GenerateRequest, LoraWeight, PhotoSource, Progress, ResizeMode};
 pub use result::{BoundingBox, ControlUsed, DetectedItem, GenerateOutput, Offer, Recommendation};
 pub use validate::{ControlInput, GenerateInput, Invalid, Limits, LoraInput, Violation};

@@ -124,6 +124,10 @@ pub struct GenerateRequest {
     pub user_text: Option<String>,
     /// Negative prompt; none means the configured default.
     pub negative_prompt: Option<String>,
+    /// The Stable Diffusion model (a name from /info's `sd_models`); none means the default one.
+    /// Records from before it existed read as none.
+    #[serde(default)]
+    pub model: Option<String>,
     /// Denoising steps.
     pub num_inference_steps: u32,
     /// Classifier-free guidance scale.
@@ -176,6 +180,7 @@ impl GenerateRequest {
             prompt: Some("a desk".into()),
             user_text: Some("a desk".into()),
             negative_prompt: None,
+            model: None,
             num_inference_steps: 20,
             guidance_scale: DEFAULT_GUIDANCE,
             height: None,

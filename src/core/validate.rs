@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use super::info::PipelineInfo;
+use super::info::{PipelineInfo, SdModelInfo};
 use super::request::{
     CANNY, ControlRequest, DEFAULT_CANNY_THRESHOLDS, DEFAULT_CONTROL_SCALE, DEFAULT_ITEMS_PER_CATEGORY,
     GenerateRequest, LoraWeight, MAX_CONTROL_UNITS, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_STEPS, PhotoSource,
@@ -41,6 +41,8 @@ pub struct GenerateInput {
     pub seed: Option<u64>,
     /// Scheduler id.
     pub scheduler: Option<String>,
+    /// Stable Diffusion model, by name (the default one when absent).
+    pub model: Option<String>,
     /// LoRA adapters.
     pub loras: Option<Vec<LoraInput>>,
     /// ControlNet units; `[]` turns control off, absent means the pipeline's default.
@@ -132,23 +134,29 @@ pub fn validate(
         rules.text("negative_prompt", negative);
     }
     let photo = rules.photo(input.initial_image_url, input.stored_photo, input.prompt.is_some());
-    let steps = input.num_inference_steps.unwrap_or(i64::from(info.default_steps));
+    let model = rules.model(input.model.as_deref(), info);
+    let steps = input.num_inference_steps.unwrap_or(i64::from(model.defaults.num_inference_steps));
     if !(1..=i64::from(MAX_STEPS)).contains(&steps) {
         rules.bad("num_inference_steps", format!("num_inference_steps must be between 1 and {MAX_STEPS}."));
     }
-    let guidance = input.guidance_scale.unwrap_or(f64::from(info.default_guidance));
+    let guidance = input.guidance_scale.unwrap_or(f64::from(model.defaults.guidance_scale));
     rules.guidance(guidance);
-    let multiple = info.size_multiple.max(8);
+    let multiple = model.size_multiple.max(8);
     let height = rules.side("height", input.height, multiple, limits.max_side);
     let width = rules.side("width", input.width, multiple, limits.max_side);
     let resize_mode = input.resize_mode.as_deref().map_or_else(ResizeMode::default, |m| rules.resize_mode(m));
     if let Some(strength) = input.strength {
         rules.strength(strength);
     }
-    let scheduler = input.scheduler.as_deref().and_then(|name| rules.scheduler(name, info));
-    rules.steps_for_scheduler(steps, scheduler.map_or(info.default_scheduler.as_str(), |s| s.as_str()), info);
-    let (user_text, loras) = rules.loras(input.prompt.as_deref(), input.loras.unwrap_or_default(), info);
-    let control = input.control.map(|units| rules.control(units, photo.is_some(), info));
+    let scheduler = input.scheduler.as_deref().and_then(|name| rules.scheduler(name, model));
+    rules.steps_for_scheduler(
+        steps,
+        scheduler.map_or(model.defaults.scheduler.as_str(), |s| s.as_str()),
+        model,
+    );
+    let adapters = Adapters { model, max_weight: info.max_lora_weight };
+    let (user_text, loras) = rules.loras(input.prompt.as_deref(), input.loras.unwrap_or_default(), &adapters);
+    let control = input.control.map(|units| rules.control(units, photo.is_some(), model));
     let webhook_events = input.webhook_events.unwrap_or_default();
     rules.webhook(input.webhook_url.as_deref(), &webhook_events);
     let per_category = input.max_items_per_category.unwrap_or(i64::from(DEFAULT_ITEMS_PER_CATEGORY));
@@ -164,6 +172,7 @@ pub fn validate(
         prompt: input.prompt,
         user_text,
         negative_prompt: input.negative_prompt,
+        model: input.model,
         num_inference_steps: steps as u32,
         guidance_scale: guidance as f32,
         height,
@@ -179,6 +188,12 @@ pub fn validate(
         max_items_per_category: per_category as u32,
     };
     Ok((input.task_id, request))
+}
+
+/// The adapters a request may name and the bound of their weights.
+struct Adapters<'a> {
+    model: &'a SdModelInfo,
+    max_weight: f32,
 }
 
 /// The broken rules found so far.
@@ -274,10 +289,20 @@ impl Rules {
         Some(side as u32)
     }
 
-    /// The scheduler `name` names, when the pipeline offers it.
+    /// The model `name` names, or the default one; an unknown name is a broken rule (and the
+    /// default model stands in for the other checks).
+    fn model<'a>(&mut self, name: Option<&str>, info: &'a PipelineInfo) -> &'a SdModelInfo {
+        if let Some(model) = info.sd_model(name) {
+            return model;
+        }
+        let known = info.sd_model_names().join(", ");
+        self.bad("model", format!("Unknown model '{}'; choose one of: {known}.", name.unwrap_or_default()));
+        info.default_model()
+    }
+
     /// Schedulers that run at most so many steps on this model (LCM: the distillation schedule).
-    fn steps_for_scheduler(&mut self, steps: i64, scheduler: &str, info: &PipelineInfo) {
-        if let Some(&max) = info.scheduler_max_steps.get(scheduler)
+    fn steps_for_scheduler(&mut self, steps: i64, scheduler: &str, model: &SdModelInfo) {
+        if let Some(&max) = model.scheduler_max_steps.get(scheduler)
             && steps > i64::from(max)
         {
             self.bad(
@@ -289,12 +314,13 @@ impl Rules {
         }
     }
 
-    fn scheduler(&mut self, name: &str, info: &PipelineInfo) -> Option<SchedulerKind> {
-        let offered = info.schedulers.iter().any(|s| s == name);
+    /// The scheduler `name` names, when the model offers it.
+    fn scheduler(&mut self, name: &str, model: &SdModelInfo) -> Option<SchedulerKind> {
+        let offered = model.schedulers.iter().any(|s| s == name);
         match name.parse::<SchedulerKind>() {
             Ok(kind) if offered => Some(kind),
             Ok(_) | Err(_) => {
-                let known = info.schedulers.join(", ");
+                let known = model.schedulers.join(", ");
                 self.bad("scheduler", format!("Unknown scheduler '{name}'; choose one of: {known}."));
                 None
             }
@@ -308,12 +334,12 @@ impl Rules {
         &mut self,
         prompt: Option<&str>,
         requested: Vec<LoraInput>,
-        info: &PipelineInfo,
+        adapters: &Adapters<'_>,
     ) -> (Option<String>, Vec<LoraWeight>) {
         let mut loras = Vec::new();
         for lora in requested {
             let weight = lora.weight.unwrap_or(1.0);
-            self.lora("loras", &lora.name, weight, info);
+            self.lora("loras", &lora.name, weight, adapters);
             loras.push(LoraWeight { name: lora.name, weight: weight as f32 });
         }
         let Some(prompt) = prompt else { return (None, loras) };
@@ -326,7 +352,7 @@ impl Rules {
         };
         let named = loras.len();
         for (name, weight) in tagged.loras {
-            self.lora("prompt", &name, f64::from(weight), info);
+            self.lora("prompt", &name, f64::from(weight), adapters);
             if !loras[..named].iter().any(|l| l.name == name) {
                 loras.retain(|l| l.name != name);
                 loras.push(LoraWeight { name, weight });
@@ -335,12 +361,12 @@ impl Rules {
         (Some(tagged.text).filter(|t| !t.trim().is_empty()), loras)
     }
 
-    fn lora(&mut self, field: &'static str, name: &str, weight: f64, info: &PipelineInfo) {
-        let max = info.max_lora_weight;
+    fn lora(&mut self, field: &'static str, name: &str, weight: f64, adapters: &Adapters<'_>) {
+        let (loras, max) = (&adapters.model.loras, adapters.max_weight);
         if let Err(reason) = check_name(name) {
             self.bad(field, format!("{reason}."));
-        } else if !info.loras.iter().any(|l| l.name == name) {
-            let known: Vec<&str> = info.loras.iter().map(|l| l.name.as_str()).collect();
+        } else if !loras.iter().any(|l| l.name == name) {
+            let known: Vec<&str> = loras.iter().map(|l| l.name.as_str()).collect();
             let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
             self.bad(field, format!("Unknown LoRA '{name}'; known: {known}."));
         } else if !weight.is_finite() || weight.abs() > f64::from(max) {
@@ -354,22 +380,22 @@ impl Rules {
         &mut self,
         units: Vec<ControlInput>,
         has_photo: bool,
-        info: &PipelineInfo,
+        model: &SdModelInfo,
     ) -> Vec<ControlRequest> {
         if units.len() > MAX_CONTROL_UNITS {
             self.bad("control", format!("control may have at most {MAX_CONTROL_UNITS} units."));
         }
-        units.into_iter().map(|unit| self.control_unit(unit, has_photo, info)).collect()
+        units.into_iter().map(|unit| self.control_unit(unit, has_photo, model)).collect()
     }
 
-    fn control_unit(&mut self, unit: ControlInput, has_photo: bool, info: &PipelineInfo) -> ControlRequest {
+    fn control_unit(&mut self, unit: ControlInput, has_photo: bool, model: &SdModelInfo) -> ControlRequest {
         let name = unit.control_type.as_str();
-        match info.controlnets.iter().find(|c| c.control_type == name) {
-            None if info.controlnets.is_empty() => {
+        match model.controlnets.iter().find(|c| c.control_type == name) {
+            None if model.controlnets.is_empty() => {
                 self.bad("control", "This model has no ControlNet; send control: [] or leave it out.".into())
             }
             None => {
-                let known: Vec<&str> = info.controlnets.iter().map(|c| c.control_type.as_str()).collect();
+                let known: Vec<&str> = model.controlnets.iter().map(|c| c.control_type.as_str()).collect();
                 self.bad("control", format!("Unknown control type '{name}'; known: {}.", known.join(", ")));
             }
             Some(net) if unit.image_url.is_none() && !(net.from_photo && has_photo) => {
@@ -436,18 +462,24 @@ impl Rules {
 mod tests {
     use super::*;
     use crate::core::request::{DEFAULT_GUIDANCE, DEFAULT_STEPS};
-    use crate::core::{ControlNetInfo, LoraInfo};
+    use crate::core::{ControlNetInfo, LoraInfo, SdModelDefaults};
 
-    fn info() -> PipelineInfo {
-        PipelineInfo {
-            models: vec![],
-            schedulers: vec!["ddim".into(), "euler".into()],
-            default_scheduler: "ddim".into(),
-            default_steps: DEFAULT_STEPS,
-            default_guidance: DEFAULT_GUIDANCE,
-            scheduler_max_steps: [("lcm".to_string(), 50)].into(),
+    fn model() -> SdModelInfo {
+        SdModelInfo {
+            name: "tiny".into(),
+            variant: "sd".into(),
+            path: "models/tiny".into(),
             native_size: 256,
             size_multiple: 16,
+            schedulers: vec!["ddim".into(), "euler".into()],
+            defaults: SdModelDefaults {
+                num_inference_steps: DEFAULT_STEPS,
+                guidance_scale: DEFAULT_GUIDANCE,
+                scheduler: "ddim".into(),
+                height: 256,
+                width: 256,
+            },
+            scheduler_max_steps: [("lcm".to_string(), 50)].into(),
             loras: ["cozy", "neon"]
                 .map(|name| LoraInfo {
                     name: name.into(),
@@ -456,12 +488,23 @@ mod tests {
                     trigger_words: vec![],
                 })
                 .to_vec(),
-            max_lora_weight: 2.0,
             controlnets: vec![
                 ControlNetInfo { control_type: "canny".into(), from_photo: true },
                 ControlNetInfo { control_type: "softedge".into(), from_photo: false },
             ],
             default_control: None,
+        }
+    }
+
+    fn info() -> PipelineInfo {
+        with_models(vec![model()])
+    }
+
+    fn with_models(sd_models: Vec<SdModelInfo>) -> PipelineInfo {
+        PipelineInfo {
+            models: vec![],
+            sd_models,
+            max_lora_weight: 2.0,
             negative_prompt: "blurry".into(),
             object_store: "file".into(),
             shopping_provider: "catalog".into(),
@@ -547,7 +590,8 @@ mod tests {
 
     #[test]
     fn lcm_steps_are_capped_where_the_request_is_read() {
-        let info = PipelineInfo { schedulers: vec!["ddim".into(), "lcm".into()], ..info() };
+        let info =
+            with_models(vec![SdModelInfo { schedulers: vec!["ddim".into(), "lcm".into()], ..model() }]);
         let parse = |json| validate(serde_json::from_value(json).unwrap(), &Limits { max_side: 1024 }, &info);
         let fields = |json| match parse(json) {
             Err(Invalid::Rules(violations)) => {
@@ -567,7 +611,8 @@ mod tests {
             parse(serde_json::json!({"prompt": "d", "num_inference_steps": 51})).is_ok(),
             "ddim has no cap"
         );
-        let lcm_model = PipelineInfo { default_scheduler: "lcm".into(), ..info.clone() };
+        let mut lcm_model = info.clone();
+        lcm_model.sd_models[0].defaults.scheduler = "lcm".into();
         let by_default = validate(
             serde_json::from_value(serde_json::json!({"prompt": "d", "num_inference_steps": 60})).unwrap(),
             &Limits { max_side: 1024 },
@@ -578,7 +623,9 @@ mod tests {
 
     #[test]
     fn a_few_step_model_s_defaults_fill_steps_and_guidance() {
-        let turbo = PipelineInfo { default_steps: 1, default_guidance: 0.0, ..info() };
+        let mut turbo = info();
+        turbo.sd_models[0].defaults.num_inference_steps = 1;
+        turbo.sd_models[0].defaults.guidance_scale = 0.0;
         let parse =
             |json| validate(serde_json::from_value(json).unwrap(), &Limits { max_side: 1024 }, &turbo);
         let (_, request) = parse(serde_json::json!({"prompt": "a desk"})).unwrap();
@@ -587,6 +634,41 @@ mod tests {
             parse(serde_json::json!({"prompt": "a desk", "num_inference_steps": 4, "guidance_scale": 1.5}))
                 .unwrap();
         assert_eq!((request.num_inference_steps, request.guidance_scale), (4, 1.5));
+    }
+
+    #[test]
+    fn a_named_model_brings_its_own_rules_and_an_unknown_one_is_refused() {
+        let turbo = SdModelInfo {
+            name: "turbo".into(),
+            size_multiple: 8,
+            defaults: SdModelDefaults { num_inference_steps: 1, guidance_scale: 0.0, ..model().defaults },
+            loras: vec![],
+            ..model()
+        };
+        let info = with_models(vec![model(), turbo]);
+        let parse = |json| validate(serde_json::from_value(json).unwrap(), &Limits { max_side: 1024 }, &info);
+        let (_, request) =
+            parse(serde_json::json!({"prompt": "a desk", "model": "turbo", "width": 264})).unwrap();
+        assert_eq!(request.model.as_deref(), Some("turbo"));
+        assert_eq!((request.num_inference_steps, request.guidance_scale), (1, 0.0));
+        let (_, request) = parse(serde_json::json!({"prompt": "a desk"})).unwrap();
+        assert_eq!((request.model, request.num_inference_steps), (None, DEFAULT_STEPS));
+        let violations = match parse(
+            serde_json::json!({"prompt": "a desk", "model": "turbo", "loras": [{"name": "cozy"}]}),
+        ) {
+            Err(Invalid::Rules(v)) => v,
+            other => panic!("expected broken rules, got {other:?}"),
+        };
+        assert_eq!(violations[0].field, "loras", "cozy fits the default model only");
+        let violations = match parse(serde_json::json!({"prompt": "a desk", "model": "sdxl"})) {
+            Err(Invalid::Rules(v)) => v,
+            other => panic!("expected broken rules, got {other:?}"),
+        };
+        assert_eq!(violations.len(), 1);
+        assert_eq!(
+            (violations[0].field, violations[0].description.as_str()),
+            ("model", "Unknown model 'sdxl'; choose one of: tiny, turbo.")
+        );
     }
 
     #[test]

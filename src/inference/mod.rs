@@ -5,7 +5,7 @@ pub mod owner;
 pub mod runtime;
 pub mod vision;
 
-pub use owner::{ModelOwner, NoAnswer};
+pub use owner::{ModelOwner, NoAnswer, release_freed_memory};
 pub use runtime::{
     ArenaExtend, ConvAlgoSearch, ExecutionProvider, InitializerOverrides, Runtime, RuntimeConfig,
     RuntimeError,

@@ -20,11 +20,9 @@ use crate::inference::vision::{Hed, canny_control};
 /// The control type whose images HED makes from the photo.
 pub const SOFTEDGE: &str = "softedge";
 
-/// The ControlNets the model has, the default control of desk photos, and the model that makes
-/// soft-edge control images.
+/// The default control of desk photos, and the model that makes soft-edge control images. Which
+/// ControlNets there are is a matter of each Stable Diffusion model: methods take its types.
 pub struct Controls {
-    /// The control types the model has ControlNets for, sorted.
-    pub types: Vec<String>,
     /// `[control]` of the pipeline settings.
     pub default: Option<ControlSettings>,
     /// The HED soft-edge model, on its own thread; none when not loaded.
@@ -41,9 +39,9 @@ pub struct Guidance<'a> {
 }
 
 impl Controls {
-    /// The ControlNets as /info lists them.
-    pub fn info(&self) -> Vec<ControlNetInfo> {
-        self.types
+    /// A model's ControlNets, of `types`, as /info lists them.
+    pub fn info(&self, types: &[String]) -> Vec<ControlNetInfo> {
+        types
             .iter()
             .map(|t| ControlNetInfo { control_type: t.clone(), from_photo: self.makes_from_photo(t) })
             .collect()
@@ -54,9 +52,10 @@ impl Controls {
         control_type == CANNY || (control_type == SOFTEDGE && self.hed.is_some())
     }
 
-    /// The default control as /info states it; none when the model lacks its ControlNet.
-    pub fn default_info(&self) -> Option<DefaultControl> {
-        let d = self.applicable_default()?;
+    /// The default control as /info states it; none when the model (with ControlNets of
+    /// `types`) lacks its ControlNet.
+    pub fn default_info(&self, types: &[String]) -> Option<DefaultControl> {
+        let d = self.applicable_default(types)?;
         Some(DefaultControl {
             control_type: d.control_type.clone(),
             scale: d.scale,
@@ -66,20 +65,22 @@ impl Controls {
         })
     }
 
-    fn applicable_default(&self) -> Option<&ControlSettings> {
-        self.default.as_ref().filter(|d| self.types.contains(&d.control_type))
+    fn applicable_default(&self, types: &[String]) -> Option<&ControlSettings> {
+        self.default.as_ref().filter(|d| types.contains(&d.control_type))
     }
 
-    /// The units `request` asks for, or for a photo without `control` the default one, with the
-    /// images of units that bring their own, read like the photo.
+    /// The units `request` asks for, or for a photo without `control` the default one (when the
+    /// model, with ControlNets of `types`, has its type), with the images of units that bring
+    /// their own, read like the photo.
     pub async fn guidance(
         &self,
         request: &GenerateRequest,
+        types: &[String],
         sources: &PhotoSources,
         ctx: &RunContext,
         timings: &mut BTreeMap<String, f64>,
     ) -> Result<Guidance<'_>, Failure> {
-        let (requests, default_strength) = match (&request.control, self.applicable_default()) {
+        let (requests, default_strength) = match (&request.control, self.applicable_default(types)) {
             (Some(units), _) => (units.clone(), f64::from(DEFAULT_STRENGTH)),
             (None, Some(d)) if request.photo.is_some() => (vec![default_unit(d)], d.strength),
             (None, _) => (Vec::new(), f64::from(DEFAULT_STRENGTH)),

@@ -1,26 +1,26 @@
 //! The real pipeline: photo → look → plan → draw → store, with shopping beside the drawing.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use anyhow::Context;
 use async_trait::async_trait;
 
 use super::control::Controls;
-use super::draw::{Painter, Prompts};
+use super::draw::{Painter, PainterOptions, Prompts};
 use super::look::{Seen, look_at};
+use super::models::{Load, ModelPool, SdModelSpec};
 use super::photo::{PhotoSources, decode};
 use super::plan::{Category, PipelineSettings, PromptInput};
-use super::shape::SizeRule;
 use super::shop::shop;
 use super::{Pipeline, RunContext, Services};
-use crate::core::request::{DEFAULT_GUIDANCE, DEFAULT_STEPS};
-use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest, LoraInfo, ModelInfo, PipelineInfo};
+use crate::core::{
+    Failure, FailureCode, GenerateOutput, GenerateRequest, LoraInfo, ModelInfo, PipelineInfo, SdModelInfo,
+};
 use crate::fetch::{FetchConfig, Fetcher};
 use crate::inference::diffusion::lora::LoraOptions;
-use crate::inference::diffusion::{SchedulerKind, StableDiffusion};
 use crate::inference::vision::{Hed, Vision, VisionConfig};
-use crate::inference::{ExecutionProvider, ModelOwner, Runtime, RuntimeConfig};
+use crate::inference::{ModelOwner, Runtime, RuntimeConfig};
 use crate::shopping::{ShoppingConfig, ShoppingProvider};
 use crate::storage::StorageConfig;
 
@@ -31,9 +31,13 @@ pub struct PipelineConfig {
     pub runtime: RuntimeConfig,
     /// Vision models.
     pub vision: VisionConfig,
-    /// Stable Diffusion pipeline folder in optimum's ONNX layout (the default is a tiny random-weight
-    /// pipeline whose images are noise; see README for real weights).
-    pub sd_model: PathBuf,
+    /// The Stable Diffusion models requests may name, each a folder in optimum's ONNX layout; the
+    /// first is the default (the default is a tiny random-weight pipeline whose images are noise;
+    /// see README for real weights).
+    pub sd_models: Vec<SdModelSpec>,
+    /// How many Stable Diffusion models stay in memory at most; the others load when a request
+    /// names them, in place of the least recently used. 0: all of them.
+    pub max_loaded_models: usize,
     /// Folder of LoRA adapters (`*.safetensors`, diffusers/peft or kohya format, trigger words in
     /// `<name>.json` / `<name>.txt`) that requests may name; files that do not fit the model are
     /// skipped with a warning.
@@ -43,7 +47,8 @@ pub struct PipelineConfig {
     pub lora_cache_size: usize,
     /// Largest |weight| a request may give one LoRA adapter (negative weights down to -this work).
     pub max_lora_weight: f32,
-    /// ControlNets besides those in the model folder's `controlnet/<type>/`, as (type, folder).
+    /// ControlNets of the default model besides those in its folder's `controlnet/<type>/`, as
+    /// (type, folder).
     pub controlnets: Vec<(String, PathBuf)>,
     /// HED soft-edge model for "softedge" control images; skipped when the file is missing.
     pub hed_model: PathBuf,
@@ -63,47 +68,52 @@ pub struct PipelineConfig {
 /// The product's pipeline over real models and services.
 pub struct DeskPipeline {
     vision: ModelOwner<Vision>,
-    painter: Painter,
+    painters: ModelPool<Painter>,
+    sd_models: Vec<SdModelInfo>,
     photos: PhotoSources,
     shopping: Arc<dyn ShoppingProvider>,
     settings: PipelineSettings,
     models: Vec<ModelInfo>,
-    loras: Vec<LoraInfo>,
     max_lora_weight: f32,
     controls: Controls,
 }
 
 impl DeskPipeline {
     /// Loads every model, over the outside services given; blocking (run it off the async runtime).
+    /// Each Stable Diffusion model is loaded once to be described; those past
+    /// `max_loaded_models` are let go again, the default model last so that it stays.
     pub fn load(config: &PipelineConfig, services: Services) -> anyhow::Result<DeskPipeline> {
         let Services { store, shopping } = services;
         let runtime = Runtime::init(&config.runtime)?;
+        let provider = runtime.provider().as_str();
         let vision = Vision::load(&runtime, &config.vision)?;
-        let diffusion = load_diffusion(&runtime, config)?;
         let hed = load_hed(&runtime, &config.hed_model)?;
-        let models = model_list(&vision, &diffusion, hed.as_ref(), runtime.provider().as_str())?;
-        let loras = lora_list(&diffusion);
+        let mut models = model_list(&vision, hed.as_ref(), provider);
         let settings = PipelineSettings::load(config.pipeline_config.as_deref())?;
         let controls = Controls {
-            types: diffusion.control_types().into_iter().map(str::to_string).collect(),
             default: settings.control.clone(),
             hed: hed.map(|hed| ModelOwner::spawn("hed", hed)).transpose()?,
         };
+        let names = model_names(&config.sd_models)?;
+        let load = painter_loader(&runtime, config, store.clone())?;
+        let painters = ModelPool::new(names.clone(), config.max_loaded_models, load.clone());
+        let (mut sd_models, mut sd_files) = (Vec::new(), Vec::new());
+        for (index, name) in names.iter().enumerate().rev() {
+            let painter = load(index)?;
+            sd_models.push(painter.describe(name, &controls));
+            let id =
+                if index == 0 { "stable-diffusion".to_string() } else { format!("stable-diffusion:{name}") };
+            sd_files.push(painter.model_info(id, provider)?);
+            if index < painters.max_loaded() {
+                painters.keep(index, painter);
+            }
+        }
+        sd_models.reverse();
+        models.extend(sd_files.into_iter().rev());
         Ok(DeskPipeline {
             vision: ModelOwner::spawn("vision", vision)?,
-            painter: Painter {
-                size_rule: SizeRule {
-                    native: diffusion.native_size().0,
-                    multiple: diffusion.config().size_multiple as u32,
-                    max_side: config.max_side,
-                },
-                default_scheduler: diffusion.default_scheduler(),
-                default_steps: diffusion.defaults().num_inference_steps.unwrap_or(DEFAULT_STEPS),
-                default_guidance: diffusion.defaults().guidance_scale.unwrap_or(DEFAULT_GUIDANCE),
-                scheduler_max_steps: scheduler_max_steps(&diffusion),
-                diffusion: ModelOwner::spawn("diffusion", diffusion)?,
-                store: store.clone(),
-            },
+            painters,
+            sd_models,
             photos: PhotoSources {
                 store,
                 fetcher: Fetcher::new(&config.fetch)?,
@@ -113,17 +123,36 @@ impl DeskPipeline {
             shopping,
             settings,
             models,
-            loras,
             max_lora_weight: config.max_lora_weight,
             controls,
         })
     }
 
+    /// The index of the model `request` names (the default one when it names none).
+    fn model_index(&self, request: &GenerateRequest) -> Result<usize, Failure> {
+        let Some(name) = &request.model else { return Ok(0) };
+        self.painters.index(name).ok_or_else(|| {
+            let known = self.painters.names().join(", ");
+            let reason = format!("model: '{name}' is not served here; this node serves {known}.");
+            Failure::new(FailureCode::InvalidInput, reason)
+        })
+    }
+
+    /// The model at `index`, loaded first (and reported as the "load_model" stage) when it is out
+    /// of memory.
+    async fn painter(&self, index: usize, ctx: &RunContext) -> anyhow::Result<Arc<Painter>> {
+        let name = &self.painters.names()[index];
+        if !self.painters.loaded().contains(name) {
+            ctx.progress("load_model", 0, 1);
+        }
+        self.painters.get(index).await.with_context(|| format!("loading model {name}"))
+    }
+
     /// Trigger words of the adapters that take part (weight not 0), each once, in request order.
-    fn trigger_words(&self, request: &GenerateRequest) -> Vec<String> {
+    fn trigger_words(request: &GenerateRequest, loras: &[LoraInfo]) -> Vec<String> {
         let mut words: Vec<String> = Vec::new();
         for lora in request.loras.iter().filter(|l| l.weight != 0.0) {
-            let Some(info) = self.loras.iter().find(|l| l.name == lora.name) else { continue };
+            let Some(info) = loras.iter().find(|l| l.name == lora.name) else { continue };
             for word in &info.trigger_words {
                 if !words.contains(word) {
                     words.push(word.clone());
@@ -133,10 +162,17 @@ impl DeskPipeline {
         words
     }
 
-    /// The prompt from the caption, the planned categories, the user's text and trigger words.
-    fn prompts(&self, request: &GenerateRequest, caption: Option<&str>, plan: &[Category]) -> Prompts {
+    /// The prompt from the caption, the planned categories, the user's text and the trigger words
+    /// of the painter's adapters.
+    fn prompts(
+        &self,
+        request: &GenerateRequest,
+        painter: &Painter,
+        caption: Option<&str>,
+        plan: &[Category],
+    ) -> Prompts {
         let categories: Vec<&Category> = plan.iter().collect();
-        let triggers = self.trigger_words(request);
+        let triggers = DeskPipeline::trigger_words(request, &painter.loras);
         let prompt = self.settings.prompt(&PromptInput {
             caption,
             categories: &categories,
@@ -174,6 +210,7 @@ impl Pipeline for DeskPipeline {
             Some(photo) => Some(self.photos.url(photo).await?),
             None => None,
         };
+        let model = self.model_index(request)?;
         let mut output = GenerateOutput { initial_image_url, ..GenerateOutput::default() };
         let seen = self.see(request, &mut output, ctx).await?;
         ctx.check()?;
@@ -193,13 +230,22 @@ impl Pipeline for DeskPipeline {
                     .warnings
                     .push("The photo does not look like a desk, so no image was generated.".into());
             }
-            seen => {
-                let (caption, photo) = seen.map(|s| (s.caption, s.photo)).unzip();
-                let prompts = self.prompts(request, caption.as_deref(), &plan);
-                let guidance =
-                    self.controls.guidance(request, &self.photos, ctx, &mut output.timings_ms).await?;
-                self.painter.draw(request, prompts, photo, &guidance, &mut output, ctx).await?;
-            }
+            seen => match self.painter(model, ctx).await {
+                Ok(painter) => {
+                    let (caption, photo) = seen.map(|s| (s.caption, s.photo)).unzip();
+                    let prompts = self.prompts(request, &painter, caption.as_deref(), &plan);
+                    let types = &painter.control_types;
+                    let guidance = self
+                        .controls
+                        .guidance(request, types, &self.photos, ctx, &mut output.timings_ms)
+                        .await?;
+                    painter.draw(request, prompts, photo, &guidance, &mut output, ctx).await?;
+                }
+                Err(e) => {
+                    tracing::warn!(task_id = ctx.id(), error = %format!("{e:#}"), "no model to draw with; falling back to shopping");
+                    output.warnings.push(format!("Image generation failed: {e:#}"));
+                }
+            },
         }
         ctx.check()?;
         ctx.progress("shopping", 0, 1);
@@ -214,21 +260,16 @@ impl Pipeline for DeskPipeline {
     fn info(&self) -> PipelineInfo {
         PipelineInfo {
             models: self.models.clone(),
-            schedulers: SchedulerKind::ALL.iter().map(|s| s.as_str().to_string()).collect(),
-            default_scheduler: self.painter.default_scheduler.as_str().to_string(),
-            default_steps: self.painter.default_steps,
-            default_guidance: self.painter.default_guidance,
-            scheduler_max_steps: self.painter.scheduler_max_steps.clone(),
-            native_size: self.painter.size_rule.native,
-            size_multiple: self.painter.size_rule.multiple,
-            loras: self.loras.clone(),
+            sd_models: self.sd_models.clone(),
             max_lora_weight: self.max_lora_weight,
-            controlnets: self.controls.info(),
-            default_control: self.controls.default_info(),
             negative_prompt: self.settings.prompt.negative.clone(),
             object_store: self.photos.store.kind().to_string(),
             shopping_provider: self.shopping.name().to_string(),
         }
+    }
+
+    fn loaded_models(&self) -> Vec<String> {
+        self.painters.loaded()
     }
 }
 
@@ -241,57 +282,55 @@ fn load_hed(runtime: &Runtime, path: &std::path::Path) -> anyhow::Result<Option<
     Ok(Some(Hed::load(runtime, path)?))
 }
 
-/// Loads Stable Diffusion with the LoRA adapters of `config.lora_dir`; on CUDA, runs it once so
-/// the first request does not pay cuDNN's algorithm search.
-fn load_diffusion(runtime: &Runtime, config: &PipelineConfig) -> anyhow::Result<StableDiffusion> {
-    let mut diffusion = StableDiffusion::load(runtime, &config.sd_model)?;
-    for (control_type, dir) in &config.controlnets {
-        diffusion.load_controlnet(control_type, dir)?;
+/// The names of the `--sd-model`s, which must differ.
+fn model_names(specs: &[SdModelSpec]) -> anyhow::Result<Vec<String>> {
+    anyhow::ensure!(!specs.is_empty(), "no --sd-model given");
+    let names: Vec<String> = specs.iter().map(|spec| spec.name.clone()).collect();
+    if let Some((i, name)) = names.iter().enumerate().find(|(i, name)| names[..*i].contains(name)) {
+        anyhow::bail!(
+            "two --sd-model entries are named {name} ({} and {}); name them apart as NAME=DIR",
+            specs[names.iter().position(|n| n == name).expect("seen")].source.display(),
+            specs[i].source.display()
+        );
     }
+    Ok(names)
+}
+
+/// Loads the model at an index of `config.sd_models` (its hub models already pulled to folders)
+/// with the adapters of `config.lora_dir`; the default model also gets `config.controlnets`.
+fn painter_loader(
+    runtime: &Runtime,
+    config: &PipelineConfig,
+    store: Arc<dyn crate::storage::ObjectStore>,
+) -> anyhow::Result<Load<Painter>> {
     anyhow::ensure!(
         config.max_lora_weight.is_finite() && config.max_lora_weight > 0.0,
         "--max-lora-weight must be a positive number, not {}",
         config.max_lora_weight
     );
-    let lora_options = LoraOptions {
+    let runtime = runtime.clone();
+    let specs = config.sd_models.clone();
+    let loras = LoraOptions {
         dir: config.lora_dir.clone(),
         cache_size: config.lora_cache_size,
         max_weight: config.max_lora_weight,
     };
-    for rejected in diffusion.load_loras(&lora_options)? {
-        tracing::warn!(path = %rejected.path.display(), error = %rejected.error, "LoRA adapter skipped");
-    }
-    if runtime.for_model("unet").provider() == ExecutionProvider::Cuda {
-        // The first run of each shape on CUDA searches cuDNN's algorithms (about a second):
-        // pay it here, before health reports SERVING, not in the first request.
-        let timings = diffusion.warm_up()?;
-        tracing::info!(unet_ms = timings.unet_ms, vae_ms = timings.vae_ms, "diffusion pipeline warmed up");
-    }
-    Ok(diffusion)
+    let (controlnets, max_side) = (config.controlnets.clone(), config.max_side);
+    Ok(Arc::new(move |index| {
+        let spec = &specs[index];
+        let options = PainterOptions {
+            loras: loras.clone(),
+            controlnets: if index == 0 { &controlnets } else { &[] },
+            max_side,
+        };
+        Painter::load(&runtime, &spec.source, &options, store.clone())
+            .with_context(|| format!("loading model {} from {}", spec.name, spec.source.display()))
+    }))
 }
 
-/// The adapters a request may name, as /info lists them.
-fn lora_list(diffusion: &StableDiffusion) -> Vec<LoraInfo> {
-    let Some(library) = diffusion.lora_library() else { return Vec::new() };
-    library
-        .adapters()
-        .map(|a| LoraInfo {
-            name: a.name.clone(),
-            rank: a.rank as u32,
-            target_modules: a.target_modules.clone(),
-            trigger_words: a.trigger_words.clone(),
-        })
-        .collect()
-}
-
-/// Every loaded model, as /info lists them.
-fn model_list(
-    vision: &Vision,
-    diffusion: &StableDiffusion,
-    hed: Option<&Hed>,
-    provider: &str,
-) -> anyhow::Result<Vec<ModelInfo>> {
-    let mut models: Vec<ModelInfo> = vision
+/// The vision and HED models, as /info lists them.
+fn model_list(vision: &Vision, hed: Option<&Hed>, provider: &str) -> Vec<ModelInfo> {
+    vision
         .models()
         .into_iter()
         .chain(hed.map(|h| h.model().clone()))
@@ -302,35 +341,5 @@ fn model_list(
             size_bytes: m.size_bytes,
             execution_provider: provider.to_string(),
         })
-        .collect();
-    let sd_dir = &diffusion.config().dir;
-    models.push(ModelInfo {
-        id: "stable-diffusion".into(),
-        path: sd_dir.display().to_string(),
-        sha256: crate::inference::sha256_file(&sd_dir.join("unet/model.onnx"))?,
-        size_bytes: dir_size(sd_dir),
-        execution_provider: provider.to_string(),
-    });
-    Ok(models)
-}
-
-/// Total size of the files under `dir`.
-fn dir_size(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|entry| match entry.file_type() {
-            Ok(t) if t.is_dir() => dir_size(&entry.path()),
-            _ => entry.metadata().map(|m| m.len()).unwrap_or(0),
-        })
-        .sum()
-}
-
-/// The schedulers with a step bound of their own on this model, and that bound.
-fn scheduler_max_steps(diffusion: &StableDiffusion) -> BTreeMap<String, u32> {
-    let config = &diffusion.config().scheduler;
-    let bounded =
-        SchedulerKind::ALL.iter().filter_map(|kind| Some((kind.to_string(), kind.max_steps(config)?)));
-    bounded.map(|(kind, max)| (kind, u32::try_from(max).unwrap_or(u32::MAX))).collect()
+        .collect()
 }

@@ -2,25 +2,48 @@
 
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use image::{ImageEncoder, RgbImage};
 
-use super::control::Guidance;
+use super::control::{Controls, Guidance};
 use super::shape::{SizeRule, shape_photo};
 use super::{RunContext, record_ms};
-use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest};
-use crate::inference::ModelOwner;
+use crate::core::request::{DEFAULT_GUIDANCE, DEFAULT_STEPS};
+use crate::core::{
+    Failure, FailureCode, GenerateOutput, GenerateRequest, LoraInfo, ModelInfo, SdModelDefaults, SdModelInfo,
+};
+use crate::inference::diffusion::lora::LoraOptions;
 use crate::inference::diffusion::schedulers::img2img_start_index;
 use crate::inference::diffusion::{DiffusionError, GenerateParams, SchedulerKind, StableDiffusion};
+use crate::inference::{ExecutionProvider, ModelOwner, Runtime};
 use crate::storage::ObjectStore;
 
-/// The diffusion engine and where its images go.
+/// What a Stable Diffusion model is loaded with besides its folder.
+pub struct PainterOptions<'a> {
+    /// LoRA adapters that requests may name.
+    pub loras: LoraOptions,
+    /// ControlNets besides those in the model folder, as (type, folder).
+    pub controlnets: &'a [(String, std::path::PathBuf)],
+    /// Largest image side in pixels.
+    pub max_side: u32,
+}
+
+/// One Stable Diffusion model and where its images go.
 pub struct Painter {
     /// The loaded Stable Diffusion pipeline, on its owner thread.
     pub diffusion: ModelOwner<StableDiffusion>,
+    /// The folder it was loaded from.
+    pub dir: std::path::PathBuf,
+    /// "sd" or "sdxl".
+    pub variant: &'static str,
+    /// The LoRA adapters that fit it.
+    pub loras: Vec<LoraInfo>,
+    /// The control types it has ControlNets for, sorted.
+    pub control_types: Vec<String>,
     /// The size a request gets when it names none: the model's, shaped by the photo.
     pub size_rule: SizeRule,
     /// The scheduler a request gets when it names none.
@@ -44,6 +67,85 @@ pub struct Prompts {
 }
 
 impl Painter {
+    /// Loads the model in `dir` with the adapters and ControlNets of `options`; on CUDA, runs it
+    /// once so the first request does not pay cuDNN's algorithm search. Blocking.
+    pub fn load(
+        runtime: &Runtime,
+        dir: &Path,
+        options: &PainterOptions<'_>,
+        store: Arc<dyn ObjectStore>,
+    ) -> anyhow::Result<Painter> {
+        let mut diffusion = StableDiffusion::load(runtime, dir)?;
+        for (control_type, dir) in options.controlnets {
+            diffusion.load_controlnet(control_type, dir)?;
+        }
+        for rejected in diffusion.load_loras(&options.loras)? {
+            tracing::warn!(path = %rejected.path.display(), error = %rejected.error, "LoRA adapter skipped");
+        }
+        if runtime.for_model("unet").provider() == ExecutionProvider::Cuda {
+            // The first run of each shape on CUDA searches cuDNN's algorithms (about a second):
+            // pay it here, before health reports SERVING, not in the first request.
+            let timings = diffusion.warm_up()?;
+            tracing::info!(
+                unet_ms = timings.unet_ms,
+                vae_ms = timings.vae_ms,
+                "diffusion pipeline warmed up"
+            );
+        }
+        Ok(Painter {
+            dir: diffusion.config().dir.clone(),
+            variant: diffusion.config().family.as_str(),
+            loras: lora_list(&diffusion),
+            control_types: diffusion.control_types().into_iter().map(str::to_string).collect(),
+            size_rule: SizeRule {
+                native: diffusion.native_size().0,
+                multiple: diffusion.config().size_multiple as u32,
+                max_side: options.max_side,
+            },
+            default_scheduler: diffusion.default_scheduler(),
+            default_steps: diffusion.defaults().num_inference_steps.unwrap_or(DEFAULT_STEPS),
+            default_guidance: diffusion.defaults().guidance_scale.unwrap_or(DEFAULT_GUIDANCE),
+            scheduler_max_steps: scheduler_max_steps(&diffusion),
+            diffusion: ModelOwner::spawn("diffusion", diffusion)?,
+            store,
+        })
+    }
+
+    /// The model as /info's `sd_models` lists it, named `name`.
+    pub fn describe(&self, name: &str, controls: &Controls) -> SdModelInfo {
+        let native = self.size_rule.native;
+        SdModelInfo {
+            name: name.to_string(),
+            variant: self.variant.to_string(),
+            path: self.dir.display().to_string(),
+            native_size: native,
+            size_multiple: self.size_rule.multiple,
+            schedulers: SchedulerKind::ALL.iter().map(|s| s.as_str().to_string()).collect(),
+            defaults: SdModelDefaults {
+                num_inference_steps: self.default_steps,
+                guidance_scale: self.default_guidance,
+                scheduler: self.default_scheduler.as_str().to_string(),
+                height: native,
+                width: native,
+            },
+            scheduler_max_steps: self.scheduler_max_steps.clone(),
+            loras: self.loras.clone(),
+            controlnets: controls.info(&self.control_types),
+            default_control: controls.default_info(&self.control_types),
+        }
+    }
+
+    /// The model's folder as the /info model list shows it, with the sha256 of its UNet.
+    pub fn model_info(&self, id: String, provider: &str) -> anyhow::Result<ModelInfo> {
+        Ok(ModelInfo {
+            id,
+            path: self.dir.display().to_string(),
+            sha256: crate::inference::sha256_file(&self.dir.join("unet/model.onnx"))?,
+            size_bytes: dir_size(&self.dir),
+            execution_provider: provider.to_string(),
+        })
+    }
+
     /// Draws the image and stores it, recording the prompts, the seed and the URL in `output`. A
     /// model failure becomes a warning (the task still returns its shopping links); a failed
     /// upload, an invalid size or a cancellation fails the task.
@@ -179,4 +281,39 @@ fn encode_png(image: &RgbImage) -> Vec<u8> {
         .write_image(image.as_raw(), image.width(), image.height(), image::ExtendedColorType::Rgb8)
         .expect("encoding to memory cannot fail");
     png
+}
+
+/// The adapters a request may name, as /info lists them.
+fn lora_list(diffusion: &StableDiffusion) -> Vec<LoraInfo> {
+    let Some(library) = diffusion.lora_library() else { return Vec::new() };
+    library
+        .adapters()
+        .map(|a| LoraInfo {
+            name: a.name.clone(),
+            rank: a.rank as u32,
+            target_modules: a.target_modules.clone(),
+            trigger_words: a.trigger_words.clone(),
+        })
+        .collect()
+}
+
+/// The schedulers with a step bound of their own on this model, and that bound.
+fn scheduler_max_steps(diffusion: &StableDiffusion) -> BTreeMap<String, u32> {
+    let config = &diffusion.config().scheduler;
+    let bounded =
+        SchedulerKind::ALL.iter().filter_map(|kind| Some((kind.to_string(), kind.max_steps(config)?)));
+    bounded.map(|(kind, max)| (kind, u32::try_from(max).unwrap_or(u32::MAX))).collect()
+}
+
+/// Total size of the files under `dir`.
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&entry.path()),
+            _ => entry.metadata().map(|m| m.len()).unwrap_or(0),
+        })
+        .sum()
 }

@@ -3,12 +3,14 @@
 //! [`DeskPipeline`] runs the stages in order: [`photo`] (fetch and decode), [`look`] (detector,
 //! classifier, captioner), [`plan`] (categories and the prompt), [`control`] (ControlNet units and
 //! their images), [`draw`] (Stable Diffusion and the upload) and [`shop`] (offers per category, beside the drawing).
+//! [`models`] keeps the Stable Diffusion models a request may name, loading them on demand.
 
 pub mod context;
 pub mod control;
 pub mod desk;
 pub mod draw;
 pub mod look;
+pub mod models;
 pub mod photo;
 pub mod plan;
 pub mod shape;
@@ -24,6 +26,7 @@ use crate::storage::ObjectStore;
 
 pub use context::RunContext;
 pub use desk::{DeskPipeline, PipelineConfig};
+pub use models::SdModelSpec;
 
 /// The outside services a pipeline talks to; a node opens them before the models load, and its
 /// health reports on them.
@@ -44,6 +47,9 @@ pub trait Pipeline: Send + Sync + 'static {
 
     /// Models, schedulers and sizes this pipeline offers.
     fn info(&self) -> PipelineInfo;
+
+    /// The names of the Stable Diffusion models (of `info().sd_models`) in memory now.
+    fn loaded_models(&self) -> Vec<String>;
 }
 
 /// Adds the time since `since` to `stage`'s entry of the result's timings, in milliseconds.

@@ -29,7 +29,7 @@ use crate::api::grpc::pb::info_server::InfoServer;
 use crate::api::grpc::pb::result_server::ResultServer;
 use crate::api::grpc::{GrpcApi, check_auth, pb};
 use crate::api::guard::{self, BrowserPolicy};
-use crate::api::{self, About, AppState};
+use crate::api::{self, About, AppState, ReadyPipeline};
 use crate::config::{ReadTimeouts, ServeConfig};
 use crate::core::Limits;
 use crate::intake::Intake;
@@ -150,7 +150,7 @@ pub(super) async fn api_app(
     let workers = config.tasks.workers;
     let ready: Ready = Box::new(move |pipeline| {
         Box::pin(async move {
-            let _ = state.pipeline.set(pipeline.info());
+            let _ = state.pipeline.set(ReadyPipeline { info: pipeline.info(), pipeline });
             set_serving(&health, ServingStatus::Serving).await;
             tracing::info!(workers, "models loaded; ready");
         })

@@ -9,6 +9,7 @@ use tracing::Instrument;
 
 use super::{TaskRecord, WorkerQueue};
 use crate::core::Progress;
+use crate::inference::release_freed_memory;
 use crate::pipeline::{Pipeline, RunContext};
 use crate::webhook::{WebhookEvent, WebhookSender};
 
@@ -69,18 +70,6 @@ pub async fn worker_task(
         }
     }
     tracing::debug!(worker = %name, "worker stopped");
-}
-
-/// Hands the memory a task freed back to the system. A task allocates and frees hundreds of
-/// megabytes in buffers of many sizes on several threads; glibc keeps freed pages in per-thread
-/// arenas, and a long-running process grew by tens of MiB per thousand tasks without this.
-fn release_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel; it takes the allocator's own
-    // locks and touches no memory the program owns.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Publishes a task's progress to the queue (and its webhook) until the task's context is dropped.

@@ -11,7 +11,7 @@ use clap::Parser;
 use deskgen::config::{Cli, Command, ServeConfig};
 use deskgen::core::{
     Failure, FailureCode, GenerateOutput, GenerateRequest, ModelInfo, PhotoSource, PipelineInfo,
-    Recommendation,
+    Recommendation, SdModelDefaults, SdModelInfo,
 };
 use deskgen::pipeline::{DeskPipeline, Pipeline, RunContext};
 use deskgen::server::{PipelineLoader, RunningServer};
@@ -92,21 +92,34 @@ impl Pipeline for ScriptedPipeline {
                 size_bytes: 0,
                 execution_provider: "cpu".into(),
             }],
-            schedulers: vec!["ddim".into(), "euler".into()],
-            default_scheduler: "ddim".into(),
-            default_steps: deskgen::core::request::DEFAULT_STEPS,
-            default_guidance: deskgen::core::request::DEFAULT_GUIDANCE,
-            scheduler_max_steps: Default::default(),
-            native_size: 512,
-            size_multiple: 8,
-            loras: vec![],
+            sd_models: vec![SdModelInfo {
+                name: "scripted".into(),
+                variant: "sd".into(),
+                path: "-".into(),
+                native_size: 512,
+                size_multiple: 8,
+                schedulers: vec!["ddim".into(), "euler".into()],
+                defaults: SdModelDefaults {
+                    num_inference_steps: deskgen::core::request::DEFAULT_STEPS,
+                    guidance_scale: deskgen::core::request::DEFAULT_GUIDANCE,
+                    scheduler: "ddim".into(),
+                    height: 512,
+                    width: 512,
+                },
+                scheduler_max_steps: Default::default(),
+                loras: vec![],
+                controlnets: vec![],
+                default_control: None,
+            }],
             max_lora_weight: 2.0,
-            controlnets: vec![],
-            default_control: None,
             negative_prompt: "blurry".into(),
             object_store: "file".into(),
             shopping_provider: "catalog".into(),
         }
+    }
+
+    fn loaded_models(&self) -> Vec<String> {
+        vec!["scripted".into()]
     }
 }
 

@@ -18,6 +18,16 @@ pub enum ModelFamily {
     StableDiffusionXl,
 }
 
+impl ModelFamily {
+    /// The name /info gives it: "sd" (1.x/2.x) or "sdxl".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelFamily::StableDiffusion => "sd",
+            ModelFamily::StableDiffusionXl => "sdxl",
+        }
+    }
+}
+
 /// What the pipeline needs to know from the model directory.
 #[derive(Debug, Clone)]
 pub struct DiffusionConfig {
