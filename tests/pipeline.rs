@@ -441,22 +441,37 @@ fn drawn_directly(fixture: &str, result: &Value, scheduler: &str) -> image::RgbI
     sd.generate(&params, &mut |_, _| std::ops::ControlFlow::Continue(())).unwrap().image
 }
 
-/// Two models in one server: a request gets the image its model makes (what the engine draws on
-/// that model directly), one that names none gets the first model's, /info lists both, and an
-/// unknown name is refused with the known ones.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_models_serve_side_by_side_each_with_its_own_images() {
+fn vm_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
+    line.trim().trim_end_matches("kB").trim().parse().unwrap()
+}
+
+/// Which models /info says are in memory.
+async fn loaded_models(server: &TestServer) -> Vec<String> {
+    let info: Value = reqwest::get(server.url("/info")).await.unwrap().json().await.unwrap();
+    let models = info["sd_models"].as_array().unwrap().iter();
+    models.filter(|m| m["loaded"] == true).map(|m| m["name"].as_str().unwrap().to_string()).collect()
+}
+
+/// Serves models sd and xl with `--max-loaded-models max`; checks /info and the refusal of an
+/// unknown model; draws with xl, sd, xl and no model named, one after the other; prints which
+/// models /info had in memory at the start and after each draw, and the process's RSS; then checks
+/// each image against what the engine draws on that model directly.
+async fn serve_two_models(max: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (sd, xl) = (fixture_model("sd", "tiny-sd15"), fixture_model("xl", "tiny-sdxl"));
-    let server = start_real(dir.path(), &["--sd-model", &sd, "--sd-model", &xl, "--workers", "2"]).await;
+    let args = ["--sd-model", &sd, "--sd-model", &xl, "--max-loaded-models", max];
+    let server = start_real(dir.path(), &args).await;
     let info: Value = reqwest::get(server.url("/info")).await.unwrap().json().await.unwrap();
-    let listed: Vec<(&str, &str, bool)> = (info["sd_models"].as_array().unwrap().iter())
-        .map(|m| {
-            (m["name"].as_str().unwrap(), m["variant"].as_str().unwrap(), m["loaded"].as_bool().unwrap())
-        })
+    let listed: Vec<(&str, &str)> = (info["sd_models"].as_array().unwrap().iter())
+        .map(|m| (m["name"].as_str().unwrap(), m["variant"].as_str().unwrap()))
         .collect();
-    assert_eq!(listed, [("sd", "sd", true), ("xl", "sdxl", true)], "{info}");
-    assert_eq!(info["defaults"]["scheduler"], info["sd_models"][0]["defaults"]["scheduler"]);
+    assert_eq!(listed, [("sd", "sd"), ("xl", "sdxl")], "{info}");
+    assert_eq!(
+        info["defaults"]["scheduler"], info["sd_models"][0]["defaults"]["scheduler"],
+        "top level: the default model"
+    );
     let refused = reqwest::Client::new()
         .post(server.url("/v1/generate"))
         .json(&json!({"prompt": "a desk", "model": "turbo"}))
@@ -467,30 +482,77 @@ async fn two_models_serve_side_by_side_each_with_its_own_images() {
     let body: Value = refused.json().await.unwrap();
     assert!(body.to_string().contains("Unknown model 'turbo'; choose one of: sd, xl."), "{body}");
 
-    let request = |model: Option<&str>| {
+    let mut seen = vec![loaded_models(&server).await];
+    let mut results = Vec::new();
+    for model in [Some("xl"), Some("sd"), Some("xl"), None] {
         let mut body = json!({"prompt": "a desk with a lamp", "num_inference_steps": 3, "seed": 7, "width": 64, "height": 64});
         if let Some(model) = model {
             body["model"] = json!(model);
         }
-        body
-    };
-    let ids = [
-        submit(&server, request(Some("xl"))).await,
-        submit(&server, request(Some("sd"))).await,
-        submit(&server, request(None)).await,
-    ];
-    let mut images = Vec::new();
-    for id in &ids {
-        let result = poll_final(&server, id, None).await;
+        let result = poll_final(&server, &submit(&server, body).await, None).await;
         assert_eq!(result["status"], "done", "{result}");
-        images.push((image_of(&result).await, result));
+        results.push((image_of(&result).await, result));
+        seen.push(loaded_models(&server).await);
     }
+    println!("loaded={}", serde_json::to_string(&seen).unwrap());
+    println!("rss_kib={}", vm_rss_kib());
+    server.stop().await;
+
     let scheduler = |i: usize| info["sd_models"][i]["defaults"]["scheduler"].as_str().unwrap().to_string();
-    let (xl_image, sd_image, default_image) = (&images[0].0, &images[1].0, &images[2].0);
-    assert_eq!(max_pixel_diff(xl_image, &drawn_directly("tiny-sdxl", &images[0].1, &scheduler(1))), 0);
-    assert_eq!(max_pixel_diff(sd_image, &drawn_directly("tiny-sd15", &images[1].1, &scheduler(0))), 0);
+    let [(xl_image, xl_result), (sd_image, sd_result), (xl_again, _), (default_image, _)] = &results[..]
+    else {
+        unreachable!()
+    };
+    assert_eq!(max_pixel_diff(xl_image, &drawn_directly("tiny-sdxl", xl_result, &scheduler(1))), 0);
+    assert_eq!(max_pixel_diff(sd_image, &drawn_directly("tiny-sd15", sd_result, &scheduler(0))), 0);
+    assert_eq!(xl_image, xl_again, "xl draws the same after a reload");
     assert_eq!(sd_image, default_image, "no model named: the first one");
     let apart = max_pixel_diff(sd_image, xl_image);
     assert!(apart > 64, "the two models drew nearly the same image (max difference {apart})");
-    server.stop().await;
+}
+
+/// Two models in one server: a request gets the image its model makes (what the engine draws on
+/// that model directly), one that names none gets the first model's, and an unknown name is
+/// refused with the known ones. With `--max-loaded-models 1` the other model is unloaded and
+/// loaded again on demand: /info shows one model in memory at a time, and the process holds less
+/// than with both loaded. RSS is per process, so each server runs in a process of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_models_side_by_side_or_one_at_a_time() {
+    const CHILD: &str = "DESKGEN_TEST_MAX_LOADED_MODELS";
+    if let Ok(max) = std::env::var(CHILD) {
+        return serve_two_models(&max).await;
+    }
+    // Both children at once: each one's RSS is its own.
+    let spawn = |max: &str| {
+        let name = "two_models_side_by_side_or_one_at_a_time";
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(CHILD, max)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let report = |child: std::process::Child| {
+        let output = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+        let value = |key: &str| {
+            let line =
+                stdout.lines().find_map(|l| Some(l.split_once(key)?.1)).unwrap_or_else(|| panic!("{stdout}"));
+            line.to_string()
+        };
+        let loaded: Vec<Vec<String>> = serde_json::from_str(&value("loaded=")).unwrap();
+        (loaded, value("rss_kib=").parse::<u64>().unwrap())
+    };
+    let (limited, unlimited) = (spawn("1"), spawn("0"));
+    let (one, rss_one) = report(limited);
+    assert_eq!(one, [["sd"], ["xl"], ["sd"], ["xl"], ["sd"]]);
+    let (all, rss_all) = report(unlimited);
+    assert!(all.iter().all(|loaded| loaded == &["sd", "xl"]), "{all:?}");
+    println!(
+        "RSS after the same four draws: {rss_one} KiB with one model in memory, {rss_all} KiB with both"
+    );
+    // tiny-sdxl's sessions hold about 50 MiB; a model that was never let go would leave no gap.
+    assert!(rss_all > rss_one + 16 * 1024, "one model in memory: {rss_one} KiB, both: {rss_all} KiB");
 }
