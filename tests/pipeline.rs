@@ -455,7 +455,8 @@ async fn loaded_models(server: &TestServer) -> Vec<String> {
 }
 
 /// Serves models sd and xl with `--max-loaded-models max`; checks /info and the refusal of an
-/// unknown model; draws with xl, sd, xl and no model named, one after the other; prints which
+/// unknown model (REST) and GetInfo's list; draws with xl, sd, xl (over gRPC) and no model named,
+/// one after the other; prints which
 /// models /info had in memory at the start and after each draw, and the process's RSS; then checks
 /// each image against what the engine draws on that model directly.
 async fn serve_two_models(max: &str) {
@@ -481,15 +482,38 @@ async fn serve_two_models(max: &str) {
     assert_eq!(refused.status(), 422);
     let body: Value = refused.json().await.unwrap();
     assert!(body.to_string().contains("Unknown model 'turbo'; choose one of: sd, xl."), "{body}");
+    use deskgen::api::grpc::pb;
+    let channel = server.grpc_channel().await;
+    let grpc =
+        pb::info_client::InfoClient::new(channel.clone()).get_info(pb::GetInfoRequest {}).await.unwrap();
+    let listed: Vec<(String, String, bool)> =
+        grpc.into_inner().sd_models.into_iter().map(|m| (m.name, m.variant, m.loaded)).collect();
+    let xl_loaded = max != "1";
+    assert_eq!(listed, [("sd".into(), "sd".into(), true), ("xl".into(), "sdxl".into(), xl_loaded)]);
 
     let mut seen = vec![loaded_models(&server).await];
     let mut results = Vec::new();
-    for model in [Some("xl"), Some("sd"), Some("xl"), None] {
-        let mut body = json!({"prompt": "a desk with a lamp", "num_inference_steps": 3, "seed": 7, "width": 64, "height": 64});
-        if let Some(model) = model {
-            body["model"] = json!(model);
-        }
-        let result = poll_final(&server, &submit(&server, body).await, None).await;
+    for (model, by_grpc) in [(Some("xl"), false), (Some("sd"), false), (Some("xl"), true), (None, false)] {
+        let task_id = if by_grpc {
+            let request = pb::GenerateRequest {
+                prompt: Some("a desk with a lamp".into()),
+                model: model.map(str::to_string),
+                num_inference_steps: Some(3),
+                seed: Some(7),
+                width: Some(64),
+                height: Some(64),
+                ..Default::default()
+            };
+            let mut client = pb::generate_client::GenerateClient::new(channel.clone());
+            client.generate(request).await.unwrap().into_inner().task_id
+        } else {
+            let mut body = json!({"prompt": "a desk with a lamp", "num_inference_steps": 3, "seed": 7, "width": 64, "height": 64});
+            if let Some(model) = model {
+                body["model"] = json!(model);
+            }
+            submit(&server, body).await
+        };
+        let result = poll_final(&server, &task_id, None).await;
         assert_eq!(result["status"], "done", "{result}");
         results.push((image_of(&result).await, result));
         seen.push(loaded_models(&server).await);
