@@ -234,8 +234,11 @@ pub async fn generate(command: GenerateCommand, out: &mut impl Write) -> anyhow:
         None => None,
     };
     let store = crate::storage::build(&command.pipeline.storage, &command.data_dir).await?;
-    let services =
-        Services { store: store.clone(), shopping: crate::shopping::build(&command.pipeline.shopping)? };
+    let services = Services {
+        store: store.clone(),
+        shopping: crate::shopping::build(&command.pipeline.shopping)?,
+        downloads: Default::default(),
+    };
     let config = command.pipeline.clone();
     let pipeline = tokio::task::spawn_blocking(move || DeskPipeline::load(&config, services)).await??;
     let stored_photo = match photo {

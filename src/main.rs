@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use deskgen::config::{Cli, Command, ModelsAction};
-use deskgen::hub::{HubModel, HubSettings, PullStatus};
+use deskgen::hub::{HubModel, HubSettings};
 use deskgen::pipeline::{DeskPipeline, Pipeline, PipelineConfig, SdModelSpec};
 use deskgen::server::{PipelineLoader, RunningServer};
 
@@ -100,8 +100,7 @@ fn pipeline_loader(mut config: PipelineConfig, hub: HubSettings) -> anyhow::Resu
     Ok(Box::new(move |services| {
         for (index, model) in pulls {
             let spec: &mut SdModelSpec = &mut config.sd_models[index];
-            let status = PullStatus::new(model.to_string());
-            status.publish();
+            let status = services.downloads.start(&spec.name, model.to_string());
             tracing::info!(model = %spec.name, repo = %model, cache = %hub.cache_dir.display(), "pulling a Stable Diffusion model from the hub");
             // The loader runs on a blocking thread of the runtime, which may wait on it.
             let pulled = tokio::runtime::Handle::current().block_on(deskgen::hub::pull(

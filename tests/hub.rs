@@ -770,6 +770,7 @@ async fn serve_pulls_its_hub_model_while_health_shows_the_download() {
     };
     let download = &body["download"];
     assert_eq!(download["repo"], "org/tiny@main", "{body}");
+    assert_eq!(download["model"], "tiny", "the model is named after its repo: {body}");
     assert_eq!(body["components"]["models"], "loading");
     assert!(download["files_done"].as_u64() < download["files_total"].as_u64(), "{body}");
     assert!(download["bytes_done"].as_u64() < download["bytes_total"].as_u64(), "{body}");

@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use crate::hub::Downloads;
 use crate::shopping::ShoppingProvider;
 use crate::storage::ObjectStore;
 use crate::tasks::TaskQueue;
@@ -24,6 +25,8 @@ pub struct Probe<'a> {
     pub shopping: &'a dyn ShoppingProvider,
     /// Whether the models are loaded.
     pub models_loaded: bool,
+    /// The hub pulls of the models while they load.
+    pub downloads: &'a Downloads,
     /// The worker's name on a worker node; `None` on an API node, which also reports the queue's
     /// capacity.
     pub worker: Option<&'a str>,
@@ -69,7 +72,7 @@ impl Probe<'_> {
             body["worker"] = json!(worker);
         }
         // A model pulled from the hub at start: how far its download is while the models load.
-        if let Some(download) = crate::hub::PullStatus::published().filter(|_| !self.models_loaded) {
+        if let Some(download) = self.downloads.report().filter(|_| !self.models_loaded) {
             body["download"] = json!(download);
         }
         (ready, body)

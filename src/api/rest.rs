@@ -173,6 +173,7 @@ pub async fn healthcheck(State(state): State<Arc<AppState>>) -> Response {
         store: state.services.store.as_ref(),
         shopping: state.services.shopping.as_ref(),
         models_loaded: state.pipeline_info().is_some(),
+        downloads: &state.services.downloads,
         worker: None,
     };
     probe.respond().await

@@ -20,7 +20,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::inference::diffusion::{DEFAULTS_FILE, ModelDefaults};
 use cache::RepoCache;
 use client::{FileMeta, HubClient};
-pub use progress::{PlannedFile, PullObserver, PullReport, PullStatus};
+pub use progress::{Downloads, PlannedFile, PullObserver, PullReport, PullStatus};
 
 /// What `--sd-model` starts with to name a hub repo instead of a folder: `hf:REPO[@REVISION]`.
 pub const MODEL_PREFIX: &str = "hf:";

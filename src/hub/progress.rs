@@ -1,5 +1,5 @@
 //! How a pull reports its progress: to progress bars on the command line, or to [`PullStatus`],
-//! which the health document reads while a node pulls its model at start.
+//! which a node's [`Downloads`] hands its health document while the node pulls its models at start.
 
 use std::sync::{Arc, Mutex};
 
@@ -29,6 +29,9 @@ pub trait PullObserver: Send + Sync {
 /// The totals of a pull, as the health document shows them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PullReport {
+    /// The model (its `--sd-model` name) the pull is for, when a node pulls it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     /// The repo and revision, `org/name@revision`.
     pub repo: String,
     /// Files in the snapshot.
@@ -54,9 +57,28 @@ struct FileProgress {
     finished: bool,
 }
 
-/// The pull this process runs before its models load; one at most, since a node loads one model
-/// set at start and its health endpoint is up before the loader runs.
-static PUBLISHED: Mutex<Option<Arc<PullStatus>>> = Mutex::new(None);
+/// The pulls a node runs while its models load, one after the other; its health document shows
+/// the latest.
+#[derive(Default)]
+pub struct Downloads {
+    latest: Mutex<Option<(String, Arc<PullStatus>)>>,
+}
+
+impl Downloads {
+    /// Starts reporting the pull of `repo` (`org/name@revision`) for the model named `model`.
+    pub fn start(&self, model: &str, repo: impl Into<String>) -> Arc<PullStatus> {
+        let status = PullStatus::new(repo);
+        *self.latest.lock().expect("downloads lock") = Some((model.to_string(), status.clone()));
+        status
+    }
+
+    /// The totals of the latest pull, if the node started one.
+    pub fn report(&self) -> Option<PullReport> {
+        let latest = self.latest.lock().expect("downloads lock");
+        let (model, status) = latest.as_ref()?;
+        Some(PullReport { model: Some(model.clone()), ..status.report() })
+    }
+}
 
 impl PullStatus {
     /// A pull of `repo` (`org/name@revision`) that has planned nothing yet.
@@ -68,22 +90,13 @@ impl PullStatus {
     pub fn report(&self) -> PullReport {
         let files = self.files.lock().expect("progress lock");
         PullReport {
+            model: None,
             repo: self.repo.clone(),
             files_done: files.iter().filter(|f| f.finished).count(),
             files_total: files.len(),
             bytes_done: files.iter().map(|f| f.done).sum(),
             bytes_total: files.iter().map(|f| f.size).sum(),
         }
-    }
-
-    /// Makes this the pull [`PullStatus::published`] reports.
-    pub fn publish(self: &Arc<PullStatus>) {
-        *PUBLISHED.lock().expect("published pull lock") = Some(self.clone());
-    }
-
-    /// The totals of the published pull, if this process started one.
-    pub fn published() -> Option<PullReport> {
-        PUBLISHED.lock().expect("published pull lock").as_ref().map(|status| status.report())
     }
 
     fn update(&self, index: usize, change: impl FnOnce(&mut FileProgress)) {
@@ -132,5 +145,21 @@ mod tests {
         let report = status.report();
         assert_eq!((report.files_done, report.files_total), (2, 3));
         assert_eq!((report.bytes_done, report.bytes_total), (55, 115));
+    }
+
+    #[test]
+    fn a_node_reports_its_latest_pull_and_the_model_it_is_for() {
+        let downloads = Downloads::default();
+        assert_eq!(downloads.report(), None);
+        downloads.start("sd", "org/a@main").planned(&[PlannedFile {
+            path: "x".into(),
+            size: 4,
+            cached: true,
+        }]);
+        let second = downloads.start("turbo", "org/b@v1");
+        second.planned(&[PlannedFile { path: "y".into(), size: 8, cached: false }]);
+        let report = downloads.report().unwrap();
+        assert_eq!((report.model.as_deref(), report.repo.as_str()), (Some("turbo"), "org/b@v1"));
+        assert_eq!((report.files_done, report.bytes_total), (0, 8));
     }
 }

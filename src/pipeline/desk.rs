@@ -83,7 +83,7 @@ impl DeskPipeline {
     /// Each Stable Diffusion model is loaded once to be described; those past
     /// `max_loaded_models` are let go again, the default model last so that it stays.
     pub fn load(config: &PipelineConfig, services: Services) -> anyhow::Result<DeskPipeline> {
-        let Services { store, shopping } = services;
+        let Services { store, shopping, .. } = services;
         let runtime = Runtime::init(&config.runtime)?;
         let provider = runtime.provider().as_str();
         let vision = Vision::load(&runtime, &config.vision)?;

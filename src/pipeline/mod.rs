@@ -21,6 +21,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::core::{Failure, GenerateOutput, GenerateRequest, PipelineInfo};
+use crate::hub::Downloads;
 use crate::shopping::ShoppingProvider;
 use crate::storage::ObjectStore;
 
@@ -36,6 +37,8 @@ pub struct Services {
     pub store: Arc<dyn ObjectStore>,
     /// Where offers come from.
     pub shopping: Arc<dyn ShoppingProvider>,
+    /// The hub pulls of the models while they load.
+    pub downloads: Arc<Downloads>,
 }
 
 /// Runs one request. The product binary uses the real pipeline; tests may drive the service with

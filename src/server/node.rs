@@ -47,7 +47,7 @@ impl Node {
         let shopping = crate::shopping::build(&pipeline.shopping)?;
         let (webhooks, deliveries) =
             WebhookSender::spawn(webhook, UrlPolicy::from_config(&pipeline.fetch), shutdown.clone())?;
-        let services = Services { store, shopping };
+        let services = Services { store, shopping, downloads: Default::default() };
         Ok(Node { name, tasks, queue, services, webhooks, deliveries, shutdown })
     }
 

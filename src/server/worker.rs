@@ -55,6 +55,7 @@ async fn health(State(state): State<Arc<WorkerState>>) -> Response {
         store: state.services.store.as_ref(),
         shopping: state.services.shopping.as_ref(),
         models_loaded: state.models_loaded.get().is_some(),
+        downloads: &state.services.downloads,
         worker: Some(&state.name),
     };
     probe.respond().await
