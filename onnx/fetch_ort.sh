@@ -4,7 +4,7 @@
 # .cargo/config.toml points ORT_DYLIB_PATH.
 #
 #   ORT_PKG=onnxruntime      (default, CPU)  |  onnxruntime-gpu (CUDA 13 build, ~255 MB wheel)
-#   ORT_VERSION=1.31.1
+#   ORT_VERSION=1.32.0
 #
 # The GPU package's provider libraries (libonnxruntime_providers_cuda.so and _shared.so) must sit
 # next to the core library, where ONNX Runtime looks for them: they are linked into assets/lib too,
@@ -13,7 +13,7 @@
 set -euo pipefail
 
 pkg=${ORT_PKG:-onnxruntime}
-version=${ORT_VERSION:-1.31.1}
+version=${ORT_VERSION:-1.32.0}
 root=$(cd "$(dirname "$0")/.." && pwd)
 cache=${DESKGEN_CACHE:-$HOME/.cache/deskgen}/ort/$pkg-$version
 lib=libonnxruntime.so.$version
@@ -21,6 +21,7 @@ lib=libonnxruntime.so.$version
 # Known-good sha256 of the core library, per package and version.
 case "$pkg-$version" in
   onnxruntime-1.31.1) want=fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3 ;;
+  onnxruntime-1.32.0) want=6c1585d1bbf45b0712ea4a21b705c5fcb4ba04ff2e30f1fbf81a49faf658638f ;;
   *) want="" ;;
 esac
 
