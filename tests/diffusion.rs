@@ -727,3 +727,68 @@ fn a_controlnet_of_another_family_is_refused_at_load() {
     let error = plain.load_controlnet("canny", &fixtures().join("tiny-sd15/controlnet/canny")).unwrap_err();
     assert!(error.to_string().contains("unet_controlnet/model.onnx"), "{error}");
 }
+
+/// A batch of images is the images a generation of one makes from each seed: image `i` of a batch
+/// from seed `s` equals one image from seed `s + i` (within 1e-3 on [0, 1] pixels), with guidance
+/// (unconditional rows before conditional ones), with fresh noise every step (each image its own
+/// stream), without guidance, from a photo with control, and on SDXL (pooled embeddings and size
+/// conditioning per row).
+#[test]
+fn a_batch_draws_what_one_image_per_seed_draws() {
+    let photo = image::open(fixtures().join("reference/controlnet/control_canny.png")).unwrap().to_rgb8();
+    let canny = ControlUnit {
+        control_type: "canny".into(),
+        image: photo.clone(),
+        scale: 0.8,
+        guidance_start: 0.0,
+        guidance_end: 1.0,
+    };
+    let cases: [(&str, Shared, GenerateParams); 4] = [
+        (
+            "sd15 euler_a, guidance 7.5 with rescale",
+            sd15,
+            GenerateParams { guidance_rescale: 0.7, ..params("a desk", SchedulerKind::EulerAncestral) },
+        ),
+        (
+            "sd15 lcm, guidance 1",
+            sd15,
+            GenerateParams { guidance_scale: 1.0, ..params("a desk", SchedulerKind::Lcm) },
+        ),
+        (
+            "sd15 img2img with canny, dpm++ 2m",
+            sd15,
+            GenerateParams {
+                init_image: Some(photo),
+                control: vec![canny],
+                ..params("a desk", SchedulerKind::DpmPp2m)
+            },
+        ),
+        ("sdxl euler_a", sdxl, params("a desk", SchedulerKind::EulerAncestral)),
+    ];
+    let mut report = Vec::new();
+    for (name, pipeline, params) in cases {
+        let mut sd = pipeline();
+        let batch = sd.denoise_batch(&params, 3, &mut keep_going()).unwrap();
+        assert_eq!(batch.image.dim().0, 3, "{name}");
+        let mut worst = 0.0f32;
+        for i in 0..3 {
+            let alone = GenerateParams { seed: params.seed + i as u64, ..params.clone() };
+            let one = sd.denoise_batch(&alone, 1, &mut keep_going()).unwrap();
+            let row = batch.image.index_axis(ndarray::Axis(0), i);
+            let diff = max_abs_diff(row.iter(), one.image.iter());
+            assert!(diff <= 1e-3, "{name}: image {i} differs from seed {} alone by {diff}", alone.seed);
+            worst = worst.max(diff);
+        }
+        let (first, second) =
+            (batch.image.index_axis(ndarray::Axis(0), 0), batch.image.index_axis(ndarray::Axis(0), 1));
+        let apart = max_abs_diff(first.iter(), second.iter());
+        assert!(apart > 0.1, "{name}: two seeds drew nearly the same image ({apart})");
+        report.push(format!("{name}: {worst:.1e} (images apart by {apart:.2})"));
+        let generated = sd.generate_batch(&params, 2, &mut keep_going()).unwrap();
+        assert_eq!(generated.iter().map(|g| g.seed).collect::<Vec<_>>(), [params.seed, params.seed + 1]);
+    }
+    let error =
+        sd15().generate_batch(&params("a desk", SchedulerKind::Ddim), 5, &mut keep_going()).unwrap_err();
+    assert!(error.to_string().contains("num_images"), "{error}");
+    println!("batch of 3 against one image per seed, max abs diff on [0, 1] pixels:\n{}", report.join("\n"));
+}

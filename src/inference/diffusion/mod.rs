@@ -43,9 +43,9 @@ use crate::inference::RuntimeError;
 pub use config::{DiffusionConfig, ModelFamily};
 pub use controlnet::{ControlUnit, MAX_CONTROL_SCALE, is_guidance_window};
 pub use defaults::{DEFAULTS_FILE, ModelDefaults};
-pub use noise::{NoiseSource, SeededNoise};
+pub use noise::{BatchNoise, NoiseSource, SeededNoise};
 pub use pipeline::{
-    Denoised, GenerateParams, Generated, MAX_STEPS, PromptEmbeddings, StableDiffusion, Timings,
+    Denoised, GenerateParams, Generated, MAX_BATCH, MAX_STEPS, PromptEmbeddings, StableDiffusion, Timings,
 };
 pub use schedulers::{Scheduler, SchedulerKind, UnknownScheduler};
 pub use tokenizer::ClipTokenizer;

@@ -16,7 +16,7 @@ use super::controlnet::{
 };
 use super::defaults::ModelDefaults;
 use super::lora::{LoraError, LoraLibrary, LoraOptions, MergedCache, MergedModels, ModelPart, RejectedLora};
-use super::noise::{NoiseSource, SeededNoise};
+use super::noise::{BatchNoise, NoiseSource};
 use super::schedulers::{Scheduler, SchedulerKind, img2img_start_index};
 use super::tensor::ModelTensor;
 use super::text_encoder::TextEncoder;
@@ -28,6 +28,9 @@ use crate::inference::{InitializerOverrides, Runtime};
 
 /// The most denoising steps a request may ask for.
 pub const MAX_STEPS: u32 = 150;
+
+/// The most images one generation makes in a batch.
+pub const MAX_BATCH: usize = 4;
 
 /// A loaded Stable Diffusion pipeline. Running it takes `&mut` access (an ONNX Runtime session runs
 /// one call at a time); the service gives it one owner thread ([`crate::inference::ModelOwner`]).
@@ -126,7 +129,7 @@ pub struct Generated {
 /// A generation before quantization to 8 bits, for comparing against reference tensors.
 #[derive(Debug, Clone)]
 pub struct Denoised {
-    /// `[1, height, width, 3]` in [0, 1] (diffusers' `output_type="np"`).
+    /// `[batch, height, width, 3]` in [0, 1] (diffusers' `output_type="np"`).
     pub image: Array4<f32>,
     /// The final latents, still multiplied by the VAE scaling factor.
     pub latents: Array4<f32>,
@@ -297,9 +300,40 @@ impl StableDiffusion {
         params: &GenerateParams,
         on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Generated, DiffusionError> {
+        let mut images = self.generate_batch(params, 1, on_step)?;
+        Ok(images.remove(0))
+    }
+
+    /// Generates `count` images (1 to [`MAX_BATCH`]) in one UNet batch, image `i` from seed
+    /// `params.seed + i`: each is the image a generation of one from that seed makes. They share
+    /// the timings.
+    pub fn generate_batch(
+        &mut self,
+        params: &GenerateParams,
+        count: usize,
+        on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+    ) -> Result<Vec<Generated>, DiffusionError> {
+        let denoised = self.denoise_batch(params, count, on_step)?;
+        let images = denoised.image.axis_chunks_iter(Axis(0), 1).map(to_rgb8);
+        let seeds = (0..count as u64).map(|i| params.seed.wrapping_add(i));
+        let timings = denoised.timings;
+        Ok(images.zip(seeds).map(|(image, seed)| Generated { image, timings, seed }).collect())
+    }
+
+    /// The float images and final latents of [`StableDiffusion::generate_batch`], one row per
+    /// image, for comparing against a generation of one.
+    pub fn denoise_batch(
+        &mut self,
+        params: &GenerateParams,
+        count: usize,
+        on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+    ) -> Result<Denoised, DiffusionError> {
         self.validate(params)?;
-        let denoised = self.denoise(params, &mut SeededNoise::new(params.seed), on_step)?;
-        Ok(Generated { image: to_rgb8(denoised.image.view()), timings: denoised.timings, seed: params.seed })
+        if !(1..=MAX_BATCH).contains(&count) {
+            let reason = format!("must be between 1 and {MAX_BATCH}");
+            return Err(DiffusionError::InvalidParams { field: "num_images", reason });
+        }
+        self.denoise(params, count, &mut BatchNoise::new(params.seed, count), on_step)
     }
 
     /// Generates with every Gaussian draw taken from `noise` instead of the seed's stream, in the
@@ -312,7 +346,7 @@ impl StableDiffusion {
         on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Denoised, DiffusionError> {
         self.validate(params)?;
-        self.denoise(params, noise, on_step)
+        self.denoise(params, 1, noise, on_step)
     }
 
     /// Encodes the prompt (and with `guided` the negative prompt first) as the UNet sees it.
@@ -326,9 +360,9 @@ impl StableDiffusion {
         encode_texts(&self.config, &self.tokenizers, &mut encoders, prompt, negative_prompt, guided)
     }
 
-    fn latent_shape(&self, params: &GenerateParams) -> (usize, usize, usize, usize) {
+    fn latent_shape(&self, params: &GenerateParams, batch: usize) -> (usize, usize, usize, usize) {
         let factor = self.config.vae_scale_factor;
-        (1, self.config.latent_channels, params.height as usize / factor, params.width as usize / factor)
+        (batch, self.config.latent_channels, params.height as usize / factor, params.width as usize / factor)
     }
 
     fn validate(&self, params: &GenerateParams) -> Result<(), DiffusionError> {
@@ -405,10 +439,11 @@ impl StableDiffusion {
     fn denoise(
         &mut self,
         params: &GenerateParams,
+        batch: usize,
         noise: &mut dyn NoiseSource,
         on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Denoised, DiffusionError> {
-        let denoised = self.denoise_with_sessions(params, noise, on_step);
+        let denoised = self.denoise_with_sessions(params, batch, noise, on_step);
         if let Some(loras) = &mut self.loras {
             loras.cache.trim();
         }
@@ -418,10 +453,11 @@ impl StableDiffusion {
     fn denoise_with_sessions(
         &mut self,
         params: &GenerateParams,
+        batch: usize,
         noise: &mut dyn NoiseSource,
         on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
     ) -> Result<Denoised, DiffusionError> {
-        let latent_shape = self.latent_shape(params);
+        let latent_shape = self.latent_shape(params, batch);
         let StableDiffusion {
             config,
             runtime,
@@ -475,7 +511,13 @@ impl StableDiffusion {
         timings.unet_ms = elapsed_ms(started);
 
         let started = Instant::now();
-        let decoded = vae_decoder.decode(latents.mapv(|l| l / config.vae_scaling_factor).view())?;
+        // One image at a time: the decoder's activations are the largest tensors of a generation.
+        let mut decoded = Vec::with_capacity(batch);
+        for row in latents.axis_chunks_iter(Axis(0), 1) {
+            decoded.push(vae_decoder.decode(row.mapv(|l| l / config.vae_scaling_factor).view())?);
+        }
+        let views: Vec<_> = decoded.iter().map(|image| image.view()).collect();
+        let decoded = ndarray::concatenate(Axis(0), &views).expect("decoded images share a shape");
         let image = decoded.permuted_axes([0, 2, 3, 1]).mapv(|x| (x / 2.0 + 0.5).clamp(0.0, 1.0));
         timings.vae_ms += elapsed_ms(started);
         Ok(Denoised { image, latents, timings })
@@ -496,7 +538,8 @@ fn initial_latents(
     };
     let encoder = vae_encoder
         .ok_or_else(|| DiffusionError::MissingFile { path: config.dir.join("vae_encoder/model.onnx") })?;
-    let latents = encode_photo(encoder, config, photo, params)?;
+    let photo_latents = encode_photo(encoder, config, photo, params)?;
+    let latents = photo_latents.broadcast(noise.raw_dim()).expect("one photo for every image").to_owned();
     let steps = params.num_inference_steps as usize;
     Ok(noised_photo(scheduler, latents, noise, steps, params.strength))
 }
@@ -629,13 +672,13 @@ fn run_steps(
     on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
 ) -> Result<StepsCost, DiffusionError> {
     let Schedule { scheduler, start, noise } = schedule;
-    let rows = if params.guidance_scale > 1.0 { 2 } else { 1 };
-    let (_, channels, latent_h, latent_w) = latents.dim();
-    let added = embeddings
-        .pooled_prompt_embeds
-        .map(|pooled| (pooled, time_ids(params.height as usize, params.width as usize, rows)));
+    let (batch, channels, latent_h, latent_w) = latents.dim();
+    let rows = batch * if params.guidance_scale > 1.0 { 2 } else { 1 };
+    let added = embeddings.pooled_prompt_embeds.map(|pooled| {
+        (repeat_rows(pooled, batch), time_ids(params.height as usize, params.width as usize, rows))
+    });
     let Unets { plain: unet, control } = unets;
-    let conditioning = unet.conditioning(embeddings.prompt_embeds, added);
+    let conditioning = unet.conditioning(repeat_rows(embeddings.prompt_embeds, batch), added);
     let shape = [rows, channels, latent_h, latent_w];
     let mut buffers = unet.buffers(shape, &conditioning)?;
     let mut steering = match control {
@@ -646,8 +689,8 @@ fn run_steps(
     let run = scheduler.timesteps()[start..].to_vec();
     let mut cost = StepsCost::default();
     for (done, &timestep) in run.iter().enumerate() {
-        for mut row in buffers.sample.outer_iter_mut() {
-            row.assign(&latents.index_axis(Axis(0), 0));
+        for (index, mut row) in buffers.sample.outer_iter_mut().enumerate() {
+            row.assign(&latents.index_axis(Axis(0), index % batch));
         }
         scheduler.scale_model_input(buffers.sample.view_mut(), timestep);
         let consume = |prediction: ndarray::ArrayView4<'_, f32>| {
@@ -873,21 +916,37 @@ fn encode_photo(
     Ok(latents)
 }
 
-/// Classifier-free guidance of a `[rows, C, h, w]` prediction into `noise_pred` `[1, C, h, w]`:
-/// `uncond + scale * (cond - uncond)`, then optionally `rescale_noise_cfg`.
+/// Classifier-free guidance of a `[rows, C, h, w]` prediction into `noise_pred` `[batch, C, h, w]`:
+/// for each image, `uncond + scale * (cond - uncond)`, then optionally `rescale_noise_cfg`. With
+/// guidance the rows are the batch's unconditional ones, then its conditional ones; without, the
+/// batch's conditional ones.
 fn guide(prediction: ArrayView4<'_, f32>, mut noise_pred: ArrayViewMut4<'_, f32>, scale: f32, rescale: f32) {
-    let mut out = noise_pred.index_axis_mut(Axis(0), 0);
-    if prediction.shape()[0] == 1 {
-        out.assign(&prediction.index_axis(Axis(0), 0));
+    let batch = noise_pred.dim().0;
+    if prediction.shape()[0] == batch {
+        noise_pred.assign(&prediction);
         return;
     }
-    let (uncond, cond) = (prediction.index_axis(Axis(0), 0), prediction.index_axis(Axis(0), 1));
-    Zip::from(&mut out).and(&uncond).and(&cond).for_each(|n, &u, &c| *n = u + scale * (c - u));
-    if rescale > 0.0 {
-        // Lin et al. 2023, section 3.4: match the guided prediction's std to the conditional one's.
-        let factor = (std_dev(cond.iter()) / std_dev(out.iter())) as f32;
-        out.mapv_inplace(|n| rescale * (n * factor) + (1.0 - rescale) * n);
+    for (image, mut out) in noise_pred.outer_iter_mut().enumerate() {
+        let (uncond, cond) =
+            (prediction.index_axis(Axis(0), image), prediction.index_axis(Axis(0), batch + image));
+        Zip::from(&mut out).and(&uncond).and(&cond).for_each(|n, &u, &c| *n = u + scale * (c - u));
+        if rescale > 0.0 {
+            // Lin et al. 2023, section 3.4: match the guided prediction's std to the conditional one's.
+            let factor = (std_dev(cond.iter()) / std_dev(out.iter())) as f32;
+            out.mapv_inplace(|n| rescale * (n * factor) + (1.0 - rescale) * n);
+        }
     }
+}
+
+/// Each row of `rows` repeated `times` times in place: `[a, b]` → `[a, a, b, b]` for 2, which puts
+/// a batch's unconditional rows before its conditional ones.
+fn repeat_rows<D: ndarray::RemoveAxis>(rows: ndarray::Array<f32, D>, times: usize) -> ndarray::Array<f32, D> {
+    if times == 1 {
+        return rows;
+    }
+    let order: Vec<usize> =
+        (0..rows.len_of(Axis(0))).flat_map(|row| std::iter::repeat_n(row, times)).collect();
+    rows.select(Axis(0), &order)
 }
 
 /// torch.std: the unbiased standard deviation.
@@ -936,6 +995,7 @@ fn photo_to_pixels(photo: &RgbImage, width: u32, height: u32) -> Array4<f32> {
 }
 
 /// `[1, H, W, 3]` in [0, 1] to 8-bit RGB, rounding half to even like numpy.
+/// The first image of `[batch, height, width, 3]` floats, as 8-bit RGB.
 fn to_rgb8(image: ArrayView4<'_, f32>) -> RgbImage {
     let (_, height, width, _) = image.dim();
     let bytes = image.slice(s![0, .., .., ..]).iter().map(|&v| (v * 255.0).round_ties_even() as u8).collect();
