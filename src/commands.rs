@@ -2,7 +2,7 @@
 //! `models pull`) and `deskgen bench`.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -257,16 +257,19 @@ pub async fn generate(command: GenerateCommand, out: &mut impl Write) -> anyhow:
         stored_photo,
         ..generate_input(&command)
     };
-    let (task_id, request) =
-        match validate(input, &Limits { max_side: command.pipeline.max_side }, &pipeline.info()) {
-            Ok(ok) => ok,
-            Err(invalid) => {
-                for line in invalid_lines(invalid) {
-                    eprintln!("error: {line}");
-                }
-                return Ok(EXIT_BAD_INPUT);
+    let (task_id, request) = match validate(
+        input,
+        &Limits { max_side: command.pipeline.max_side, max_images: command.pipeline.max_images },
+        &pipeline.info(),
+    ) {
+        Ok(ok) => ok,
+        Err(invalid) => {
+            for line in invalid_lines(invalid) {
+                eprintln!("error: {line}");
             }
-        };
+            return Ok(EXIT_BAD_INPUT);
+        }
+    };
     let mut record = TaskRecord::new(task_id.unwrap_or_else(new_task_id), request);
     let (ctx, updates) = RunContext::new(
         record.task_id.clone(),
@@ -325,6 +328,7 @@ fn generate_input(command: &GenerateCommand) -> GenerateInput {
         seed: command.seed,
         scheduler: command.scheduler.clone(),
         model: command.model.clone(),
+        num_images: command.num_images,
         max_items_per_category: command.max_items_per_category,
         control: control_units(command),
         ..GenerateInput::default()
@@ -361,16 +365,34 @@ async fn save_image(
     command: &GenerateCommand,
     local_photo: Option<String>,
 ) -> anyhow::Result<GenerateOutput> {
-    if let Some(url) = output.processed_image_url.clone() {
-        let key = store.key_for_url(&url).context("the store did not recognise its own URL")?;
+    let mut saved = Vec::with_capacity(output.processed_image_urls.len());
+    for (i, url) in output.processed_image_urls.iter().enumerate() {
+        let key = store.key_for_url(url).context("the store did not recognise its own URL")?;
         let png = store.get(&key, u64::MAX).await?;
-        std::fs::write(&command.out, &png).with_context(|| format!("writing {}", command.out.display()))?;
-        output.processed_image_url = Some(command.out.display().to_string());
+        let path = numbered_path(&command.out, i);
+        std::fs::write(&path, &png).with_context(|| format!("writing {}", path.display()))?;
+        saved.push(path.display().to_string());
     }
+    output.processed_image_url = saved.first().cloned();
+    output.processed_image_urls = saved;
     if local_photo.is_some() {
         output.initial_image_url = local_photo;
     }
     Ok(output)
+}
+
+/// Where image `index` of a task is saved: `out` itself for the first, then `NAME-2.png`,
+/// `NAME-3.png`, … beside it.
+fn numbered_path(out: &Path, index: usize) -> PathBuf {
+    if index == 0 {
+        return out.to_path_buf();
+    }
+    let stem = out.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default();
+    let name = match out.extension() {
+        Some(ext) => format!("{stem}-{}.{}", index + 1, ext.to_string_lossy()),
+        None => format!("{stem}-{}", index + 1),
+    };
+    out.with_file_name(name)
 }
 
 fn exit_status(error: &Failure) -> u8 {
@@ -398,9 +420,11 @@ fn summarise(record: &TaskRecord, out: &mut impl Write) -> std::io::Result<()> {
     if let Some(caption) = &output.caption {
         writeln!(out, "caption: {caption}")?;
     }
-    match &output.processed_image_url {
-        Some(path) => writeln!(out, "image: {path}")?,
-        None => writeln!(out, "image: none")?,
+    if output.processed_image_urls.is_empty() {
+        writeln!(out, "image: none")?;
+    }
+    for path in &output.processed_image_urls {
+        writeln!(out, "image: {path}")?;
     }
     for unit in &output.control {
         writeln!(out, "control: {} at scale {}", unit.control_type, unit.scale)?;

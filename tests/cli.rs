@@ -95,7 +95,8 @@ fn generate_runs_the_pipeline_locally_and_writes_the_png() {
     assert_eq!(result["control"], serde_json::json!([{"type": "canny", "scale": 0.8}]));
 
     let plain = deskgen()
-        .args(["generate", "--desk-threshold", "0", "--steps", "4", "--seed", "5", "--no-control", "--image"])
+        .args(["generate", "--desk-threshold", "0", "--steps", "4", "--seed", "5", "--no-control"])
+        .args(["--num-images", "2", "--image"])
         .arg(&photo)
         .arg("--out")
         .arg(dir.path().join("plain.png"))
@@ -105,7 +106,10 @@ fn generate_runs_the_pipeline_locally_and_writes_the_png() {
         .unwrap();
     assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
     let summary = String::from_utf8_lossy(&plain.stdout);
-    assert!(summary.contains("image: ") && !summary.contains("control:"), "{summary}");
+    assert!(!summary.contains("control:"), "{summary}");
+    let second = dir.path().join("plain-2.png");
+    assert!(summary.contains(&format!("image: {}\n", second.display())), "{summary}");
+    assert_ne!(std::fs::read(&second).unwrap(), std::fs::read(dir.path().join("plain.png")).unwrap());
     // Strength 0.75 without control: 3 of 4 steps too, but another image.
     assert_ne!(std::fs::read(&out).unwrap(), std::fs::read(dir.path().join("plain.png")).unwrap());
 }

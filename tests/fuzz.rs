@@ -211,12 +211,13 @@ fn check_request(bytes: &[u8]) {
     }
     let Ok(input) = serde_json::from_slice::<GenerateInput>(bytes) else { return };
     let prompt = input.prompt.clone();
-    match validate(input, &Limits { max_side: 2048 }, &info()) {
+    match validate(input, &Limits { max_side: 2048, max_images: 4 }, &info()) {
         Err(Invalid::EmptyPrompt) => assert!(prompt.is_some_and(|p| p.trim().is_empty())),
         Err(Invalid::Rules(violations)) => assert!(!violations.is_empty()),
         Ok((task_id, request)) => {
             assert!(task_id.is_none_or(|id| (1..=128).contains(&id.len())));
             assert!((1..=MAX_STEPS).contains(&request.num_inference_steps));
+            assert!((1..=4).contains(&request.num_images));
             assert!(request.guidance_scale.is_finite() && (0.0..=30.0).contains(&request.guidance_scale));
             assert!(request.strength.is_none_or(|s| s > 0.0 && s <= 1.0));
             for unit in request.control.iter().flatten() {

@@ -23,6 +23,7 @@ fn assert_offers(result: &Value, max_items: usize) -> Vec<String> {
         "completed_at",
         "initial_image_url",
         "processed_image_url",
+        "processed_image_urls",
         "is_desk",
         "caption",
         "detected_items",
@@ -255,6 +256,52 @@ async fn a_prompt_alone_is_text_to_image() {
     assert_eq!((decoded.width(), decoded.height()), (128, 64));
     assert!(assert_offers(&result, 3).contains(&"화분".to_string()), "the category the prompt names");
     assert!(result["prompt_used"].as_str().unwrap().contains("a small potted plant"));
+    server.stop().await;
+}
+
+/// The PNGs of a finished task, in order.
+async fn images_of(result: &Value) -> Vec<image::RgbImage> {
+    let mut images = Vec::new();
+    for url in result["processed_image_urls"].as_array().unwrap_or_else(|| panic!("no images: {result}")) {
+        let png = reqwest::get(url.as_str().unwrap()).await.unwrap().bytes().await.unwrap();
+        images.push(image::load_from_memory(&png).unwrap().to_rgb8());
+    }
+    images
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_images_are_each_what_their_seed_draws_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_real(dir.path(), &[]).await;
+    let body = |seed: u64, num_images: u32| {
+        json!({"prompt": "a desk with a lamp", "num_inference_steps": 3, "width": 64, "height": 64,
+               "seed": seed, "num_images": num_images})
+    };
+    let three = poll_final(&server, &submit(&server, body(41, 3)).await, None).await;
+    assert_eq!(three["status"], "done", "{three}");
+    assert_eq!(three["seed"], 41);
+    let urls = three["processed_image_urls"].as_array().unwrap();
+    assert_eq!(urls.len(), 3, "{three}");
+    assert_eq!(three["processed_image_url"], urls[0], "the first image keeps the single-image field");
+    let batch = images_of(&three).await;
+    assert!(max_pixel_diff(&batch[0], &batch[1]) > 0 && max_pixel_diff(&batch[1], &batch[2]) > 0);
+
+    for (index, seed) in [(0, 41), (1, 42)] {
+        let alone = poll_final(&server, &submit(&server, body(seed, 1)).await, None).await;
+        assert_eq!(alone["processed_image_urls"].as_array().unwrap().len(), 1, "{alone}");
+        assert_eq!(
+            max_pixel_diff(&batch[index], &image_of(&alone).await),
+            0,
+            "image {} vs seed {seed}",
+            index + 1
+        );
+    }
+
+    let too_many =
+        reqwest::Client::new().post(server.url("/v1/generate")).json(&body(1, 5)).send().await.unwrap();
+    assert_eq!(too_many.status(), 422);
+    let problem = too_many.json::<Value>().await.unwrap();
+    assert!(problem.to_string().contains("num_images"), "{problem}");
     server.stop().await;
 }
 

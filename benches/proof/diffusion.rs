@@ -191,6 +191,9 @@ pub async fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()>
     let (few_lines, few_doc) = few_steps(&mut pipeline, settings.runs)?;
     lines.extend(few_lines);
     doc["few_steps"] = few_doc;
+    let (batch_lines, batch_doc) = batch(&mut pipeline, settings.runs)?;
+    lines.extend(batch_lines);
+    doc["batch"] = batch_doc;
     report.section("diffusion", doc, lines);
     Ok(())
 }
@@ -234,6 +237,41 @@ fn few_steps(pipeline: &mut StableDiffusion, runs: usize) -> anyhow::Result<(Vec
         "lcm_4_steps_ms": summary(&lcm_ms), "ddim_50_steps_ms": summary(&ddim_ms), "lcm_over_ddim": image_ratio,
         "conditional_step_ms": summary(&unguided_step), "guided_step_ms": summary(&guided_step),
         "conditional_over_guided_step": step_ratio,
+    });
+    Ok((lines, doc))
+}
+
+/// Images in one batch, as `num_images` asks for.
+const BATCH: usize = 3;
+
+/// Three images drawn as one UNet batch against the same three drawn one after another.
+fn batch(pipeline: &mut StableDiffusion, runs: usize) -> anyhow::Result<(Vec<String>, Value)> {
+    let params = params();
+    let mut batched = |count: usize| -> anyhow::Result<f64> {
+        let started = Instant::now();
+        pipeline.generate_batch(&params, count, &mut |_, _| ControlFlow::Continue(()))?;
+        Ok(started.elapsed().as_secs_f64() * 1000.0)
+    };
+    batched(BATCH)?;
+    let (mut together, mut apart) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        together.push(batched(BATCH)?);
+        let mut sum = 0.0;
+        for _ in 0..BATCH {
+            sum += batched(1)?;
+        }
+        apart.push(sum);
+    }
+    let ratio = percentile(&together, 50.0) / percentile(&apart, 50.0);
+    let lines = vec![format!(
+        "{BATCH} images in one batch median {:>8.1} ms = {ratio:.3}x {BATCH} single runs ({:.1} ms; target < 1x: {})",
+        percentile(&together, 50.0),
+        percentile(&apart, 50.0),
+        verdict(ratio < 1.0)
+    )];
+    let doc = json!({
+        "images": BATCH, "batched_ms": summary(&together), "single_runs_ms": summary(&apart),
+        "batched_over_single_runs": ratio,
     });
     Ok((lines, doc))
 }

@@ -11,7 +11,8 @@ use tonic::{Request, Response, Status};
 use super::errors::ApiError;
 use super::{AppState, SdModelEntry};
 use crate::core::request::{
-    DEFAULT_GUIDANCE, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_STEPS,
+    DEFAULT_GUIDANCE, DEFAULT_IMAGES, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH,
+    MAX_GUIDANCE, MAX_STEPS,
 };
 use crate::core::{
     ControlInput, ControlNetInfo, ControlUsed, DefaultControl, GenerateInput, LoraInfo, LoraInput,
@@ -81,6 +82,7 @@ impl From<pb::GenerateRequest> for GenerateInput {
             seed: r.seed,
             scheduler: r.scheduler,
             model: r.model,
+            num_images: r.num_images.map(i64::from),
             loras: (!r.loras.is_empty()).then(|| {
                 r.loras
                     .into_iter()
@@ -185,6 +187,7 @@ impl From<&TaskRecord> for pb::TaskResult {
             }),
             initial_image_url: output.initial_image_url,
             processed_image_url: output.processed_image_url,
+            processed_image_urls: output.processed_image_urls,
             is_desk: output.is_desk,
             caption: output.caption,
             detected_items: output
@@ -328,6 +331,7 @@ impl Info for GrpcApi {
                 negative_prompt: pipeline.map(|p| p.negative_prompt.clone()).unwrap_or_default(),
                 max_items_per_category: DEFAULT_ITEMS_PER_CATEGORY,
                 resize_mode: ResizeMode::default().as_str().to_string(),
+                num_images: DEFAULT_IMAGES,
             }),
             limits: Some(pb::Limits {
                 max_steps: MAX_STEPS,
@@ -339,6 +343,7 @@ impl Info for GrpcApi {
                 max_upload_bytes: self.state.intake.max_bytes,
                 max_image_pixels: self.state.intake.max_pixels,
                 size_multiple: model.map(|m| m.size_multiple).unwrap_or_default(),
+                max_images: self.state.limits.max_images,
                 scheduler_max_steps: model
                     .map(|m| m.scheduler_max_steps.clone().into_iter().collect())
                     .unwrap_or_default(),

@@ -27,7 +27,8 @@ use tokio::sync::watch;
 use self::auth::ApiKeys;
 use self::errors::ApiError;
 use crate::core::request::{
-    DEFAULT_GUIDANCE, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_STEPS,
+    DEFAULT_GUIDANCE, DEFAULT_IMAGES, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH,
+    MAX_GUIDANCE, MAX_STEPS,
 };
 use crate::core::{
     ControlNetInfo, DefaultControl, GenerateInput, Limits, LoraInfo, ModelInfo, PhotoSource, PipelineInfo,
@@ -271,12 +272,14 @@ impl AppState {
                 "negative_prompt": pipeline.map(|p| p.negative_prompt.clone()),
                 "max_items_per_category": DEFAULT_ITEMS_PER_CATEGORY,
                 "resize_mode": ResizeMode::default().as_str(),
+                "num_images": DEFAULT_IMAGES,
             }),
             resize_modes: ResizeMode::ALL.iter().map(|m| m.as_str()).collect(),
             size_rule: SIZE_RULE,
             limits: serde_json::json!({
                 "max_steps": MAX_STEPS,
                 "max_side": self.limits.max_side,
+                "max_images": self.limits.max_images,
                 "max_guidance_scale": MAX_GUIDANCE,
                 "max_queue_depth": self.queue.capacity(),
                 "max_body_bytes": self.max_body_bytes,

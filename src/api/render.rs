@@ -23,6 +23,7 @@ pub fn result_json(record: &TaskRecord) -> Value {
             let output = record.output.clone().unwrap_or_default();
             body.insert("initial_image_url".into(), json!(output.initial_image_url));
             body.insert("processed_image_url".into(), json!(output.processed_image_url));
+            body.insert("processed_image_urls".into(), json!(output.processed_image_urls));
             for recommendation in &output.recommendations {
                 body.insert(recommendation.display_name.clone(), json!(recommendation.items));
             }

@@ -438,6 +438,9 @@ pub struct PipelineFlags {
     /// shape gives.
     #[arg(long, env = "DESKGEN_MAX_SIDE", default_value_t = 2048)]
     max_side: u32,
+    /// Most images one request may ask for with `num_images` (1 to 4); they run as one UNet batch.
+    #[arg(long, env = "DESKGEN_MAX_IMAGES", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=4))]
+    max_images: u32,
     /// Category table and prompt templates (TOML); the built-in config/pipeline.toml when unset.
     #[arg(long, env = "DESKGEN_PIPELINE_CONFIG")]
     pipeline_config: Option<PathBuf>,
@@ -475,6 +478,7 @@ impl From<PipelineFlags> for PipelineConfig {
             controlnets: f.controlnets,
             hed_model: f.hed_model,
             max_side: f.max_side,
+            max_images: f.max_images,
             pipeline_config: f.pipeline_config,
             storage: f.storage,
             fetch: f.fetch,

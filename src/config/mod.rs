@@ -82,6 +82,10 @@ pub struct GenerateCommand {
     /// Stable Diffusion model, by the name of one `--sd-model` (the first when unset).
     #[arg(long, env = "DESKGEN_MODEL")]
     pub model: Option<String>,
+    /// Images to draw in one batch (1..=--max-images), from seeds seed, seed+1, …; the second and
+    /// later go beside `--out` as NAME-2.png, NAME-3.png, …
+    #[arg(long, env = "DESKGEN_NUM_IMAGES")]
+    pub num_images: Option<i64>,
     /// Offers per recommended category (1..=10).
     #[arg(long, env = "DESKGEN_MAX_ITEMS_PER_CATEGORY")]
     pub max_items_per_category: Option<i64>,
@@ -98,7 +102,7 @@ pub struct GenerateCommand {
     /// No ControlNet guidance, not even the default for desk photos.
     #[arg(long, env = "DESKGEN_NO_CONTROL")]
     pub no_control: bool,
-    /// Where to write the generated PNG.
+    /// Where to write the generated PNG; with `--num-images`, the others go beside it as NAME-2.png, ….
     #[arg(long, env = "DESKGEN_OUT", default_value = "result.png")]
     pub out: PathBuf,
     /// Print the result JSON (the REST shape) instead of a summary.

@@ -12,6 +12,9 @@ pub const DEFAULT_GUIDANCE: f32 = 7.5;
 pub const DEFAULT_STRENGTH: f32 = 0.75;
 /// Default offers per category.
 pub const DEFAULT_ITEMS_PER_CATEGORY: u32 = 3;
+
+/// Images a request gets when it sets no `num_images`.
+pub const DEFAULT_IMAGES: u32 = 1;
 /// Most denoising steps a request may ask for.
 pub const MAX_STEPS: u32 = crate::inference::diffusion::MAX_STEPS;
 /// Largest guidance scale a request may ask for.
@@ -128,6 +131,10 @@ pub struct GenerateRequest {
     /// Records from before it existed read as none.
     #[serde(default)]
     pub model: Option<String>,
+    /// Images to draw, in one batch, from seeds `seed`, `seed + 1`, … Records from before it
+    /// existed read as one.
+    #[serde(default = "one_image")]
+    pub num_images: u32,
     /// Denoising steps.
     pub num_inference_steps: u32,
     /// Classifier-free guidance scale.
@@ -171,6 +178,10 @@ pub struct Progress {
     pub steps: u32,
 }
 
+fn one_image() -> u32 {
+    DEFAULT_IMAGES
+}
+
 #[cfg(test)]
 impl GenerateRequest {
     /// A text-to-image request for "a desk", 20 steps, the other fields at their defaults.
@@ -181,6 +192,7 @@ impl GenerateRequest {
             user_text: Some("a desk".into()),
             negative_prompt: None,
             model: None,
+            num_images: DEFAULT_IMAGES,
             num_inference_steps: 20,
             guidance_scale: DEFAULT_GUIDANCE,
             height: None,

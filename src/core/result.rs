@@ -45,8 +45,12 @@ pub struct Recommendation {
 pub struct GenerateOutput {
     /// Public URL of the photo the task started from.
     pub initial_image_url: Option<String>,
-    /// URL of the generated PNG; none when generation was skipped or failed.
+    /// URL of the generated PNG (the first, when there are several); none when generation was
+    /// skipped or failed.
     pub processed_image_url: Option<String>,
+    /// URLs of every generated PNG, in seed order. Records from before it existed read as none.
+    #[serde(default)]
+    pub processed_image_urls: Vec<String>,
     /// Whether the photo shows a desk; none for text-only requests.
     pub is_desk: Option<bool>,
     /// Caption of the photo.

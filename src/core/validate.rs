@@ -5,9 +5,9 @@ use serde::Deserialize;
 
 use super::info::{PipelineInfo, SdModelInfo};
 use super::request::{
-    CANNY, ControlRequest, DEFAULT_CANNY_THRESHOLDS, DEFAULT_CONTROL_SCALE, DEFAULT_ITEMS_PER_CATEGORY,
-    GenerateRequest, LoraWeight, MAX_CONTROL_UNITS, MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_STEPS, PhotoSource,
-    ResizeMode, WEBHOOK_EVENTS,
+    CANNY, ControlRequest, DEFAULT_CANNY_THRESHOLDS, DEFAULT_CONTROL_SCALE, DEFAULT_IMAGES,
+    DEFAULT_ITEMS_PER_CATEGORY, GenerateRequest, LoraWeight, MAX_CONTROL_UNITS, MAX_GUIDANCE,
+    MAX_PROMPT_CHARS, MAX_STEPS, PhotoSource, ResizeMode, WEBHOOK_EVENTS,
 };
 use crate::inference::diffusion::lora::{check_name, extract_prompt_loras};
 use crate::inference::diffusion::{MAX_CONTROL_SCALE, SchedulerKind, is_guidance_window};
@@ -43,6 +43,8 @@ pub struct GenerateInput {
     pub scheduler: Option<String>,
     /// Stable Diffusion model, by name (the default one when absent).
     pub model: Option<String>,
+    /// Images to draw (default 1).
+    pub num_images: Option<i64>,
     /// LoRA adapters.
     pub loras: Option<Vec<LoraInput>>,
     /// ControlNet units; `[]` turns control off, absent means the pipeline's default.
@@ -115,6 +117,8 @@ pub enum Invalid {
 pub struct Limits {
     /// Largest image side in pixels.
     pub max_side: u32,
+    /// Most images one request may ask for.
+    pub max_images: u32,
 }
 
 /// Checks `input` and fills in defaults; the task id is the client's, if it chose one.
@@ -135,6 +139,10 @@ pub fn validate(
     }
     let photo = rules.photo(input.initial_image_url, input.stored_photo, input.prompt.is_some());
     let model = rules.model(input.model.as_deref(), info);
+    let num_images = input.num_images.unwrap_or(i64::from(DEFAULT_IMAGES));
+    if !(1..=i64::from(limits.max_images)).contains(&num_images) {
+        rules.bad("num_images", format!("num_images must be between 1 and {}.", limits.max_images));
+    }
     let steps = input.num_inference_steps.unwrap_or(i64::from(model.defaults.num_inference_steps));
     if !(1..=i64::from(MAX_STEPS)).contains(&steps) {
         rules.bad("num_inference_steps", format!("num_inference_steps must be between 1 and {MAX_STEPS}."));
@@ -173,6 +181,7 @@ pub fn validate(
         user_text,
         negative_prompt: input.negative_prompt,
         model: input.model,
+        num_images: num_images as u32,
         num_inference_steps: steps as u32,
         guidance_scale: guidance as f32,
         height,
@@ -496,6 +505,8 @@ mod tests {
         }
     }
 
+    const LIMITS: Limits = Limits { max_side: 1024, max_images: 4 };
+
     fn info() -> PipelineInfo {
         with_models(vec![model()])
     }
@@ -512,7 +523,7 @@ mod tests {
     }
 
     fn parse(json: serde_json::Value) -> Result<(Option<String>, GenerateRequest), Invalid> {
-        validate(serde_json::from_value(json).unwrap(), &Limits { max_side: 1024 }, &info())
+        validate(serde_json::from_value(json).unwrap(), &LIMITS, &info())
     }
 
     fn ok(json: serde_json::Value) -> GenerateRequest {
@@ -592,7 +603,7 @@ mod tests {
     fn lcm_steps_are_capped_where_the_request_is_read() {
         let info =
             with_models(vec![SdModelInfo { schedulers: vec!["ddim".into(), "lcm".into()], ..model() }]);
-        let parse = |json| validate(serde_json::from_value(json).unwrap(), &Limits { max_side: 1024 }, &info);
+        let parse = |json| validate(serde_json::from_value(json).unwrap(), &LIMITS, &info);
         let fields = |json| match parse(json) {
             Err(Invalid::Rules(violations)) => {
                 violations.iter().map(|v| (v.field, v.description.clone())).collect()
@@ -615,7 +626,7 @@ mod tests {
         lcm_model.sd_models[0].defaults.scheduler = "lcm".into();
         let by_default = validate(
             serde_json::from_value(serde_json::json!({"prompt": "d", "num_inference_steps": 60})).unwrap(),
-            &Limits { max_side: 1024 },
+            &LIMITS,
             &lcm_model,
         );
         assert!(matches!(by_default, Err(Invalid::Rules(_))), "the model's default scheduler counts too");
@@ -626,8 +637,7 @@ mod tests {
         let mut turbo = info();
         turbo.sd_models[0].defaults.num_inference_steps = 1;
         turbo.sd_models[0].defaults.guidance_scale = 0.0;
-        let parse =
-            |json| validate(serde_json::from_value(json).unwrap(), &Limits { max_side: 1024 }, &turbo);
+        let parse = |json| validate(serde_json::from_value(json).unwrap(), &LIMITS, &turbo);
         let (_, request) = parse(serde_json::json!({"prompt": "a desk"})).unwrap();
         assert_eq!((request.num_inference_steps, request.guidance_scale), (1, 0.0));
         let (_, request) =
@@ -646,7 +656,7 @@ mod tests {
             ..model()
         };
         let info = with_models(vec![model(), turbo]);
-        let parse = |json| validate(serde_json::from_value(json).unwrap(), &Limits { max_side: 1024 }, &info);
+        let parse = |json| validate(serde_json::from_value(json).unwrap(), &LIMITS, &info);
         let (_, request) =
             parse(serde_json::json!({"prompt": "a desk", "model": "turbo", "width": 264})).unwrap();
         assert_eq!(request.model.as_deref(), Some("turbo"));
@@ -668,6 +678,17 @@ mod tests {
         assert_eq!(
             (violations[0].field, violations[0].description.as_str()),
             ("model", "Unknown model 'sdxl'; choose one of: tiny, turbo.")
+        );
+    }
+
+    #[test]
+    fn num_images_is_one_to_the_limit() {
+        assert_eq!(ok(serde_json::json!({"prompt": "a desk"})).num_images, 1);
+        assert_eq!(ok(serde_json::json!({"prompt": "a desk", "num_images": 4})).num_images, 4);
+        assert_eq!(broken(serde_json::json!({"prompt": "a desk", "num_images": 5})), ["num_images"]);
+        assert_eq!(
+            reasons(serde_json::json!({"prompt": "a desk", "num_images": 0})),
+            ["num_images must be between 1 and 4."]
         );
     }
 
@@ -705,14 +726,14 @@ mod tests {
     fn a_stored_photo_stands_for_the_url_but_not_beside_it() {
         let input =
             GenerateInput { stored_photo: Some("images/uploads/a.jpg".into()), ..GenerateInput::default() };
-        let (_, request) = validate(input, &Limits { max_side: 1024 }, &info()).unwrap();
+        let (_, request) = validate(input, &LIMITS, &info()).unwrap();
         assert_eq!(request.photo, Some(PhotoSource::Stored { key: "images/uploads/a.jpg".into() }));
         let both = GenerateInput {
             initial_image_url: Some("https://example.com/desk.jpg".into()),
             stored_photo: Some("images/uploads/a.jpg".into()),
             ..GenerateInput::default()
         };
-        assert!(matches!(validate(both, &Limits { max_side: 1024 }, &info()), Err(Invalid::Rules(_))));
+        assert!(matches!(validate(both, &LIMITS, &info()), Err(Invalid::Rules(_))));
     }
 
     #[test]

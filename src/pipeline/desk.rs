@@ -55,6 +55,8 @@ pub struct PipelineConfig {
     /// Largest image side in pixels: what a request may ask for, and the bound of the size a photo's
     /// shape gives.
     pub max_side: u32,
+    /// Most images one request may ask for (`num_images`), 1 to 4.
+    pub max_images: u32,
     /// Category table and prompt templates (TOML); the built-in config/pipeline.toml when unset.
     pub pipeline_config: Option<PathBuf>,
     /// Object storage for generated images.

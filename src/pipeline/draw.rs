@@ -188,9 +188,11 @@ impl Painter {
         };
         output.control = guidance.used();
         ctx.progress("diffusion", 0, steps_to_run(&params));
-        match self.generate(params, output, ctx).await {
-            Ok(png) => {
-                output.processed_image_url = Some(self.upload(png, output, ctx).await?);
+        match self.generate(params, request.num_images as usize, output, ctx).await {
+            Ok(pngs) => {
+                let urls = self.upload(pngs, output, ctx).await?;
+                output.processed_image_url = urls.first().cloned();
+                output.processed_image_urls = urls;
                 Ok(())
             }
             Err(DiffusionError::InvalidParams { field, reason }) => {
@@ -208,59 +210,67 @@ impl Painter {
         }
     }
 
-    /// Runs the diffusion pipeline and encodes its image as PNG on the models' thread, recording
-    /// the stage timings.
+    /// Runs the diffusion pipeline for `count` images in one batch and encodes them as PNGs on the
+    /// models' thread, recording the stage timings.
     async fn generate(
         &self,
         params: GenerateParams,
+        count: usize,
         output: &mut GenerateOutput,
         ctx: &RunContext,
-    ) -> Result<Vec<u8>, DiffusionError> {
+    ) -> Result<Vec<Vec<u8>>, DiffusionError> {
         let with_loras = !params.loras.is_empty();
         let with_control = !params.control.is_empty();
         let step_ctx = ctx.clone();
-        let (generated, png, encode_ms) = self
+        let (generated, pngs, encode_ms) = self
             .diffusion
             .run(move |diffusion| {
-                let generated = diffusion.generate(&params, &mut |done, total| {
+                let generated = diffusion.generate_batch(&params, count, &mut |done, total| {
                     step_ctx.progress("diffusion", done, total);
                     if step_ctx.check().is_err() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
                 })?;
                 let started = Instant::now();
-                let png = encode_png(&generated.image);
-                Ok::<_, DiffusionError>((generated, png, started.elapsed().as_secs_f64() * 1000.0))
+                let pngs = generated.iter().map(|g| encode_png(&g.image)).collect::<Vec<_>>();
+                Ok::<_, DiffusionError>((generated, pngs, started.elapsed().as_secs_f64() * 1000.0))
             })
             .await
             .map_err(|e| DiffusionError::Inference { model: "pipeline", reason: e.to_string() })??;
+        let stages = generated[0].timings;
         let timings = &mut output.timings_ms;
         if with_loras {
-            timings.insert("lora".into(), generated.timings.lora_ms);
+            timings.insert("lora".into(), stages.lora_ms);
         }
-        timings.insert("text_encode".into(), generated.timings.text_encode_ms);
-        timings.insert("unet".into(), generated.timings.unet_ms);
+        timings.insert("text_encode".into(), stages.text_encode_ms);
+        timings.insert("unet".into(), stages.unet_ms);
         if with_control {
-            timings.insert("controlnet".into(), generated.timings.controlnet_ms);
+            timings.insert("controlnet".into(), stages.controlnet_ms);
         }
-        timings.insert("vae".into(), generated.timings.vae_ms);
+        timings.insert("vae".into(), stages.vae_ms);
         timings.insert("encode_png".into(), encode_ms);
-        Ok(png)
+        Ok(pngs)
     }
 
+    /// Stores the PNGs in order, each under a key of its own, and returns their URLs.
     async fn upload(
         &self,
-        png: Vec<u8>,
+        pngs: Vec<Vec<u8>>,
         output: &mut GenerateOutput,
         ctx: &RunContext,
-    ) -> Result<String, Failure> {
-        ctx.progress("upload", 0, 1);
+    ) -> Result<Vec<String>, Failure> {
         let started = Instant::now();
-        let key = crate::storage::new_image_key();
-        let url = self.store.put_image(&key, Bytes::from(png)).await.map_err(|e| {
-            tracing::warn!(task_id = ctx.id(), error = %e, "upload failed");
-            Failure::new(FailureCode::S3UploadFailed, "Failed to upload image to S3.")
-        })?;
+        let total = pngs.len() as u32;
+        let mut urls = Vec::with_capacity(pngs.len());
+        for (done, png) in pngs.into_iter().enumerate() {
+            ctx.progress("upload", done as u32, total);
+            let key = crate::storage::new_image_key();
+            let url = self.store.put_image(&key, Bytes::from(png)).await.map_err(|e| {
+                tracing::warn!(task_id = ctx.id(), error = %e, "upload failed");
+                Failure::new(FailureCode::S3UploadFailed, "Failed to upload image to S3.")
+            })?;
+            urls.push(url);
+        }
         record_ms(&mut output.timings_ms, "upload", started);
-        Ok(url)
+        Ok(urls)
     }
 }
 

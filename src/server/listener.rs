@@ -121,7 +121,7 @@ pub(super) async fn api_app(
         queue: node.queue.clone(),
         services: node.services.clone(),
         keys,
-        limits: Limits { max_side: config.pipeline.max_side },
+        limits: Limits { max_side: config.pipeline.max_side, max_images: config.pipeline.max_images },
         intake: Intake {
             max_bytes: config.max_upload_bytes,
             max_pixels: config.pipeline.vision.max_image_pixels,

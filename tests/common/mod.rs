@@ -54,13 +54,15 @@ impl Pipeline for ScriptedPipeline {
             return Err(Failure::new(FailureCode::S3UploadFailed, "Failed to upload image to S3."));
         }
         let is_desk = !prompt.contains("notdesk");
+        let image_url = format!("http://example.invalid/{}.png", ctx.id());
         Ok(GenerateOutput {
             initial_image_url: match &request.photo {
                 Some(PhotoSource::Url(url)) => Some(url.clone()),
                 Some(PhotoSource::Stored { key }) => Some(format!("stored:{key}")),
                 None => None,
             },
-            processed_image_url: is_desk.then(|| format!("http://example.invalid/{}.png", ctx.id())),
+            processed_image_url: is_desk.then(|| image_url.clone()),
+            processed_image_urls: if is_desk { vec![image_url] } else { Vec::new() },
             is_desk: Some(is_desk),
             caption: Some("a desk with a laptop".into()),
             recommendations: vec![Recommendation {

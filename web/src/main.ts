@@ -32,6 +32,7 @@ const imageUrl = byId<HTMLInputElement>("image-url");
 const promptText = byId<HTMLTextAreaElement>("prompt");
 const scheduler = byId<HTMLSelectElement>("scheduler");
 const steps = byId<HTMLInputElement>("steps");
+const images = byId<HTMLInputElement>("images");
 const loraField = byId<HTMLElement>("lora-field");
 const lora = byId<HTMLSelectElement>("lora");
 const apiKey = byId<HTMLInputElement>("api-key");
@@ -292,6 +293,8 @@ function fillOptions(about: InfoResponse): void {
   }
   if (about.defaults) steps.placeholder = `${about.defaults.numInferenceSteps} (default)`;
   if (about.limits) steps.max = String(about.limits.maxSteps);
+  if (about.defaults) images.placeholder = `${about.defaults.numImages} (default)`;
+  if (about.limits) images.max = String(about.limits.maxImages);
   for (const adapter of about.loras) lora.add(new Option(adapter.name, adapter.name));
   loraField.hidden = about.loras.length === 0;
 }
@@ -304,6 +307,7 @@ function readForm(photoUrl: string | undefined): MessageInitShape<typeof Generat
   if (promptText.value.trim() || !url) request.prompt = promptText.value;
   if (scheduler.value) request.scheduler = scheduler.value;
   if (steps.value) request.numInferenceSteps = Number(steps.value);
+  if (images.value) request.numImages = Number(images.value);
   if (lora.value) request.loras = [{ name: lora.value, weight: 1 }];
   return request;
 }
@@ -371,6 +375,25 @@ function showImage(imageId: string, url: string | undefined, missing: string): b
   placeholder.textContent = missing;
   figure.prepend(placeholder);
   return false;
+}
+
+/** Shows the first generated image in its figure and each further one in a figure beside it. */
+function showGenerated(urls: string[]): void {
+  for (const figure of document.querySelectorAll("figure.more-generated")) figure.remove();
+  showImage("generated-image", urls[0], "No new image was generated.");
+  let previous = byId<HTMLElement>("generated");
+  urls.slice(1).forEach((url, index) => {
+    const figure = document.createElement("figure");
+    figure.className = "more-generated";
+    const image = document.createElement("img");
+    image.alt = `Generated desk setup ${index + 2}`;
+    image.src = url;
+    const caption = document.createElement("figcaption");
+    caption.textContent = `Generated ${index + 2}`;
+    figure.append(image, caption);
+    previous.after(figure);
+    previous = figure;
+  });
 }
 
 function percent(score: number): string {
@@ -486,7 +509,7 @@ function showResult(result: TaskResult): void {
   );
   drawBoxes(original ? result.detectedItems : []);
   showSeen(result);
-  showImage("generated-image", result.processedImageUrl, "No new image was generated.");
+  showGenerated(result.processedImageUrls);
   const notes: string[] = [];
   if (result.isDesk === false) {
     notes.push("This photo does not look like a desk, so no new setup was generated. Here are shopping picks for what was found in it.");

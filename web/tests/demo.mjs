@@ -380,17 +380,25 @@ const scenarios = {
     await fill(page, { photo: photoUrl, prompt: "warm wooden tones" });
     await page.locator("summary").click();
     await page.getByLabel("Steps").fill("4");
+    await page.getByLabel("Images").fill("2");
     const progress = await submit(page);
     assert.equal(await page.locator("#error").isHidden(), true, `no error expected: ${await errorText(page)}`);
     assert.ok(progress.some((t) => t.startsWith("Drawing the new setup")), `progress seen: ${progress}`);
     await assertImageLoaded(page, "#original-image");
     await assertImageLoaded(page, "#generated-image");
+    await assertImageLoaded(page, "figure.more-generated img");
     const generated = await page
-      .locator("#generated-image")
-      .evaluate((img) => [img.src, img.naturalWidth, img.naturalHeight]);
-    assert.ok(generated[0].startsWith(`${base}/v1/images/`) && generated[0].endsWith(".png"), `${generated}`);
-    // dog.jpg's 4:3 at the tiny model's native area (256²), sides multiples of 16.
-    assert.deepEqual(generated.slice(1), [288, 224], "the photo's shape");
+      .locator("#generated-image, figure.more-generated img")
+      .evaluateAll((imgs) => imgs.map((img) => [img.src, img.naturalWidth, img.naturalHeight]));
+    assert.equal(generated.length, 2, "two images side by side");
+    assert.notEqual(generated[0][0], generated[1][0], "each image has its own URL");
+    for (const [src, ...size] of generated) {
+      assert.ok(src.startsWith(`${base}/v1/images/`) && src.endsWith(".png"), src);
+      // dog.jpg's 4:3 at the tiny model's native area (256²), sides multiples of 16.
+      assert.deepEqual(size, [288, 224], "the photo's shape");
+    }
+    assert.equal(await page.locator("figure.more-generated figcaption").textContent(), "Generated 2");
+    await page.getByLabel("Images").fill("");
     const groups = await shoppingCards(page);
     assert.ok(groups.length > 0, "shopping groups");
     for (const group of groups) {
@@ -413,6 +421,7 @@ const scenarios = {
     assert.equal(await page.locator("#original-image").getAttribute("src"), sent.upload.url);
     assert.deepEqual(await naturalSize(page, "#original-image"), [sent.upload.width, sent.upload.height]);
     await assertImageLoaded(page, "#generated-image");
+    assert.equal(await page.locator("figure.more-generated").count(), 0, "one image when one is asked for");
     await assertWhatWasSeen(page);
     await screenshot(page);
     assert.deepEqual(problems, []);
