@@ -36,7 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let task_id = generate.generate(request).await?.into_inner().task_id;
     println!("task {task_id}");
 
-    let mut updates = results.watch_result(GetResultRequest { task_id }).await?.into_inner();
+    let mut updates = results.watch_result(GetResultRequest { task_id, previews: false }).await?.into_inner();
     while let Some(update) = updates.message().await? {
         if let Some(progress) = &update.progress {
             println!("{} {}/{}", progress.stage, progress.step, progress.steps);

@@ -170,7 +170,7 @@ pub fn bench(command: &BenchCommand, out: &mut impl Write) -> anyhow::Result<()>
                 control: Vec::new(),
             };
             let started = Instant::now();
-            let generated = diffusion.generate(&params, &mut |_, _| std::ops::ControlFlow::Continue(()))?;
+            let generated = diffusion.generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))?;
             let end_to_end_ms = elapsed_ms(started);
             let t = generated.timings;
             let per_step = |ms: f64| ms / f64::from(t.steps.max(1));

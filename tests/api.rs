@@ -192,7 +192,7 @@ async fn grpc_uses_the_same_validation_with_error_details() {
     assert_eq!(submitted.status(), pb::TaskStatus::Queued);
     let mut results = pb::result_client::ResultClient::new(server.grpc_channel().await);
     let mut stream = results
-        .watch_result(pb::GetResultRequest { task_id: submitted.task_id.clone() })
+        .watch_result(pb::GetResultRequest { task_id: submitted.task_id.clone(), previews: false })
         .await
         .unwrap()
         .into_inner();
@@ -205,12 +205,18 @@ async fn grpc_uses_the_same_validation_with_error_details() {
     assert!(seen.iter().any(|u| u.progress.as_ref().is_some_and(|p| p.stage == "diffusion" && p.steps == 2)));
     assert_eq!(last.recommendations[0].display_name, "마우스");
     assert_eq!(last.recommendations[0].items[0].price, "21990원");
-    let got =
-        results.get_result(pb::GetResultRequest { task_id: submitted.task_id }).await.unwrap().into_inner();
+    let got = results
+        .get_result(pb::GetResultRequest { task_id: submitted.task_id, previews: false })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got.status(), pb::TaskStatus::Done);
     assert_eq!(got.seed, Some(3));
 
-    let missing = results.get_result(pb::GetResultRequest { task_id: "nope".into() }).await.unwrap_err();
+    let missing = results
+        .get_result(pb::GetResultRequest { task_id: "nope".into(), previews: false })
+        .await
+        .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
     assert_eq!(missing.get_error_details().error_info().unwrap().reason, "TASK_NOT_FOUND");
     server.stop().await;
@@ -274,7 +280,7 @@ async fn grpc_web_unary_and_server_streaming_over_http1() {
         grpc_web_frames(&call("/deskgen.v1.Generate/Generate", frame).await.unwrap().bytes().await.unwrap());
     let task_id = pb::GenerateResponse::decode(messages[0].as_slice()).unwrap().task_id;
 
-    let frame = grpc_web_frame(&pb::GetResultRequest { task_id });
+    let frame = grpc_web_frame(&pb::GetResultRequest { task_id, previews: false });
     let body = call("/deskgen.v1.Result/WatchResult", frame).await.unwrap().bytes().await.unwrap();
     let (messages, trailers) = grpc_web_frames(&body);
     let updates: Vec<pb::TaskResult> =

@@ -92,8 +92,8 @@ fn params(prompt: &str, scheduler: SchedulerKind) -> GenerateParams {
     }
 }
 
-fn keep_going() -> impl FnMut(u32, u32) -> ControlFlow<()> {
-    |_, _| ControlFlow::Continue(())
+fn keep_going() -> impl FnMut(deskgen::inference::diffusion::Step<'_>) -> ControlFlow<()> {
+    |_| ControlFlow::Continue(())
 }
 
 fn png_bytes(image: &image::RgbImage) -> Vec<u8> {
@@ -450,20 +450,31 @@ fn progress_once_per_step_and_cancel_after_two() {
     let mut calls = Vec::new();
     let params = params("a desk", SchedulerKind::Euler);
     sd15()
-        .generate(&params, &mut |done, total| {
-            calls.push((done, total));
+        .generate(&params, &mut |step| {
+            assert_eq!(step.latents.dim(), (1, 4, 8, 8), "the batch's latents after the step");
+            calls.push((step.done, step.total, step.sigma.unwrap()));
             ControlFlow::Continue(())
         })
         .unwrap();
-    assert_eq!(calls, [(1, 4), (2, 4), (3, 4), (4, 4)]);
+    let steps: Vec<_> = calls.iter().map(|&(done, total, _)| (done, total)).collect();
+    assert_eq!(steps, [(1, 4), (2, 4), (3, 4), (4, 4)]);
+    let sigmas: Vec<f32> = calls.iter().map(|&(_, _, sigma)| sigma).collect();
+    assert!(sigmas.windows(2).all(|w| w[0] > w[1]) && sigmas[3] == 0.0, "Euler's falling noise: {sigmas:?}");
+    let ddim = GenerateParams { scheduler: SchedulerKind::Ddim, ..params.clone() };
+    sd15()
+        .generate(&ddim, &mut |step| {
+            assert_eq!(step.sigma, None, "DDIM's samples are variance-preserving");
+            ControlFlow::Continue(())
+        })
+        .unwrap();
 
     let photo = image::RgbImage::from_pixel(64, 64, image::Rgb([90, 60, 30]));
     let img2img = GenerateParams { init_image: Some(photo), num_inference_steps: 8, ..params.clone() };
     let mut steps_seen = 0;
-    let result = sd15().generate(&img2img, &mut |done, total| {
-        assert_eq!(total, 6, "strength 0.75 of 8 steps runs 6");
-        steps_seen = done;
-        if done == 2 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    let result = sd15().generate(&img2img, &mut |step| {
+        assert_eq!(step.total, 6, "strength 0.75 of 8 steps runs 6");
+        steps_seen = step.done;
+        if step.done == 2 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
     });
     assert!(matches!(result, Err(DiffusionError::Canceled)), "{result:?}");
     assert_eq!(steps_seen, 2, "no step runs after the cancel");

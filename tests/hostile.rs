@@ -176,7 +176,7 @@ async fn missing_and_forged_api_keys_are_refused_on_every_transport() {
     // Native gRPC over HTTP/2: the same keys, metadata bytes that are not UTF-8 included.
     let channel = server.grpc_channel().await;
     for auth in &forged {
-        let mut request = tonic::Request::new(pb::GetResultRequest { task_id: "x".into() });
+        let mut request = tonic::Request::new(pb::GetResultRequest { task_id: "x".into(), previews: false });
         if let Some(value) = auth {
             let value = AsciiMetadataValue::try_from(value.as_slice()).unwrap();
             request.metadata_mut().insert("authorization", value);
@@ -188,7 +188,7 @@ async fn missing_and_forged_api_keys_are_refused_on_every_transport() {
     }
 
     // grpc-web over HTTP/1.1 with a header that is not UTF-8.
-    let frame = grpc_frame(&pb::GetResultRequest { task_id: "x".into() }.encode_to_vec());
+    let frame = grpc_frame(&pb::GetResultRequest { task_id: "x".into(), previews: false }.encode_to_vec());
     let response = reqwest::Client::builder()
         .http1_only()
         .build()
@@ -212,7 +212,7 @@ async fn missing_and_forged_api_keys_are_refused_on_every_transport() {
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
-    let mut request = tonic::Request::new(pb::GetResultRequest { task_id: "x".into() });
+    let mut request = tonic::Request::new(pb::GetResultRequest { task_id: "x".into(), previews: false });
     request.metadata_mut().insert("authorization", format!("Bearer {KEY}").parse().unwrap());
     let status = pb::result_client::ResultClient::new(channel).get_result(request).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);

@@ -60,8 +60,8 @@ fn max_abs_diff<'a>(a: impl IntoIterator<Item = &'a f32>, b: impl IntoIterator<I
     a.into_iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-fn keep_going() -> impl FnMut(u32, u32) -> ControlFlow<()> {
-    |_, _| ControlFlow::Continue(())
+fn keep_going() -> impl FnMut(deskgen::inference::diffusion::Step<'_>) -> ControlFlow<()> {
+    |_| ControlFlow::Continue(())
 }
 
 fn reference() -> Value {

@@ -305,6 +305,95 @@ async fn several_images_are_each_what_their_seed_draws_alone() {
     server.stop().await;
 }
 
+/// `deskgen_previews_total` in /metrics: previews the pipeline made.
+async fn previews_made(server: &TestServer) -> u64 {
+    let text = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("deskgen_previews_total "))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// The JSON of every SSE event of a stream, with its name.
+async fn sse_events(server: &TestServer, path: &str) -> Vec<(String, Value)> {
+    let text = reqwest::get(server.url(path)).await.unwrap().text().await.unwrap();
+    text.split("\n\n")
+        .filter(|chunk| chunk.contains("data:"))
+        .map(|chunk| {
+            let name = chunk.lines().find_map(|l| l.strip_prefix("event:")).unwrap().trim().to_string();
+            let data = chunk.lines().find_map(|l| l.strip_prefix("data:")).unwrap().trim();
+            (name, serde_json::from_str(data).unwrap())
+        })
+        .collect()
+}
+
+fn decode_jpeg(bytes: &[u8]) -> image::RgbImage {
+    assert_eq!(image::guess_format(bytes).unwrap(), image::ImageFormat::Jpeg);
+    image::load_from_memory(bytes).unwrap().to_rgb8()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_who_ask_get_previews_and_nobody_else_costs_any() {
+    use base64::Engine;
+    use deskgen::api::grpc::pb;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_real(dir.path(), &[]).await;
+    let body = |steps: u32| {
+        json!({"prompt": "a desk with a lamp", "num_inference_steps": steps, "width": 320, "height": 192,
+               "seed": 3, "preview_every": 3})
+    };
+
+    // Nobody watches: no preview is made.
+    let alone = poll_final(&server, &submit(&server, body(12)).await, None).await;
+    assert_eq!(alone["status"], "done", "{alone}");
+    assert_eq!(previews_made(&server).await, 0, "no watcher, no preview");
+
+    // The one worker is busy with a first task while the streams on the second open.
+    let blocker = submit(&server, body(30)).await;
+    let watched = submit(&server, body(12)).await;
+    let (with_path, without_path) =
+        (format!("/v1/result/{watched}/events?previews=true"), format!("/v1/result/{watched}/events"));
+    let (with, without) = tokio::join!(sse_events(&server, &with_path), sse_events(&server, &without_path));
+    let mut steps = Vec::new();
+    for (name, event) in &with {
+        let Some(url) = event["progress"]["preview"].as_str() else { continue };
+        assert_eq!(name, "progress");
+        let jpeg = base64::engine::general_purpose::STANDARD
+            .decode(url.strip_prefix("data:image/jpeg;base64,").unwrap())
+            .unwrap();
+        let picture = decode_jpeg(&jpeg);
+        assert_eq!(picture.dimensions(), (256, 153), "320x192 with its longer side at 256");
+        steps.push(event["progress"]["step"].as_u64().unwrap());
+    }
+    assert_eq!(with.last().unwrap().1["status"], "done");
+    assert!(with.last().unwrap().1.get("progress").is_none(), "no preview in the result");
+    assert_eq!(steps, [3, 6, 9, 12], "every preview, at the stated steps");
+    assert!(without.iter().all(|(_, e)| e["progress"].get("preview").is_none()), "a stream that did not ask");
+    let result = reqwest::get(server.url(&format!("/v1/result/{watched}"))).await.unwrap();
+    assert!(!result.text().await.unwrap().contains("preview"), "nor a poller");
+    assert_eq!(poll_final(&server, &blocker, None).await["status"], "done");
+    let made = previews_made(&server).await;
+    assert_eq!(made, 4, "steps 3, 6, 9 and 12 of the watched task only");
+
+    // gRPC: WatchResult with previews set gets Progress.preview JPEGs, made after every third step.
+    let blocker = submit(&server, body(30)).await;
+    let watched = submit(&server, body(6)).await;
+    let channel = server.grpc_channel().await;
+    let mut results = pb::result_client::ResultClient::new(channel);
+    let request = pb::GetResultRequest { task_id: watched.clone(), previews: true };
+    let mut stream = results.watch_result(request).await.unwrap().into_inner();
+    let mut grpc_steps = Vec::new();
+    while let Some(message) = stream.message().await.unwrap() {
+        if let Some(progress) = message.progress.filter(|p| !p.preview.is_empty()) {
+            assert_eq!(decode_jpeg(&progress.preview).dimensions(), (256, 153));
+            grpc_steps.push(progress.step);
+        }
+    }
+    assert_eq!(grpc_steps, [3, 6], "every preview, at the stated steps");
+    assert_eq!(poll_final(&server, &blocker, None).await["status"], "done");
+    assert_eq!(previews_made(&server).await, made + 2);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_photos_fail_with_their_codes() {
     let dir = tempfile::tempdir().unwrap();
@@ -485,7 +574,7 @@ fn drawn_directly(fixture: &str, result: &Value, scheduler: &str) -> image::RgbI
         loras: vec![],
         control: vec![],
     };
-    sd.generate(&params, &mut |_, _| std::ops::ControlFlow::Continue(())).unwrap().image
+    sd.generate(&params, &mut |_| std::ops::ControlFlow::Continue(())).unwrap().image
 }
 
 fn vm_rss_kib() -> u64 {

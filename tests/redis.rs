@@ -301,8 +301,11 @@ async fn submit_on_one_api_node_and_follow_it_on_another() {
     let (_, body) = submit(&node_a, json!({"prompt": "desk"})).await;
     let task_id = body["task_id"].as_str().unwrap().to_string();
     let mut results = pb::result_client::ResultClient::new(node_b.grpc_channel().await);
-    let mut stream =
-        results.watch_result(pb::GetResultRequest { task_id: task_id.clone() }).await.unwrap().into_inner();
+    let mut stream = results
+        .watch_result(pb::GetResultRequest { task_id: task_id.clone(), previews: false })
+        .await
+        .unwrap()
+        .into_inner();
     let mut events = Vec::new();
     while let Some(event) = stream.message().await.unwrap() {
         events.push(event);

@@ -99,7 +99,7 @@ fn rust_runs(
     let mut out = Vec::new();
     for _ in 0..runs {
         let started = Instant::now();
-        let generated = pipeline.generate(params, &mut |_, _| ControlFlow::Continue(()))?;
+        let generated = pipeline.generate(params, &mut |_| ControlFlow::Continue(()))?;
         out.push(RustRun {
             total_ms: started.elapsed().as_secs_f64() * 1000.0,
             unet_ms: generated.timings.unet_ms,
@@ -249,7 +249,7 @@ fn batch(pipeline: &mut StableDiffusion, runs: usize) -> anyhow::Result<(Vec<Str
     let params = params();
     let mut batched = |count: usize| -> anyhow::Result<f64> {
         let started = Instant::now();
-        pipeline.generate_batch(&params, count, &mut |_, _| ControlFlow::Continue(()))?;
+        pipeline.generate_batch(&params, count, &mut |_| ControlFlow::Continue(()))?;
         Ok(started.elapsed().as_secs_f64() * 1000.0)
     };
     batched(BATCH)?;

@@ -146,7 +146,10 @@ async fn grpc_load(
                     };
                     generate.generate(request).await.is_ok()
                 } else {
-                    results.get_result(pb::GetResultRequest { task_id: poll_id.clone() }).await.is_ok()
+                    results
+                        .get_result(pb::GetResultRequest { task_id: poll_id.clone(), previews: false })
+                        .await
+                        .is_ok()
                 };
                 latencies.push(started.elapsed().as_secs_f64() * 1000.0);
                 errors += u64::from(!ok);

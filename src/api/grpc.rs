@@ -83,6 +83,7 @@ impl From<pb::GenerateRequest> for GenerateInput {
             scheduler: r.scheduler,
             model: r.model,
             num_images: r.num_images.map(i64::from),
+            preview_every: r.preview_every.map(i64::from),
             loras: (!r.loras.is_empty()).then(|| {
                 r.loras
                     .into_iter()
@@ -184,6 +185,7 @@ impl From<&TaskRecord> for pb::TaskResult {
                 stage: p.stage.clone(),
                 step: p.step,
                 steps: p.steps,
+                preview: Default::default(),
             }),
             initial_image_url: output.initial_image_url,
             processed_image_url: output.processed_image_url,
@@ -295,9 +297,15 @@ impl ResultService for GrpcApi {
         &self,
         request: Request<pb::GetResultRequest>,
     ) -> Result<Response<Self::WatchResultStream>, Status> {
-        let task_id = request.into_inner().task_id;
-        let updates = self.state.watch(&task_id).await?;
-        let stream = super::task_updates(updates).map(|record| Ok(pb::TaskResult::from(&record)));
+        let request = request.into_inner();
+        let (updates, previews) = self.state.watch_with_previews(&request.task_id, request.previews).await?;
+        let stream = super::watched_updates(updates, previews).map(|(record, preview)| {
+            let mut result = pb::TaskResult::from(&record);
+            if let (Some(progress), Some(preview)) = (result.progress.as_mut(), preview) {
+                progress.preview = preview.jpeg.to_vec();
+            }
+            Ok(result)
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 }

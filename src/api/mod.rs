@@ -22,7 +22,7 @@ use bytes::Bytes;
 use futures::Stream;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use self::auth::ApiKeys;
 use self::errors::ApiError;
@@ -32,7 +32,7 @@ use crate::core::request::{
 };
 use crate::core::{
     ControlNetInfo, DefaultControl, GenerateInput, Limits, LoraInfo, ModelInfo, PhotoSource, PipelineInfo,
-    ResizeMode, SdModelInfo, Violation, validate,
+    Preview, ResizeMode, SdModelInfo, Violation, validate,
 };
 use crate::intake::{Intake, IntakeError, Photo};
 use crate::pipeline::{Pipeline, Services};
@@ -232,6 +232,21 @@ impl AppState {
         self.queue.watch(task_id).await?.ok_or_else(|| ApiError::TaskNotFound(task_id.to_string()))
     }
 
+    /// [`AppState::watch`], and with `previews` the task's previews from now on.
+    pub async fn watch_with_previews(
+        &self,
+        task_id: &str,
+        previews: bool,
+    ) -> Result<(watch::Receiver<TaskRecord>, Option<broadcast::Receiver<Preview>>), ApiError> {
+        let updates = self.watch(task_id).await?;
+        let running = !updates.borrow().status.is_final();
+        let previews = match previews && running {
+            true => Some(self.queue.watch_previews(task_id).await),
+            false => None,
+        };
+        Ok((updates, previews))
+    }
+
     /// Cancels a task; for a running task, waits briefly for it to stop.
     pub async fn cancel(&self, task_id: &str) -> Result<TaskRecord, ApiError> {
         let record = self.queue.cancel(task_id).await?;
@@ -294,18 +309,51 @@ impl AppState {
     }
 }
 
-/// Every state a task passes through from now on, ending with its final state.
-pub fn task_updates(updates: watch::Receiver<TaskRecord>) -> impl Stream<Item = TaskRecord> {
-    futures::stream::unfold(Some(updates), |state| async move {
-        let mut updates = state?;
-        let record = updates.borrow_and_update().clone();
-        if record.status.is_final() {
-            return Some((record, None));
+/// Every state a task passes through from now on, ending with its final state (or when the task
+/// is purged); each preview from `previews` comes as one more item, with the state it came in.
+pub fn watched_updates(
+    updates: watch::Receiver<TaskRecord>,
+    previews: Option<broadcast::Receiver<Preview>>,
+) -> impl Stream<Item = (TaskRecord, Option<Preview>)> {
+    struct Watching {
+        updates: watch::Receiver<TaskRecord>,
+        previews: Option<broadcast::Receiver<Preview>>,
+        fresh: bool,
+    }
+    let start = Watching { updates, previews, fresh: true };
+    futures::stream::unfold(Some(start), |state| async move {
+        let mut watching = state?;
+        if !std::mem::take(&mut watching.fresh) {
+            let preview = tokio::select! {
+                changed = watching.updates.changed() => {
+                    // Sender dropped (task purged): the stream ends.
+                    changed.ok()?;
+                    None
+                }
+                preview = next_preview(&mut watching.previews) => Some(preview),
+            };
+            if let Some(preview) = preview {
+                let record = watching.updates.borrow().clone();
+                return Some(((record, Some(preview)), Some(watching)));
+            }
         }
-        // Sender dropped (task purged): end after this item.
-        let next = updates.changed().await.ok().map(|()| updates);
-        Some((record, next))
+        let record = watching.updates.borrow_and_update().clone();
+        let last = record.status.is_final();
+        Some(((record, None), (!last).then_some(watching)))
     })
+}
+
+/// The next preview a watcher gets; never, once the previews end or when there are none.
+async fn next_preview(previews: &mut Option<broadcast::Receiver<Preview>>) -> Preview {
+    while let Some(receiver) = previews {
+        match receiver.recv().await {
+            Ok(preview) => return preview,
+            // A slow watcher skips to the newest previews.
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => *previews = None,
+        }
+    }
+    std::future::pending().await
 }
 
 /// The REST routes (gRPC and grpc-web are merged in by [`crate::server`]).

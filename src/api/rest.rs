@@ -6,11 +6,14 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use futures::{Stream, StreamExt};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
@@ -151,17 +154,32 @@ pub async fn cancel(
     Ok(Json(result_json(&record)))
 }
 
-/// GET /v1/result/{task_id}/events: Server-Sent Events, `progress` events then one `result`.
+/// What an event stream asks for.
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    /// Also send a `progress` event with `progress.preview` for every preview of the running image.
+    #[serde(default)]
+    previews: bool,
+}
+
+/// GET /v1/result/{task_id}/events: Server-Sent Events, `progress` events then one `result`; with
+/// `?previews=true`, previews in `progress` events too.
 pub async fn events(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(task_id): Path<String>,
+    Query(query): Query<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     authorize(&state, &headers)?;
-    let updates = state.watch(&task_id).await?;
-    let stream = super::task_updates(updates).map(|record| {
+    let (updates, previews) = state.watch_with_previews(&task_id, query.previews).await?;
+    let stream = super::watched_updates(updates, previews).map(|(record, preview)| {
         let name = if record.status.is_final() { "result" } else { "progress" };
-        Ok(Event::default().event(name).json_data(result_json(&record)).expect("JSON values serialise"))
+        let mut body = result_json(&record);
+        if let (Some(progress), Some(preview)) = (body.get_mut("progress"), preview) {
+            progress["preview"] =
+                Value::String(format!("data:image/jpeg;base64,{}", BASE64.encode(&preview.jpeg)));
+        }
+        Ok(Event::default().event(name).json_data(body).expect("JSON values serialise"))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

@@ -15,6 +15,8 @@ pub const DEFAULT_ITEMS_PER_CATEGORY: u32 = 3;
 
 /// Images a request gets when it sets no `num_images`.
 pub const DEFAULT_IMAGES: u32 = 1;
+/// Denoising steps between previews when a request sets no `preview_every`.
+pub const DEFAULT_PREVIEW_EVERY: u32 = 5;
 /// Most denoising steps a request may ask for.
 pub const MAX_STEPS: u32 = crate::inference::diffusion::MAX_STEPS;
 /// Largest guidance scale a request may ask for.
@@ -135,6 +137,10 @@ pub struct GenerateRequest {
     /// existed read as one.
     #[serde(default = "one_image")]
     pub num_images: u32,
+    /// Denoising steps between previews for those who watch the task with previews on; 0 makes
+    /// none. Records from before it existed read as the default.
+    #[serde(default = "previews_every_five")]
+    pub preview_every: u32,
     /// Denoising steps.
     pub num_inference_steps: u32,
     /// Classifier-free guidance scale.
@@ -178,8 +184,27 @@ pub struct Progress {
     pub steps: u32,
 }
 
+/// A small picture of the image being drawn, made between denoising steps for those who watch;
+/// never stored and never in a webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preview {
+    /// Denoising steps done when it was made.
+    pub step: u32,
+    /// Denoising steps the stage has.
+    pub steps: u32,
+    /// The picture as JPEG, its longer side at most [`PREVIEW_MAX_SIDE`] pixels.
+    pub jpeg: bytes::Bytes,
+}
+
+/// Longest side of a preview in pixels (never larger than the image itself).
+pub const PREVIEW_MAX_SIDE: u32 = 256;
+
 fn one_image() -> u32 {
     DEFAULT_IMAGES
+}
+
+fn previews_every_five() -> u32 {
+    DEFAULT_PREVIEW_EVERY
 }
 
 #[cfg(test)]
@@ -193,6 +218,7 @@ impl GenerateRequest {
             negative_prompt: None,
             model: None,
             num_images: DEFAULT_IMAGES,
+            preview_every: DEFAULT_PREVIEW_EVERY,
             num_inference_steps: 20,
             guidance_scale: DEFAULT_GUIDANCE,
             height: None,

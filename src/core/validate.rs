@@ -6,8 +6,8 @@ use serde::Deserialize;
 use super::info::{PipelineInfo, SdModelInfo};
 use super::request::{
     CANNY, ControlRequest, DEFAULT_CANNY_THRESHOLDS, DEFAULT_CONTROL_SCALE, DEFAULT_IMAGES,
-    DEFAULT_ITEMS_PER_CATEGORY, GenerateRequest, LoraWeight, MAX_CONTROL_UNITS, MAX_GUIDANCE,
-    MAX_PROMPT_CHARS, MAX_STEPS, PhotoSource, ResizeMode, WEBHOOK_EVENTS,
+    DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_PREVIEW_EVERY, GenerateRequest, LoraWeight, MAX_CONTROL_UNITS,
+    MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_STEPS, PhotoSource, ResizeMode, WEBHOOK_EVENTS,
 };
 use crate::inference::diffusion::lora::{check_name, extract_prompt_loras};
 use crate::inference::diffusion::{MAX_CONTROL_SCALE, SchedulerKind, is_guidance_window};
@@ -45,6 +45,8 @@ pub struct GenerateInput {
     pub model: Option<String>,
     /// Images to draw (default 1).
     pub num_images: Option<i64>,
+    /// Denoising steps between previews for watchers (default 5, 0 = none).
+    pub preview_every: Option<i64>,
     /// LoRA adapters.
     pub loras: Option<Vec<LoraInput>>,
     /// ControlNet units; `[]` turns control off, absent means the pipeline's default.
@@ -139,6 +141,10 @@ pub fn validate(
     }
     let photo = rules.photo(input.initial_image_url, input.stored_photo, input.prompt.is_some());
     let model = rules.model(input.model.as_deref(), info);
+    let preview_every = input.preview_every.unwrap_or(i64::from(DEFAULT_PREVIEW_EVERY));
+    if !(0..=i64::from(MAX_STEPS)).contains(&preview_every) {
+        rules.bad("preview_every", format!("preview_every must be between 0 and {MAX_STEPS}."));
+    }
     let num_images = input.num_images.unwrap_or(i64::from(DEFAULT_IMAGES));
     if !(1..=i64::from(limits.max_images)).contains(&num_images) {
         rules.bad("num_images", format!("num_images must be between 1 and {}.", limits.max_images));
@@ -182,6 +188,7 @@ pub fn validate(
         negative_prompt: input.negative_prompt,
         model: input.model,
         num_images: num_images as u32,
+        preview_every: preview_every as u32,
         num_inference_steps: steps as u32,
         guidance_scale: guidance as f32,
         height,
@@ -679,6 +686,14 @@ mod tests {
             (violations[0].field, violations[0].description.as_str()),
             ("model", "Unknown model 'sdxl'; choose one of: tiny, turbo.")
         );
+    }
+
+    #[test]
+    fn preview_every_is_zero_to_the_step_limit() {
+        assert_eq!(ok(serde_json::json!({"prompt": "a desk"})).preview_every, 5);
+        assert_eq!(ok(serde_json::json!({"prompt": "a desk", "preview_every": 0})).preview_every, 0);
+        assert_eq!(broken(serde_json::json!({"prompt": "a desk", "preview_every": -1})), ["preview_every"]);
+        assert_eq!(broken(serde_json::json!({"prompt": "a desk", "preview_every": 151})), ["preview_every"]);
     }
 
     #[test]

@@ -1,12 +1,19 @@
-//! What a running pipeline sees of the outside: a place to report progress, and whether to stop.
+//! What a running pipeline sees of the outside: a place to report progress and previews, whether
+//! anyone watches the previews, and whether to stop.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::core::{Failure, Progress};
+use crate::core::{Failure, Preview, Progress};
+
+/// Previews a run may make ahead of their reader before it drops new ones.
+pub const PREVIEW_BACKLOG: usize = 4;
+
+/// Says whether anyone watches a run's previews now.
+pub type PreviewsWanted = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// Progress reporting, cancellation and the deadline of one run.
 ///
@@ -16,6 +23,7 @@ use crate::core::{Failure, Progress};
 pub struct RunContext {
     id: String,
     progress: Arc<watch::Sender<Option<Progress>>>,
+    previews: Option<(PreviewsWanted, mpsc::Sender<Preview>)>,
     cancel: CancellationToken,
     deadline: Instant,
 }
@@ -29,7 +37,28 @@ impl RunContext {
         deadline: Instant,
     ) -> (RunContext, watch::Receiver<Option<Progress>>) {
         let (progress, updates) = watch::channel(None);
-        (RunContext { id, progress: Arc::new(progress), cancel, deadline }, updates)
+        (RunContext { id, progress: Arc::new(progress), previews: None, cancel, deadline }, updates)
+    }
+
+    /// Lets the run make previews while `wanted` says someone watches them; returns their
+    /// receiver. Without it a run makes none.
+    pub fn watch_previews(&mut self, wanted: PreviewsWanted) -> mpsc::Receiver<Preview> {
+        let (sender, receiver) = mpsc::channel(PREVIEW_BACKLOG);
+        self.previews = Some((wanted, sender));
+        receiver
+    }
+
+    /// Whether anyone watches this run's previews now.
+    pub fn previews_wanted(&self) -> bool {
+        self.previews.as_ref().is_some_and(|(wanted, _)| wanted())
+    }
+
+    /// Hands a preview to whoever watches the run; never blocks: when the receiver is
+    /// [`PREVIEW_BACKLOG`] behind, the preview is dropped.
+    pub fn preview(&self, preview: Preview) {
+        if let Some((_, sender)) = &self.previews {
+            let _ = sender.try_send(preview);
+        }
     }
 
     /// The run's id (the task's), for logs.

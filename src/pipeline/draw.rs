@@ -8,17 +8,21 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use image::{ImageEncoder, RgbImage};
+use ndarray::Axis;
 
 use super::control::{Controls, Guidance};
 use super::shape::{SizeRule, shape_photo};
 use super::{RunContext, record_ms};
-use crate::core::request::{DEFAULT_GUIDANCE, DEFAULT_STEPS};
+use crate::core::request::{DEFAULT_GUIDANCE, DEFAULT_STEPS, PREVIEW_MAX_SIDE};
 use crate::core::{
-    Failure, FailureCode, GenerateOutput, GenerateRequest, LoraInfo, ModelInfo, SdModelDefaults, SdModelInfo,
+    Failure, FailureCode, GenerateOutput, GenerateRequest, LoraInfo, ModelInfo, Preview, SdModelDefaults,
+    SdModelInfo,
 };
 use crate::inference::diffusion::lora::LoraOptions;
 use crate::inference::diffusion::schedulers::img2img_start_index;
-use crate::inference::diffusion::{DiffusionError, GenerateParams, SchedulerKind, StableDiffusion};
+use crate::inference::diffusion::{
+    DiffusionError, GenerateParams, LatentPreview, SchedulerKind, StableDiffusion,
+};
 use crate::inference::{ExecutionProvider, ModelOwner, Runtime};
 use crate::storage::ObjectStore;
 
@@ -188,7 +192,8 @@ impl Painter {
         };
         output.control = guidance.used();
         ctx.progress("diffusion", 0, steps_to_run(&params));
-        match self.generate(params, request.num_images as usize, output, ctx).await {
+        let batch = Batch { count: request.num_images as usize, preview_every: request.preview_every };
+        match self.generate(params, batch, output, ctx).await {
             Ok(pngs) => {
                 let urls = self.upload(pngs, output, ctx).await?;
                 output.processed_image_url = urls.first().cloned();
@@ -215,7 +220,7 @@ impl Painter {
     async fn generate(
         &self,
         params: GenerateParams,
-        count: usize,
+        batch: Batch,
         output: &mut GenerateOutput,
         ctx: &RunContext,
     ) -> Result<Vec<Vec<u8>>, DiffusionError> {
@@ -225,8 +230,23 @@ impl Painter {
         let (generated, pngs, encode_ms) = self
             .diffusion
             .run(move |diffusion| {
-                let generated = diffusion.generate_batch(&params, count, &mut |done, total| {
-                    step_ctx.progress("diffusion", done, total);
+                let previewer = LatentPreview::of(diffusion.config()).filter(|_| batch.preview_every > 0);
+                let size = preview_size(params.width, params.height);
+                let generated = diffusion.generate_batch(&params, batch.count, &mut |step| {
+                    step_ctx.progress("diffusion", step.done, step.total);
+                    if let Some(previewer) = &previewer
+                        && step.done % batch.preview_every == 0
+                        && step_ctx.previews_wanted()
+                    {
+                        let first = step.latents.index_axis(Axis(0), 0);
+                        let picture = previewer.render(first, step.sigma, size.0, size.1);
+                        step_ctx.preview(Preview {
+                            step: step.done,
+                            steps: step.total,
+                            jpeg: encode_jpeg(&picture),
+                        });
+                        metrics::counter!("deskgen_previews_total").increment(1);
+                    }
                     if step_ctx.check().is_err() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
                 })?;
                 let started = Instant::now();
@@ -283,6 +303,33 @@ fn steps_to_run(params: &GenerateParams) -> u32 {
         None => steps,
     };
     to_run as u32
+}
+
+/// What one generation draws: how many images, and the steps between previews (0: none).
+#[derive(Debug, Clone, Copy)]
+struct Batch {
+    count: usize,
+    preview_every: u32,
+}
+
+/// A preview's size: the image's, scaled down so its longer side is at most
+/// [`PREVIEW_MAX_SIDE`].
+fn preview_size(width: u32, height: u32) -> (u32, u32) {
+    let longer = width.max(height);
+    if longer <= PREVIEW_MAX_SIDE {
+        return (width, height);
+    }
+    let scale =
+        |side: u32| ((u64::from(side) * u64::from(PREVIEW_MAX_SIDE)) / u64::from(longer)).max(1) as u32;
+    (scale(width), scale(height))
+}
+
+fn encode_jpeg(image: &RgbImage) -> bytes::Bytes {
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 80)
+        .encode_image(image)
+        .expect("encoding to memory cannot fail");
+    bytes::Bytes::from(jpeg)
 }
 
 fn encode_png(image: &RgbImage) -> Vec<u8> {

@@ -13,15 +13,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::journal::{CHECKPOINT_INTERVAL, Journal};
+use super::previews::PreviewHub;
 use super::{
     BackendError, CancelError, Claimed, StoreError, SubmitError, TaskQueue, TaskRecord, TaskStatus,
     TaskStore, WorkerQueue, new_task_id,
 };
-use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest, Progress};
+use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest, Preview, Progress};
 
 struct Live {
     record: watch::Sender<TaskRecord>,
@@ -45,6 +46,7 @@ pub struct MemoryQueue {
     capacity: usize,
     stop_checkpoints: Option<std::sync::mpsc::Sender<()>>,
     checkpointer: Option<std::thread::JoinHandle<()>>,
+    previews: PreviewHub,
 }
 
 impl Drop for MemoryQueue {
@@ -155,6 +157,7 @@ impl MemoryQueue {
             capacity,
             stop_checkpoints: Some(stop_checkpoints),
             checkpointer: Some(checkpointer),
+            previews: PreviewHub::default(),
         })
     }
 
@@ -252,6 +255,10 @@ impl TaskQueue for MemoryQueue {
         Ok(self.store.get(task_id)?.map(|record| watch::channel(record).1))
     }
 
+    async fn watch_previews(&self, task_id: &str) -> broadcast::Receiver<Preview> {
+        self.previews.subscribe(task_id).0
+    }
+
     /// Tasks waiting in the queue.
     async fn queue_depth(&self) -> Result<usize, BackendError> {
         Ok(self.lock().queue.len())
@@ -327,6 +334,14 @@ impl WorkerQueue for MemoryQueue {
                 true
             });
         }
+    }
+
+    fn previews_wanted(&self, task_id: &str) -> bool {
+        self.previews.watched(task_id)
+    }
+
+    async fn preview(&self, task_id: &str, preview: Preview) {
+        self.previews.publish(task_id, preview);
     }
 
     /// Records the final state of a task a worker ran.

@@ -6,6 +6,7 @@
 pub mod journal;
 pub mod memory;
 pub mod model;
+pub mod previews;
 pub mod redis;
 pub mod store;
 pub mod worker;
@@ -13,10 +14,10 @@ pub mod worker;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::core::{Failure, GenerateOutput, GenerateRequest, Progress};
+use crate::core::{Failure, GenerateOutput, GenerateRequest, Preview, Progress};
 
 pub use self::redis::{RedisOptions, RedisQueue, RedisQueueError};
 pub use memory::MemoryQueue;
@@ -93,6 +94,9 @@ pub trait TaskQueue: Send + Sync + 'static {
     /// A receiver that sees every change of a task, starting with its current state.
     async fn watch(&self, task_id: &str) -> Result<Option<watch::Receiver<TaskRecord>>, BackendError>;
 
+    /// The previews of a task from now on, made for as long as someone holds a receiver.
+    async fn watch_previews(&self, task_id: &str) -> broadcast::Receiver<Preview>;
+
     /// Tasks waiting to run.
     async fn queue_depth(&self) -> Result<usize, BackendError>;
 
@@ -112,6 +116,12 @@ pub trait WorkerQueue: TaskQueue {
 
     /// Publishes progress of a running task.
     async fn progress(&self, task_id: &str, progress: Progress);
+
+    /// Whether anyone watches the task's previews now; asked between denoising steps, so cheap.
+    fn previews_wanted(&self, task_id: &str) -> bool;
+
+    /// Hands a preview of a running task to its watchers; it is never stored.
+    async fn preview(&self, task_id: &str, preview: Preview);
 
     /// Records the final state of a task a worker ran.
     async fn finish(&self, task_id: &str, outcome: Result<GenerateOutput, Failure>) -> Option<TaskRecord>;

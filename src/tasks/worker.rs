@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -39,9 +39,15 @@ pub async fn worker_task(
     while let Some(claimed) = queue.next(&shutdown).await {
         let task_id = claimed.record.task_id.clone();
         let started = Instant::now();
-        let (ctx, updates) = RunContext::new(task_id.clone(), claimed.cancel, started + deadline);
+        let (mut ctx, updates) = RunContext::new(task_id.clone(), claimed.cancel, started + deadline);
+        let wanted = {
+            let (queue, task_id) = (queue.clone(), task_id.clone());
+            Arc::new(move || queue.previews_wanted(&task_id))
+        };
+        let previews = ctx.watch_previews(wanted);
         let forwarder =
             tokio::spawn(progress_task(queue.clone(), webhooks.clone(), claimed.record.clone(), updates));
+        let preview_forwarder = tokio::spawn(preview_task(queue.clone(), task_id.clone(), previews));
         tracing::info!(%task_id, attempt = claimed.record.attempts, worker = %name, "task started");
         notify(&webhooks, &claimed.record, WebhookEvent::Start);
         let span = tracing::info_span!("task", %task_id);
@@ -54,6 +60,7 @@ pub async fn worker_task(
         drop(ctx);
         // The last progress is published before the final state, never after it.
         let _ = forwarder.await;
+        let _ = preview_forwarder.await;
         release_freed_memory();
         if let Some(record) = queue.finish(&task_id, outcome).await {
             let secs = started.elapsed().as_secs_f64();
@@ -86,6 +93,18 @@ async fn progress_task(
             record.progress = Some(progress);
             notify(&webhooks, &record, WebhookEvent::Progress);
         }
+    }
+}
+
+/// Hands a task's previews to the queue's watchers until the task's context is dropped; they go
+/// nowhere else (no webhook, no stored record).
+async fn preview_task(
+    queue: Arc<dyn WorkerQueue>,
+    task_id: String,
+    mut previews: mpsc::Receiver<crate::core::Preview>,
+) {
+    while let Some(preview) = previews.recv().await {
+        queue.preview(&task_id, preview).await;
     }
 }
 

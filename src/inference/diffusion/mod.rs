@@ -28,6 +28,7 @@ mod defaults;
 pub mod lora;
 mod noise;
 mod pipeline;
+mod preview;
 pub mod schedulers;
 mod tensor;
 mod text_encoder;
@@ -45,8 +46,10 @@ pub use controlnet::{ControlUnit, MAX_CONTROL_SCALE, is_guidance_window};
 pub use defaults::{DEFAULTS_FILE, ModelDefaults};
 pub use noise::{BatchNoise, NoiseSource, SeededNoise};
 pub use pipeline::{
-    Denoised, GenerateParams, Generated, MAX_BATCH, MAX_STEPS, PromptEmbeddings, StableDiffusion, Timings,
+    Denoised, GenerateParams, Generated, MAX_BATCH, MAX_STEPS, PromptEmbeddings, StableDiffusion, Step,
+    Timings,
 };
+pub use preview::LatentPreview;
 pub use schedulers::{Scheduler, SchedulerKind, UnknownScheduler};
 pub use tokenizer::ClipTokenizer;
 pub use variant::{MANIFEST, resolve_variant};

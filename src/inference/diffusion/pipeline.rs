@@ -126,6 +126,20 @@ pub struct Generated {
     pub seed: u64,
 }
 
+/// One finished denoising step, as `on_step` sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Step<'a> {
+    /// Steps done, 1 to `total`.
+    pub done: u32,
+    /// Steps this generation runs.
+    pub total: u32,
+    /// The batch's latents after the step, `[batch, channels, h, w]`, in the UNet's space.
+    pub latents: ArrayView4<'a, f32>,
+    /// The noise level they carry when the scheduler works in sigma (`x = x0 + sigma * noise`);
+    /// `None` for the variance-preserving ones.
+    pub sigma: Option<f32>,
+}
+
 /// A generation before quantization to 8 bits, for comparing against reference tensors.
 #[derive(Debug, Clone)]
 pub struct Denoised {
@@ -262,7 +276,7 @@ impl StableDiffusion {
             loras: Vec::new(),
             control: Vec::new(),
         };
-        Ok(self.generate(&params, &mut |_, _| ControlFlow::Continue(()))?.timings)
+        Ok(self.generate(&params, &mut |_| ControlFlow::Continue(()))?.timings)
     }
 
     /// The size a request gets when it sets none, as (width, height): `deskgen-defaults.json`'s
@@ -293,12 +307,12 @@ impl StableDiffusion {
         self.vae_encoder.is_some()
     }
 
-    /// Generates an image, calling `on_step(done, total)` after every denoising step; returning
+    /// Generates an image, calling `on_step` after every denoising step; returning
     /// `ControlFlow::Break(())` stops with [`DiffusionError::Canceled`].
     pub fn generate(
         &mut self,
         params: &GenerateParams,
-        on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+        on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
     ) -> Result<Generated, DiffusionError> {
         let mut images = self.generate_batch(params, 1, on_step)?;
         Ok(images.remove(0))
@@ -311,7 +325,7 @@ impl StableDiffusion {
         &mut self,
         params: &GenerateParams,
         count: usize,
-        on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+        on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
     ) -> Result<Vec<Generated>, DiffusionError> {
         let denoised = self.denoise_batch(params, count, on_step)?;
         let images = denoised.image.axis_chunks_iter(Axis(0), 1).map(to_rgb8);
@@ -326,7 +340,7 @@ impl StableDiffusion {
         &mut self,
         params: &GenerateParams,
         count: usize,
-        on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+        on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
     ) -> Result<Denoised, DiffusionError> {
         self.validate(params)?;
         if !(1..=MAX_BATCH).contains(&count) {
@@ -343,7 +357,7 @@ impl StableDiffusion {
         &mut self,
         params: &GenerateParams,
         noise: &mut dyn NoiseSource,
-        on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+        on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
     ) -> Result<Denoised, DiffusionError> {
         self.validate(params)?;
         self.denoise(params, 1, noise, on_step)
@@ -441,7 +455,7 @@ impl StableDiffusion {
         params: &GenerateParams,
         batch: usize,
         noise: &mut dyn NoiseSource,
-        on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+        on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
     ) -> Result<Denoised, DiffusionError> {
         let denoised = self.denoise_with_sessions(params, batch, noise, on_step);
         if let Some(loras) = &mut self.loras {
@@ -455,7 +469,7 @@ impl StableDiffusion {
         params: &GenerateParams,
         batch: usize,
         noise: &mut dyn NoiseSource,
-        on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+        on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
     ) -> Result<Denoised, DiffusionError> {
         let latent_shape = self.latent_shape(params, batch);
         let StableDiffusion {
@@ -669,7 +683,7 @@ fn run_steps(
     schedule: Schedule<'_>,
     latents: &mut Array4<f32>,
     params: &GenerateParams,
-    on_step: &mut dyn FnMut(u32, u32) -> ControlFlow<()>,
+    on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
 ) -> Result<StepsCost, DiffusionError> {
     let Schedule { scheduler, start, noise } = schedule;
     let (batch, channels, latent_h, latent_w) = latents.dim();
@@ -710,7 +724,9 @@ fn run_steps(
             // diffusers casts each step's result back to the model's float16.
             latents.mapv_inplace(|l| half::f16::from_f32(l).to_f32());
         }
-        if on_step(done as u32 + 1, run.len() as u32).is_break() {
+        let sigma = scheduler.sigmas().and_then(|sigmas| sigmas.get(start + done + 1).copied());
+        let step = Step { done: done as u32 + 1, total: run.len() as u32, latents: latents.view(), sigma };
+        if on_step(step).is_break() {
             return Err(DiffusionError::Canceled);
         }
     }

@@ -3,6 +3,7 @@
 
 use std::collections::hash_map;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ::redis::Msg;
 use futures::StreamExt;
@@ -10,7 +11,13 @@ use tokio::sync::watch;
 
 use super::work::Backoff;
 use super::{CONNECT_TIMEOUT, RESPONSE_TIMEOUT, RedisQueueError, Shared, lock};
+use crate::core::Preview;
 use crate::tasks::TaskRecord;
+
+/// How often a node watching a task's previews says so.
+const INTEREST_EVERY: Duration = Duration::from_secs(1);
+/// How long a worker keeps making previews after the last word that someone watches.
+const INTEREST_LASTS: Duration = Duration::from_secs(3);
 
 /// A task watched on this node, and the version of the record its watchers have.
 pub(super) struct Watched {
@@ -81,8 +88,18 @@ impl Shared {
     }
 
     fn dispatch(&self, message: &Msg) {
-        let Ok(payload) = message.get_payload::<String>() else { return };
         let channel = message.get_channel_name();
+        if channel == self.previews_channel {
+            self.receive_preview(message.get_payload_bytes());
+            return;
+        }
+        let Ok(payload) = message.get_payload::<String>() else { return };
+        if channel == self.preview_interest_channel {
+            if lock(&self.running).contains_key(&payload) {
+                lock(&self.preview_interest).insert(payload, Instant::now() + INTEREST_LASTS);
+            }
+            return;
+        }
         if channel == self.cancels_channel {
             self.cancel_running(&payload);
             return;
@@ -98,6 +115,61 @@ impl Shared {
         match (version.parse(), serde_json::from_str(json)) {
             (Ok(version), Ok(record)) => self.apply(task_id, version, record),
             _ => tracing::warn!(%task_id, "unreadable task update"),
+        }
+    }
+}
+
+impl Shared {
+    /// Publishes a preview as "<task id> <step> <steps> " followed by the JPEG's bytes.
+    pub(super) async fn publish_preview(&self, task_id: &str, preview: Preview) {
+        let mut payload = format!("{task_id} {} {} ", preview.step, preview.steps).into_bytes();
+        payload.extend_from_slice(&preview.jpeg);
+        let published: Result<i64, _> = ::redis::cmd("PUBLISH")
+            .arg(&self.previews_channel)
+            .arg(payload)
+            .query_async(&mut self.conn())
+            .await;
+        if let Err(e) = published {
+            tracing::debug!(error = %e, %task_id, "preview not published");
+        }
+    }
+
+    /// Hands a published preview to this node's watchers of its task.
+    fn receive_preview(&self, payload: &[u8]) {
+        let mut fields = payload.splitn(4, |&b| b == b' ');
+        let (Some(task_id), Some(step), Some(steps), Some(jpeg)) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            return;
+        };
+        let number = |field: &[u8]| std::str::from_utf8(field).ok()?.parse::<u32>().ok();
+        let (Ok(task_id), Some(step), Some(steps)) =
+            (std::str::from_utf8(task_id), number(step), number(steps))
+        else {
+            return;
+        };
+        if self.previews.watched(task_id) {
+            let preview = Preview { step, steps, jpeg: bytes::Bytes::copy_from_slice(jpeg) };
+            self.previews.publish(task_id, preview);
+        }
+    }
+}
+
+/// Says every [`INTEREST_EVERY`] that this node watches a task's previews, until its watchers
+/// here are gone: the worker running the task makes previews while the word is fresh.
+pub(super) async fn announce_interest(shared: Arc<Shared>, task_id: String) {
+    while shared.previews.watched(&task_id) {
+        let said: Result<i64, _> = ::redis::cmd("PUBLISH")
+            .arg(&shared.preview_interest_channel)
+            .arg(&task_id)
+            .query_async(&mut shared.conn())
+            .await;
+        if let Err(e) = said {
+            tracing::debug!(error = %e, %task_id, "preview interest not published");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(INTEREST_EVERY) => {}
+            _ = shared.stop.cancelled() => return,
         }
     }
 }
@@ -139,7 +211,13 @@ pub(super) async fn events_task(shared: Arc<Shared>) {
 async fn subscribe(shared: &Shared) -> Result<::redis::aio::PubSub, RedisQueueError> {
     let subscribing = async {
         let mut pubsub = shared.client.get_async_pubsub().await?;
-        pubsub.subscribe(&[&shared.updates_channel, &shared.cancels_channel]).await?;
+        let channels = [
+            &shared.updates_channel,
+            &shared.cancels_channel,
+            &shared.previews_channel,
+            &shared.preview_interest_channel,
+        ];
+        pubsub.subscribe(&channels).await?;
         Ok(pubsub)
     };
     tokio::time::timeout(CONNECT_TIMEOUT + RESPONSE_TIMEOUT, subscribing)

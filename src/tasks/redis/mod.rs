@@ -21,23 +21,24 @@ mod work;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use ::redis::{Client, Script};
 use async_trait::async_trait;
 use chrono::Utc;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use self::events::Watched;
 use self::work::Running;
+use super::previews::PreviewHub;
 use super::{
     BackendError, CancelError, Claimed, SubmitError, TaskQueue, TaskRecord, TaskStatus, WorkerQueue,
     new_task_id,
 };
 use crate::config::RedisUrl;
-use crate::core::{Failure, GenerateOutput, GenerateRequest, Progress};
+use crate::core::{Failure, GenerateOutput, GenerateRequest, Preview, Progress};
 
 const QUEUED: &str = "deskgen:queued";
 const WORK: &str = "deskgen:work";
@@ -134,6 +135,14 @@ struct Shared {
     updates_channel: String,
     /// Where cancels of running tasks are published.
     cancels_channel: String,
+    /// Where workers publish previews: "<task id> <step> <steps> " and the JPEG's bytes.
+    previews_channel: String,
+    /// Where API nodes say, again and again while it lasts, that a task's previews are watched.
+    preview_interest_channel: String,
+    /// The preview watchers on this node.
+    previews: PreviewHub,
+    /// Until when someone watches the previews of tasks this process runs, by id.
+    preview_interest: Mutex<HashMap<String, Instant>>,
     /// Cancelled when the queue is dropped; stops the background tasks.
     stop: CancellationToken,
 }
@@ -176,6 +185,10 @@ impl RedisQueue {
             watchers: Mutex::new(HashMap::new()),
             updates_channel: format!("deskgen:updates:{db}"),
             cancels_channel: format!("deskgen:cancels:{db}"),
+            previews_channel: format!("deskgen:previews:{db}"),
+            preview_interest_channel: format!("deskgen:preview-interest:{db}"),
+            previews: PreviewHub::default(),
+            preview_interest: Mutex::new(HashMap::new()),
             stop: stop.clone(),
         });
         shared.ensure_group().await?;
@@ -395,6 +408,15 @@ impl TaskQueue for RedisQueue {
         Ok(self.shared.watch(task_id).await?)
     }
 
+    /// Previews from whichever worker runs the task, through this node's subscription.
+    async fn watch_previews(&self, task_id: &str) -> broadcast::Receiver<Preview> {
+        let (receiver, first) = self.shared.previews.subscribe(task_id);
+        if first {
+            tokio::spawn(events::announce_interest(self.shared.clone(), task_id.to_string()));
+        }
+        receiver
+    }
+
     /// Queued tasks across all nodes.
     async fn queue_depth(&self) -> Result<usize, BackendError> {
         Ok(self.shared.queue_depth().await?)
@@ -423,8 +445,19 @@ impl WorkerQueue for RedisQueue {
         self.shared.progress(task_id, progress).await
     }
 
+    /// Whether an API node said lately that someone watches the task's previews.
+    fn previews_wanted(&self, task_id: &str) -> bool {
+        lock(&self.shared.preview_interest).get(task_id).is_some_and(|until| *until > Instant::now())
+    }
+
+    /// Publishes a preview to every node (best effort: a lost one is followed by the next).
+    async fn preview(&self, task_id: &str, preview: Preview) {
+        self.shared.publish_preview(task_id, preview).await
+    }
+
     /// Records the final state unless another worker took the task over meanwhile.
     async fn finish(&self, task_id: &str, outcome: Result<GenerateOutput, Failure>) -> Option<TaskRecord> {
+        lock(&self.shared.preview_interest).remove(task_id);
         self.shared.finish(task_id, outcome).await
     }
 
