@@ -321,6 +321,62 @@ async fn submit_on_one_api_node_and_follow_it_on_another() {
     node_b.stop().await;
 }
 
+/// The previews of an SSE stream: (step, JPEG grey level), and whether the stream ended done.
+async fn sse_previews(server: &TestServer, path: &str) -> (Vec<(u64, u8)>, bool) {
+    use base64::Engine;
+    let text = reqwest::get(server.url(path)).await.unwrap().text().await.unwrap();
+    let mut previews = Vec::new();
+    let mut done = false;
+    for data in text.lines().filter_map(|l| l.strip_prefix("data:")) {
+        let event: Value = serde_json::from_str(data.trim()).unwrap();
+        done |= event["status"] == "done";
+        let Some(url) = event["progress"]["preview"].as_str() else { continue };
+        let jpeg = base64::engine::general_purpose::STANDARD
+            .decode(url.strip_prefix("data:image/jpeg;base64,").unwrap())
+            .unwrap();
+        let picture =
+            image::load_from_memory_with_format(&jpeg, image::ImageFormat::Jpeg).unwrap().to_luma8();
+        previews.push((event["progress"]["step"].as_u64().unwrap(), picture.get_pixel(4, 4).0[0]));
+    }
+    (previews, done)
+}
+
+#[tokio::test]
+async fn previews_travel_from_the_worker_to_the_node_that_watches() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = api_node(&redis, &dir, &[]).await;
+    let pipeline = ScriptedPipeline::new(12, 40);
+    let worker = WorkerNode::start(&redis, "previews", &[], pipeline.clone()).await;
+
+    // Nobody watches: none is made.
+    let (_, body) = submit(&node, json!({"prompt": "desk", "preview_every": 1})).await;
+    assert_eq!(poll_final(&node, body["task_id"].as_str().unwrap(), None).await["status"], "done");
+    assert_eq!(pipeline.previews_made.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // The task waits at the gate until both streams are open and the word has reached the worker.
+    let (_, body) = submit(&node, json!({"prompt": "hold desk", "preview_every": 3})).await;
+    let task_id = body["task_id"].as_str().unwrap().to_string();
+    let (with_path, without_path) =
+        (format!("/v1/result/{task_id}/events?previews=true"), format!("/v1/result/{task_id}/events"));
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        pipeline.gate.add_permits(1);
+    };
+    let ((with, with_done), (without, without_done), ()) =
+        tokio::join!(sse_previews(&node, &with_path), sse_previews(&node, &without_path), release);
+    assert!(with_done && without_done);
+    let steps: Vec<u64> = with.iter().map(|&(step, _)| step).collect();
+    assert_eq!(steps, [3, 6, 9, 12], "every preview, at the stated steps, from another process");
+    for (step, grey) in &with {
+        assert!((i64::from(*grey) - *step as i64 * 10).abs() <= 2, "the JPEG made at step {step}: {grey}");
+    }
+    assert!(without.is_empty(), "a stream that did not ask gets none");
+    assert_eq!(pipeline.previews_made.load(std::sync::atomic::Ordering::SeqCst), 4);
+    worker.stop().await;
+    node.stop().await;
+}
+
 #[tokio::test]
 async fn a_killed_workers_task_is_taken_over_and_finishes_once() {
     let redis = RedisServer::start().await;

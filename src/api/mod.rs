@@ -32,7 +32,7 @@ use crate::core::request::{
 };
 use crate::core::{
     ControlNetInfo, DefaultControl, GenerateInput, Limits, LoraInfo, ModelInfo, PhotoSource, PipelineInfo,
-    Preview, ResizeMode, SdModelInfo, Violation, validate,
+    Preview, Progress, ResizeMode, SdModelInfo, Violation, validate,
 };
 use crate::intake::{Intake, IntakeError, Photo};
 use crate::pipeline::{Pipeline, Services};
@@ -310,7 +310,8 @@ impl AppState {
 }
 
 /// Every state a task passes through from now on, ending with its final state (or when the task
-/// is purged); each preview from `previews` comes as one more item, with the state it came in.
+/// is purged); each preview from `previews` comes as one more item, with the state it came in
+/// and the step it was made at as progress.
 pub fn watched_updates(
     updates: watch::Receiver<TaskRecord>,
     previews: Option<broadcast::Receiver<Preview>>,
@@ -333,7 +334,10 @@ pub fn watched_updates(
                 preview = next_preview(&mut watching.previews) => Some(preview),
             };
             if let Some(preview) = preview {
-                let record = watching.updates.borrow().clone();
+                // The progress beside a preview is the step it was made at.
+                let mut record = watching.updates.borrow().clone();
+                record.progress =
+                    Some(Progress { stage: "diffusion".into(), step: preview.step, steps: preview.steps });
                 return Some(((record, Some(preview)), Some(watching)));
             }
         }

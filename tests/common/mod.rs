@@ -4,13 +4,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use clap::Parser;
 use deskgen::config::{Cli, Command, ServeConfig};
 use deskgen::core::{
-    Failure, FailureCode, GenerateOutput, GenerateRequest, ModelInfo, PhotoSource, PipelineInfo,
+    Failure, FailureCode, GenerateOutput, GenerateRequest, ModelInfo, PhotoSource, PipelineInfo, Preview,
     Recommendation, SdModelDefaults, SdModelInfo,
 };
 use deskgen::pipeline::{DeskPipeline, Pipeline, RunContext};
@@ -21,16 +22,28 @@ use tokio::sync::Semaphore;
 /// A pipeline double: `steps` diffusion steps of `step_ms` each. Prompts steer it: "hold" waits for
 /// a permit from `gate` before starting; "fail" fails with MODEL_ERROR; "upload" fails with
 /// S3_UPLOAD_FAILED; "notdesk" answers as for a photo without a desk (shopping only, no image).
+/// While someone watches, it makes a real 8×8 JPEG preview every `preview_every` steps and counts
+/// them in `previews_made`.
 pub struct ScriptedPipeline {
     pub steps: u32,
     pub step_ms: u64,
     pub gate: Arc<Semaphore>,
+    pub previews_made: AtomicU32,
 }
 
 impl ScriptedPipeline {
     pub fn new(steps: u32, step_ms: u64) -> Arc<ScriptedPipeline> {
-        Arc::new(ScriptedPipeline { steps, step_ms, gate: Arc::new(Semaphore::new(0)) })
+        let gate = Arc::new(Semaphore::new(0));
+        Arc::new(ScriptedPipeline { steps, step_ms, gate, previews_made: AtomicU32::new(0) })
     }
+}
+
+/// An 8×8 JPEG whose grey level is the step.
+fn preview_jpeg(step: u32) -> bytes::Bytes {
+    let picture = image::GrayImage::from_pixel(8, 8, image::Luma([(step * 10).min(255) as u8]));
+    let mut jpeg = Vec::new();
+    picture.write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+    jpeg.into()
 }
 
 #[async_trait]
@@ -48,6 +61,11 @@ impl Pipeline for ScriptedPipeline {
         for step in 1..=self.steps {
             tokio::time::sleep(Duration::from_millis(self.step_ms)).await;
             ctx.check()?;
+            let every = request.preview_every;
+            if every > 0 && step % every == 0 && ctx.previews_wanted() {
+                ctx.preview(Preview { step, steps: self.steps, jpeg: preview_jpeg(step) });
+                self.previews_made.fetch_add(1, Ordering::SeqCst);
+            }
             ctx.progress("diffusion", step, self.steps);
         }
         if prompt.contains("upload") {

@@ -1,5 +1,5 @@
-//! Task updates and cancels over pub/sub: one subscription per node feeds every local watcher
-//! (`GetResult` streams, SSE, `Prefer: wait`) and every task this node runs.
+//! Task updates, cancels and previews over pub/sub: one subscription per node feeds every local
+//! watcher (`GetResult` streams, SSE, `Prefer: wait`) and every task this node runs.
 
 use std::collections::hash_map;
 use std::sync::Arc;
@@ -95,9 +95,11 @@ impl Shared {
         }
         let Ok(payload) = message.get_payload::<String>() else { return };
         if channel == self.preview_interest_channel {
-            if lock(&self.running).contains_key(&payload) {
-                lock(&self.preview_interest).insert(payload, Instant::now() + INTEREST_LASTS);
-            }
+            // Kept for any task, so a task claimed just after the word still gets its previews.
+            let now = Instant::now();
+            let mut interest = lock(&self.preview_interest);
+            interest.retain(|_, until| *until > now);
+            interest.insert(payload, now + INTEREST_LASTS);
             return;
         }
         if channel == self.cancels_channel {

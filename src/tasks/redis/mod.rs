@@ -141,7 +141,7 @@ struct Shared {
     preview_interest_channel: String,
     /// The preview watchers on this node.
     previews: PreviewHub,
-    /// Until when someone watches the previews of tasks this process runs, by id.
+    /// Until when someone watches each task's previews, by id, as API nodes last said.
     preview_interest: Mutex<HashMap<String, Instant>>,
     /// Cancelled when the queue is dropped; stops the background tasks.
     stop: CancellationToken,
