@@ -7,8 +7,12 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use deskgen::inference::diffusion::{ControlUnit, GenerateParams, SchedulerKind, StableDiffusion};
+use deskgen::core::request::DEFAULT_PREVIEW_EVERY;
+use deskgen::inference::diffusion::{
+    ControlUnit, GenerateParams, LatentPreview, SchedulerKind, StableDiffusion,
+};
 use deskgen::inference::{Runtime, RuntimeConfig};
+use deskgen::pipeline::draw::preview_of;
 use serde_json::{Value, json};
 
 use crate::Settings;
@@ -194,6 +198,9 @@ pub async fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()>
     let (batch_lines, batch_doc) = batch(&mut pipeline, settings.runs)?;
     lines.extend(batch_lines);
     doc["batch"] = batch_doc;
+    let (preview_lines, preview_doc) = previews(&mut pipeline, settings.runs)?;
+    lines.extend(preview_lines);
+    doc["previews"] = preview_doc;
     report.section("diffusion", doc, lines);
     Ok(())
 }
@@ -272,6 +279,44 @@ fn batch(pipeline: &mut StableDiffusion, runs: usize) -> anyhow::Result<(Vec<Str
     let doc = json!({
         "images": BATCH, "batched_ms": summary(&together), "single_runs_ms": summary(&apart),
         "batched_over_single_runs": ratio,
+    });
+    Ok((lines, doc))
+}
+
+/// What previews at the default interval cost a watched generation: the time spent making them
+/// (latents to RGB, resizing, JPEG) against the UNet's time in the same runs.
+fn previews(pipeline: &mut StableDiffusion, runs: usize) -> anyhow::Result<(Vec<String>, Value)> {
+    let params = params();
+    let previewer = LatentPreview::of(pipeline.config()).context("the fixture's latents have a preview")?;
+    let every = DEFAULT_PREVIEW_EVERY;
+    let (mut shares, mut per_preview) = (Vec::new(), Vec::new());
+    for run in 0..=runs {
+        let (mut spent, mut made) = (0.0, 0u32);
+        let generated = pipeline.generate(&params, &mut |step| {
+            if step.done % every == 0 {
+                let started = Instant::now();
+                let preview = preview_of(&previewer, &step, SIZE, SIZE);
+                spent += started.elapsed().as_secs_f64() * 1000.0;
+                made += u32::from(!preview.jpeg.is_empty());
+            }
+            ControlFlow::Continue(())
+        })?;
+        // The first run warms up.
+        if run > 0 {
+            shares.push(spent / (generated.timings.unet_ms - spent));
+            per_preview.push(spent / f64::from(made));
+        }
+    }
+    let share = percentile(&shares, 50.0);
+    let lines = vec![format!(
+        "previews every {every} steps median {:>6.3} ms each = {:.2}% of the UNet time (target <= 2%: {})",
+        percentile(&per_preview, 50.0),
+        share * 100.0,
+        verdict(share <= 0.02)
+    )];
+    let doc = json!({
+        "every": every, "ms_per_preview": summary(&per_preview), "share_of_unet": summary(&shares),
+        "share_of_unet_median": share,
     });
     Ok((lines, doc))
 }

@@ -21,7 +21,7 @@ use crate::core::{
 use crate::inference::diffusion::lora::LoraOptions;
 use crate::inference::diffusion::schedulers::img2img_start_index;
 use crate::inference::diffusion::{
-    DiffusionError, GenerateParams, LatentPreview, SchedulerKind, StableDiffusion,
+    DiffusionError, GenerateParams, LatentPreview, SchedulerKind, StableDiffusion, Step,
 };
 use crate::inference::{ExecutionProvider, ModelOwner, Runtime};
 use crate::storage::ObjectStore;
@@ -231,20 +231,14 @@ impl Painter {
             .diffusion
             .run(move |diffusion| {
                 let previewer = LatentPreview::of(diffusion.config()).filter(|_| batch.preview_every > 0);
-                let size = preview_size(params.width, params.height);
+                let (width, height) = (params.width, params.height);
                 let generated = diffusion.generate_batch(&params, batch.count, &mut |step| {
                     step_ctx.progress("diffusion", step.done, step.total);
                     if let Some(previewer) = &previewer
                         && step.done % batch.preview_every == 0
                         && step_ctx.previews_wanted()
                     {
-                        let first = step.latents.index_axis(Axis(0), 0);
-                        let picture = previewer.render(first, step.sigma, size.0, size.1);
-                        step_ctx.preview(Preview {
-                            step: step.done,
-                            steps: step.total,
-                            jpeg: encode_jpeg(&picture),
-                        });
+                        step_ctx.preview(preview_of(previewer, &step, width, height));
                         metrics::counter!("deskgen_previews_total").increment(1);
                     }
                     if step_ctx.check().is_err() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
@@ -310,6 +304,13 @@ fn steps_to_run(params: &GenerateParams) -> u32 {
 struct Batch {
     count: usize,
     preview_every: u32,
+}
+
+/// The JPEG preview of a step's first image, for a generation of `width` × `height`.
+pub fn preview_of(previewer: &LatentPreview, step: &Step<'_>, width: u32, height: u32) -> Preview {
+    let (width, height) = preview_size(width, height);
+    let picture = previewer.render(step.latents.index_axis(Axis(0), 0), step.sigma, width, height);
+    Preview { step: step.done, steps: step.total, jpeg: encode_jpeg(&picture) }
 }
 
 /// A preview's size: the image's, scaled down so its longer side is at most

@@ -41,6 +41,7 @@ const errorBox = byId<HTMLElement>("error");
 const progressSection = byId<HTMLElement>("progress-section");
 const progressBar = byId<HTMLProgressElement>("progress");
 const progressText = byId<HTMLElement>("progress-text");
+const progressPreview = byId<HTMLImageElement>("progress-preview");
 const resultSection = byId<HTMLElement>("result");
 const resultHeading = byId<HTMLElement>("result-heading");
 const resultNote = byId<HTMLElement>("result-note");
@@ -324,6 +325,7 @@ function showProgress(update: Pick<TaskResult, "status" | "progress">): void {
     progressText.textContent = update.status === TaskStatus.QUEUED ? "Waiting in the queue…" : "Starting…";
     return;
   }
+  if (progress.preview.length > 0) showPreview(progress.preview);
   const label = STAGES[progress.stage] ?? progress.stage;
   if (progress.steps > 0) {
     progressBar.value = progress.step / progress.steps;
@@ -334,11 +336,25 @@ function showProgress(update: Pick<TaskResult, "status" | "progress">): void {
   }
 }
 
-/** Follows the task over the server stream; polls if the stream ends early. */
+/** Shows a JPEG preview of the image being drawn in place of the one before. */
+function showPreview(jpeg: Uint8Array): void {
+  const previous = progressPreview.src;
+  progressPreview.src = URL.createObjectURL(new Blob([new Uint8Array(jpeg)], { type: "image/jpeg" }));
+  progressPreview.hidden = false;
+  if (previous) URL.revokeObjectURL(previous);
+}
+
+function clearPreview(): void {
+  if (progressPreview.src) URL.revokeObjectURL(progressPreview.src);
+  progressPreview.removeAttribute("src");
+  progressPreview.hidden = true;
+}
+
+/** Follows the task over the server stream, with previews; polls if the stream ends early. */
 async function follow(taskId: string): Promise<TaskResult> {
   let last: TaskResult | undefined;
   try {
-    for await (const update of resultClient.watchResult({ taskId })) {
+    for await (const update of resultClient.watchResult({ taskId, previews: true })) {
       last = update;
       showProgress(update);
     }
@@ -612,6 +628,7 @@ async function run(): Promise<void> {
     showProblem(describeError(err));
   } finally {
     progressSection.hidden = true;
+    clearPreview();
     submit.disabled = false;
     form.removeAttribute("aria-busy");
   }

@@ -379,9 +379,19 @@ const scenarios = {
     const { page, problems } = await openPage(context);
     await fill(page, { photo: photoUrl, prompt: "warm wooden tones" });
     await page.locator("summary").click();
-    await page.getByLabel("Steps").fill("4");
+    // 10 steps: previews after steps 5 and 10 (the default interval).
+    await page.getByLabel("Steps").fill("10");
     await page.getByLabel("Images").fill("2");
+    await page.evaluate(() => {
+      window.previewSizes = [];
+      const preview = document.getElementById("progress-preview");
+      preview.addEventListener("load", () => window.previewSizes.push([preview.naturalWidth, preview.naturalHeight]));
+    });
     const progress = await submit(page);
+    const previewSizes = await page.evaluate(() => window.previewSizes);
+    assert.ok(previewSizes.length >= 1, "the picture is shown while it is drawn");
+    for (const size of previewSizes) assert.deepEqual(size, [256, 199], "a preview of the 288x224 image");
+    assert.equal(await page.locator("#progress-preview").isHidden(), true, "gone with the result");
     assert.equal(await page.locator("#error").isHidden(), true, `no error expected: ${await errorText(page)}`);
     assert.ok(progress.some((t) => t.startsWith("Drawing the new setup")), `progress seen: ${progress}`);
     await assertImageLoaded(page, "#original-image");
