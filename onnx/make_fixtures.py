@@ -1000,7 +1000,7 @@ def main() -> None:
     stages = args.stages
     if "all" in stages:
         stages = ["models", "captioner", "reference", "schedulers", "caption-ref", "loras", "lora-ref",
-                  "controlnet", "controlnet-ref", "lcm-lora", "fewstep-ref", "canny", "selfcheck", "manifest"]
+                  "controlnet", "controlnet-ref", "lcm-lora", "fewstep-ref", "canny", "preview", "selfcheck", "manifest"]
     work_ctx = tempfile.TemporaryDirectory(prefix="deskgen-fixtures-") if args.work is None else None
     work = pathlib.Path(args.work or work_ctx.name)
     work.mkdir(parents=True, exist_ok=True)
@@ -1068,6 +1068,13 @@ def main() -> None:
                 make_controlnet_fixtures.build_controlnets(ckpt)
         if "controlnet-ref" in stages:
             make_controlnet_fixtures.reference(sys.modules[__name__], work, ref)
+
+    if "preview" in stages:
+        import make_preview_fixtures
+
+        checks["preview_decoder_ort_vs_torch_max_abs_diff"] = make_preview_fixtures.build(
+            out / "tiny-taesd", ref / "preview", save_npy
+        )
 
     if "lcm-lora" in stages or "fewstep-ref" in stages:
         import make_fewstep_fixtures

@@ -803,3 +803,42 @@ fn a_batch_draws_what_one_image_per_seed_draws() {
     assert!(error.to_string().contains("num_images"), "{error}");
     println!("batch of 3 against one image per seed, max abs diff on [0, 1] pixels:\n{}", report.join("\n"));
 }
+
+#[test]
+fn the_preview_decoder_decodes_as_diffusers_autoencoder_tiny_does() {
+    use deskgen::inference::diffusion::PreviewDecoder;
+    let reference = fixtures().join("reference/preview");
+    let latents = as4(npy::read_f32(&reference.join("latents.npy")));
+    let want = as4(npy::read_f32(&reference.join("image.npy")));
+    let mut decoder = PreviewDecoder::load(&runtime(), &fixtures().join("tiny-taesd")).unwrap();
+    let got = decoder.decode(latents.view()).unwrap();
+    assert_eq!(got.dim(), (1, 3, 64, 96), "eight times the latents' size");
+    let diff = max_abs_diff(&got, &want);
+    // Tolerance 1e-4 on [-1, 1] pixels; the outputs span most of that range.
+    assert!(diff < 1e-4, "max |ORT - diffusers| = {diff}");
+    assert!(want.iter().fold(0.0f32, |m, v| m.max(v.abs())) > 0.1, "a decode that is not all zeros");
+}
+
+#[test]
+fn steps_draw_previews_with_the_model_s_decoder_or_the_linear_map() {
+    let params = params("a desk", SchedulerKind::Euler);
+    let previews = |sd: &mut StableDiffusion| {
+        let mut pictures = Vec::new();
+        sd.generate(&params, &mut |mut step| {
+            if step.done == 2 {
+                pictures.push(step.preview(48, 32).unwrap().unwrap());
+            }
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        pictures.remove(0)
+    };
+    let linear = previews(&mut sd15());
+    let mut decoded = StableDiffusion::load(&runtime(), fixtures().join("tiny-sd15")).unwrap();
+    assert!(!decoded.has_preview_decoder());
+    decoded.load_preview_decoder(&fixtures().join("tiny-taesd")).unwrap();
+    assert!(decoded.has_preview_decoder());
+    let with_decoder = previews(&mut decoded);
+    assert_eq!((linear.dimensions(), with_decoder.dimensions()), ((48, 32), (48, 32)));
+    assert_ne!(linear.as_raw(), with_decoder.as_raw(), "the decoder draws its own picture");
+}

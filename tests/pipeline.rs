@@ -333,7 +333,6 @@ fn decode_jpeg(bytes: &[u8]) -> image::RgbImage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchers_who_ask_get_previews_and_nobody_else_costs_any() {
-    use base64::Engine;
     use deskgen::api::grpc::pb;
     let dir = tempfile::tempdir().unwrap();
     let server = start_real(dir.path(), &[]).await;
@@ -353,17 +352,7 @@ async fn watchers_who_ask_get_previews_and_nobody_else_costs_any() {
     let (with_path, without_path) =
         (format!("/v1/result/{watched}/events?previews=true"), format!("/v1/result/{watched}/events"));
     let (with, without) = tokio::join!(sse_events(&server, &with_path), sse_events(&server, &without_path));
-    let mut steps = Vec::new();
-    for (name, event) in &with {
-        let Some(url) = event["progress"]["preview"].as_str() else { continue };
-        assert_eq!(name, "progress");
-        let jpeg = base64::engine::general_purpose::STANDARD
-            .decode(url.strip_prefix("data:image/jpeg;base64,").unwrap())
-            .unwrap();
-        let picture = decode_jpeg(&jpeg);
-        assert_eq!(picture.dimensions(), (256, 153), "320x192 with its longer side at 256");
-        steps.push(event["progress"]["step"].as_u64().unwrap());
-    }
+    let (steps, linear): (Vec<u64>, Vec<image::RgbImage>) = sse_pictures(&with).into_iter().unzip();
     assert_eq!(with.last().unwrap().1["status"], "done");
     assert!(with.last().unwrap().1.get("progress").is_none(), "no preview in the result");
     assert_eq!(steps, [3, 6, 9, 12], "every preview, at the stated steps");
@@ -392,6 +381,38 @@ async fn watchers_who_ask_get_previews_and_nobody_else_costs_any() {
     assert_eq!(poll_final(&server, &blocker, None).await["status"], "done");
     assert_eq!(previews_made(&server).await, made + 2);
     server.stop().await;
+
+    // With a tiny decoder, the same steps are drawn by it: other pictures, same sizes and steps.
+    let decoder = Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/fixtures/tiny-taesd");
+    let server = start_real(dir.path(), &["--preview-decoder", decoder.to_str().unwrap()]).await;
+    let blocker = submit(&server, body(30)).await;
+    let watched = submit(&server, body(12)).await;
+    let events = sse_events(&server, &format!("/v1/result/{watched}/events?previews=true")).await;
+    let (steps, decoded): (Vec<u64>, Vec<image::RgbImage>) = sse_pictures(&events).into_iter().unzip();
+    assert_eq!(steps, [3, 6, 9, 12]);
+    for (linear, decoded) in linear.iter().zip(&decoded) {
+        assert!(max_pixel_diff(linear, decoded) > 16, "the decoder's picture, not the linear map's");
+    }
+    assert_eq!(poll_final(&server, &blocker, None).await["status"], "done");
+    server.stop().await;
+}
+
+/// The previews of SSE events as (step, picture), each checked to be a 256x153 JPEG (a 320x192
+/// image with its longer side at 256) in a `progress` event.
+fn sse_pictures(events: &[(String, Value)]) -> Vec<(u64, image::RgbImage)> {
+    use base64::Engine;
+    let mut pictures = Vec::new();
+    for (name, event) in events {
+        let Some(url) = event["progress"]["preview"].as_str() else { continue };
+        assert_eq!(name, "progress");
+        let jpeg = base64::engine::general_purpose::STANDARD
+            .decode(url.strip_prefix("data:image/jpeg;base64,").unwrap())
+            .unwrap();
+        let picture = decode_jpeg(&jpeg);
+        assert_eq!(picture.dimensions(), (256, 153), "320x192 with its longer side at 256");
+        pictures.push((event["progress"]["step"].as_u64().unwrap(), picture));
+    }
+    pictures
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

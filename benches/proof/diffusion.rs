@@ -8,9 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use deskgen::core::request::DEFAULT_PREVIEW_EVERY;
-use deskgen::inference::diffusion::{
-    ControlUnit, GenerateParams, LatentPreview, SchedulerKind, StableDiffusion,
-};
+use deskgen::inference::diffusion::{ControlUnit, GenerateParams, SchedulerKind, StableDiffusion};
 use deskgen::inference::{Runtime, RuntimeConfig};
 use deskgen::pipeline::draw::preview_of;
 use serde_json::{Value, json};
@@ -287,20 +285,20 @@ fn batch(pipeline: &mut StableDiffusion, runs: usize) -> anyhow::Result<(Vec<Str
 /// (latents to RGB, resizing, JPEG) against the UNet's time in the same runs.
 fn previews(pipeline: &mut StableDiffusion, runs: usize) -> anyhow::Result<(Vec<String>, Value)> {
     let params = params();
-    let previewer = LatentPreview::of(pipeline.config()).context("the fixture's latents have a preview")?;
     let every = DEFAULT_PREVIEW_EVERY;
     let (mut shares, mut per_preview) = (Vec::new(), Vec::new());
     for run in 0..=runs {
         let (mut spent, mut made) = (0.0, 0u32);
-        let generated = pipeline.generate(&params, &mut |step| {
+        let generated = pipeline.generate(&params, &mut |mut step| {
             if step.done % every == 0 {
                 let started = Instant::now();
-                let preview = preview_of(&previewer, &step, SIZE, SIZE);
+                let preview = preview_of(&mut step, SIZE, SIZE);
                 spent += started.elapsed().as_secs_f64() * 1000.0;
-                made += u32::from(!preview.jpeg.is_empty());
+                made += u32::from(preview.is_some_and(|p| p.is_ok_and(|p| !p.jpeg.is_empty())));
             }
             ControlFlow::Continue(())
         })?;
+        anyhow::ensure!(made > 0, "the fixture's latents have no preview");
         // The first run warms up.
         if run > 0 {
             shares.push(spent / (generated.timings.unet_ms - spent));

@@ -430,6 +430,11 @@ pub struct PipelineFlags {
     /// stops start-up.
     #[arg(long = "controlnet", env = "DESKGEN_CONTROLNETS", value_delimiter = ',', value_parser = parse_controlnet)]
     controlnets: Vec<(String, PathBuf)>,
+    /// A TAESD-style tiny decoder (ONNX: DIR/model.onnx, or an optimum export's DIR/vae_decoder/)
+    /// that draws the default model's previews instead of the linear latent map; a model folder's
+    /// own `preview_decoder/` does the same for that model.
+    #[arg(long, env = "DESKGEN_PREVIEW_DECODER")]
+    preview_decoder: Option<PathBuf>,
     /// HED soft-edge model (ONNX, built by `make models`), which makes "softedge" control images
     /// from the photo; without the file, softedge units need their own image_url.
     #[arg(long, env = "DESKGEN_HED_MODEL", default_value = crate::inference::vision::DEFAULT_HED_MODEL)]
@@ -476,6 +481,7 @@ impl From<PipelineFlags> for PipelineConfig {
             lora_cache_size: f.lora_cache_size,
             max_lora_weight: f.max_lora_weight,
             controlnets: f.controlnets,
+            preview_decoder: f.preview_decoder,
             hed_model: f.hed_model,
             max_side: f.max_side,
             max_images: f.max_images,

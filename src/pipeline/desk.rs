@@ -50,6 +50,8 @@ pub struct PipelineConfig {
     /// ControlNets of the default model besides those in its folder's `controlnet/<type>/`, as
     /// (type, folder).
     pub controlnets: Vec<(String, PathBuf)>,
+    /// The tiny decoder of the default model's previews, besides a folder's own `preview_decoder/`.
+    pub preview_decoder: Option<PathBuf>,
     /// HED soft-edge model for "softedge" control images; skipped when the file is missing.
     pub hed_model: PathBuf,
     /// Largest image side in pixels: what a request may ask for, and the bound of the size a photo's
@@ -299,7 +301,8 @@ fn model_names(specs: &[SdModelSpec]) -> anyhow::Result<Vec<String>> {
 }
 
 /// Loads the model at an index of `config.sd_models` (its hub models already pulled to folders)
-/// with the adapters of `config.lora_dir`; the default model also gets `config.controlnets`.
+/// with the adapters of `config.lora_dir`; the default model also gets `config.controlnets` and
+/// `config.preview_decoder`.
 fn painter_loader(
     runtime: &Runtime,
     config: &PipelineConfig,
@@ -318,11 +321,13 @@ fn painter_loader(
         max_weight: config.max_lora_weight,
     };
     let (controlnets, max_side) = (config.controlnets.clone(), config.max_side);
+    let preview_decoder = config.preview_decoder.clone();
     Ok(Arc::new(move |index| {
         let spec = &specs[index];
         let options = PainterOptions {
             loras: loras.clone(),
             controlnets: if index == 0 { &controlnets } else { &[] },
+            preview_decoder: if index == 0 { preview_decoder.as_deref() } else { None },
             max_side,
         };
         Painter::load(&runtime, &spec.source, &options, store.clone())

@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use image::{ImageEncoder, RgbImage};
-use ndarray::Axis;
 
 use super::control::{Controls, Guidance};
 use super::shape::{SizeRule, shape_photo};
@@ -20,9 +19,7 @@ use crate::core::{
 };
 use crate::inference::diffusion::lora::LoraOptions;
 use crate::inference::diffusion::schedulers::img2img_start_index;
-use crate::inference::diffusion::{
-    DiffusionError, GenerateParams, LatentPreview, SchedulerKind, StableDiffusion, Step,
-};
+use crate::inference::diffusion::{DiffusionError, GenerateParams, SchedulerKind, StableDiffusion, Step};
 use crate::inference::{ExecutionProvider, ModelOwner, Runtime};
 use crate::storage::ObjectStore;
 
@@ -32,6 +29,8 @@ pub struct PainterOptions<'a> {
     pub loras: LoraOptions,
     /// ControlNets besides those in the model folder, as (type, folder).
     pub controlnets: &'a [(String, std::path::PathBuf)],
+    /// A tiny decoder for previews, replacing the folder's own.
+    pub preview_decoder: Option<&'a Path>,
     /// Largest image side in pixels.
     pub max_side: u32,
 }
@@ -82,6 +81,9 @@ impl Painter {
         let mut diffusion = StableDiffusion::load(runtime, dir)?;
         for (control_type, dir) in options.controlnets {
             diffusion.load_controlnet(control_type, dir)?;
+        }
+        if let Some(dir) = options.preview_decoder {
+            diffusion.load_preview_decoder(dir)?;
         }
         for rejected in diffusion.load_loras(&options.loras)? {
             tracing::warn!(path = %rejected.path.display(), error = %rejected.error, "LoRA adapter skipped");
@@ -230,16 +232,27 @@ impl Painter {
         let (generated, pngs, encode_ms) = self
             .diffusion
             .run(move |diffusion| {
-                let previewer = LatentPreview::of(diffusion.config()).filter(|_| batch.preview_every > 0);
                 let (width, height) = (params.width, params.height);
-                let generated = diffusion.generate_batch(&params, batch.count, &mut |step| {
+                let mut failed_preview = false;
+                let generated = diffusion.generate_batch(&params, batch.count, &mut |mut step| {
                     step_ctx.progress("diffusion", step.done, step.total);
-                    if let Some(previewer) = &previewer
+                    if batch.preview_every > 0
                         && step.done % batch.preview_every == 0
+                        && !failed_preview
                         && step_ctx.previews_wanted()
                     {
-                        step_ctx.preview(preview_of(previewer, &step, width, height));
-                        metrics::counter!("deskgen_previews_total").increment(1);
+                        match preview_of(&mut step, width, height) {
+                            Some(Ok(preview)) => {
+                                step_ctx.preview(preview);
+                                metrics::counter!("deskgen_previews_total").increment(1);
+                            }
+                            Some(Err(e)) => {
+                                // The image matters, not its previews: stop making them.
+                                tracing::warn!(task_id = step_ctx.id(), error = %e, "preview failed");
+                                failed_preview = true;
+                            }
+                            None => {}
+                        }
                     }
                     if step_ctx.check().is_err() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
                 })?;
@@ -306,11 +319,12 @@ struct Batch {
     preview_every: u32,
 }
 
-/// The JPEG preview of a step's first image, for a generation of `width` × `height`.
-pub fn preview_of(previewer: &LatentPreview, step: &Step<'_>, width: u32, height: u32) -> Preview {
+/// The JPEG preview of a step's first image, for a generation of `width` × `height`; `None` when
+/// the model's latents have no preview.
+pub fn preview_of(step: &mut Step<'_>, width: u32, height: u32) -> Option<Result<Preview, DiffusionError>> {
     let (width, height) = preview_size(width, height);
-    let picture = previewer.render(step.latents.index_axis(Axis(0), 0), step.sigma, width, height);
-    Preview { step: step.done, steps: step.total, jpeg: encode_jpeg(&picture) }
+    let picture = step.preview(width, height)?;
+    Some(picture.map(|picture| Preview { step: step.done, steps: step.total, jpeg: encode_jpeg(&picture) }))
 }
 
 /// A preview's size: the image's, scaled down so its longer side is at most

@@ -49,7 +49,7 @@ pub use pipeline::{
     Denoised, GenerateParams, Generated, MAX_BATCH, MAX_STEPS, PromptEmbeddings, StableDiffusion, Step,
     Timings,
 };
-pub use preview::LatentPreview;
+pub use preview::{LatentPreview, PreviewDecoder};
 pub use schedulers::{Scheduler, SchedulerKind, UnknownScheduler};
 pub use tokenizer::ClipTokenizer;
 pub use variant::{MANIFEST, resolve_variant};

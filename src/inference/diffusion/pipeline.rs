@@ -17,6 +17,7 @@ use super::controlnet::{
 use super::defaults::ModelDefaults;
 use super::lora::{LoraError, LoraLibrary, LoraOptions, MergedCache, MergedModels, ModelPart, RejectedLora};
 use super::noise::{BatchNoise, NoiseSource};
+use super::preview::{LatentPreview, PreviewDecoder, PreviewSource};
 use super::schedulers::{Scheduler, SchedulerKind, img2img_start_index};
 use super::tensor::ModelTensor;
 use super::text_encoder::TextEncoder;
@@ -44,6 +45,7 @@ pub struct StableDiffusion {
     vae_decoder: VaeHalf,
     loras: Option<Loras>,
     control: Option<Control>,
+    preview_decoder: Option<PreviewDecoder>,
 }
 
 /// The residual-input UNet and the ControlNets that feed it, sorted by control type.
@@ -127,7 +129,6 @@ pub struct Generated {
 }
 
 /// One finished denoising step, as `on_step` sees it.
-#[derive(Debug, Clone, Copy)]
 pub struct Step<'a> {
     /// Steps done, 1 to `total`.
     pub done: u32,
@@ -138,6 +139,17 @@ pub struct Step<'a> {
     /// The noise level they carry when the scheduler works in sigma (`x = x0 + sigma * noise`);
     /// `None` for the variance-preserving ones.
     pub sigma: Option<f32>,
+    previews: Option<PreviewSource<'a>>,
+}
+
+impl Step<'_> {
+    /// A picture of the first image's latents, `width` × `height`: the model's preview decoder's
+    /// when it has one, else the linear latent-to-RGB map; `None` when the latents have neither.
+    /// Made only when asked for.
+    pub fn preview(&mut self, width: u32, height: u32) -> Option<Result<RgbImage, DiffusionError>> {
+        let first = self.latents.index_axis(Axis(0), 0);
+        Some(self.previews.as_mut()?.render(first, self.sigma, width, height))
+    }
 }
 
 /// A generation before quantization to 8 bits, for comparing against reference tensors.
@@ -194,11 +206,28 @@ impl StableDiffusion {
             vae_decoder,
             loras: None,
             control: None,
+            preview_decoder: None,
         };
         for (control_type, net_dir) in bundled_controlnets(dir)? {
             pipeline.load_controlnet(&control_type, &net_dir)?;
         }
+        let bundled_preview = dir.join("preview_decoder");
+        if bundled_preview.is_dir() {
+            pipeline.load_preview_decoder(&bundled_preview)?;
+        }
         Ok(pipeline)
+    }
+
+    /// Draws previews with the TAESD-style tiny decoder in `dir` instead of the linear latent map.
+    pub fn load_preview_decoder(&mut self, dir: &Path) -> Result<(), DiffusionError> {
+        self.preview_decoder = Some(PreviewDecoder::load(&self.runtime.for_model("vae_decoder"), dir)?);
+        tracing::info!(dir = %dir.display(), "preview decoder loaded");
+        Ok(())
+    }
+
+    /// Whether previews come from a tiny decoder rather than the linear latent map.
+    pub fn has_preview_decoder(&self) -> bool {
+        self.preview_decoder.is_some()
     }
 
     /// Makes the ControlNet in `dir` (`dir/model.onnx`) available as `control_type`, replacing one
@@ -482,6 +511,7 @@ impl StableDiffusion {
             vae_decoder,
             loras,
             control,
+            preview_decoder,
         } = self;
         let mut timings = Timings::default();
         let started = Instant::now();
@@ -517,7 +547,8 @@ impl StableDiffusion {
             nets,
         });
         let unets = Unets { plain: active.unet, control };
-        let cost = run_steps(unets, embeddings, schedule, &mut latents, params, on_step)?;
+        let previews = Previews { decoder: preview_decoder.as_mut(), linear: LatentPreview::of(config) };
+        let cost = run_steps(unets, embeddings, schedule, &mut latents, params, previews, on_step)?;
         timings.unet_run_ms = cost.run_ms;
         timings.controlnet_ms = cost.controlnet_ms;
         timings.transfer_ms = cost.transfer_ms;
@@ -675,6 +706,13 @@ impl<'a> Steering<'a> {
     }
 }
 
+/// Where the steps' previews come from: the model's tiny decoder when it has one, else the linear
+/// latent map.
+struct Previews<'a> {
+    decoder: Option<&'a mut PreviewDecoder>,
+    linear: Option<LatentPreview>,
+}
+
 /// The denoising loop: one UNet prediction (both guidance rows at once) and one scheduler step per
 /// timestep from `schedule.start`, reporting each finished step to `on_step`.
 fn run_steps(
@@ -683,6 +721,7 @@ fn run_steps(
     schedule: Schedule<'_>,
     latents: &mut Array4<f32>,
     params: &GenerateParams,
+    mut previews: Previews<'_>,
     on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
 ) -> Result<StepsCost, DiffusionError> {
     let Schedule { scheduler, start, noise } = schedule;
@@ -725,7 +764,17 @@ fn run_steps(
             latents.mapv_inplace(|l| half::f16::from_f32(l).to_f32());
         }
         let sigma = scheduler.sigmas().and_then(|sigmas| sigmas.get(start + done + 1).copied());
-        let step = Step { done: done as u32 + 1, total: run.len() as u32, latents: latents.view(), sigma };
+        let source = match previews.decoder.as_deref_mut() {
+            Some(decoder) => Some(PreviewSource::Decoder(decoder)),
+            None => previews.linear.map(PreviewSource::Linear),
+        };
+        let step = Step {
+            done: done as u32 + 1,
+            total: run.len() as u32,
+            latents: latents.view(),
+            sigma,
+            previews: source,
+        };
         if on_step(step).is_break() {
             return Err(DiffusionError::Canceled);
         }

@@ -1,13 +1,80 @@
-//! Step previews without the VAE: each latent channel contributes a fixed colour, so a linear map
-//! of the four channels gives a rough RGB picture of the latents at a cost of a few multiplications
-//! per latent pixel. The factors are the published per-family approximations (as A1111's "Approx
-//! cheap" and ComfyUI's latent previews use); other latent layouts get no preview.
+//! Step previews without the VAE. With a TAESD-style tiny decoder (`preview_decoder/` beside the
+//! model, or one given at load) the latents are decoded by it. Without one, each latent channel
+//! contributes a fixed colour, so a linear map of the four channels gives a rough RGB picture at a
+//! cost of a few multiplications per latent pixel; the factors are the published per-family
+//! approximations (as A1111's "Approx cheap" and ComfyUI's latent previews use). Other latent
+//! layouts get no preview.
 
 use image::RgbImage;
 use image::imageops::FilterType;
-use ndarray::ArrayView3;
+use std::path::Path;
 
+use ndarray::{Array4, ArrayView3, ArrayView4, Axis};
+
+use super::DiffusionError;
 use super::config::{DiffusionConfig, ModelFamily};
+use super::vae::VaeHalf;
+use crate::inference::Runtime;
+
+/// A TAESD-style tiny decoder: `dir/model.onnx` (or an optimum export's `dir/vae_decoder/`),
+/// `latent_sample` → `sample`.
+pub struct PreviewDecoder {
+    half: VaeHalf,
+}
+
+impl PreviewDecoder {
+    /// Loads the decoder in `dir`.
+    pub fn load(runtime: &Runtime, dir: &Path) -> Result<PreviewDecoder, DiffusionError> {
+        Ok(PreviewDecoder { half: VaeHalf::preview_decoder(runtime, dir)? })
+    }
+
+    /// Pixels `[batch, 3, 8h, 8w]` in [-1, 1] for latents `[batch, 4, h, w]` in the UNet's space.
+    pub fn decode(&mut self, latents: ArrayView4<'_, f32>) -> Result<Array4<f32>, DiffusionError> {
+        self.half.decode(latents)
+    }
+}
+
+/// How a model's previews are drawn.
+pub(crate) enum PreviewSource<'a> {
+    /// The linear latent-to-RGB map.
+    Linear(LatentPreview),
+    /// The model's tiny decoder.
+    Decoder(&'a mut PreviewDecoder),
+}
+
+impl PreviewSource<'_> {
+    /// The picture of one image's latents `[4, h, w]` at `sigma`'s noise level, `width` × `height`.
+    pub(crate) fn render(
+        &mut self,
+        latents: ArrayView3<'_, f32>,
+        sigma: Option<f32>,
+        width: u32,
+        height: u32,
+    ) -> Result<RgbImage, DiffusionError> {
+        match self {
+            PreviewSource::Linear(linear) => Ok(linear.render(latents, sigma, width, height)),
+            PreviewSource::Decoder(decoder) => {
+                let scale = unit_variance(sigma);
+                let decoded = decoder.decode(latents.mapv(|l| l * scale).insert_axis(Axis(0)).view())?;
+                let (_, _, rows, cols) = decoded.dim();
+                let image = RgbImage::from_fn(cols as u32, rows as u32, |x, y| {
+                    image::Rgb(std::array::from_fn(|c| to_u8(decoded[[0, c, y as usize, x as usize]])))
+                });
+                Ok(image::imageops::resize(&image, width.max(1), height.max(1), FilterType::Triangle))
+            }
+        }
+    }
+}
+
+/// What a sample at `sigma`'s noise level is multiplied by to have unit variance again.
+fn unit_variance(sigma: Option<f32>) -> f32 {
+    sigma.map_or(1.0, |s| 1.0 / (s * s + 1.0).sqrt())
+}
+
+/// A value in [-1, 1] as an 8-bit channel.
+fn to_u8(value: f32) -> u8 {
+    (((value + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).round() as u8
+}
 
 /// RGB contribution of each of SD 1.x / 2.x's four latent channels.
 const SD_FACTORS: [[f32; 3]; 4] = [
@@ -54,7 +121,7 @@ impl LatentPreview {
         width: u32,
         height: u32,
     ) -> RgbImage {
-        let scale = sigma.map_or(1.0, |s| 1.0 / (s * s + 1.0).sqrt());
+        let scale = unit_variance(sigma);
         let (_, rows, cols) = latents.dim();
         let small = RgbImage::from_fn(cols as u32, rows as u32, |x, y| {
             let mut rgb = [0.0f32; 3];
@@ -64,7 +131,7 @@ impl LatentPreview {
                     *sum += value * factor;
                 }
             }
-            image::Rgb(rgb.map(|c| (((c + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).round() as u8))
+            image::Rgb(rgb.map(to_u8))
         });
         image::imageops::resize(&small, width.max(1), height.max(1), FilterType::Triangle)
     }

@@ -31,6 +31,18 @@ impl VaeHalf {
         VaeHalf::load(runtime, dir, "vae_decoder", "latent_sample", "sample")
     }
 
+    /// A TAESD-style tiny decoder for previews: `dir/model.onnx`, or an optimum export's
+    /// `dir/vae_decoder/model.onnx`; `latent_sample` (the UNet's latents as they are: such decoders
+    /// have no scaling factor) → `sample` in [-1, 1].
+    pub(crate) fn preview_decoder(runtime: &Runtime, dir: &Path) -> Result<VaeHalf, DiffusionError> {
+        let file = if dir.join("vae_decoder/model.onnx").is_file() {
+            "vae_decoder/model.onnx"
+        } else {
+            "model.onnx"
+        };
+        VaeHalf::load_file(runtime, dir, file, "preview_decoder", "latent_sample", "sample")
+    }
+
     fn load(
         runtime: &Runtime,
         dir: &Path,
@@ -38,7 +50,18 @@ impl VaeHalf {
         input: &'static str,
         output: &'static str,
     ) -> Result<VaeHalf, DiffusionError> {
-        let path = required_file(dir, &format!("{model}/model.onnx"))?;
+        VaeHalf::load_file(runtime, dir, &format!("{model}/model.onnx"), model, input, output)
+    }
+
+    fn load_file(
+        runtime: &Runtime,
+        dir: &Path,
+        file: &str,
+        model: &'static str,
+        input: &'static str,
+        output: &'static str,
+    ) -> Result<VaeHalf, DiffusionError> {
+        let path = required_file(dir, file)?;
         let session = runtime.session(&path)?;
         if !session.outputs().iter().any(|o| o.name() == output) {
             return Err(config_error(&path, format!("the model has no output named {output:?}")));
