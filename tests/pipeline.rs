@@ -373,7 +373,7 @@ async fn watchers_who_ask_get_previews_and_nobody_else_costs_any() {
     let mut grpc_steps = Vec::new();
     while let Some(message) = stream.message().await.unwrap() {
         if let Some(progress) = message.progress.filter(|p| !p.preview.is_empty()) {
-            assert_eq!(decode_jpeg(&progress.preview).dimensions(), (256, 153));
+            assert_eq!(decode_jpeg(&progress.preview).dimensions(), (160, 96));
             grpc_steps.push(progress.step);
         }
     }
@@ -397,8 +397,8 @@ async fn watchers_who_ask_get_previews_and_nobody_else_costs_any() {
     server.stop().await;
 }
 
-/// The previews of SSE events as (step, picture), each checked to be a 256x153 JPEG (a 320x192
-/// image with its longer side at 256) in a `progress` event.
+/// The previews of SSE events as (step, picture), each checked to be a 160x96 JPEG (half the
+/// 320x192 image) in a `progress` event.
 fn sse_pictures(events: &[(String, Value)]) -> Vec<(u64, image::RgbImage)> {
     use base64::Engine;
     let mut pictures = Vec::new();
@@ -409,7 +409,7 @@ fn sse_pictures(events: &[(String, Value)]) -> Vec<(u64, image::RgbImage)> {
             .decode(url.strip_prefix("data:image/jpeg;base64,").unwrap())
             .unwrap();
         let picture = decode_jpeg(&jpeg);
-        assert_eq!(picture.dimensions(), (256, 153), "320x192 with its longer side at 256");
+        assert_eq!(picture.dimensions(), (160, 96), "half the 320x192 image");
         pictures.push((event["progress"]["step"].as_u64().unwrap(), picture));
     }
     pictures

@@ -196,7 +196,7 @@ pub struct Preview {
     pub jpeg: bytes::Bytes,
 }
 
-/// Longest side of a preview in pixels (never larger than the image itself).
+/// Longest side of a preview in pixels (which is otherwise half the image's size).
 pub const PREVIEW_MAX_SIDE: u32 = 256;
 
 fn one_image() -> u32 {

@@ -327,15 +327,12 @@ pub fn preview_of(step: &mut Step<'_>, width: u32, height: u32) -> Option<Result
     Some(picture.map(|picture| Preview { step: step.done, steps: step.total, jpeg: encode_jpeg(&picture) }))
 }
 
-/// A preview's size: the image's, scaled down so its longer side is at most
-/// [`PREVIEW_MAX_SIDE`].
+/// A preview's size: half the image's, and smaller still where that would make its longer side
+/// more than [`PREVIEW_MAX_SIDE`]; the shape is kept.
 fn preview_size(width: u32, height: u32) -> (u32, u32) {
-    let longer = width.max(height);
-    if longer <= PREVIEW_MAX_SIDE {
-        return (width, height);
-    }
-    let scale =
-        |side: u32| ((u64::from(side) * u64::from(PREVIEW_MAX_SIDE)) / u64::from(longer)).max(1) as u32;
+    let longer = u64::from(width.max(height)).max(1);
+    let target = (longer / 2).clamp(1, u64::from(PREVIEW_MAX_SIDE));
+    let scale = |side: u32| ((u64::from(side) * target) / longer).max(1) as u32;
     (scale(width), scale(height))
 }
 
@@ -388,4 +385,18 @@ fn dir_size(dir: &Path) -> u64 {
             _ => entry.metadata().map(|m| m.len()).unwrap_or(0),
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn previews_are_half_the_image_and_at_most_256_on_the_longer_side() {
+        assert_eq!(preview_size(256, 256), (128, 128));
+        assert_eq!(preview_size(320, 192), (160, 96));
+        assert_eq!(preview_size(512, 512), (256, 256));
+        assert_eq!(preview_size(1024, 768), (256, 192));
+        assert_eq!(preview_size(1, 1), (1, 1));
+    }
 }

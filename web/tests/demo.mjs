@@ -390,7 +390,7 @@ const scenarios = {
     const progress = await submit(page);
     const previewSizes = await page.evaluate(() => window.previewSizes);
     assert.ok(previewSizes.length >= 1, "the picture is shown while it is drawn");
-    for (const size of previewSizes) assert.deepEqual(size, [256, 199], "a preview of the 288x224 image");
+    for (const size of previewSizes) assert.deepEqual(size, [144, 112], "half the 288x224 image");
     assert.equal(await page.locator("#progress-preview").isHidden(), true, "gone with the result");
     assert.equal(await page.locator("#error").isHidden(), true, `no error expected: ${await errorText(page)}`);
     assert.ok(progress.some((t) => t.startsWith("Drawing the new setup")), `progress seen: ${progress}`);
