@@ -334,11 +334,15 @@ pub fn watched_updates(
                 preview = next_preview(&mut watching.previews) => Some(preview),
             };
             if let Some(preview) = preview {
-                // The progress beside a preview is the step it was made at.
-                let mut record = watching.updates.borrow().clone();
-                record.progress =
-                    Some(Progress { stage: "diffusion".into(), step: preview.step, steps: preview.steps });
-                return Some(((record, Some(preview)), Some(watching)));
+                let record = watching.updates.borrow().clone();
+                // A preview that comes after the task ended is dropped: the final state is next.
+                if !record.status.is_final() {
+                    // The progress beside a preview is the step it was made at.
+                    let progress =
+                        Progress { stage: "diffusion".into(), step: preview.step, steps: preview.steps };
+                    let record = TaskRecord { progress: Some(progress), ..record };
+                    return Some(((record, Some(preview)), Some(watching)));
+                }
             }
         }
         let record = watching.updates.borrow_and_update().clone();
@@ -411,4 +415,43 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
 /// Wraps `router` with request metrics.
 pub fn with_request_metrics(router: Router) -> Router {
     router.layer(middleware::from_fn(track_requests))
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+    use crate::core::GenerateRequest;
+    use crate::tasks::TaskStatus;
+
+    fn preview(step: u32) -> Preview {
+        Preview { step, steps: 10, jpeg: Bytes::from_static(b"jpeg") }
+    }
+
+    #[tokio::test]
+    async fn previews_come_between_states_at_their_step_and_never_after_the_end() {
+        // The stream picks among ready events at random: repeat so both orders are seen.
+        for _ in 0..20 {
+            let mut record = TaskRecord::new("t".into(), GenerateRequest::a_desk(1));
+            record.status = TaskStatus::Processing;
+            record.progress = Some(Progress { stage: "diffusion".into(), step: 7, steps: 10 });
+            let (states, updates) = watch::channel(record.clone());
+            let (previews, receiver) = broadcast::channel(4);
+            let mut stream = Box::pin(watched_updates(updates, Some(receiver)));
+            assert_eq!(stream.next().await.unwrap(), (record.clone(), None));
+
+            previews.send(preview(5)).unwrap();
+            let (state, shown) = stream.next().await.unwrap();
+            assert_eq!(shown, Some(preview(5)));
+            assert_eq!(state.progress.unwrap().step, 5, "the step the preview shows");
+
+            record.status = TaskStatus::Done;
+            states.send_replace(record.clone());
+            previews.send(preview(10)).unwrap();
+            let (state, shown) = stream.next().await.unwrap();
+            assert_eq!((state.status, shown), (TaskStatus::Done, None));
+            assert!(stream.next().await.is_none(), "nothing after the final state");
+        }
+    }
 }
