@@ -133,6 +133,7 @@ fn info() -> PipelineInfo {
                 from_photo: true,
             }],
             default_control: None,
+            previews: "linear".into(),
         }],
         max_lora_weight: MAX_LORA_WEIGHT,
         negative_prompt: String::new(),

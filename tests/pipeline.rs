@@ -341,6 +341,9 @@ async fn watchers_who_ask_get_previews_and_nobody_else_costs_any() {
                "seed": 3, "preview_every": 3})
     };
 
+    let info: Value = reqwest::get(server.url("/info")).await.unwrap().json().await.unwrap();
+    assert_eq!(info["sd_models"][0]["previews"], "linear");
+
     // Nobody watches: no preview is made.
     let alone = poll_final(&server, &submit(&server, body(12)).await, None).await;
     assert_eq!(alone["status"], "done", "{alone}");
@@ -385,6 +388,8 @@ async fn watchers_who_ask_get_previews_and_nobody_else_costs_any() {
     // With a tiny decoder, the same steps are drawn by it: other pictures, same sizes and steps.
     let decoder = Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/fixtures/tiny-taesd");
     let server = start_real(dir.path(), &["--preview-decoder", decoder.to_str().unwrap()]).await;
+    let info: Value = reqwest::get(server.url("/info")).await.unwrap().json().await.unwrap();
+    assert_eq!(info["sd_models"][0]["previews"], "decoder");
     let blocker = submit(&server, body(30)).await;
     let watched = submit(&server, body(12)).await;
     let events = sse_events(&server, &format!("/v1/result/{watched}/events?previews=true")).await;

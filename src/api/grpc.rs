@@ -151,6 +151,7 @@ impl From<SdModelEntry> for pb::SdModel {
             scheduler_max_steps: m.scheduler_max_steps.into_iter().collect(),
             loras: m.loras.into_iter().map(pb::LoraInfo::from).collect(),
             controlnets: m.controlnets.into_iter().map(pb::ControlNetInfo::from).collect(),
+            previews: m.previews,
             default_control: m.default_control.map(pb::DefaultControl::from),
             loaded,
         }

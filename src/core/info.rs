@@ -101,6 +101,9 @@ pub struct SdModelInfo {
     /// The control desk photos get by default; none when the model has no ControlNet of the
     /// configured type.
     pub default_control: Option<DefaultControl>,
+    /// How its previews are drawn: "decoder" (a tiny decoder), "linear" (the latent-to-RGB map)
+    /// or "none".
+    pub previews: String,
 }
 
 /// What the pipeline offers, for /info and for request defaults.

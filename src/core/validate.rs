@@ -509,6 +509,7 @@ mod tests {
                 ControlNetInfo { control_type: "softedge".into(), from_photo: false },
             ],
             default_control: None,
+            previews: "linear".into(),
         }
     }
 

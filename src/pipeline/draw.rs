@@ -19,7 +19,9 @@ use crate::core::{
 };
 use crate::inference::diffusion::lora::LoraOptions;
 use crate::inference::diffusion::schedulers::img2img_start_index;
-use crate::inference::diffusion::{DiffusionError, GenerateParams, SchedulerKind, StableDiffusion, Step};
+use crate::inference::diffusion::{
+    DiffusionError, GenerateParams, LatentPreview, SchedulerKind, StableDiffusion, Step,
+};
 use crate::inference::{ExecutionProvider, ModelOwner, Runtime};
 use crate::storage::ObjectStore;
 
@@ -57,6 +59,8 @@ pub struct Painter {
     pub default_guidance: f32,
     /// The most steps a scheduler runs on this model, for those with a bound (LCM).
     pub scheduler_max_steps: BTreeMap<String, u32>,
+    /// How its previews are drawn: "decoder", "linear" or "none".
+    pub previews: &'static str,
     /// Where generated PNGs are stored.
     pub store: Arc<dyn ObjectStore>,
 }
@@ -112,6 +116,11 @@ impl Painter {
             default_steps: diffusion.defaults().num_inference_steps.unwrap_or(DEFAULT_STEPS),
             default_guidance: diffusion.defaults().guidance_scale.unwrap_or(DEFAULT_GUIDANCE),
             scheduler_max_steps: scheduler_max_steps(&diffusion),
+            previews: match (diffusion.has_preview_decoder(), LatentPreview::of(diffusion.config())) {
+                (true, _) => "decoder",
+                (false, Some(_)) => "linear",
+                (false, None) => "none",
+            },
             diffusion: ModelOwner::spawn("diffusion", diffusion)?,
             store,
         })
@@ -138,6 +147,7 @@ impl Painter {
             loras: self.loras.clone(),
             controlnets: controls.info(&self.control_types),
             default_control: controls.default_info(&self.control_types),
+            previews: self.previews.to_string(),
         }
     }
 

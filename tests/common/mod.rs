@@ -130,6 +130,7 @@ impl Pipeline for ScriptedPipeline {
                 loras: vec![],
                 controlnets: vec![],
                 default_control: None,
+                previews: "none".into(),
             }],
             max_lora_weight: 2.0,
             negative_prompt: "blurry".into(),
