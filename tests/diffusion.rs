@@ -835,9 +835,9 @@ fn steps_draw_previews_with_the_model_s_decoder_or_the_linear_map() {
     };
     let linear = previews(&mut sd15());
     let mut decoded = StableDiffusion::load(&runtime(), fixtures().join("tiny-sd15")).unwrap();
-    assert!(!decoded.has_preview_decoder());
+    assert_eq!(decoded.preview_kind(), "linear");
     decoded.load_preview_decoder(&fixtures().join("tiny-taesd")).unwrap();
-    assert!(decoded.has_preview_decoder());
+    assert_eq!(decoded.preview_kind(), "decoder");
     let with_decoder = previews(&mut decoded);
     assert_eq!((linear.dimensions(), with_decoder.dimensions()), ((48, 32), (48, 32)));
     assert_ne!(linear.as_raw(), with_decoder.as_raw(), "the decoder draws its own picture");

@@ -240,10 +240,8 @@ impl AppState {
     ) -> Result<(watch::Receiver<TaskRecord>, Option<broadcast::Receiver<Preview>>), ApiError> {
         let updates = self.watch(task_id).await?;
         let running = !updates.borrow().status.is_final();
-        let previews = match previews && running {
-            true => Some(self.queue.watch_previews(task_id).await),
-            false => None,
-        };
+        let previews =
+            if previews && running { Some(self.queue.watch_previews(task_id).await) } else { None };
         Ok((updates, previews))
     }
 

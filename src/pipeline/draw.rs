@@ -19,9 +19,7 @@ use crate::core::{
 };
 use crate::inference::diffusion::lora::LoraOptions;
 use crate::inference::diffusion::schedulers::img2img_start_index;
-use crate::inference::diffusion::{
-    DiffusionError, GenerateParams, LatentPreview, SchedulerKind, StableDiffusion, Step,
-};
+use crate::inference::diffusion::{DiffusionError, GenerateParams, SchedulerKind, StableDiffusion, Step};
 use crate::inference::{ExecutionProvider, ModelOwner, Runtime};
 use crate::storage::ObjectStore;
 
@@ -116,11 +114,7 @@ impl Painter {
             default_steps: diffusion.defaults().num_inference_steps.unwrap_or(DEFAULT_STEPS),
             default_guidance: diffusion.defaults().guidance_scale.unwrap_or(DEFAULT_GUIDANCE),
             scheduler_max_steps: scheduler_max_steps(&diffusion),
-            previews: match (diffusion.has_preview_decoder(), LatentPreview::of(diffusion.config())) {
-                (true, _) => "decoder",
-                (false, Some(_)) => "linear",
-                (false, None) => "none",
-            },
+            previews: diffusion.preview_kind(),
             diffusion: ModelOwner::spawn("diffusion", diffusion)?,
             store,
         })

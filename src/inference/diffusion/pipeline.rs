@@ -225,9 +225,14 @@ impl StableDiffusion {
         Ok(())
     }
 
-    /// Whether previews come from a tiny decoder rather than the linear latent map.
-    pub fn has_preview_decoder(&self) -> bool {
-        self.preview_decoder.is_some()
+    /// How steps draw their previews: "decoder" (the tiny decoder, which wins), "linear" (the
+    /// latent-to-RGB map) or "none" (latents neither knows).
+    pub fn preview_kind(&self) -> &'static str {
+        match (&self.preview_decoder, LatentPreview::of(&self.config)) {
+            (Some(_), _) => "decoder",
+            (None, Some(_)) => "linear",
+            (None, None) => "none",
+        }
     }
 
     /// Makes the ControlNet in `dir` (`dir/model.onnx`) available as `control_type`, replacing one
