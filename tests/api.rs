@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{ScriptedPipeline, poll_final, serve_config, start};
+use common::{ScriptedPipeline, poll_final, serve_config, sse_events, start};
 use deskgen::api::grpc::pb;
 use prost::Message;
 use serde_json::{Value, json};
@@ -581,21 +581,7 @@ async fn server_sent_events_stream_progress_then_the_result() {
     let server = start(serve_config(dir.path(), &[]), ScriptedPipeline::new(4, 20)).await;
     let (_, body) = post(&server, "/v1/generate", json!({"prompt": "desk"})).await;
     let task_id = body["task_id"].as_str().unwrap();
-    let text = reqwest::get(server.url(&format!("/v1/result/{task_id}/events")))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let events: Vec<(&str, Value)> = text
-        .split("\n\n")
-        .filter(|chunk| chunk.contains("data:"))
-        .map(|chunk| {
-            let name = chunk.lines().find_map(|l| l.strip_prefix("event:")).unwrap().trim();
-            let data = chunk.lines().find_map(|l| l.strip_prefix("data:")).unwrap().trim();
-            (name, serde_json::from_str(data).unwrap())
-        })
-        .collect();
+    let events = sse_events(&server, &format!("/v1/result/{task_id}/events")).await;
     let (last_name, last) = events.last().unwrap();
     assert_eq!(*last_name, "result");
     assert_eq!(last["status"], "done");

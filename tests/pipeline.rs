@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{TestServer, darknet, photo_host, poll_final, start_real};
+use common::{TestServer, darknet, photo_host, poll_final, sse_events, start_real};
 use serde_json::{Value, json};
 
 async fn submit(server: &TestServer, body: Value) -> String {
@@ -311,19 +311,6 @@ async fn previews_made(server: &TestServer) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix("deskgen_previews_total "))
         .map_or(0, |v| v.trim().parse().unwrap())
-}
-
-/// The JSON of every SSE event of a stream, with its name.
-async fn sse_events(server: &TestServer, path: &str) -> Vec<(String, Value)> {
-    let text = reqwest::get(server.url(path)).await.unwrap().text().await.unwrap();
-    text.split("\n\n")
-        .filter(|chunk| chunk.contains("data:"))
-        .map(|chunk| {
-            let name = chunk.lines().find_map(|l| l.strip_prefix("event:")).unwrap().trim().to_string();
-            let data = chunk.lines().find_map(|l| l.strip_prefix("data:")).unwrap().trim();
-            (name, serde_json::from_str(data).unwrap())
-        })
-        .collect()
 }
 
 fn decode_jpeg(bytes: &[u8]) -> image::RgbImage {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use common::{ScriptedPipeline, TestServer, poll_final, serve_config, start};
+use common::{ScriptedPipeline, TestServer, poll_final, serve_config, sse_events, start};
 use deskgen::api::grpc::pb;
 use deskgen::config::{Cli, WorkerConfig};
 use deskgen::pipeline::Pipeline;
@@ -271,16 +271,7 @@ async fn submit_on_one_api_node_and_follow_it_on_another() {
 
     let (status, body) = submit(&node_a, json!({"prompt": "desk", "task_id": "shared-1", "seed": 5})).await;
     assert_eq!((status, body["status"].as_str()), (202, Some("queued")), "{body}");
-    let text = reqwest::get(node_b.url("/v1/result/shared-1/events")).await.unwrap().text().await.unwrap();
-    let events: Vec<(String, Value)> = text
-        .split("\n\n")
-        .filter(|chunk| chunk.contains("data:"))
-        .map(|chunk| {
-            let name = chunk.lines().find_map(|l| l.strip_prefix("event:")).unwrap().trim().to_string();
-            let data = chunk.lines().find_map(|l| l.strip_prefix("data:")).unwrap().trim();
-            (name, serde_json::from_str(data).unwrap())
-        })
-        .collect();
+    let events = sse_events(&node_b, "/v1/result/shared-1/events").await;
     let steps: Vec<u64> = events
         .iter()
         .filter(|(name, e)| name == "progress" && e["progress"]["stage"] == "diffusion")
@@ -324,11 +315,9 @@ async fn submit_on_one_api_node_and_follow_it_on_another() {
 /// The previews of an SSE stream: (step, JPEG grey level), and whether the stream ended done.
 async fn sse_previews(server: &TestServer, path: &str) -> (Vec<(u64, u8)>, bool) {
     use base64::Engine;
-    let text = reqwest::get(server.url(path)).await.unwrap().text().await.unwrap();
     let mut previews = Vec::new();
     let mut done = false;
-    for data in text.lines().filter_map(|l| l.strip_prefix("data:")) {
-        let event: Value = serde_json::from_str(data.trim()).unwrap();
+    for (_, event) in sse_events(server, path).await {
         done |= event["status"] == "done";
         let Some(url) = event["progress"]["preview"].as_str() else { continue };
         let jpeg = base64::engine::general_purpose::STANDARD

@@ -226,6 +226,19 @@ pub async fn post_generate(
     (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
 
+/// Reads a whole Server-Sent Events stream at `path`: each event's name and JSON data.
+pub async fn sse_events(server: &TestServer, path: &str) -> Vec<(String, serde_json::Value)> {
+    let text = reqwest::get(server.url(path)).await.unwrap().text().await.unwrap();
+    text.split("\n\n")
+        .filter(|chunk| chunk.contains("data:"))
+        .map(|chunk| {
+            let name = chunk.lines().find_map(|l| l.strip_prefix("event:")).unwrap().trim().to_string();
+            let data = chunk.lines().find_map(|l| l.strip_prefix("data:")).unwrap().trim();
+            (name, serde_json::from_str(data).unwrap())
+        })
+        .collect()
+}
+
 /// Polls REST until the task reaches a final state.
 pub async fn poll_final(server: &TestServer, task_id: &str, key: Option<&str>) -> serde_json::Value {
     let client = reqwest::Client::new();
