@@ -270,7 +270,7 @@ pub async fn generate(command: GenerateCommand, out: &mut impl Write) -> anyhow:
             return Ok(EXIT_BAD_INPUT);
         }
     };
-    let mut record = TaskRecord::new(task_id.unwrap_or_else(new_task_id), request);
+    let mut record = TaskRecord::new(task_id.unwrap_or_else(new_task_id), request, String::new());
     let (ctx, updates) = RunContext::new(
         record.task_id.clone(),
         CancellationToken::new(),

@@ -18,6 +18,15 @@ async fn post(server: &common::TestServer, path: &str, body: Value) -> (u16, Val
 }
 
 #[tokio::test]
+async fn priorities_and_turns_on_the_embedded_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = ScriptedPipeline::new(1, 1);
+    let server = start(serve_config(dir.path(), &common::PRIORITY_KEYS), pipeline.clone()).await;
+    common::priorities_and_turns(&server, &pipeline).await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn rest_submit_and_poll_returns_the_product_spec_shape() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(serve_config(dir.path(), &[]), ScriptedPipeline::new(3, 5)).await;

@@ -367,6 +367,18 @@ async fn previews_travel_from_the_worker_to_the_node_that_watches() {
 }
 
 #[tokio::test]
+async fn priorities_and_turns_hold_across_nodes() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = api_node(&redis, &dir, &common::PRIORITY_KEYS).await;
+    let pipeline = ScriptedPipeline::new(1, 1);
+    let worker = WorkerNode::start(&redis, "fair", &["--workers", "1"], pipeline.clone()).await;
+    common::priorities_and_turns(&node, &pipeline).await;
+    worker.stop().await;
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn a_killed_workers_task_is_taken_over_and_finishes_once() {
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();

@@ -8,6 +8,7 @@ use futures::{Stream, StreamExt};
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
+use super::auth::Caller;
 use super::errors::ApiError;
 use super::{AppState, SdModelEntry};
 use crate::core::request::{
@@ -35,8 +36,13 @@ use pb::result_server::Result as ResultService;
 
 /// Rejects calls without a valid `authorization: Bearer <key>` metadata entry.
 pub fn check_auth(state: &AppState, request: &Request<()>) -> Result<(), Status> {
-    let value = request.metadata().get("authorization").map(|v| v.as_bytes());
-    if state.keys.allows(value) { Ok(()) } else { Err(ApiError::Unauthenticated.into()) }
+    caller(state, request.metadata()).map(drop)
+}
+
+/// The caller the `authorization` metadata entry names.
+fn caller(state: &AppState, metadata: &tonic::metadata::MetadataMap) -> Result<Caller, Status> {
+    let value = metadata.get("authorization").map(|v| v.as_bytes());
+    state.keys.caller(value).ok_or_else(|| ApiError::Unauthenticated.into())
 }
 
 /// Implements all three services over the shared state.
@@ -62,6 +68,10 @@ fn status(s: tasks::TaskStatus) -> pb::TaskStatus {
     }
 }
 
+fn as_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
 }
@@ -84,6 +94,7 @@ impl From<pb::GenerateRequest> for GenerateInput {
             model: r.model,
             num_images: r.num_images.map(i64::from),
             preview_every: r.preview_every.map(i64::from),
+            priority: r.priority,
             loras: (!r.loras.is_empty()).then(|| {
                 r.loras
                     .into_iter()
@@ -191,6 +202,7 @@ impl From<&TaskRecord> for pb::TaskResult {
             initial_image_url: output.initial_image_url,
             processed_image_url: output.processed_image_url,
             processed_image_urls: output.processed_image_urls,
+            queue_position: None,
             is_desk: output.is_desk,
             caption: output.caption,
             detected_items: output
@@ -248,6 +260,7 @@ impl Generate for GrpcApi {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let caller = caller(&self.state, request.metadata())?;
         let mut request = request.into_inner();
         let photo = request.initial_image.take().map(Bytes::from);
         // The decoder's limit leaves room for a photo; the rest of the message keeps the usual one,
@@ -259,7 +272,7 @@ impl Generate for GrpcApi {
                 self.state.max_body_bytes
             )));
         }
-        let record = self.state.submit(request.into(), photo).await?;
+        let record = self.state.submit(request.into(), photo, &caller).await?;
         Ok(Response::new(pb::GenerateResponse {
             task_id: record.task_id,
             status: status(record.status) as i32,
@@ -289,7 +302,9 @@ impl ResultService for GrpcApi {
     ) -> Result<Response<pb::TaskResult>, Status> {
         let task_id = request.into_inner().task_id;
         let record = self.state.get(&task_id).await?;
-        Ok(Response::new((&record).into()))
+        let mut result = pb::TaskResult::from(&record);
+        result.queue_position = super::queue_position(self.state.queue.as_ref(), &record).await.map(as_u32);
+        Ok(Response::new(result))
     }
 
     type WatchResultStream = ResultStream;
@@ -300,9 +315,11 @@ impl ResultService for GrpcApi {
     ) -> Result<Response<Self::WatchResultStream>, Status> {
         let request = request.into_inner();
         let (updates, previews) = self.state.watch_with_previews(&request.task_id, request.previews).await?;
-        let stream = super::watched_updates(updates, previews).map(|(record, preview)| {
-            let mut result = pb::TaskResult::from(&record);
-            if let (Some(progress), Some(preview)) = (result.progress.as_mut(), preview) {
+        let queue = self.state.queue.clone();
+        let stream = super::watched_updates(updates, previews, queue).map(|watched| {
+            let mut result = pb::TaskResult::from(&watched.record);
+            result.queue_position = watched.queue_position.map(as_u32);
+            if let (Some(progress), Some(preview)) = (result.progress.as_mut(), watched.preview) {
                 progress.preview = preview.jpeg.to_vec();
             }
             Ok(result)

@@ -24,7 +24,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
-use self::auth::ApiKeys;
+use self::auth::{ApiKeys, Caller};
 use self::errors::ApiError;
 use crate::core::request::{
     DEFAULT_GUIDANCE, DEFAULT_IMAGES, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH,
@@ -37,7 +37,7 @@ use crate::core::{
 use crate::intake::{Intake, IntakeError, Photo};
 use crate::pipeline::{Pipeline, Services};
 use crate::storage::StorageError;
-use crate::tasks::{TaskQueue, TaskRecord};
+use crate::tasks::{TaskQueue, TaskRecord, TaskStatus};
 use crate::webhook::WebhookSender;
 
 /// The size rule as /info states it.
@@ -152,11 +152,13 @@ impl AppState {
     }
 
     /// Validates and queues a request; a photo sent inline (`photo`) is checked first and stored
-    /// once the request is known to be valid, and the task reads it from the store.
+    /// once the request is known to be valid, and the task reads it from the store. A priority
+    /// above the caller's ceiling is refused.
     pub async fn submit(
         &self,
         mut input: GenerateInput,
         photo: Option<Bytes>,
+        caller: &Caller,
     ) -> Result<TaskRecord, ApiError> {
         let info = self.pipeline_info().ok_or(ApiError::NotReady)?;
         let photo = match photo {
@@ -165,6 +167,13 @@ impl AppState {
         };
         input.stored_photo = photo.as_ref().map(|p| p.key.clone());
         let (task_id, request) = validate::validate(input, &self.limits, info)?;
+        if request.priority < caller.max_priority {
+            return Err(ApiError::Forbidden(format!(
+                "This API key may ask for priority {} at most; this request asks for {}.",
+                caller.max_priority.as_str(),
+                request.priority.as_str()
+            )));
+        }
         if let Some(url) = &request.webhook_url
             && let Err(e) = self.webhooks.check_url(url).await
         {
@@ -176,7 +185,7 @@ impl AppState {
         } else if let Some(PhotoSource::Url(url)) = &request.photo {
             self.check_stored_photo(url).await?;
         }
-        let (record, _created) = self.queue.submit(task_id, request).await?;
+        let (record, _created) = self.queue.submit(task_id, request, caller.client.clone()).await?;
         Ok(record)
     }
 
@@ -307,45 +316,90 @@ impl AppState {
     }
 }
 
+/// How often a stream of a queued task looks whether its place changed.
+const POSITION_POLL: Duration = Duration::from_secs(1);
+
+/// One message of a watched task's stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Watched {
+    /// The task's state (with a preview: the step it was made at as progress).
+    pub record: TaskRecord,
+    /// A preview of the running image, when this message brings one.
+    pub preview: Option<Preview>,
+    /// Where the task stands while queued: 1 starts next.
+    pub queue_position: Option<usize>,
+}
+
+/// Where a queued task stands (1 starts next); none for a task that is not queued, or when the
+/// backend cannot tell right now.
+pub async fn queue_position(queue: &dyn TaskQueue, record: &TaskRecord) -> Option<usize> {
+    if record.status != TaskStatus::Queued {
+        return None;
+    }
+    queue.queue_position(&record.task_id).await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, task_id = %record.task_id, "cannot tell the task's place in the queue");
+        None
+    })
+}
+
 /// Every state a task passes through from now on, ending with its final state (or when the task
-/// is purged); each preview from `previews` comes as one more item, with the state it came in
-/// and the step it was made at as progress.
+/// is purged); each preview from `previews` comes as one more message, with the state it came in
+/// and the step it was made at as progress; while the task is queued, a change of its place in
+/// `queue` comes as one more message too.
 pub fn watched_updates(
     updates: watch::Receiver<TaskRecord>,
     previews: Option<broadcast::Receiver<Preview>>,
-) -> impl Stream<Item = (TaskRecord, Option<Preview>)> {
+    queue: Arc<dyn TaskQueue>,
+) -> impl Stream<Item = Watched> {
     struct Watching {
         updates: watch::Receiver<TaskRecord>,
         previews: Option<broadcast::Receiver<Preview>>,
+        queue: Arc<dyn TaskQueue>,
         fresh: bool,
+        position: Option<usize>,
     }
-    let start = Watching { updates, previews, fresh: true };
+    let start = Watching { updates, previews, queue, fresh: true, position: None };
     futures::stream::unfold(Some(start), |state| async move {
         let mut watching = state?;
         if !std::mem::take(&mut watching.fresh) {
-            let preview = tokio::select! {
-                changed = watching.updates.changed() => {
-                    // Sender dropped (task purged): the stream ends.
-                    changed.ok()?;
-                    None
-                }
-                preview = next_preview(&mut watching.previews) => Some(preview),
-            };
-            if let Some(preview) = preview {
-                let record = watching.updates.borrow().clone();
-                // A preview that comes after the task ended is dropped: the final state is next.
-                if !record.status.is_final() {
-                    // The progress beside a preview is the step it was made at.
-                    let progress =
-                        Progress { stage: "diffusion".into(), step: preview.step, steps: preview.steps };
-                    let record = TaskRecord { progress: Some(progress), ..record };
-                    return Some(((record, Some(preview)), Some(watching)));
+            loop {
+                let queued = watching.updates.borrow().status == TaskStatus::Queued;
+                tokio::select! {
+                    changed = watching.updates.changed() => {
+                        // Sender dropped (task purged): the stream ends.
+                        changed.ok()?;
+                        break;
+                    }
+                    preview = next_preview(&mut watching.previews) => {
+                        let record = watching.updates.borrow().clone();
+                        // A preview that comes after the task ended is dropped: the final state is next.
+                        if record.status.is_final() {
+                            break;
+                        }
+                        // The progress beside a preview is the step it was made at.
+                        let progress =
+                            Progress { stage: "diffusion".into(), step: preview.step, steps: preview.steps };
+                        let record = TaskRecord { progress: Some(progress), ..record };
+                        let message = Watched { record, preview: Some(preview), queue_position: None };
+                        return Some((message, Some(watching)));
+                    }
+                    _ = tokio::time::sleep(POSITION_POLL), if queued => {
+                        let record = watching.updates.borrow().clone();
+                        let position = queue_position(watching.queue.as_ref(), &record).await;
+                        if position.is_some() && position != watching.position {
+                            watching.position = position;
+                            let message = Watched { record, preview: None, queue_position: position };
+                            return Some((message, Some(watching)));
+                        }
+                    }
                 }
             }
         }
         let record = watching.updates.borrow_and_update().clone();
+        let position = queue_position(watching.queue.as_ref(), &record).await;
+        watching.position = position;
         let last = record.status.is_final();
-        Some(((record, None), (!last).then_some(watching)))
+        Some((Watched { record, preview: None, queue_position: position }, (!last).then_some(watching)))
     })
 }
 
@@ -421,7 +475,7 @@ mod tests {
 
     use super::*;
     use crate::core::GenerateRequest;
-    use crate::tasks::TaskStatus;
+    use crate::tasks::MemoryQueue;
 
     fn preview(step: u32) -> Preview {
         Preview { step, steps: 10, jpeg: Bytes::from_static(b"jpeg") }
@@ -429,26 +483,29 @@ mod tests {
 
     #[tokio::test]
     async fn previews_come_between_states_at_their_step_and_never_after_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue: Arc<dyn TaskQueue> = Arc::new(MemoryQueue::open(dir.path(), 10, 3, 10).unwrap());
         // The stream picks among ready events at random: repeat so both orders are seen.
         for _ in 0..20 {
-            let mut record = TaskRecord::new("t".into(), GenerateRequest::a_desk(1));
+            let mut record = TaskRecord::new("t".into(), GenerateRequest::a_desk(1), String::new());
             record.status = TaskStatus::Processing;
             record.progress = Some(Progress { stage: "diffusion".into(), step: 7, steps: 10 });
             let (states, updates) = watch::channel(record.clone());
             let (previews, receiver) = broadcast::channel(4);
-            let mut stream = Box::pin(watched_updates(updates, Some(receiver)));
-            assert_eq!(stream.next().await.unwrap(), (record.clone(), None));
+            let mut stream = Box::pin(watched_updates(updates, Some(receiver), queue.clone()));
+            let first = stream.next().await.unwrap();
+            assert_eq!((first.record, first.preview, first.queue_position), (record.clone(), None, None));
 
             previews.send(preview(5)).unwrap();
-            let (state, shown) = stream.next().await.unwrap();
-            assert_eq!(shown, Some(preview(5)));
-            assert_eq!(state.progress.unwrap().step, 5, "the step the preview shows");
+            let shown = stream.next().await.unwrap();
+            assert_eq!(shown.preview, Some(preview(5)));
+            assert_eq!(shown.record.progress.unwrap().step, 5, "the step the preview shows");
 
             record.status = TaskStatus::Done;
             states.send_replace(record.clone());
             previews.send(preview(10)).unwrap();
-            let (state, shown) = stream.next().await.unwrap();
-            assert_eq!((state.status, shown), (TaskStatus::Done, None));
+            let last = stream.next().await.unwrap();
+            assert_eq!((last.record.status, last.preview), (TaskStatus::Done, None));
             assert!(stream.next().await.is_none(), "nothing after the final state");
         }
     }

@@ -71,7 +71,7 @@ mod tests {
     };
 
     fn record() -> TaskRecord {
-        TaskRecord::new("t-1".into(), GenerateRequest::a_desk(7))
+        TaskRecord::new("t-1".into(), GenerateRequest::a_desk(7), String::new())
     }
 
     fn mouse() -> Recommendation {

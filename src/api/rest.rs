@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::auth::Caller;
 use super::errors::ApiError;
 use super::guard;
 use super::health::Probe;
@@ -28,9 +29,9 @@ use crate::tasks::{TaskRecord, TaskStatus};
 /// Longest `Prefer: wait=N` honoured, in seconds.
 const MAX_WAIT_SECS: u64 = 60;
 
-pub(super) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let value = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
-    if state.keys.allows(value) { Ok(()) } else { Err(ApiError::Unauthenticated) }
+    state.keys.caller(value).ok_or(ApiError::Unauthenticated)
 }
 
 /// A generation request from a JSON body (the photo as a URL, or inline in `initial_image`) or a
@@ -97,9 +98,9 @@ fn wait_preference(headers: &HeaderMap) -> Option<u64> {
 /// POST /v1/generate: queue a task; with `Prefer: wait=N`, answer with the result if it is ready in time.
 pub async fn generate(State(state): State<Arc<AppState>>, request: Request) -> Result<Response, ApiError> {
     let headers = request.headers().clone();
-    authorize(&state, &headers)?;
+    let caller = authorize(&state, &headers)?;
     let (input, photo) = read_generate(&state, request).await?;
-    let record = state.submit(input, photo).await?;
+    let record = state.submit(input, photo, &caller).await?;
     if let Some(secs) = wait_preference(&headers) {
         let finished = state.wait_final(&record.task_id, Duration::from_secs(secs)).await;
         if let Some(done) = finished {
@@ -140,7 +141,16 @@ pub async fn result(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let record = state.get(&task_id).await?;
-    Ok(Json(result_json(&record)))
+    let position = super::queue_position(state.queue.as_ref(), &record).await;
+    Ok(Json(with_position(result_json(&record), position)))
+}
+
+/// The result with `queue_position` while the task is queued.
+fn with_position(mut body: Value, position: Option<usize>) -> Value {
+    if let Some(position) = position {
+        body["queue_position"] = json!(position);
+    }
+    body
 }
 
 /// POST /v1/result/{task_id}/cancel
@@ -172,10 +182,10 @@ pub async fn events(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     authorize(&state, &headers)?;
     let (updates, previews) = state.watch_with_previews(&task_id, query.previews).await?;
-    let stream = super::watched_updates(updates, previews).map(|(record, preview)| {
-        let name = if record.status.is_final() { "result" } else { "progress" };
-        let mut body = result_json(&record);
-        if let (Some(progress), Some(preview)) = (body.get_mut("progress"), preview) {
+    let stream = super::watched_updates(updates, previews, state.queue.clone()).map(|watched| {
+        let name = if watched.record.status.is_final() { "result" } else { "progress" };
+        let mut body = with_position(result_json(&watched.record), watched.queue_position);
+        if let (Some(progress), Some(preview)) = (body.get_mut("progress"), watched.preview) {
             progress["preview"] =
                 Value::String(format!("data:image/jpeg;base64,{}", BASE64.encode(&preview.jpeg)));
         }

@@ -294,6 +294,10 @@ pub struct TaskConfig {
     /// Starts a task gets when the process running it stops; after that it fails.
     #[arg(long, env = "DESKGEN_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
+    /// Tasks of higher priority that may start while a lower level waits before a task of that
+    /// level gets its turn (give every node the same).
+    #[arg(long, env = "DESKGEN_STARVATION_BOUND", default_value_t = crate::tasks::schedule::DEFAULT_STARVATION_BOUND, value_parser = clap::value_parser!(u32).range(1..))]
+    pub starvation_bound: u32,
     /// With Redis: how long a task may go without its worker's heartbeat before another worker
     /// takes it over.
     #[arg(long, env = "DESKGEN_VISIBILITY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]

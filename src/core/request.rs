@@ -83,6 +83,44 @@ impl ResizeMode {
     }
 }
 
+/// How soon a task runs: a worker takes the highest level that waits, within a bound that lets the
+/// lower levels run too (see `tasks::schedule`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// Ahead of everything else.
+    High,
+    /// The default.
+    #[default]
+    Normal,
+    /// After the others.
+    Low,
+}
+
+impl Priority {
+    /// Every level, highest first.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    /// The level's name in requests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    /// The level named `name`, if any.
+    pub fn parse(name: &str) -> Option<Priority> {
+        Priority::ALL.into_iter().find(|level| level.as_str() == name)
+    }
+
+    /// Where the level stands: 0 for high, then 1 and 2.
+    pub fn rank(self) -> usize {
+        self as usize
+    }
+}
+
 /// A LoRA adapter and its weight for one request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraWeight {
@@ -141,6 +179,9 @@ pub struct GenerateRequest {
     /// none. Records from before it existed read as the default.
     #[serde(default = "previews_every_five")]
     pub preview_every: u32,
+    /// How soon the task runs. Records from before it existed read as normal.
+    #[serde(default)]
+    pub priority: Priority,
     /// Denoising steps.
     pub num_inference_steps: u32,
     /// Classifier-free guidance scale.
@@ -219,6 +260,7 @@ impl GenerateRequest {
             model: None,
             num_images: DEFAULT_IMAGES,
             preview_every: DEFAULT_PREVIEW_EVERY,
+            priority: Priority::Normal,
             num_inference_steps: 20,
             guidance_scale: DEFAULT_GUIDANCE,
             height: None,

@@ -7,7 +7,7 @@ use super::info::{PipelineInfo, SdModelInfo};
 use super::request::{
     CANNY, ControlRequest, DEFAULT_CANNY_THRESHOLDS, DEFAULT_CONTROL_SCALE, DEFAULT_IMAGES,
     DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_PREVIEW_EVERY, GenerateRequest, LoraWeight, MAX_CONTROL_UNITS,
-    MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_STEPS, PhotoSource, ResizeMode, WEBHOOK_EVENTS,
+    MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_STEPS, PhotoSource, Priority, ResizeMode, WEBHOOK_EVENTS,
 };
 use crate::inference::diffusion::lora::{check_name, extract_prompt_loras};
 use crate::inference::diffusion::{MAX_CONTROL_SCALE, SchedulerKind, is_guidance_window};
@@ -47,6 +47,8 @@ pub struct GenerateInput {
     pub num_images: Option<i64>,
     /// Denoising steps between previews for watchers (default 5, 0 = none).
     pub preview_every: Option<i64>,
+    /// How soon the task runs: high, normal (default) or low.
+    pub priority: Option<String>,
     /// LoRA adapters.
     pub loras: Option<Vec<LoraInput>>,
     /// ControlNet units; `[]` turns control off, absent means the pipeline's default.
@@ -145,6 +147,7 @@ pub fn validate(
     if !(0..=i64::from(MAX_STEPS)).contains(&preview_every) {
         rules.bad("preview_every", format!("preview_every must be between 0 and {MAX_STEPS}."));
     }
+    let priority = input.priority.as_deref().map_or_else(Priority::default, |p| rules.priority(p));
     let num_images = input.num_images.unwrap_or(i64::from(DEFAULT_IMAGES));
     if !(1..=i64::from(limits.max_images)).contains(&num_images) {
         rules.bad("num_images", format!("num_images must be between 1 and {}.", limits.max_images));
@@ -189,6 +192,7 @@ pub fn validate(
         model: input.model,
         num_images: num_images as u32,
         preview_every: preview_every as u32,
+        priority,
         num_inference_steps: steps as u32,
         guidance_scale: guidance as f32,
         height,
@@ -277,6 +281,14 @@ impl Rules {
             let known: Vec<&str> = ResizeMode::ALL.iter().map(|m| m.as_str()).collect();
             self.bad("resize_mode", format!("resize_mode must be one of {}.", known.join(", ")));
             ResizeMode::default()
+        })
+    }
+
+    fn priority(&mut self, name: &str) -> Priority {
+        Priority::parse(name).unwrap_or_else(|| {
+            let known: Vec<&str> = Priority::ALL.iter().map(|p| p.as_str()).collect();
+            self.bad("priority", format!("priority must be one of {}.", known.join(", ")));
+            Priority::default()
         })
     }
 

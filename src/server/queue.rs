@@ -15,8 +15,13 @@ pub(super) async fn open_for_api(config: &ServeConfig) -> anyhow::Result<Arc<dyn
             if tasks.workers == 0 {
                 tracing::warn!("--workers 0 with the memory queue: nothing will run the tasks");
             }
-            let queue = MemoryQueue::open(&tasks.data_dir, config.max_queue_depth, tasks.max_attempts)
-                .with_context(|| format!("opening {}", tasks.data_dir.display()))?;
+            let queue = MemoryQueue::open(
+                &tasks.data_dir,
+                config.max_queue_depth,
+                tasks.max_attempts,
+                tasks.starvation_bound,
+            )
+            .with_context(|| format!("opening {}", tasks.data_dir.display()))?;
             Ok(Arc::new(queue))
         }
         QueueBackend::Redis(url) => {
@@ -26,6 +31,7 @@ pub(super) async fn open_for_api(config: &ServeConfig) -> anyhow::Result<Arc<dyn
                 visibility_timeout: tasks.visibility_timeout,
                 result_ttl: tasks.result_ttl,
                 consumer: consumer_name(&host_name()),
+                starvation_bound: tasks.starvation_bound,
             };
             Ok(Arc::new(connect_redis(url, options).await?))
         }
@@ -44,6 +50,7 @@ pub(super) async fn open_for_worker(
         visibility_timeout: config.tasks.visibility_timeout,
         result_ttl: config.tasks.result_ttl,
         consumer: consumer_name(name),
+        starvation_bound: config.tasks.starvation_bound,
     };
     Ok(Arc::new(connect_redis(&config.queue, options).await?))
 }

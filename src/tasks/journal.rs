@@ -123,7 +123,7 @@ mod tests {
     use crate::core::GenerateRequest;
 
     fn record(id: &str) -> TaskRecord {
-        TaskRecord::new(id.to_string(), GenerateRequest::a_desk(1))
+        TaskRecord::new(id.to_string(), GenerateRequest::a_desk(1), String::new())
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! The embedded backend: a bounded in-process FIFO queue over the redb task store.
+//! The embedded backend: a bounded in-process queue over the redb task store, served in the order
+//! of [`Schedule`] (priority levels, and clients in turn within a level).
 //!
 //! Live tasks (queued or running) sit in memory behind a `watch` channel, so pollers, SSE and
 //! `WatchResult` see each change; finished tasks leave memory and are read from the store. A new
 //! task is journaled before it is acknowledged and committed to the store at the next checkpoint
 //! (see [`super::journal`]); every later change of status is committed before it is published.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::journal::{CHECKPOINT_INTERVAL, Journal};
 use super::previews::PreviewHub;
+use super::schedule::Schedule;
 use super::{
     BackendError, CancelError, Claimed, StoreError, SubmitError, TaskQueue, TaskRecord, TaskStatus,
     TaskStore, WorkerQueue, new_task_id,
@@ -32,7 +34,8 @@ struct Live {
 struct HubState {
     /// Queued and running tasks (and a finished one whose final state could not be stored).
     tasks: HashMap<String, Live>,
-    queue: VecDeque<String>,
+    /// The queued tasks, in the order they start.
+    queue: Schedule,
     journal: Journal,
     /// Tasks appended to the journal since the last checkpoint, as submitted.
     journaled: Vec<TaskRecord>,
@@ -105,25 +108,38 @@ fn checkpoints(store: Arc<TaskStore>, state: Arc<Mutex<HubState>>, stop: std::sy
 }
 
 impl MemoryQueue {
-    /// Opens the store and journal in `dir` and restores their tasks: queued ones are queued again;
-    /// ones that were running when the process stopped run again, up to `max_attempts` starts, then
-    /// fail.
-    pub fn open(dir: &Path, capacity: usize, max_attempts: u32) -> Result<MemoryQueue, StoreError> {
+    /// Opens the store and journal in `dir` and restores their tasks, oldest first: queued ones are
+    /// queued again; ones that were running when the process stopped run again, up to
+    /// `max_attempts` starts, then fail. `starvation_bound` is the [`Schedule`]'s.
+    pub fn open(
+        dir: &Path,
+        capacity: usize,
+        max_attempts: u32,
+        starvation_bound: u32,
+    ) -> Result<MemoryQueue, StoreError> {
         let store = TaskStore::open(dir)?;
         let (mut journal, journaled) = Journal::open(dir)?;
         store.insert_missing(&journaled)?;
         journal.reset()?;
-        let mut state =
-            HubState { tasks: HashMap::new(), queue: VecDeque::new(), journal, journaled: Vec::new() };
-        for mut record in store.load_all()? {
+        let mut state = HubState {
+            tasks: HashMap::new(),
+            queue: Schedule::new(starvation_bound),
+            journal,
+            journaled: Vec::new(),
+        };
+        let mut records = store.load_all()?;
+        records.sort_by_key(|record| record.created_at);
+        for mut record in records {
             match record.status {
-                TaskStatus::Queued => state.queue.push_back(record.task_id.clone()),
+                TaskStatus::Queued => {
+                    state.queue.push(record.request.priority, &record.client, record.task_id.clone())
+                }
                 TaskStatus::Processing if record.attempts < max_attempts => {
                     tracing::warn!(task_id = %record.task_id, "task was interrupted; running it again");
                     record.status = TaskStatus::Queued;
                     record.progress = None;
                     store.put(&record)?;
-                    state.queue.push_back(record.task_id.clone());
+                    state.queue.push(record.request.priority, &record.client, record.task_id.clone());
                 }
                 TaskStatus::Processing => {
                     record.status = TaskStatus::Failed;
@@ -167,7 +183,7 @@ impl MemoryQueue {
 
     fn try_claim(&self) -> Option<Claimed> {
         let mut state = self.lock();
-        while let Some(task_id) = state.queue.pop_front() {
+        while let Some(task_id) = state.queue.pop() {
             metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
             let Some(live) = state.tasks.get(&task_id) else { continue };
             let mut record = live.record.borrow().clone();
@@ -180,7 +196,7 @@ impl MemoryQueue {
             record.progress = Some(Progress { stage: "queued".into(), step: 0, steps: 0 });
             if let Err(e) = self.store.put(&record) {
                 tracing::error!(error = %e, %task_id, "cannot persist task start; leaving it queued");
-                state.queue.push_front(task_id);
+                state.queue.unpop(record.request.priority, &record.client, task_id);
                 return None;
             }
             live.record.send_replace(record.clone());
@@ -207,6 +223,7 @@ impl TaskQueue for MemoryQueue {
         &self,
         task_id: Option<String>,
         request: GenerateRequest,
+        client: String,
     ) -> Result<(TaskRecord, bool), SubmitError> {
         let mut state = self.lock();
         let task_id = match task_id {
@@ -225,13 +242,13 @@ impl TaskQueue for MemoryQueue {
             metrics::counter!("deskgen_tasks_rejected_total").increment(1);
             return Err(SubmitError::QueueFull(self.capacity));
         }
-        let record = TaskRecord::new(task_id.clone(), request);
+        let record = TaskRecord::new(task_id.clone(), request, client);
         // Acknowledged only once journaled: a kill -9 loses nothing that was acknowledged.
         state.journal.append(&record).map_err(BackendError::from)?;
         state.journaled.push(record.clone());
         let (tx, _) = watch::channel(record.clone());
         state.tasks.insert(task_id.clone(), Live { record: tx, cancel: CancellationToken::new() });
-        state.queue.push_back(task_id);
+        state.queue.push(record.request.priority, &record.client, task_id);
         metrics::counter!("deskgen_tasks_submitted_total").increment(1);
         metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
         self.work_available.notify_one();
@@ -257,6 +274,10 @@ impl TaskQueue for MemoryQueue {
 
     async fn watch_previews(&self, task_id: &str) -> broadcast::Receiver<Preview> {
         self.previews.subscribe(task_id).0
+    }
+
+    async fn queue_position(&self, task_id: &str) -> Result<Option<usize>, BackendError> {
+        Ok(self.lock().queue.position(task_id))
     }
 
     /// Tasks waiting in the queue.
@@ -289,7 +310,7 @@ impl TaskQueue for MemoryQueue {
                 self.store.put(&record).map_err(BackendError::from)?;
                 live.record.send_replace(record.clone());
                 state.tasks.remove(task_id);
-                state.queue.retain(|id| id != task_id);
+                state.queue.remove(task_id);
                 metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
                 metrics::counter!("deskgen_tasks_finished_total", "status" => "canceled").increment(1);
                 Ok(record)

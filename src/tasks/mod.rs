@@ -8,6 +8,7 @@ pub mod memory;
 pub mod model;
 pub mod previews;
 pub mod redis;
+pub mod schedule;
 pub mod store;
 pub mod worker;
 
@@ -79,13 +80,14 @@ pub trait TaskQueue: Send + Sync + 'static {
     /// The backend's name for /info and health.
     fn backend(&self) -> &'static str;
 
-    /// Queues a new task, or returns the existing one when the client-chosen `task_id` is already
-    /// known (idempotent resubmission); without one the task gets a fresh id. The flag says whether
-    /// this call created the task.
+    /// Queues a new task of `client` (the API key's name, empty on an open API), or returns the
+    /// existing one when the client-chosen `task_id` is already known (idempotent resubmission);
+    /// without one the task gets a fresh id. The flag says whether this call created the task.
     async fn submit(
         &self,
         task_id: Option<String>,
         request: GenerateRequest,
+        client: String,
     ) -> Result<(TaskRecord, bool), SubmitError>;
 
     /// The current record of a task.
@@ -96,6 +98,10 @@ pub trait TaskQueue: Send + Sync + 'static {
 
     /// The previews of a task from now on, made for as long as someone holds a receiver.
     async fn watch_previews(&self, task_id: &str) -> broadcast::Receiver<Preview>;
+
+    /// Where a queued task stands in the order tasks would start if no more came: 1 starts next.
+    /// `None` when the task is not waiting.
+    async fn queue_position(&self, task_id: &str) -> Result<Option<usize>, BackendError>;
 
     /// Tasks waiting to run.
     async fn queue_depth(&self) -> Result<usize, BackendError>;

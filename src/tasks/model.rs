@@ -48,6 +48,10 @@ pub struct TaskRecord {
     pub status: TaskStatus,
     /// The validated request.
     pub request: GenerateRequest,
+    /// Who submitted it: the name of the API key (empty on an open API). Tasks of different
+    /// clients at one priority level take turns. Records from before it existed read as empty.
+    #[serde(default)]
+    pub client: String,
     /// Progress while processing.
     pub progress: Option<Progress>,
     /// The pipeline's output once done.
@@ -65,12 +69,13 @@ pub struct TaskRecord {
 }
 
 impl TaskRecord {
-    /// A freshly queued task.
-    pub fn new(task_id: String, request: GenerateRequest) -> TaskRecord {
+    /// A freshly queued task of `client`.
+    pub fn new(task_id: String, request: GenerateRequest, client: String) -> TaskRecord {
         TaskRecord {
             task_id,
             status: TaskStatus::Queued,
             request,
+            client,
             progress: None,
             output: None,
             error: None,

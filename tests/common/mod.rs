@@ -29,12 +29,20 @@ pub struct ScriptedPipeline {
     pub step_ms: u64,
     pub gate: Arc<Semaphore>,
     pub previews_made: AtomicU32,
+    /// The prompts of the tasks it ran, in the order they started.
+    pub started: std::sync::Mutex<Vec<String>>,
 }
 
 impl ScriptedPipeline {
     pub fn new(steps: u32, step_ms: u64) -> Arc<ScriptedPipeline> {
         let gate = Arc::new(Semaphore::new(0));
-        Arc::new(ScriptedPipeline { steps, step_ms, gate, previews_made: AtomicU32::new(0) })
+        Arc::new(ScriptedPipeline {
+            steps,
+            step_ms,
+            gate,
+            previews_made: AtomicU32::new(0),
+            started: Default::default(),
+        })
     }
 }
 
@@ -50,6 +58,7 @@ fn preview_jpeg(step: u32) -> bytes::Bytes {
 impl Pipeline for ScriptedPipeline {
     async fn run(&self, request: &GenerateRequest, ctx: &RunContext) -> Result<GenerateOutput, Failure> {
         let prompt = request.prompt.clone().unwrap_or_default();
+        self.started.lock().unwrap().push(prompt.clone());
         if prompt.contains("hold") {
             let permit = self.gate.acquire().await.expect("gate open");
             permit.forget();
@@ -326,4 +335,114 @@ pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     }
     png[29..33].copy_from_slice(&(!crc).to_be_bytes());
     png
+}
+
+/// The API keys [`priorities_and_turns`] needs: two that may ask for anything, one held to low.
+pub const PRIORITY_KEYS: [&str; 3] = ["--api-key=flood,calm,lowly:low", "--starvation-bound", "10"];
+
+/// Submits `body` with `key`; the task id.
+async fn submit_as(server: &TestServer, key: &str, body: serde_json::Value) -> String {
+    let (status, body) = post_generate(server, body.to_string(), Some(key)).await;
+    assert_eq!(status, 202, "{body}");
+    body["task_id"].as_str().unwrap().to_string()
+}
+
+async fn result_as(server: &TestServer, key: &str, task_id: &str) -> serde_json::Value {
+    let url = server.url(&format!("/v1/result/{task_id}"));
+    reqwest::Client::new().get(url).bearer_auth(key).send().await.unwrap().json().await.unwrap()
+}
+
+/// Starts a task that keeps the one worker busy until the gate opens; returns once it runs.
+async fn occupy_the_worker(server: &TestServer, name: &str) -> String {
+    let task_id = submit_as(server, "calm", serde_json::json!({"prompt": format!("hold {name}")})).await;
+    for _ in 0..400 {
+        if result_as(server, "calm", &task_id).await["status"] == "processing" {
+            return task_id;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the holding task never started");
+}
+
+/// Opens the gate for the holding task and waits until every task has finished; the prompts in
+/// the order they started, the holding task's taken off.
+async fn run_them(server: &TestServer, pipeline: &ScriptedPipeline, tasks: &[String]) -> Vec<String> {
+    let before = pipeline.started.lock().unwrap().len();
+    pipeline.gate.add_permits(1);
+    for task_id in tasks {
+        assert_eq!(poll_final(server, task_id, Some("calm")).await["status"], "done");
+    }
+    let started = pipeline.started.lock().unwrap();
+    assert_eq!(started.len(), before + tasks.len());
+    started[before..].to_vec()
+}
+
+/// The proof of priorities and turns, the same for every queue backend, on a server with
+/// [`PRIORITY_KEYS`] and one worker that runs `pipeline`.
+pub async fn priorities_and_turns(server: &TestServer, pipeline: &ScriptedPipeline) {
+    // A key held to low may not ask for more.
+    let (status, body) =
+        post_generate(server, r#"{"prompt": "a desk", "priority": "normal"}"#, Some("lowly")).await;
+    assert_eq!((status, body["error_code"].as_str()), (403, Some("FORBIDDEN")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("priority low at most"), "{body}");
+    let (status, body) =
+        post_generate(server, r#"{"prompt": "a desk", "priority": "urgent"}"#, Some("calm")).await;
+    assert_eq!(status, 422, "{body}");
+
+    // 20 low, then 5 high: the high ones run first.
+    occupy_the_worker(server, "levels").await;
+    let mut tasks = Vec::new();
+    for n in 0..20 {
+        let body = serde_json::json!({"prompt": format!("low {n}"), "priority": "low"});
+        tasks.push(submit_as(server, "lowly", body).await);
+    }
+    for n in 0..5 {
+        let body = serde_json::json!({"prompt": format!("high {n}"), "priority": "high"});
+        tasks.push(submit_as(server, "calm", body).await);
+    }
+    let place = |body: serde_json::Value| body["queue_position"].as_u64();
+    assert_eq!(place(result_as(server, "calm", &tasks[20]).await), Some(1), "the first high task is next");
+    assert_eq!(
+        place(result_as(server, "calm", &tasks[0]).await),
+        Some(6),
+        "the first low one after the high"
+    );
+    assert_eq!(place(result_as(server, "calm", &tasks[19]).await), Some(25));
+    let mut results = deskgen::api::grpc::pb::result_client::ResultClient::new(server.grpc_channel().await);
+    let mut request = tonic::Request::new(deskgen::api::grpc::pb::GetResultRequest {
+        task_id: tasks[0].clone(),
+        previews: false,
+    });
+    request.metadata_mut().insert("authorization", "Bearer calm".parse().unwrap());
+    assert_eq!(results.get_result(request).await.unwrap().into_inner().queue_position, Some(6));
+    let order = run_them(server, pipeline, &tasks).await;
+    assert!(order[..5].iter().all(|p| p.starts_with("high")), "{order:?}");
+    assert_eq!(order[5..], (0..20).map(|n| format!("low {n}")).collect::<Vec<_>>());
+
+    // One key floods 50 tasks, another sends 5: they take turns, so the 5 are done early.
+    occupy_the_worker(server, "turns").await;
+    let mut tasks = Vec::new();
+    for n in 0..50 {
+        tasks.push(submit_as(server, "flood", serde_json::json!({"prompt": format!("flood {n}")})).await);
+    }
+    for n in 0..5 {
+        tasks.push(submit_as(server, "calm", serde_json::json!({"prompt": format!("calm {n}")})).await);
+    }
+    assert_eq!(place(result_as(server, "calm", &tasks[52]).await), Some(6), "calm 2 after 3 turns each");
+    let order = run_them(server, pipeline, &tasks).await;
+    let calm: Vec<usize> =
+        order.iter().enumerate().filter(|(_, p)| p.starts_with("calm")).map(|(i, _)| i + 1).collect();
+    assert_eq!(calm, [2, 4, 6, 8, 10], "{order:?}");
+
+    // A low task behind a stream of high ones still runs within the bound of 10.
+    occupy_the_worker(server, "bound").await;
+    let mut tasks =
+        vec![submit_as(server, "calm", serde_json::json!({"prompt": "starved", "priority": "low"})).await];
+    for n in 0..15 {
+        let body = serde_json::json!({"prompt": format!("high {n}"), "priority": "high"});
+        tasks.push(submit_as(server, "flood", body).await);
+    }
+    assert_eq!(place(result_as(server, "calm", &tasks[0]).await), Some(11));
+    let order = run_them(server, pipeline, &tasks).await;
+    assert_eq!(order.iter().position(|p| p == "starved"), Some(10), "{order:?}");
 }

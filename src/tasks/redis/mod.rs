@@ -5,10 +5,15 @@
 //!   the `owner` token of the worker running it, its work-stream `entry`, and a `cancel` flag.
 //!   Final records expire after the result TTL.
 //! - `queued`: the set of queued task ids; its size is the global queue depth.
-//! - `work`: a stream with one entry per task, read by the consumer group `deskgen-workers`.
-//!   A worker claims entries with XREADGROUP, keeps them with a heartbeat while it runs them, and
-//!   acknowledges them with the final state; entries idle past the visibility timeout (their worker
-//!   died) are taken over with XAUTOCLAIM.
+//! - `waiting:{level}` (`high`, `normal`, `low`): the clients with tasks waiting at that level, in
+//!   the order of their turns; `waiting:{level}:{client}`: that client's waiting task ids, oldest
+//!   first; `passed`: per level, how many tasks of higher levels started while it waited (see
+//!   [`crate::tasks::schedule`]); `doorbell`: a one-element list an idle worker blocks on.
+//! - `work`: a stream with one entry per started task, read by the consumer group
+//!   `deskgen-workers`. A worker's `claim.lua` picks the next waiting task, adds its entry and
+//!   delivers it to that worker in one step; the worker keeps the entry with a heartbeat while it
+//!   runs the task and acknowledges it with the final state; entries idle past the visibility
+//!   timeout (their worker died) are taken over with XAUTOCLAIM.
 //! - channels `updates:{db}` (every record write, for watchers on any node) and `cancels:{db}`;
 //!   channels are not per database in Redis, so the name carries it.
 //!
@@ -33,15 +38,19 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use self::events::Watched;
 use self::work::Running;
 use super::previews::PreviewHub;
+use super::schedule::Schedule;
 use super::{
     BackendError, CancelError, Claimed, SubmitError, TaskQueue, TaskRecord, TaskStatus, WorkerQueue,
     new_task_id,
 };
 use crate::config::RedisUrl;
-use crate::core::{Failure, GenerateOutput, GenerateRequest, Preview, Progress};
+use crate::core::{Failure, GenerateOutput, GenerateRequest, Preview, Priority, Progress};
 
+const PREFIX: &str = "deskgen:";
 const QUEUED: &str = "deskgen:queued";
 const WORK: &str = "deskgen:work";
+const PASSED: &str = "deskgen:passed";
+const DOORBELL: &str = "deskgen:doorbell";
 const GROUP: &str = "deskgen-workers";
 
 /// Longest a connection attempt may take.
@@ -53,6 +62,16 @@ const CAS_ATTEMPTS: usize = 8;
 
 fn task_key(task_id: &str) -> String {
     format!("deskgen:task:{task_id}")
+}
+
+/// The clients with tasks waiting at a level, in turn order.
+fn turns_key(priority: Priority) -> String {
+    format!("deskgen:waiting:{}", priority.as_str())
+}
+
+/// One client's tasks waiting at a level.
+fn waiting_key(priority: Priority, client: &str) -> String {
+    format!("deskgen:waiting:{}:{client}", priority.as_str())
 }
 
 /// Errors of the Redis backend.
@@ -96,6 +115,9 @@ pub struct RedisOptions {
     pub result_ttl: Duration,
     /// This process's consumer name in the consumer group.
     pub consumer: String,
+    /// Tasks of higher levels that may start while a lower level waits before it gets a turn
+    /// (the same on every node).
+    pub starvation_bound: u32,
 }
 
 /// A task as stored: its record, the version it was read at, and whether a cancel was requested.
@@ -113,6 +135,9 @@ enum Guard<'a> {
 
 struct Scripts {
     submit: Script,
+    claim: Script,
+    unqueue: Script,
+    waiting: Script,
     commit: Script,
     heartbeat: Script,
     request_cancel: Script,
@@ -177,6 +202,9 @@ impl RedisQueue {
             options,
             scripts: Scripts {
                 submit: Script::new(include_str!("submit.lua")),
+                claim: Script::new(include_str!("claim.lua")),
+                unqueue: Script::new(include_str!("unqueue.lua")),
+                waiting: Script::new(include_str!("waiting.lua")),
                 commit: Script::new(include_str!("commit.lua")),
                 heartbeat: Script::new(include_str!("heartbeat.lua")),
                 request_cancel: Script::new(include_str!("request_cancel.lua")),
@@ -278,18 +306,23 @@ impl Shared {
         &self,
         task_id: Option<String>,
         request: GenerateRequest,
+        client: String,
     ) -> Result<(TaskRecord, bool), SubmitError> {
-        let record = TaskRecord::new(task_id.unwrap_or_else(new_task_id), request);
+        let record = TaskRecord::new(task_id.unwrap_or_else(new_task_id), request, client);
         let json = serde_json::to_string(&record).expect("task records serialise");
+        let priority = record.request.priority;
         let (outcome, existing): (i64, String) = self
             .scripts
             .submit
             .key(task_key(&record.task_id))
             .key(QUEUED)
-            .key(WORK)
+            .key(waiting_key(priority, &record.client))
+            .key(turns_key(priority))
+            .key(DOORBELL)
             .arg(&record.task_id)
             .arg(json)
             .arg(self.options.capacity)
+            .arg(&record.client)
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| BackendError::from(RedisQueueError::from(e)))?;
@@ -327,6 +360,7 @@ impl Shared {
                         .await
                         .map_err(BackendError::from)?;
                     if committed.is_some() {
+                        self.unqueue(&record).await.map_err(BackendError::from)?;
                         return Ok(record);
                     }
                 }
@@ -350,6 +384,40 @@ impl Shared {
             }
         }
         Err(BackendError::from(RedisQueueError::Contended(task_id.to_string())).into())
+    }
+
+    /// Takes a canceled task off the waiting lists (claims skip it anyway; this keeps the places
+    /// of the others right).
+    async fn unqueue(&self, record: &TaskRecord) -> Result<(), RedisQueueError> {
+        let priority = record.request.priority;
+        let _: i64 = self
+            .scripts
+            .unqueue
+            .key(waiting_key(priority, &record.client))
+            .key(turns_key(priority))
+            .arg(&record.task_id)
+            .arg(&record.client)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// The waiting tasks, read from Redis in one step, as a [`Schedule`] to tell places in.
+    async fn schedule(&self) -> Result<Schedule, RedisQueueError> {
+        type Level = Vec<(String, Vec<String>)>;
+        let (high_passed, normal_passed, low_passed, high, normal, low): (
+            u32,
+            u32,
+            u32,
+            Level,
+            Level,
+            Level,
+        ) = self.scripts.waiting.key(PASSED).arg(PREFIX).invoke_async(&mut self.conn()).await?;
+        Ok(Schedule::from_parts(
+            self.options.starvation_bound,
+            [high, normal, low],
+            [high_passed, normal_passed, low_passed],
+        ))
     }
 
     /// Queued tasks across all nodes.
@@ -394,8 +462,9 @@ impl TaskQueue for RedisQueue {
         &self,
         task_id: Option<String>,
         request: GenerateRequest,
+        client: String,
     ) -> Result<(TaskRecord, bool), SubmitError> {
-        self.shared.submit(task_id, request).await
+        self.shared.submit(task_id, request, client).await
     }
 
     /// The current record of a task.
@@ -415,6 +484,12 @@ impl TaskQueue for RedisQueue {
             tokio::spawn(events::announce_interest(self.shared.clone(), task_id.to_string()));
         }
         receiver
+    }
+
+    /// The task's place among the tasks waiting in Redis now (entries left in the work stream by
+    /// earlier versions are not counted).
+    async fn queue_position(&self, task_id: &str) -> Result<Option<usize>, BackendError> {
+        Ok(self.shared.schedule().await?.position(task_id))
     }
 
     /// Queued tasks across all nodes.

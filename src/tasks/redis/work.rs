@@ -1,23 +1,23 @@
-//! The worker side: claiming work from the stream, heartbeats while a task runs, and its end.
+//! The worker side: claiming the next task, heartbeats while it runs, and its end.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::redis::AsyncConnectionConfig;
 use ::redis::aio::MultiplexedConnection;
-use ::redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use ::redis::streams::{StreamAutoClaimReply, StreamId};
 use chrono::Utc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
-    CAS_ATTEMPTS, CONNECT_TIMEOUT, GROUP, Guard, RESPONSE_TIMEOUT, RedisQueueError, Shared, Stored, WORK,
-    lock, task_key,
+    CAS_ATTEMPTS, CONNECT_TIMEOUT, DOORBELL, GROUP, Guard, PASSED, PREFIX, QUEUED, RESPONSE_TIMEOUT,
+    RedisQueueError, Shared, Stored, WORK, lock, task_key,
 };
 use crate::core::{Failure, FailureCode, GenerateOutput, Progress};
 use crate::tasks::{Claimed, TaskRecord, TaskStatus};
 
-/// How long one XREADGROUP waits for new work; also bounds how late shutdown and take-overs are
-/// noticed by an idle worker.
+/// How long an idle worker waits on the doorbell for new work; also bounds how late shutdown and
+/// take-overs are noticed by an idle worker.
 const BLOCK: Duration = Duration::from_secs(1);
 /// Longest pause between retries while Redis is unreachable.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -89,15 +89,19 @@ impl Shared {
         None
     }
 
-    /// One round: take over an abandoned task if there is one, else wait briefly for a new one.
+    /// One round: take over an abandoned task if there is one, else the next waiting one, else
+    /// wait briefly for the doorbell.
     async fn claim_next(self: &Arc<Self>) -> Result<Option<Claimed>, RedisQueueError> {
         if let Some(entry) = self.reclaim_one().await? {
             metrics::counter!("deskgen_tasks_reclaimed_total").increment(1);
             return self.claim(entry, true).await;
         }
-        match self.read_one().await? {
+        match self.pick().await? {
             Some(entry) => self.claim(entry, false).await,
-            None => Ok(None),
+            None => {
+                self.wait_for_work().await?;
+                Ok(None)
+            }
         }
     }
 
@@ -117,28 +121,32 @@ impl Shared {
         Ok(reply.claimed.into_iter().next().map(Entry::from))
     }
 
-    /// A new entry, waiting up to [`BLOCK`] for one.
-    async fn read_one(&self) -> Result<Option<Entry>, RedisQueueError> {
-        let mut conn = self.blocking_connection().await?;
-        let reply: Option<StreamReadReply> = ::redis::cmd("XREADGROUP")
-            .arg("GROUP")
+    /// The waiting task that runs next, delivered to this consumer as a work-stream entry.
+    async fn pick(&self) -> Result<Option<Entry>, RedisQueueError> {
+        let picked: Option<(String, String)> = self
+            .scripts
+            .claim
+            .key(WORK)
+            .key(PASSED)
+            .key(QUEUED)
+            .key(DOORBELL)
             .arg(GROUP)
             .arg(&self.options.consumer)
-            .arg("COUNT")
-            .arg(1)
-            .arg("BLOCK")
-            .arg(BLOCK.as_millis() as u64)
-            .arg("STREAMS")
-            .arg(WORK)
-            .arg(">")
-            .query_async(&mut conn)
+            .arg(self.options.starvation_bound)
+            .arg(PREFIX)
+            .invoke_async(&mut self.conn())
             .await?;
+        Ok(picked.map(|(id, task_id)| Entry { id, task_id: Some(task_id).filter(|t| !t.is_empty()) }))
+    }
+
+    /// Waits up to [`BLOCK`] for a submission to ring the doorbell.
+    async fn wait_for_work(&self) -> Result<(), RedisQueueError> {
+        let mut conn = self.blocking_connection().await?;
+        let _: Option<(String, String)> =
+            ::redis::cmd("BLPOP").arg(DOORBELL).arg(BLOCK.as_secs_f64()).query_async(&mut conn).await?;
         // Only a connection that answered goes back to the pool.
         lock(&self.blocking).push(conn);
-        Ok(reply
-            .and_then(|r| r.keys.into_iter().next())
-            .and_then(|k| k.ids.into_iter().next())
-            .map(Entry::from))
+        Ok(())
     }
 
     async fn blocking_connection(&self) -> Result<MultiplexedConnection, RedisQueueError> {
