@@ -33,6 +33,7 @@ const promptText = byId<HTMLTextAreaElement>("prompt");
 const scheduler = byId<HTMLSelectElement>("scheduler");
 const steps = byId<HTMLInputElement>("steps");
 const images = byId<HTMLInputElement>("images");
+const priority = byId<HTMLSelectElement>("priority");
 const loraField = byId<HTMLElement>("lora-field");
 const lora = byId<HTMLSelectElement>("lora");
 const apiKey = byId<HTMLInputElement>("api-key");
@@ -309,6 +310,7 @@ function readForm(photoUrl: string | undefined): MessageInitShape<typeof Generat
   if (scheduler.value) request.scheduler = scheduler.value;
   if (steps.value) request.numInferenceSteps = Number(steps.value);
   if (images.value) request.numImages = Number(images.value);
+  if (priority.value) request.priority = priority.value;
   if (lora.value) request.loras = [{ name: lora.value, weight: 1 }];
   return request;
 }
@@ -317,12 +319,12 @@ function isFinal(status: TaskStatus): boolean {
   return status === TaskStatus.DONE || status === TaskStatus.FAILED || status === TaskStatus.CANCELED;
 }
 
-function showProgress(update: Pick<TaskResult, "status" | "progress">): void {
+function showProgress(update: Pick<TaskResult, "status" | "progress" | "queuePosition">): void {
   progressSection.hidden = false;
   const progress = update.progress;
   if (update.status === TaskStatus.QUEUED || !progress) {
     progressBar.removeAttribute("value");
-    progressText.textContent = update.status === TaskStatus.QUEUED ? "Waiting in the queue…" : "Starting…";
+    progressText.textContent = update.status === TaskStatus.QUEUED ? queuedText(update.queuePosition) : "Starting…";
     return;
   }
   if (progress.preview.length > 0) showPreview(progress.preview);
@@ -334,6 +336,13 @@ function showProgress(update: Pick<TaskResult, "status" | "progress">): void {
     progressBar.removeAttribute("value");
     progressText.textContent = `${label}…`;
   }
+}
+
+/** What a queued task's line says: its place when the server tells it. */
+function queuedText(position: number | undefined): string {
+  if (position === undefined) return "Waiting in the queue…";
+  if (position === 1) return "Waiting in the queue: next to start…";
+  return `Waiting in the queue: ${position - 1} tasks start before this one…`;
 }
 
 /** Shows a JPEG preview of the image being drawn in place of the one before. */
