@@ -95,6 +95,18 @@ impl RedisServer {
         redis::Client::open(self.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
     }
 
+    /// The names of the work stream's consumers.
+    async fn consumers(&self) -> Vec<String> {
+        let reply: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg("deskgen:work")
+            .arg("deskgen-workers")
+            .query_async(&mut self.connection().await)
+            .await
+            .unwrap();
+        reply.consumers.into_iter().map(|c| c.name).collect()
+    }
+
     /// The stored record of a task, attempts included (the API does not show them).
     async fn record(&self, task_id: &str) -> TaskRecord {
         let json: String = redis::cmd("HGET")
@@ -383,7 +395,7 @@ async fn a_killed_workers_task_is_taken_over_and_finishes_once() {
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let node = api_node(&redis, &dir, &[]).await;
-    let args = ["--visibility-timeout", "1s", "--max-attempts", "3"];
+    let args = ["--visibility-timeout", "1s", "--max-attempts", "3", "--consumer-expiry", "1s"];
     let pipeline = ScriptedPipeline::new(30, 40);
     let doomed = WorkerNode::start(&redis, "doomed", &args, pipeline.clone()).await;
 
@@ -409,6 +421,21 @@ async fn a_killed_workers_task_is_taken_over_and_finishes_once() {
     let metrics = reqwest::get(survivor.url("/metrics")).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("deskgen_tasks_reclaimed_total"), "{metrics}");
     assert!(metrics.contains("deskgen_worker_tasks_total{worker=\"survivor-0\"}"), "{metrics}");
+
+    // The dead worker's consumer, its task taken over, leaves the group; the survivor's stays.
+    let doomed_consumer = format!("doomed-{}", std::process::id());
+    let mut consumers = Vec::new();
+    for _ in 0..150 {
+        consumers = redis.consumers().await;
+        if !consumers.contains(&doomed_consumer) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!consumers.contains(&doomed_consumer), "{consumers:?}");
+    assert!(consumers.contains(&format!("survivor-{}", std::process::id())), "{consumers:?}");
+    let metrics = reqwest::get(survivor.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("deskgen_consumers_removed_total"), "{metrics}");
     survivor.stop().await;
     node.stop().await;
 }

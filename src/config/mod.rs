@@ -302,6 +302,11 @@ pub struct TaskConfig {
     /// takes it over.
     #[arg(long, env = "DESKGEN_VISIBILITY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub visibility_timeout: Duration,
+    /// With Redis: how long a worker's consumer with no task pending may go without reading
+    /// before any node removes it from the consumer group (a live worker comes back on its next
+    /// read).
+    #[arg(long, env = "DESKGEN_CONSUMER_EXPIRY", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub consumer_expiry: Duration,
     /// How long finished results are kept (e.g. 7d, 12h).
     #[arg(long, env = "DESKGEN_RESULT_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
     pub result_ttl: Duration,

@@ -32,6 +32,7 @@ pub(super) async fn open_for_api(config: &ServeConfig) -> anyhow::Result<Arc<dyn
                 result_ttl: tasks.result_ttl,
                 consumer: consumer_name(&host_name()),
                 starvation_bound: tasks.starvation_bound,
+                consumer_expiry: tasks.consumer_expiry,
             };
             Ok(Arc::new(connect_redis(url, options).await?))
         }
@@ -51,6 +52,7 @@ pub(super) async fn open_for_worker(
         result_ttl: config.tasks.result_ttl,
         consumer: consumer_name(name),
         starvation_bound: config.tasks.starvation_bound,
+        consumer_expiry: config.tasks.consumer_expiry,
     };
     Ok(Arc::new(connect_redis(&config.queue, options).await?))
 }

@@ -118,6 +118,9 @@ pub struct RedisOptions {
     /// Tasks of higher levels that may start while a lower level waits before it gets a turn
     /// (the same on every node).
     pub starvation_bound: u32,
+    /// How long a consumer with nothing pending may go without reading before it is removed from
+    /// the group.
+    pub consumer_expiry: Duration,
 }
 
 /// A task as stored: its record, the version it was read at, and whether a cancel was requested.
@@ -138,6 +141,7 @@ struct Scripts {
     claim: Script,
     unqueue: Script,
     waiting: Script,
+    forget_consumers: Script,
     commit: Script,
     heartbeat: Script,
     request_cancel: Script,
@@ -205,6 +209,7 @@ impl RedisQueue {
                 claim: Script::new(include_str!("claim.lua")),
                 unqueue: Script::new(include_str!("unqueue.lua")),
                 waiting: Script::new(include_str!("waiting.lua")),
+                forget_consumers: Script::new(include_str!("forget_consumers.lua")),
                 commit: Script::new(include_str!("commit.lua")),
                 heartbeat: Script::new(include_str!("heartbeat.lua")),
                 request_cancel: Script::new(include_str!("request_cancel.lua")),
@@ -427,6 +432,31 @@ impl Shared {
         Ok(depth)
     }
 
+    /// Removes consumers with nothing pending that have not read for `--consumer-expiry`, and
+    /// publishes the pending tasks of each one kept.
+    async fn forget_idle_consumers(&self) -> Result<(), RedisQueueError> {
+        let reply: Vec<String> = self
+            .scripts
+            .forget_consumers
+            .key(WORK)
+            .arg(GROUP)
+            .arg(self.options.consumer_expiry.as_millis() as u64)
+            .arg(&self.options.consumer)
+            .invoke_async(&mut self.conn())
+            .await?;
+        let split = reply.iter().position(String::is_empty).unwrap_or(reply.len());
+        for consumer in &reply[..split] {
+            tracing::info!(%consumer, "removed a worker's consumer that has been gone past --consumer-expiry");
+            metrics::counter!("deskgen_consumers_removed_total").increment(1);
+            metrics::gauge!("deskgen_queue_pending_by_consumer", "consumer" => consumer.clone()).set(0.0);
+        }
+        for kept in reply[(split + 1).min(reply.len())..].chunks_exact(2) {
+            let pending: f64 = kept[1].parse().unwrap_or(0.0);
+            metrics::gauge!("deskgen_queue_pending_by_consumer", "consumer" => kept[0].clone()).set(pending);
+        }
+        Ok(())
+    }
+
     /// Tasks claimed by a worker and not yet acknowledged.
     async fn pending(&self) -> Result<usize, RedisQueueError> {
         let summary: ::redis::streams::StreamPendingReply =
@@ -435,7 +465,8 @@ impl Shared {
     }
 }
 
-/// Keeps the queue gauges current on every node, whether or not anything scrapes health.
+/// Keeps the queue gauges current on every node, whether or not anything scrapes health, and
+/// removes the consumers of workers that are gone.
 async fn gauges_task(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
@@ -447,6 +478,9 @@ async fn gauges_task(shared: Arc<Shared>) {
         let _ = shared.queue_depth().await;
         if let Ok(pending) = shared.pending().await {
             metrics::gauge!("deskgen_queue_pending").set(pending as f64);
+        }
+        if let Err(e) = shared.forget_idle_consumers().await {
+            tracing::debug!(error = %e, "cannot look over the consumer group");
         }
     }
 }
