@@ -441,6 +441,40 @@ async fn a_killed_workers_task_is_taken_over_and_finishes_once() {
 }
 
 #[tokio::test]
+async fn a_stopping_worker_hands_its_unfinished_task_back_at_once() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = api_node(&redis, &dir, &[]).await;
+    let pipeline = ScriptedPipeline::new(2, 1);
+    let leaving =
+        WorkerNode::start(&redis, "leaving", &["--shutdown-grace", "100ms"], pipeline.clone()).await;
+    let (_, body) = submit(&node, json!({"prompt": "hold desk", "task_id": "handed"})).await;
+    assert_eq!(body["status"], "queued");
+    for _ in 0..400 {
+        if get(&node, "/v1/result/handed").await["status"] == "processing" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stopped_at = Instant::now();
+    leaving.stop().await;
+    assert_eq!(
+        get(&node, "/v1/result/handed").await["status"],
+        "queued",
+        "queued again as the worker stopped"
+    );
+
+    // Another worker runs it long before the visibility timeout (30 s) would have let it.
+    let staying = WorkerNode::start(&redis, "staying", &[], pipeline.clone()).await;
+    pipeline.gate.add_permits(1);
+    assert_eq!(poll_final(&node, "handed", None).await["status"], "done");
+    assert!(stopped_at.elapsed() < Duration::from_secs(10), "{:?}", stopped_at.elapsed());
+    assert_eq!(redis.record("handed").await.attempts, 2);
+    staying.stop().await;
+    node.stop().await;
+}
+
+#[tokio::test]
 async fn a_task_that_outlives_max_attempts_fails_with_a_clear_error() {
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();

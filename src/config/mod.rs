@@ -317,8 +317,8 @@ pub struct TaskConfig {
     /// Longest a task may run before it fails with TIMEOUT.
     #[arg(long, env = "DESKGEN_TASK_DEADLINE", default_value = "10m", value_parser = humantime::parse_duration)]
     pub task_deadline: Duration,
-    /// On SIGTERM/Ctrl-C, how long running tasks may take to finish; queued ones wait for the next
-    /// start (or, with Redis, for another worker after the visibility timeout).
+    /// On SIGTERM/Ctrl-C, how long running tasks may take to finish; those still running then run
+    /// again at the next start (or, with Redis, are handed back to the queue at once).
     #[arg(long, env = "DESKGEN_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 }

@@ -82,6 +82,7 @@ impl Node {
         upkeep.abort();
         let still_serving = if listener_ended.is_none() { Some(server) } else { None };
         finish(still_serving, workers, self.tasks.shutdown_grace).await;
+        self.queue.hand_back().await;
         // Completed-task webhooks queued during the grace period go out before the process ends.
         let _ = tokio::time::timeout(Duration::from_secs(5), self.deliveries).await;
         match listener_ended {
@@ -122,13 +123,14 @@ async fn load_pipeline(
     }
 }
 
-/// After shutdown: stop accepting, let running tasks finish within `grace`; what is left runs
-/// again at the next start (memory) or on another worker after the visibility timeout (Redis).
+/// After shutdown: stop accepting, let running tasks finish within `grace`; what is left is
+/// stopped here, then handed back to the queue (Redis) or runs again at the next start (memory).
 async fn finish(server: Option<JoinHandle<std::io::Result<()>>>, mut workers: JoinSet<()>, grace: Duration) {
     let drained = tokio::time::timeout(grace, async { while workers.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!(?grace, "tasks still running after the grace period; they will run again");
         workers.abort_all();
+        while workers.join_next().await.is_some() {}
     }
     // Long-lived streams (SSE, WatchResult) would hold graceful shutdown open; bound the wait.
     if let Some(server) = server {

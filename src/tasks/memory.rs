@@ -383,6 +383,11 @@ impl WorkerQueue for MemoryQueue {
         Some(record)
     }
 
+    /// Nothing: a task this process was running is queued again when the store is next opened.
+    async fn hand_back(&self) -> usize {
+        0
+    }
+
     /// Drops finished tasks older than `ttl` from the store (memory holds none).
     async fn purge_expired(&self, ttl: Duration) -> Result<usize, BackendError> {
         let cutoff = Utc::now() - chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);

@@ -132,6 +132,11 @@ pub trait WorkerQueue: TaskQueue {
     /// Records the final state of a task a worker ran.
     async fn finish(&self, task_id: &str, outcome: Result<GenerateOutput, Failure>) -> Option<TaskRecord>;
 
+    /// Gives the tasks this process still runs back to the queue at once, when it stops after
+    /// the grace period; returns how many. The embedded queue has nothing to give back: it runs
+    /// them again at its next start.
+    async fn hand_back(&self) -> usize;
+
     /// Drops finished tasks older than `ttl`; returns how many.
     async fn purge_expired(&self, ttl: Duration) -> Result<usize, BackendError>;
 }

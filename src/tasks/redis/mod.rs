@@ -142,6 +142,7 @@ struct Scripts {
     unqueue: Script,
     waiting: Script,
     forget_consumers: Script,
+    hand_back: Script,
     commit: Script,
     heartbeat: Script,
     request_cancel: Script,
@@ -210,6 +211,7 @@ impl RedisQueue {
                 unqueue: Script::new(include_str!("unqueue.lua")),
                 waiting: Script::new(include_str!("waiting.lua")),
                 forget_consumers: Script::new(include_str!("forget_consumers.lua")),
+                hand_back: Script::new(include_str!("hand_back.lua")),
                 commit: Script::new(include_str!("commit.lua")),
                 heartbeat: Script::new(include_str!("heartbeat.lua")),
                 request_cancel: Script::new(include_str!("request_cancel.lua")),
@@ -568,6 +570,11 @@ impl WorkerQueue for RedisQueue {
     async fn finish(&self, task_id: &str, outcome: Result<GenerateOutput, Failure>) -> Option<TaskRecord> {
         lock(&self.shared.preview_interest).remove(task_id);
         self.shared.finish(task_id, outcome).await
+    }
+
+    /// Queues the tasks this process still runs again, first of their clients' waiting tasks.
+    async fn hand_back(&self) -> usize {
+        self.shared.hand_back().await
     }
 
     /// Redis expires final records by itself; nothing to do here.

@@ -11,7 +11,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
     CAS_ATTEMPTS, CONNECT_TIMEOUT, DOORBELL, GROUP, Guard, PASSED, PREFIX, QUEUED, RESPONSE_TIMEOUT,
-    RedisQueueError, Shared, Stored, WORK, lock, task_key,
+    RedisQueueError, Shared, Stored, WORK, lock, task_key, turns_key, waiting_key,
 };
 use crate::core::{Failure, FailureCode, GenerateOutput, Progress};
 use crate::tasks::{Claimed, TaskRecord, TaskStatus};
@@ -255,6 +255,48 @@ impl Shared {
         if let Err(e) = self.commit(Guard::Owner(&owner), &record, &owner).await {
             tracing::debug!(error = %e, %task_id, "progress not published");
         }
+    }
+
+    /// Queues every task this process still runs again, at once rather than after the visibility
+    /// timeout; a task whose client asked to cancel it is left to the worker that takes it over.
+    pub(super) async fn hand_back(&self) -> usize {
+        let running: Vec<(String, Running)> = lock(&self.running).drain().collect();
+        let mut handed = 0;
+        for (task_id, Running { owner, mut record, .. }) in running {
+            record.status = TaskStatus::Queued;
+            record.progress = None;
+            let priority = record.request.priority;
+            let json = serde_json::to_string(&record).expect("task records serialise");
+            let outcome: Result<u64, _> = self
+                .scripts
+                .hand_back
+                .key(task_key(&task_id))
+                .key(QUEUED)
+                .key(waiting_key(priority, &record.client))
+                .key(turns_key(priority))
+                .key(WORK)
+                .key(DOORBELL)
+                .arg(&owner)
+                .arg(json)
+                .arg(GROUP)
+                .arg(&self.updates_channel)
+                .arg(&task_id)
+                .arg(&record.client)
+                .invoke_async(&mut self.conn())
+                .await;
+            match outcome {
+                Ok(0) => {}
+                Ok(_) => {
+                    tracing::info!(%task_id, "handed an unfinished task back to the queue");
+                    metrics::counter!("deskgen_tasks_handed_back_total").increment(1);
+                    handed += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, %task_id, "cannot hand the task back; another worker takes it over after the visibility timeout");
+                }
+            }
+        }
+        handed
     }
 
     /// Records the final state, retrying through Redis outages until the visibility timeout (after
