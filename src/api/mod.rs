@@ -357,24 +357,27 @@ pub fn watched_updates(
         queue: Arc<dyn TaskQueue>,
         fresh: bool,
         position: Option<usize>,
+        /// The state the stream sent last.
+        sent: Option<TaskRecord>,
     }
-    let start = Watching { updates, previews, queue, fresh: true, position: None };
+    let start = Watching { updates, previews, queue, fresh: true, position: None, sent: None };
     futures::stream::unfold(Some(start), |state| async move {
         let mut watching = state?;
         if !std::mem::take(&mut watching.fresh) {
             loop {
                 let queued = watching.updates.borrow().status == TaskStatus::Queued;
                 tokio::select! {
-                    changed = watching.updates.changed() => {
-                        // Sender dropped (task purged): the stream ends.
-                        changed.ok()?;
-                        break;
-                    }
+                    // Previews first: one made before the end still comes before the final state.
+                    biased;
                     preview = next_preview(&mut watching.previews) => {
-                        let record = watching.updates.borrow().clone();
-                        // A preview that comes after the task ended is dropped: the final state is next.
+                        let mut record = watching.updates.borrow().clone();
+                        // The task ended meanwhile: the preview comes with the state before the end,
+                        // which was sent (previews are only made while the task runs).
                         if record.status.is_final() {
-                            break;
+                            match watching.sent.clone().filter(|r| !r.status.is_final()) {
+                                Some(sent) => record = sent,
+                                None => break,
+                            }
                         }
                         // The progress beside a preview is the step it was made at.
                         let progress =
@@ -382,6 +385,11 @@ pub fn watched_updates(
                         let record = TaskRecord { progress: Some(progress), ..record };
                         let message = Watched { record, preview: Some(preview), queue_position: None };
                         return Some((message, Some(watching)));
+                    }
+                    changed = watching.updates.changed() => {
+                        // Sender dropped (task purged): the stream ends.
+                        changed.ok()?;
+                        break;
                     }
                     _ = tokio::time::sleep(POSITION_POLL), if queued => {
                         let record = watching.updates.borrow().clone();
@@ -398,6 +406,7 @@ pub fn watched_updates(
         let record = watching.updates.borrow_and_update().clone();
         let position = queue_position(watching.queue.as_ref(), &record).await;
         watching.position = position;
+        watching.sent = Some(record.clone());
         let last = record.status.is_final();
         Some((Watched { record, preview: None, queue_position: position }, (!last).then_some(watching)))
     })
@@ -485,7 +494,7 @@ mod tests {
     async fn previews_come_between_states_at_their_step_and_never_after_the_end() {
         let dir = tempfile::tempdir().unwrap();
         let queue: Arc<dyn TaskQueue> = Arc::new(MemoryQueue::open(dir.path(), 10, 3, 10).unwrap());
-        // The stream picks among ready events at random: repeat so both orders are seen.
+        // The sender races the stream: repeat so the events meet it in either order.
         for _ in 0..20 {
             let mut record = TaskRecord::new("t".into(), GenerateRequest::a_desk(1), String::new());
             record.status = TaskStatus::Processing;
@@ -501,9 +510,12 @@ mod tests {
             assert_eq!(shown.preview, Some(preview(5)));
             assert_eq!(shown.record.progress.unwrap().step, 5, "the step the preview shows");
 
+            // A preview that was on its way when the task ended still comes, before the end.
             record.status = TaskStatus::Done;
             states.send_replace(record.clone());
             previews.send(preview(10)).unwrap();
+            let late = stream.next().await.unwrap();
+            assert_eq!((late.record.status, late.preview), (TaskStatus::Processing, Some(preview(10))));
             let last = stream.next().await.unwrap();
             assert_eq!((last.record.status, last.preview), (TaskStatus::Done, None));
             assert!(stream.next().await.is_none(), "nothing after the final state");
