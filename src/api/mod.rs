@@ -521,4 +521,25 @@ mod tests {
             assert!(stream.next().await.is_none(), "nothing after the final state");
         }
     }
+
+    #[tokio::test]
+    async fn a_queued_tasks_stream_tells_its_place_as_it_moves_up() {
+        use crate::tasks::WorkerQueue;
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Arc::new(MemoryQueue::open(dir.path(), 10, 3, 10).unwrap());
+        let (first, _) = queue.submit(None, GenerateRequest::a_desk(1), String::new()).await.unwrap();
+        let (second, _) = queue.submit(None, GenerateRequest::a_desk(2), String::new()).await.unwrap();
+        let updates = queue.watch(&second.task_id).await.unwrap().unwrap();
+        let mut stream = Box::pin(watched_updates(updates, None, queue.clone()));
+        assert_eq!(stream.next().await.unwrap().queue_position, Some(2));
+
+        let claimed = queue.next(&tokio_util::sync::CancellationToken::new()).await.unwrap();
+        assert_eq!(claimed.record.task_id, first.task_id);
+        let moved = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap();
+        assert_eq!((moved.record.status, moved.queue_position), (TaskStatus::Queued, Some(1)));
+
+        queue.next(&tokio_util::sync::CancellationToken::new()).await.unwrap();
+        let started = stream.next().await.unwrap();
+        assert_eq!((started.record.status, started.queue_position), (TaskStatus::Processing, None));
+    }
 }
