@@ -4,7 +4,7 @@
 -- meanwhile is dropped with it.
 -- KEYS: work stream.
 -- ARGV: consumer group, least idle time in milliseconds, this process's consumer (kept).
--- Returns {removed names…, '', then name and pending count of each consumer kept…}.
+-- Returns {{removed name, …}, {{kept name, its pending count}, …}}.
 local removed, kept = {}, {}
 for _, fields in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   local consumer = {}
@@ -15,12 +15,7 @@ for _, fields in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
     redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], consumer.name)
     table.insert(removed, consumer.name)
   else
-    table.insert(kept, consumer.name)
-    table.insert(kept, tostring(consumer.pending))
+    table.insert(kept, {consumer.name, consumer.pending})
   end
 end
-table.insert(removed, '')
-for _, value in ipairs(kept) do
-  table.insert(removed, value)
-end
-return removed
+return {removed, kept}

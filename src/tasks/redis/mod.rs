@@ -435,9 +435,9 @@ impl Shared {
     }
 
     /// Removes consumers with nothing pending that have not read for `--consumer-expiry`, and
-    /// publishes the pending tasks of each one kept.
+    /// publishes the tasks pending with each one kept and in all.
     async fn forget_idle_consumers(&self) -> Result<(), RedisQueueError> {
-        let reply: Vec<String> = self
+        let (removed, kept): (Vec<String>, Vec<(String, u64)>) = self
             .scripts
             .forget_consumers
             .key(WORK)
@@ -446,24 +446,18 @@ impl Shared {
             .arg(&self.options.consumer)
             .invoke_async(&mut self.conn())
             .await?;
-        let split = reply.iter().position(String::is_empty).unwrap_or(reply.len());
-        for consumer in &reply[..split] {
+        for consumer in removed {
             tracing::info!(%consumer, "removed a worker's consumer that has been gone past --consumer-expiry");
             metrics::counter!("deskgen_consumers_removed_total").increment(1);
-            metrics::gauge!("deskgen_queue_pending_by_consumer", "consumer" => consumer.clone()).set(0.0);
+            metrics::gauge!("deskgen_queue_pending_by_consumer", "consumer" => consumer).set(0.0);
         }
-        for kept in reply[(split + 1).min(reply.len())..].chunks_exact(2) {
-            let pending: f64 = kept[1].parse().unwrap_or(0.0);
-            metrics::gauge!("deskgen_queue_pending_by_consumer", "consumer" => kept[0].clone()).set(pending);
+        let mut pending = 0;
+        for (consumer, held) in kept {
+            metrics::gauge!("deskgen_queue_pending_by_consumer", "consumer" => consumer).set(held as f64);
+            pending += held;
         }
+        metrics::gauge!("deskgen_queue_pending").set(pending as f64);
         Ok(())
-    }
-
-    /// Tasks claimed by a worker and not yet acknowledged.
-    async fn pending(&self) -> Result<usize, RedisQueueError> {
-        let summary: ::redis::streams::StreamPendingReply =
-            ::redis::cmd("XPENDING").arg(WORK).arg(GROUP).query_async(&mut self.conn()).await?;
-        Ok(summary.count())
     }
 }
 
@@ -478,9 +472,6 @@ async fn gauges_task(shared: Arc<Shared>) {
         }
         // Errors show in health; the gauges just keep their last value.
         let _ = shared.queue_depth().await;
-        if let Ok(pending) = shared.pending().await {
-            metrics::gauge!("deskgen_queue_pending").set(pending as f64);
-        }
         if let Err(e) = shared.forget_idle_consumers().await {
             tracing::debug!(error = %e, "cannot look over the consumer group");
         }
