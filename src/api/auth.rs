@@ -108,12 +108,13 @@ impl ApiKeys {
 /// A key from the command line: `KEY`, or `KEY:PRIORITY` where the part after the last colon names
 /// a level.
 fn flag_key(flag: &str) -> Key {
-    match flag.rsplit_once(':') {
-        Some((key, priority)) if !key.is_empty() => match Priority::parse(priority) {
-            Some(priority) => Key::new(key, priority),
-            None => Key::new(flag, Priority::High),
-        },
-        _ => Key::new(flag, Priority::High),
+    let ceiling = flag
+        .rsplit_once(':')
+        .filter(|(key, _)| !key.is_empty())
+        .and_then(|(key, priority)| Some((key, Priority::parse(priority)?)));
+    match ceiling {
+        Some((key, priority)) => Key::new(key, priority),
+        None => Key::new(flag, Priority::High),
     }
 }
 
