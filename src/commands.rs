@@ -168,6 +168,7 @@ pub fn bench(command: &BenchCommand, out: &mut impl Write) -> anyhow::Result<()>
                 guidance_rescale: 0.0,
                 loras: Vec::new(),
                 control: Vec::new(),
+                mask: None,
             };
             let started = Instant::now();
             let generated = diffusion.generate(&params, &mut |_| std::ops::ControlFlow::Continue(()))?;

@@ -89,6 +89,7 @@ fn params(prompt: &str, scheduler: SchedulerKind) -> GenerateParams {
         guidance_rescale: 0.0,
         loras: vec![],
         control: vec![],
+        mask: None,
     }
 }
 
@@ -321,6 +322,7 @@ fn case_params(case: &Value) -> GenerateParams {
             .map(|l| (l["name"].as_str().unwrap().to_string(), l["weight"].as_f64().unwrap() as f32))
             .collect(),
         control: vec![],
+        mask: None,
     }
 }
 

@@ -90,6 +90,7 @@ fn reference_params(loras: Vec<(String, f32)>) -> GenerateParams {
         guidance_rescale: 0.0,
         loras,
         control: vec![],
+        mask: None,
     }
 }
 

@@ -586,6 +586,7 @@ fn drawn_directly(fixture: &str, result: &Value, scheduler: &str) -> image::RgbI
         guidance_rescale: 0.0,
         loras: vec![],
         control: vec![],
+        mask: None,
     };
     sd.generate(&params, &mut |_| std::ops::ControlFlow::Continue(())).unwrap().image
 }

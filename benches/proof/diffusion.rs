@@ -77,6 +77,7 @@ fn params() -> GenerateParams {
         guidance_rescale: 0.0,
         loras: Vec::new(),
         control: Vec::new(),
+        mask: None,
     }
 }
 

@@ -195,6 +195,7 @@ impl Painter {
             guidance_rescale: 0.0,
             loras: request.loras.iter().map(|l| (l.name.clone(), l.weight)).collect(),
             control,
+            mask: None,
         };
         output.control = guidance.used();
         ctx.progress("diffusion", 0, steps_to_run(&params));

@@ -44,6 +44,9 @@ pub struct DiffusionConfig {
     pub defaults: ModelDefaults,
     /// Channels of the latent space.
     pub latent_channels: usize,
+    /// Channels of the UNet's sample: the latent channels, or for an inpainting UNet those twice
+    /// over plus the mask (9 for Stable Diffusion).
+    pub unet_in_channels: usize,
     /// Pixels per latent along each side: 2^(VAE blocks - 1), 8 for Stable Diffusion.
     pub vae_scale_factor: usize,
     /// Latents are multiplied by this after encoding and divided by it before decoding.
@@ -111,6 +114,11 @@ pub(crate) fn required_file(dir: &Path, relative: &str) -> Result<PathBuf, Diffu
 }
 
 impl DiffusionConfig {
+    /// Whether the UNet is an inpainting one (it takes the mask and the masked photo's latents).
+    pub fn is_inpainting(&self) -> bool {
+        self.unet_in_channels != self.latent_channels
+    }
+
     /// Reads every config of the model directory `dir` and checks that they fit together.
     pub fn load(dir: &Path) -> Result<DiffusionConfig, DiffusionError> {
         let index_path = dir.join("model_index.json");
@@ -167,6 +175,7 @@ impl DiffusionConfig {
             default_scheduler,
             defaults,
             latent_channels: vae.latent_channels,
+            unet_in_channels: unet.in_channels,
             vae_scale_factor,
             vae_scaling_factor: vae.scaling_factor,
             sample_size: unet.sample_size,
@@ -186,12 +195,15 @@ fn check_unet(
     family: ModelFamily,
     class_name: Option<&str>,
 ) -> Result<(), DiffusionError> {
-    if unet.in_channels != vae.latent_channels {
+    if unet.in_channels != vae.latent_channels && unet.in_channels != 2 * vae.latent_channels + 1 {
         return Err(config_error(
             path,
             format!(
-                "in_channels {} does not match the VAE's latent_channels {} (vae_decoder/config.json)",
-                unet.in_channels, vae.latent_channels
+                "in_channels {} fits neither the VAE's latent_channels {} (vae_decoder/config.json) \
+                 nor an inpainting UNet's {}",
+                unet.in_channels,
+                vae.latent_channels,
+                2 * vae.latent_channels + 1
             ),
         ));
     }

@@ -25,7 +25,9 @@
 mod config;
 mod controlnet;
 mod defaults;
+mod inpaint;
 pub mod lora;
+pub mod mask;
 mod noise;
 mod pipeline;
 mod preview;
@@ -44,6 +46,7 @@ use crate::inference::RuntimeError;
 pub use config::{DiffusionConfig, ModelFamily};
 pub use controlnet::{ControlUnit, MAX_CONTROL_SCALE, is_guidance_window};
 pub use defaults::{DEFAULTS_FILE, ModelDefaults};
+pub use inpaint::InpaintMask;
 pub use noise::{BatchNoise, NoiseSource, SeededNoise};
 pub use pipeline::{
     Denoised, GenerateParams, Generated, MAX_BATCH, MAX_STEPS, PromptEmbeddings, StableDiffusion, Step,

@@ -5,8 +5,8 @@ use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::Instant;
 
-use image::RgbImage;
 use image::imageops::FilterType;
+use image::{GrayImage, RgbImage};
 use ndarray::{Array2, Array3, Array4, ArrayView4, ArrayViewMut4, Axis, Zip, concatenate, s};
 
 use super::DiffusionError;
@@ -15,7 +15,9 @@ use super::controlnet::{
     ControlNet, ControlUnit, MAX_CONTROL_SCALE, Residuals, acts_at, control_input, is_guidance_window,
 };
 use super::defaults::ModelDefaults;
+use super::inpaint::{InpaintMask, Inpainting, MaskedLatents, Overlay};
 use super::lora::{LoraError, LoraLibrary, LoraOptions, MergedCache, MergedModels, ModelPart, RejectedLora};
+use super::mask::MAX_MASK_BLUR;
 use super::noise::{BatchNoise, NoiseSource};
 use super::preview::{LatentPreview, PreviewDecoder, PreviewSource};
 use super::schedulers::{Scheduler, SchedulerKind, img2img_start_index};
@@ -93,6 +95,8 @@ pub struct GenerateParams {
     pub loras: Vec<(String, f32)>,
     /// ControlNet guidance, summed over the units; empty for none.
     pub control: Vec<ControlUnit>,
+    /// Inpainting: which part of `init_image` to repaint; `None` repaints all of it.
+    pub mask: Option<InpaintMask>,
 }
 
 /// Milliseconds spent in each sub-model during one generation.
@@ -126,6 +130,8 @@ pub struct Generated {
     pub timings: Timings,
     /// The seed it was made with.
     pub seed: u64,
+    /// Inpainting: the mask as applied to the image (white repainted), `width` × `height`.
+    pub mask: Option<GrayImage>,
 }
 
 /// One finished denoising step, as `on_step` sees it.
@@ -161,6 +167,10 @@ pub struct Denoised {
     pub latents: Array4<f32>,
     /// Where the time went.
     pub timings: Timings,
+    /// Inpainting: the mask as applied to the images, `width` × `height`.
+    pub mask: Option<GrayImage>,
+    /// How each image goes back over the photo once quantized (cropped or preserving inpainting).
+    overlay: Option<Overlay>,
 }
 
 /// The text conditioning of one generation; with guidance the rows are (negative, prompt).
@@ -309,6 +319,7 @@ impl StableDiffusion {
             guidance_rescale: 0.0,
             loras: Vec::new(),
             control: Vec::new(),
+            mask: None,
         };
         Ok(self.generate(&params, &mut |_| ControlFlow::Continue(()))?.timings)
     }
@@ -362,10 +373,17 @@ impl StableDiffusion {
         on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
     ) -> Result<Vec<Generated>, DiffusionError> {
         let denoised = self.denoise_batch(params, count, on_step)?;
-        let images = denoised.image.axis_chunks_iter(Axis(0), 1).map(to_rgb8);
+        let overlay = denoised.overlay.as_ref();
+        let images = denoised.image.axis_chunks_iter(Axis(0), 1).map(to_rgb8).map(|image| match overlay {
+            Some(overlay) => overlay.apply(&image),
+            None => image,
+        });
         let seeds = (0..count as u64).map(|i| params.seed.wrapping_add(i));
-        let timings = denoised.timings;
-        Ok(images.zip(seeds).map(|(image, seed)| Generated { image, timings, seed }).collect())
+        let (timings, mask) = (denoised.timings, denoised.mask.clone());
+        Ok(images
+            .zip(seeds)
+            .map(|(image, seed)| Generated { image, timings, seed, mask: mask.clone() })
+            .collect())
     }
 
     /// The float images and final latents of [`StableDiffusion::generate_batch`], one row per
@@ -446,6 +464,7 @@ impl StableDiffusion {
             return invalid("guidance_rescale", "must be between 0 and 1".into());
         }
         self.validate_control(&params.control)?;
+        self.validate_mask(params)?;
         if params.init_image.is_some() {
             if !(params.strength > 0.0 && params.strength <= 1.0) {
                 return invalid("strength", "must be in (0, 1]".into());
@@ -455,6 +474,32 @@ impl StableDiffusion {
                     path: self.config.dir.join("vae_encoder/model.onnx"),
                 });
             }
+        }
+        Ok(())
+    }
+
+    fn validate_mask(&self, params: &GenerateParams) -> Result<(), DiffusionError> {
+        let inpainting = params.mask.is_some() || self.config.is_inpainting();
+        if inpainting && !params.control.is_empty() {
+            let reason = "ControlNet guidance and inpainting cannot be combined".to_string();
+            return Err(DiffusionError::InvalidParams { field: "control", reason });
+        }
+        if let Some(mask) = &params.mask {
+            let invalid = |field: &'static str, reason: &str| {
+                Err(DiffusionError::InvalidParams { field, reason: reason.to_string() })
+            };
+            if params.init_image.is_none() {
+                return invalid("mask_image", "a mask needs a photo to repaint");
+            }
+            if !(0.0..=MAX_MASK_BLUR).contains(&mask.blur) {
+                return Err(DiffusionError::InvalidParams {
+                    field: "mask_blur",
+                    reason: format!("must be between 0 and {MAX_MASK_BLUR}"),
+                });
+            }
+        }
+        if inpainting && self.vae_encoder.is_none() {
+            return Err(DiffusionError::MissingFile { path: self.config.dir.join("vae_encoder/model.onnx") });
         }
         Ok(())
     }
@@ -541,8 +586,32 @@ impl StableDiffusion {
         let started = Instant::now();
         let mut initial_noise = Array4::zeros(latent_shape);
         noise.fill(initial_noise.view_mut());
-        let (mut latents, start) =
-            initial_latents(scheduler.as_mut(), vae_encoder.as_mut(), config, initial_noise.view(), params)?;
+        let inpainting = Inpainting::prepare(
+            params.init_image.as_ref(),
+            params.mask.as_ref(),
+            config.is_inpainting(),
+            (params.width, params.height),
+        )?;
+        let (mut latents, start, masked) = match &inpainting {
+            Some(inpainting) => inpaint_latents(
+                scheduler.as_mut(),
+                vae_encoder.as_mut(),
+                config,
+                initial_noise,
+                inpainting,
+                params,
+            )?,
+            None => {
+                let (latents, start) = initial_latents(
+                    scheduler.as_mut(),
+                    vae_encoder.as_mut(),
+                    config,
+                    initial_noise.view(),
+                    params,
+                )?;
+                (latents, start, None)
+            }
+        };
         timings.vae_ms += elapsed_ms(started);
 
         let started = Instant::now();
@@ -553,7 +622,9 @@ impl StableDiffusion {
         });
         let unets = Unets { plain: active.unet, control };
         let previews = Previews { decoder: preview_decoder.as_mut(), linear: LatentPreview::of(config) };
-        let cost = run_steps(unets, embeddings, schedule, &mut latents, params, previews, on_step)?;
+        let steps =
+            Steps { schedule, masked: masked.as_ref(), previews, unet_in_channels: config.unet_in_channels };
+        let cost = run_steps(unets, embeddings, steps, &mut latents, params, on_step)?;
         timings.unet_run_ms = cost.run_ms;
         timings.controlnet_ms = cost.controlnet_ms;
         timings.transfer_ms = cost.transfer_ms;
@@ -570,7 +641,11 @@ impl StableDiffusion {
         let decoded = ndarray::concatenate(Axis(0), &views).expect("decoded images share a shape");
         let image = decoded.permuted_axes([0, 2, 3, 1]).mapv(|x| (x / 2.0 + 0.5).clamp(0.0, 1.0));
         timings.vae_ms += elapsed_ms(started);
-        Ok(Denoised { image, latents, timings })
+        let (mask, overlay) = match inpainting {
+            Some(Inpainting { shown, overlay, .. }) => (params.mask.as_ref().map(|_| shown), overlay),
+            None => (None, None),
+        };
+        Ok(Denoised { image, latents, timings, mask, overlay })
     }
 }
 
@@ -592,6 +667,48 @@ fn initial_latents(
     let latents = photo_latents.broadcast(noise.raw_dim()).expect("one photo for every image").to_owned();
     let steps = params.num_inference_steps as usize;
     Ok(noised_photo(scheduler, latents, noise, steps, params.strength))
+}
+
+/// Inpainting: the latents before the first step, that step's index, and what the steps add
+/// (see the module docs of `inpaint`).
+fn inpaint_latents(
+    scheduler: &mut dyn Scheduler,
+    vae_encoder: Option<&mut VaeHalf>,
+    config: &DiffusionConfig,
+    noise: Array4<f32>,
+    inpainting: &Inpainting,
+    params: &GenerateParams,
+) -> Result<(Array4<f32>, usize, Option<MaskedLatents>), DiffusionError> {
+    let encoder = vae_encoder
+        .ok_or_else(|| DiffusionError::MissingFile { path: config.dir.join("vae_encoder/model.onnx") })?;
+    let mut encode = |pixels: Array4<f32>| -> Result<Array4<f32>, DiffusionError> {
+        let mut latents = encoder.encode_mean(pixels.view(), config.latent_channels)?;
+        latents.mapv_inplace(|l| l * config.vae_scaling_factor);
+        Ok(latents)
+    };
+    let from_noise = inpainting.photo.is_none() || params.strength == 1.0;
+    let blends = !config.is_inpainting();
+    let photo_latents = match &inpainting.photo {
+        Some(photo) if blends || !from_noise => {
+            Some(encode(photo_to_pixels(photo, params.width, params.height))?)
+        }
+        _ => None,
+    };
+    let masked = if config.is_inpainting() { Some(encode(inpainting.masked_pixels())?) } else { None };
+    let steps = params.num_inference_steps as usize;
+    let (latents, start) = match (&photo_latents, from_noise) {
+        (Some(photo), false) => {
+            let latents = photo.broadcast(noise.raw_dim()).expect("one photo for every image").to_owned();
+            noised_photo(scheduler, latents, noise.view(), steps, params.strength)
+        }
+        _ => {
+            scheduler.set_begin_index(0);
+            (noise.mapv(|n| n * scheduler.init_noise_sigma()), 0)
+        }
+    };
+    let known = if blends { photo_latents.map(|photo| (photo, noise)) } else { None };
+    let mask = inpainting.latent_mask(config.vae_scale_factor);
+    Ok((latents, start, Some(MaskedLatents { mask, masked, known })))
 }
 
 /// Image-to-image: the photo's latents noised to the step that `strength` starts from, and that
@@ -655,7 +772,7 @@ impl<'a> Steering<'a> {
         conditioning: &UnetConditioning,
         params: &GenerateParams,
     ) -> Result<Steering<'a>, DiffusionError> {
-        let buffers = control.unet.buffers(shape, conditioning)?;
+        let buffers = control.unet.buffers(shape, shape[1], conditioning)?;
         let float_type = control.unet.float_type();
         let units = units
             .iter()
@@ -718,17 +835,26 @@ struct Previews<'a> {
     linear: Option<LatentPreview>,
 }
 
+/// What the denoising loop runs besides the UNets: the schedule, inpainting's additions and the
+/// previews.
+struct Steps<'a> {
+    schedule: Schedule<'a>,
+    masked: Option<&'a MaskedLatents>,
+    previews: Previews<'a>,
+    unet_in_channels: usize,
+}
+
 /// The denoising loop: one UNet prediction (both guidance rows at once) and one scheduler step per
 /// timestep from `schedule.start`, reporting each finished step to `on_step`.
 fn run_steps(
     unets: Unets<'_>,
     embeddings: PromptEmbeddings,
-    schedule: Schedule<'_>,
+    steps: Steps<'_>,
     latents: &mut Array4<f32>,
     params: &GenerateParams,
-    mut previews: Previews<'_>,
     on_step: &mut dyn FnMut(Step<'_>) -> ControlFlow<()>,
 ) -> Result<StepsCost, DiffusionError> {
+    let Steps { schedule, masked, mut previews, unet_in_channels } = steps;
     let Schedule { scheduler, start, noise } = schedule;
     let (batch, channels, latent_h, latent_w) = latents.dim();
     let rows = batch * if params.guidance_scale > 1.0 { 2 } else { 1 };
@@ -738,7 +864,10 @@ fn run_steps(
     let Unets { plain: unet, control } = unets;
     let conditioning = unet.conditioning(repeat_rows(embeddings.prompt_embeds, batch), added);
     let shape = [rows, channels, latent_h, latent_w];
-    let mut buffers = unet.buffers(shape, &conditioning)?;
+    let mut buffers = unet.buffers(shape, unet_in_channels, &conditioning)?;
+    if let Some(masked) = masked {
+        masked.fill_unet_extras(buffers.sample.view_mut(), channels);
+    }
     let mut steering = match control {
         Some(control) => Some(Steering::new(control, &params.control, shape, &conditioning, params)?),
         None => None,
@@ -748,9 +877,9 @@ fn run_steps(
     let mut cost = StepsCost::default();
     for (done, &timestep) in run.iter().enumerate() {
         for (index, mut row) in buffers.sample.outer_iter_mut().enumerate() {
-            row.assign(&latents.index_axis(Axis(0), index % batch));
+            row.slice_mut(s![..channels, .., ..]).assign(&latents.index_axis(Axis(0), index % batch));
         }
-        scheduler.scale_model_input(buffers.sample.view_mut(), timestep);
+        scheduler.scale_model_input(buffers.sample.slice_mut(s![.., ..channels, .., ..]), timestep);
         let consume = |prediction: ndarray::ArrayView4<'_, f32>| {
             guide(prediction, noise_pred.view_mut(), params.guidance_scale, params.guidance_rescale);
         };
@@ -764,6 +893,9 @@ fn run_steps(
         cost.transfer_ms += step.transfer_ms;
         cost.steps += 1;
         scheduler.step(noise_pred.view(), timestep, latents.view_mut(), noise);
+        if let Some(masked) = masked {
+            masked.blend_known(scheduler, latents, &run, done);
+        }
         if unet.is_half() {
             // diffusers casts each step's result back to the model's float16.
             latents.mapv_inplace(|l| half::f16::from_f32(l).to_f32());

@@ -207,12 +207,16 @@ impl Unet {
         }
     }
 
-    /// Buffers for samples of `shape` (`[batch, channels, h, w]`) conditioned on `conditioning`.
+    /// Buffers for predictions of `shape` (`[batch, channels, h, w]`) from samples of
+    /// `sample_channels` channels, conditioned on `conditioning`.
     pub(crate) fn buffers(
         &self,
         shape: [usize; 4],
+        sample_channels: usize,
         conditioning: &UnetConditioning,
     ) -> Result<UnetBuffers, DiffusionError> {
+        let [rows, _, h, w] = shape;
+        let sample_shape = [rows, sample_channels, h, w];
         let fail = inference_error(MODEL);
         let output: DynValue = match self.float_type {
             FloatType::F32 => Tensor::<f32>::new(&Allocator::default(), shape).map_err(&fail)?.into_dyn(),
@@ -234,8 +238,9 @@ impl Unet {
             None => None,
         };
         Ok(UnetBuffers {
-            sample: Array4::zeros(shape),
-            sample_f16: (self.float_type == FloatType::F16).then(|| Array4::from_elem(shape, f16::ZERO)),
+            sample: Array4::zeros(sample_shape),
+            sample_f16: (self.float_type == FloatType::F16)
+                .then(|| Array4::from_elem(sample_shape, f16::ZERO)),
             timestep,
             options,
             device,

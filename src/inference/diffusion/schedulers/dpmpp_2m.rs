@@ -203,7 +203,12 @@ impl Scheduler for DpmSolverMultistepScheduler {
     }
 
     fn add_noise(&self, original: ArrayViewMut4<'_, f32>, noise: ArrayView4<'_, f32>, timestep: f32) {
-        let index = self.begin_index.unwrap_or_else(|| index_for_timestep(&self.timesteps, timestep));
+        // As the sigma schedulers: the current step once denoising has begun (inpainting).
+        let index = match (self.begin_index, self.step_index) {
+            (Some(_), Some(current)) => current,
+            (Some(begin), None) => begin,
+            (None, _) => index_for_timestep(&self.timesteps, timestep),
+        };
         let (alpha_t, sigma_t) = alpha_sigma_t(self.sigmas[index]);
         let (alpha_t, sigma_t) = (alpha_t as f32, sigma_t as f32);
         Zip::from(original).and(noise).for_each(|x, &n| *x = alpha_t * *x + sigma_t * n);

@@ -106,6 +106,17 @@ impl SigmaSteps {
         })
     }
 
+    /// The step whose sigma `add_noise` uses, as diffusers picks it: the schedule's current step
+    /// once denoising has begun (inpainting re-noises the known latents after each step), else the
+    /// begin index (image-to-image, before the first step), else the step of `timestep`.
+    pub fn noise_index(&self, timestep: f32) -> usize {
+        match (self.begin_index, self.step_index) {
+            (Some(_), Some(current)) => current,
+            (Some(begin), None) => begin,
+            (None, _) => index_for_timestep(&self.timesteps, timestep),
+        }
+    }
+
     /// Moves to the step after `index`.
     pub fn advance(&mut self, index: usize) {
         self.step_index = Some(index + 1);
@@ -127,8 +138,7 @@ impl SigmaSteps {
     }
 
     pub fn add_noise(&self, original: ArrayViewMut4<'_, f32>, noise: ArrayView4<'_, f32>, timestep: f32) {
-        let index = self.begin_index.unwrap_or_else(|| index_for_timestep(&self.timesteps, timestep));
-        let sigma = self.sigmas[index];
+        let sigma = self.sigmas[self.noise_index(timestep)];
         Zip::from(original).and(noise).for_each(|x, &n| *x += n * sigma);
     }
 
