@@ -15,6 +15,16 @@
 #   MODEL_DIR_OR_ID  a local diffusers checkpoint directory or a Hugging Face model id
 #                    (e.g. runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0;
 #                    an id needs network access to the hub and, for gated models, `hf auth login`).
+#                    Inpainting checkpoints export the same way, e.g.
+#                    stable-diffusion-v1-5/stable-diffusion-inpainting or
+#                    diffusers/stable-diffusion-xl-1.0-inpainting-0.1: their UNet takes 9 input
+#                    channels (latents, mask, masked-image latents). optimum loads the pipeline class
+#                    that model_index.json names (StableDiffusion[XL]InpaintPipeline) whatever
+#                    --task says, traces the UNet with unet/config.json's in_channels, and keeps that
+#                    class in OUT_DIR/model_index.json, so unet/model.onnx takes `sample`
+#                    [batch, 9, h, w]. weights_map.py and optimize_sd.py (--target cuda) make no
+#                    assumption about the channel count; onnx/fixtures/tiny-sd15-inpaint is a tiny
+#                    9-channel checkpoint exported by this script (see onnx/fixtures/README.md).
 #   --fp16           export float16 weights and inputs/outputs (`optimum-cli ... --dtype fp16`;
 #                    the UNet timestep becomes a rank-0 float16). Works with the CPU tracer here
 #                    (checked on the tiny fixtures), but PyTorch warns that fp16 pipelines are not

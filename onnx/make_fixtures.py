@@ -24,6 +24,10 @@ Stages (default: all):
               and the LCM-LoRA fused by diffusers -> fixtures/reference/fewstep
   canny       OpenCV's Canny maps of the darknet photos -> fixtures/reference/canny (see
               make_canny_fixtures.py)
+  inpaint     a tiny 9-channel inpainting SD 1.x checkpoint (tiny-sd15's VAE, text encoder, tokenizer
+              and scheduler) exported with onnx/export_sd.sh into fixtures/tiny-sd15-inpaint (see
+              make_inpaint_fixtures.py)
+  inpaint-ref diffusers' inpainting pipelines (9- and 4-channel SD 1.x, SDXL) -> fixtures/reference/inpaint
   selfcheck   re-run one case and assert bit-identical output
   manifest    write fixtures/manifest.fixtures.json (fixtures and onnx/loras)
 """
@@ -182,14 +186,18 @@ def tiny_vae(scaling_factor: float):
     )
 
 
-def build_sd15(ckpt: pathlib.Path, tmp: pathlib.Path) -> None:
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def build_sd15(ckpt: pathlib.Path, tmp: pathlib.Path, unet_in_channels: int = 4, unet_seed: int = 0,
+               pipeline_class: str = "StableDiffusionPipeline") -> None:
+    """The tiny SD 1.x checkpoint; with unet_in_channels=9 (its own unet_seed) the inpainting variant,
+    whose VAE, text encoder, tokenizer and scheduler are the same (same seeds)."""
+    import diffusers
+    from diffusers import PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(unet_seed)
     unet = UNet2DConditionModel(
         sample_size=32,
-        in_channels=4,
+        in_channels=unet_in_channels,
         out_channels=4,
         layers_per_block=1,
         block_out_channels=(32, 64),
@@ -207,7 +215,7 @@ def build_sd15(ckpt: pathlib.Path, tmp: pathlib.Path) -> None:
     scheduler = PNDMScheduler.from_config(
         dict(SCHED_COMMON, set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False)
     )
-    pipe = StableDiffusionPipeline(
+    pipe = getattr(diffusers, pipeline_class)(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -1000,7 +1008,8 @@ def main() -> None:
     stages = args.stages
     if "all" in stages:
         stages = ["models", "captioner", "reference", "schedulers", "caption-ref", "loras", "lora-ref",
-                  "controlnet", "controlnet-ref", "lcm-lora", "fewstep-ref", "canny", "preview", "selfcheck", "manifest"]
+                  "controlnet", "controlnet-ref", "lcm-lora", "fewstep-ref", "canny", "preview", "inpaint", "inpaint-ref",
+                  "selfcheck", "manifest"]
     work_ctx = tempfile.TemporaryDirectory(prefix="deskgen-fixtures-") if args.work is None else None
     work = pathlib.Path(args.work or work_ctx.name)
     work.mkdir(parents=True, exist_ok=True)
@@ -1092,6 +1101,21 @@ def main() -> None:
         import make_canny_fixtures
 
         make_canny_fixtures.build(REPO, ref / "canny")
+
+    if "inpaint" in stages or "inpaint-ref" in stages:
+        import make_inpaint_fixtures as inpaint
+
+        fx = sys.modules[__name__]
+        if "inpaint" in stages:
+            res = inpaint.export(fx, work, out)
+            checks["inpaint_onnx_vs_torch_unet_max_abs_diff"] = res["unet"]
+            checks["inpaint_files_byte_identical_to_tiny_sd15"] = res["same_bytes_as_tiny_sd15"]
+        if "inpaint-ref" in stages:
+            for name, build in ((inpaint.CKPT, lambda c, w: inpaint.build(fx, c, w)), ("ckpt-sd15", build_sd15),
+                                ("ckpt-sdxl", build_sdxl)):
+                if not (work / name).exists():
+                    build(work / name, work)  # seeded: the checkpoints the tiny exports came from
+            checks["inpaint_ort_vs_torch_pipeline"] = inpaint.reference(fx, work, ref)
 
     if "selfcheck" in stages:
         checks["rerun_max_abs_diff"] = selfcheck(out)
