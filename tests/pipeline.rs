@@ -730,3 +730,112 @@ async fn two_models_side_by_side_or_one_at_a_time() {
     // tiny-sdxl's sessions hold about 50 MiB; a model that was never let go would leave no gap.
     assert!(rss_all > rss_one + 16 * 1024, "one model in memory: {rss_one} KiB, both: {rss_all} KiB");
 }
+
+async fn png_of(url: &str) -> image::DynamicImage {
+    let bytes = reqwest::get(url).await.unwrap().bytes().await.unwrap();
+    image::load_from_memory(&bytes).unwrap()
+}
+
+fn gray_png(width: u32, height: u32, value: u8) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::GrayImage::from_pixel(width, height, image::Luma([value]))
+        .write_to(&mut out, image::ImageFormat::Png)
+        .unwrap();
+    out.into_inner()
+}
+
+/// `keep` with `preserve_unmasked`: the kept item's pixels come back as the photo's (after the
+/// same resize), the mask is stored beside the image, and names the detector did not see warn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_item_stays_as_it_was_and_the_mask_comes_back() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let dog = std::fs::read(darknet("dog.jpg")).unwrap();
+    let host = photo_host(vec![
+        ("desk.jpg", dog.clone()),
+        ("black.png", gray_png(40, 32, 0)),
+        ("text.png", b"no image here".to_vec()),
+    ])
+    .await;
+    let server = start_real(dir.path(), &["--desk-threshold", "0"]).await;
+    let photo = format!("{host}/desk.jpg");
+    let task_id = submit(
+        &server,
+        json!({"initial_image_url": photo, "keep": ["dog", "lamp"], "preserve_unmasked": true,
+               "num_inference_steps": 4, "seed": 3}),
+    )
+    .await;
+    let result = poll_final(&server, &task_id, None).await;
+    assert_eq!(result["status"], "done", "{result}");
+    let warnings: Vec<&str> =
+        result["warnings"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(warnings.iter().any(|w| w.contains("no lamp was detected")), "{warnings:?}");
+    assert!(result["control"].as_array().unwrap().is_empty(), "a mask takes no default control: {result}");
+    let image = png_of(result["processed_image_url"].as_str().unwrap()).await.to_rgb8();
+    let mask_url = result["mask_url"].as_str().expect("mask_url");
+    assert!(mask_url.ends_with("-mask.png"), "{mask_url}");
+    let mask = png_of(mask_url).await.to_luma8();
+    assert_eq!(mask.dimensions(), image.dimensions());
+    let decoded = deskgen::inference::vision::decode_image(&dog, u64::MAX).unwrap();
+    let (width, height) = image.dimensions();
+    let shaped =
+        deskgen::pipeline::shape::shape_photo(&decoded, deskgen::core::ResizeMode::Fit, width, height);
+    let dog_box =
+        &result["detected_items"].as_array().unwrap().iter().find(|d| d["label"] == "dog").unwrap()["box"];
+    let centre = |lo: &str, hi: &str, side: u32| {
+        ((dog_box[lo].as_f64().unwrap() + dog_box[hi].as_f64().unwrap()) / 2.0 * f64::from(side)) as u32
+    };
+    let (cx, cy) = (centre("x_min", "x_max", width), centre("y_min", "y_max", height));
+    assert_eq!(mask.get_pixel(cx, cy)[0], 0, "the dog's box is kept");
+    let kept: Vec<(u32, u32)> =
+        mask.enumerate_pixels().filter(|(_, _, m)| m[0] == 0).map(|(x, y, _)| (x, y)).collect();
+    assert!(kept.len() > 1000, "{} pixels kept", kept.len());
+    for (x, y) in kept {
+        assert_eq!(image.get_pixel(x, y), shaped.get_pixel(x, y), "({x}, {y}) is the photo's pixel");
+    }
+    let repainted = mask
+        .enumerate_pixels()
+        .filter(|(x, y, m)| m[0] == 255 && image.get_pixel(*x, *y) != shaped.get_pixel(*x, *y))
+        .count();
+    assert!(repainted > 1000, "the rest is repainted ({repainted})");
+
+    // Masks that cannot be used: inline ones are refused at once, the others fail their task.
+    let post = |body: Value| {
+        let url = server.url("/v1/generate");
+        async move {
+            let r = reqwest::Client::new().post(url).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let black = base64::engine::general_purpose::STANDARD.encode(gray_png(32, 32, 0));
+    let (status, body) = post(json!({"initial_image_url": photo, "mask_image": black})).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("Nothing to repaint"), "{body}");
+    let (status, body) = post(json!({"initial_image_url": photo, "mask_image": "aGVsbG8="})).await;
+    assert_eq!((status, body["error_code"].as_str()), (422, Some("INVALID_INPUT")), "{body}");
+    assert!(body["message"].as_str().unwrap().starts_with("The mask cannot be used"), "{body}");
+    let (status, body) = post(json!({"prompt": "a desk", "keep": ["dog"]})).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("needs a photo"), "{body}");
+
+    let failed = |body: Value| {
+        let server = &server;
+        async move { poll_final(server, &submit(server, body).await, None).await }
+    };
+    let steps = 2;
+    let result = failed(json!({"initial_image_url": photo, "mask_image_url": format!("{host}/black.png"), "num_inference_steps": steps})).await;
+    assert_eq!(
+        (result["status"].as_str(), result["error_code"].as_str()),
+        (Some("failed"), Some("INVALID_INPUT")),
+        "{result}"
+    );
+    assert!(result["message"].as_str().unwrap().contains("Nothing to repaint"), "{result}");
+    let result = failed(json!({"initial_image_url": photo, "mask_image_url": format!("{host}/text.png"), "num_inference_steps": steps})).await;
+    assert_eq!(result["error_code"], "INVALID_IMAGE", "{result}");
+    assert!(result["message"].as_str().unwrap().starts_with("mask_image_url"), "{result}");
+    let result =
+        failed(json!({"initial_image_url": photo, "repaint": ["lamp"], "num_inference_steps": steps})).await;
+    assert_eq!(result["error_code"], "INVALID_INPUT", "{result}");
+    assert!(result["message"].as_str().unwrap().starts_with("repaint: Nothing to repaint"), "{result}");
+    server.stop().await;
+}

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::auth::Caller;
 use super::errors::ApiError;
-use super::{AppState, SdModelEntry};
+use super::{AppState, Inline, SdModelEntry};
 use crate::core::request::{
     DEFAULT_GUIDANCE, DEFAULT_IMAGES, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH,
     MAX_GUIDANCE, MAX_STEPS,
@@ -102,11 +102,19 @@ impl From<pb::GenerateRequest> for GenerateInput {
                     .collect()
             }),
             control: r.control.map(|c| c.units.into_iter().map(ControlInput::from).collect()),
+            mask_image_url: r.mask_image_url,
+            mask_image: None,
+            keep: (!r.keep.is_empty()).then_some(r.keep),
+            repaint: (!r.repaint.is_empty()).then_some(r.repaint),
+            preserve_unmasked: r.preserve_unmasked,
+            mask_blur: r.mask_blur.map(f64::from),
+            padding_mask_crop: r.padding_mask_crop.map(i64::from),
             webhook_url: r.webhook_url,
             webhook_events: (!r.webhook_events.is_empty()).then_some(r.webhook_events),
             max_items_per_category: r.max_items_per_category.map(i64::from),
             task_id: r.task_id,
             stored_photo: None,
+            stored_mask: None,
         }
     }
 }
@@ -203,6 +211,7 @@ impl From<&TaskRecord> for pb::TaskResult {
             processed_image_url: output.processed_image_url,
             processed_image_urls: output.processed_image_urls,
             queue_position: None,
+            mask_url: output.mask_url,
             is_desk: output.is_desk,
             caption: output.caption,
             detected_items: output
@@ -263,6 +272,7 @@ impl Generate for GrpcApi {
         let caller = caller(&self.state, request.metadata())?;
         let mut request = request.into_inner();
         let photo = request.initial_image.take().map(Bytes::from);
+        let mask = request.mask_image.take().map(Bytes::from);
         // The decoder's limit leaves room for a photo; the rest of the message keeps the usual one,
         // refused with the code tonic gives any message over its limit.
         let rest = request.encoded_len();
@@ -272,7 +282,7 @@ impl Generate for GrpcApi {
                 self.state.max_body_bytes
             )));
         }
-        let record = self.state.submit(request.into(), photo, &caller).await?;
+        let record = self.state.submit(request.into(), Inline { photo, mask }, &caller).await?;
         Ok(Response::new(pb::GenerateResponse {
             task_id: record.task_id,
             status: status(record.status) as i32,

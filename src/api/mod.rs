@@ -31,9 +31,11 @@ use crate::core::request::{
     MAX_GUIDANCE, MAX_STEPS,
 };
 use crate::core::{
-    ControlNetInfo, DefaultControl, GenerateInput, Limits, LoraInfo, ModelInfo, PhotoSource, PipelineInfo,
-    Preview, Progress, ResizeMode, SdModelInfo, Violation, validate,
+    ControlNetInfo, DefaultControl, GenerateInput, Limits, LoraInfo, MaskSource, ModelInfo, PhotoSource,
+    PipelineInfo, Preview, Progress, ResizeMode, SdModelInfo, Violation, validate,
 };
+use crate::inference::diffusion::mask;
+use crate::inference::vision::decode_upright;
 use crate::intake::{Intake, IntakeError, Photo};
 use crate::pipeline::{Pipeline, Services};
 use crate::storage::StorageError;
@@ -50,6 +52,15 @@ override, and with only one given the other follows the photo's shape (fit) or s
 /// How much of a stored photo is read to check it before queueing: enough for the header of
 /// every accepted format, including a JPEG whose EXIF block comes before its frame header.
 const PHOTO_HEAD_BYTES: u64 = 256 * 1024;
+
+/// Images a request carries as bytes instead of URLs.
+#[derive(Debug, Default)]
+pub struct Inline {
+    /// The photo (`initial_image`, a multipart `image` part, the CLI's file).
+    pub photo: Option<Bytes>,
+    /// The inpainting mask (`mask_image`, a multipart `mask_image` part).
+    pub mask: Option<Bytes>,
+}
 
 /// Shared state of every handler.
 pub struct AppState {
@@ -157,15 +168,20 @@ impl AppState {
     pub async fn submit(
         &self,
         mut input: GenerateInput,
-        photo: Option<Bytes>,
+        inline: Inline,
         caller: &Caller,
     ) -> Result<TaskRecord, ApiError> {
         let info = self.pipeline_info().ok_or(ApiError::NotReady)?;
-        let photo = match photo {
+        let photo = match inline.photo {
             Some(bytes) => Some(self.check_photo("initial_image", bytes).await?),
             None => None,
         };
+        let mask = match inline.mask {
+            Some(bytes) => Some(self.check_mask(bytes).await?),
+            None => None,
+        };
         input.stored_photo = photo.as_ref().map(|p| p.key.clone());
+        input.stored_mask = mask.as_ref().map(|m| m.key.clone());
         let (task_id, request) = validate::validate(input, &self.limits, info)?;
         if request.priority < caller.max_priority {
             return Err(ApiError::Forbidden(format!(
@@ -183,7 +199,14 @@ impl AppState {
         if let Some(photo) = &photo {
             self.store_photo(photo).await?;
         } else if let Some(PhotoSource::Url(url)) = &request.photo {
-            self.check_stored_photo(url).await?;
+            self.check_stored_photo("initial_image_url", url).await?;
+        }
+        if let Some(mask) = &mask {
+            self.store_photo(mask).await?;
+        } else if let Some(MaskSource::Image(PhotoSource::Url(url))) =
+            request.mask.as_ref().map(|m| &m.source)
+        {
+            self.check_stored_photo("mask_image_url", url).await?;
         }
         let (record, _created) = self.queue.submit(task_id, request, caller.client.clone()).await?;
         Ok(record)
@@ -198,19 +221,48 @@ impl AppState {
         })
     }
 
-    /// Checks an `initial_image_url` that names an object in the service's own store (a presigned
-    /// upload, say) from its size and first bytes, so a missing or refused photo is answered now
-    /// rather than by a failed task. A store that cannot be read right now leaves the check to the
-    /// task's fetch stage.
-    async fn check_stored_photo(&self, url: &str) -> Result<(), ApiError> {
-        const FIELD: &str = "initial_image_url";
+    /// Checks a mask handed in as bytes like a photo, and that it repaints something.
+    async fn check_mask(&self, bytes: Bytes) -> Result<Photo, ApiError> {
+        const FIELD: &str = "mask_image";
+        let nothing = || {
+            let description = "Nothing to repaint: the mask is empty or black everywhere (white repaints).";
+            ApiError::Invalid(vec![Violation { field: FIELD, description: description.into() }])
+        };
+        if bytes.is_empty() {
+            return Err(nothing());
+        }
+        // The photo's rules hold for masks too (formats, bytes, pixels, 32 pixels a side at least).
+        let mask = self.check_photo(FIELD, bytes).await.map_err(|e| match e {
+            ApiError::Invalid(mut violations) => {
+                for v in &mut violations {
+                    v.description = v.description.replacen("The photo", "The mask", 1);
+                }
+                ApiError::Invalid(violations)
+            }
+            other => other,
+        })?;
+        let (bytes, max_pixels) = (mask.bytes.clone(), self.intake.max_pixels);
+        let repaints = tokio::task::spawn_blocking(move || {
+            decode_upright(&bytes, max_pixels).map(|m| mask::repaints_anything(&mask::from_image(&m.image)))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Invalid(vec![Violation { field: FIELD, description: e.to_string() }]))?;
+        if repaints { Ok(mask) } else { Err(nothing()) }
+    }
+
+    /// Checks an `initial_image_url` or `mask_image_url` (`field`) that names an object in the
+    /// service's own store (a presigned upload, say) from its size and first bytes, so a missing or
+    /// refused image is answered now rather than by a failed task. A store that cannot be read
+    /// right now leaves the check to the task's fetch stage.
+    async fn check_stored_photo(&self, field: &'static str, url: &str) -> Result<(), ApiError> {
         let Some(key) = self.services.store.key_for_url(url) else { return Ok(()) };
         let peek = match self.services.store.peek(&key, PHOTO_HEAD_BYTES).await {
             Ok(peek) => peek,
             Err(StorageError::NotFound { .. }) => {
                 let description =
-                    format!("initial_image_url names {key}, which holds no object; upload the photo first.");
-                return Err(ApiError::Invalid(vec![Violation { field: FIELD, description }]));
+                    format!("{field} names {key}, which holds no object; upload the image first.");
+                return Err(ApiError::Invalid(vec![Violation { field, description }]));
             }
             Err(e) => {
                 tracing::debug!(%key, error = %e, "stored photo not checked before queueing");
@@ -218,8 +270,8 @@ impl AppState {
             }
         };
         self.intake.check_head(peek.size, &peek.head).map_err(|refused| {
-            let description = format!("initial_image_url ({key}): {refused}");
-            ApiError::Invalid(vec![Violation { field: FIELD, description }])
+            let description = format!("{field} ({key}): {refused}");
+            ApiError::Invalid(vec![Violation { field, description }])
         })
     }
 

@@ -17,16 +17,23 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::AppState;
 use super::errors::ApiError;
+use super::{AppState, Inline};
 use crate::core::Violation;
 use crate::intake::extension_for;
 use crate::storage::new_upload_key;
 
 /// Request fields a multipart form carries as text; every other field is read as JSON (numbers,
 /// lists such as `loras`).
-const TEXT_FIELDS: [&str; 6] =
-    ["initial_image_url", "prompt", "negative_prompt", "scheduler", "webhook_url", "task_id"];
+const TEXT_FIELDS: [&str; 7] = [
+    "initial_image_url",
+    "mask_image_url",
+    "prompt",
+    "negative_prompt",
+    "scheduler",
+    "webhook_url",
+    "task_id",
+];
 
 /// Room for a form's boundaries and part headers around an upload's file.
 const MULTIPART_OVERHEAD: usize = 64 << 10;
@@ -173,18 +180,23 @@ pub fn is_multipart(headers: &HeaderMap) -> bool {
 }
 
 /// A generation's form: the request's fields as a JSON object, and the `image` file part.
-pub async fn generate_form(state: &AppState, request: Request) -> Result<(Value, Option<Bytes>), ApiError> {
+pub async fn generate_form(state: &AppState, request: Request) -> Result<(Value, Inline), ApiError> {
     let limit = body_limit_with_photo(state);
     let mut form = multipart(request).await?;
     let mut fields = Map::new();
-    let mut image = None;
+    let mut inline = Inline::default();
     while let Some(field) = form.next_field().await.map_err(|e| multipart_error(e, limit))? {
         let name = field.name().unwrap_or_default().to_string();
-        if name == "image" {
-            if image.is_some() {
-                return Err(invalid("image", "Send one image part, not several."));
+        let (part, slot) = match name.as_str() {
+            "image" => ("image", &mut inline.photo),
+            "mask_image" => ("mask_image", &mut inline.mask),
+            _ => ("", &mut None),
+        };
+        if !part.is_empty() {
+            if slot.is_some() {
+                return Err(invalid(part, &format!("Send one {part} part, not several.")));
             }
-            image = Some(field.bytes().await.map_err(|e| multipart_error(e, limit))?);
+            *slot = Some(field.bytes().await.map_err(|e| multipart_error(e, limit))?);
             continue;
         }
         let text = field.text().await.map_err(|e| multipart_error(e, limit))?;
@@ -203,12 +215,14 @@ pub async fn generate_form(state: &AppState, request: Request) -> Result<(Value,
             }]));
         }
     }
-    Ok((Value::Object(fields), image))
+    Ok((Value::Object(fields), inline))
 }
 
-/// The bytes of JSON `initial_image`: plain base64, or a `data:image/…;base64,` URL.
-pub fn decode_inline(text: &str) -> Result<Bytes, ApiError> {
-    let refused = || invalid("initial_image", "initial_image must be base64, or a data:image/…;base64, URL.");
+/// The bytes of JSON `initial_image` or `mask_image` (`field`): plain base64, or a
+/// `data:image/…;base64,` URL.
+pub fn decode_inline(field: &'static str, text: &str) -> Result<Bytes, ApiError> {
+    let message = format!("{field} must be base64, or a data:image/…;base64, URL.");
+    let refused = || invalid(field, &message);
     let encoded = match text.strip_prefix("data:") {
         Some(url) => {
             let (media, data) = url.split_once(',').ok_or_else(refused)?;

@@ -24,6 +24,9 @@ pub fn result_json(record: &TaskRecord) -> Value {
             body.insert("initial_image_url".into(), json!(output.initial_image_url));
             body.insert("processed_image_url".into(), json!(output.processed_image_url));
             body.insert("processed_image_urls".into(), json!(output.processed_image_urls));
+            if let Some(mask_url) = &output.mask_url {
+                body.insert("mask_url".into(), json!(mask_url));
+            }
             for recommendation in &output.recommendations {
                 body.insert(recommendation.display_name.clone(), json!(recommendation.items));
             }

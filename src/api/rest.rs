@@ -16,13 +16,13 @@ use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::AppState;
 use super::auth::Caller;
 use super::errors::ApiError;
 use super::guard;
 use super::health::Probe;
 use super::photos;
 use super::render::result_json;
+use super::{AppState, Inline};
 use crate::core::{FailureCode, GenerateInput, Violation};
 use crate::tasks::{TaskRecord, TaskStatus};
 
@@ -34,41 +34,42 @@ pub(super) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<Caller,
     state.keys.caller(value).ok_or(ApiError::Unauthenticated)
 }
 
-/// A generation request from a JSON body (the photo as a URL, or inline in `initial_image`) or a
-/// multipart form (the request's fields and an `image` file part).
-async fn read_generate(
-    state: &AppState,
-    request: Request,
-) -> Result<(GenerateInput, Option<Bytes>), ApiError> {
+/// A generation request from a JSON body (the photo and mask as URLs, or inline in
+/// `initial_image` and `mask_image`) or a multipart form (the request's fields and `image` and
+/// `mask_image` file parts).
+async fn read_generate(state: &AppState, request: Request) -> Result<(GenerateInput, Inline), ApiError> {
     guard::check_json_body(&request, true)?;
     if photos::is_multipart(request.headers()) {
-        let (fields, image) = photos::generate_form(state, request).await?;
+        let (fields, inline) = photos::generate_form(state, request).await?;
         check_shape(&fields)?;
         let input = serde_json::from_value(fields).map_err(invalid_body)?;
-        return Ok((input, image));
+        return Ok((input, inline));
     }
     let limit = photos::body_limit_with_photo(state);
     let body = Bytes::from_request(request, &()).await.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(limit),
         _ => ApiError::Malformed(rejection.body_text()),
     })?;
-    // Only a photo earns a body beyond the usual limit: a larger body that is not a request with
-    // `initial_image` is too large, whatever else is wrong with it.
+    // Only an inline image earns a body beyond the usual limit: a larger body that is not a request
+    // with `initial_image` or `mask_image` is too large, whatever else is wrong with it.
     let oversized = body.len() > state.max_body_bytes;
     let too_large = || ApiError::TooLarge(state.max_body_bytes);
     let value: Value = serde_json::from_slice(&body).map_err(|e| match oversized {
         true => too_large(),
         false => ApiError::Malformed(format!("Malformed JSON: {e}.")),
     })?;
-    if oversized && value.get("initial_image").is_none_or(Value::is_null) {
+    let inline = |field: &str| value.get(field).is_some_and(|v| !v.is_null());
+    if oversized && !inline("initial_image") && !inline("mask_image") {
         return Err(too_large());
     }
     check_shape(&value)?;
     // From the bytes, not the parsed value: a `Value` keeps only the last of repeated keys, and a
     // proxy that read the first one would have checked a different request.
     let mut input: GenerateInput = serde_json::from_slice(&body).map_err(invalid_body)?;
-    let photo = input.initial_image.take().map(|text| photos::decode_inline(&text)).transpose()?;
-    Ok((input, photo))
+    let photo =
+        input.initial_image.take().map(|text| photos::decode_inline("initial_image", &text)).transpose()?;
+    let mask = input.mask_image.take().map(|text| photos::decode_inline("mask_image", &text)).transpose()?;
+    Ok((input, Inline { photo, mask }))
 }
 
 /// A request must be an object, and a blank prompt is the product spec's 400 whatever else is wrong.
@@ -99,8 +100,8 @@ fn wait_preference(headers: &HeaderMap) -> Option<u64> {
 pub async fn generate(State(state): State<Arc<AppState>>, request: Request) -> Result<Response, ApiError> {
     let headers = request.headers().clone();
     let caller = authorize(&state, &headers)?;
-    let (input, photo) = read_generate(&state, request).await?;
-    let record = state.submit(input, photo, &caller).await?;
+    let (input, inline) = read_generate(&state, request).await?;
+    let record = state.submit(input, inline, &caller).await?;
     if let Some(secs) = wait_preference(&headers) {
         let finished = state.wait_final(&record.task_id, Duration::from_secs(secs)).await;
         if let Some(done) = finished {

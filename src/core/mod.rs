@@ -13,7 +13,8 @@ pub use info::{
     ControlNetInfo, DefaultControl, LoraInfo, ModelInfo, PipelineInfo, SdModelDefaults, SdModelInfo,
 };
 pub use request::{
-    ControlRequest, GenerateRequest, LoraWeight, PhotoSource, Preview, Priority, Progress, ResizeMode,
+    ControlRequest, GenerateRequest, LoraWeight, MaskRequest, MaskSource, PhotoSource, Preview, Priority,
+    Progress, ResizeMode,
 };
 pub use result::{BoundingBox, ControlUsed, DetectedItem, GenerateOutput, Offer, Recommendation};
 pub use validate::{ControlInput, GenerateInput, Invalid, Limits, LoraInput, Violation};

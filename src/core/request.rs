@@ -47,6 +47,31 @@ pub enum PhotoSource {
     },
 }
 
+/// Inpainting: which part of the photo to repaint and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MaskRequest {
+    /// Where the mask comes from.
+    pub source: MaskSource,
+    /// Gaussian blur radius applied to the mask at the output's size, in pixels; 0 for none.
+    pub blur: f32,
+    /// Generate only the masked region grown by this many pixels, then paste it back.
+    pub padding_crop: Option<u32>,
+    /// Put the photo's pixels back outside the mask in the final image.
+    pub preserve_unmasked: bool,
+}
+
+/// Where an inpainting mask comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskSource {
+    /// A mask image (white repaints, black keeps), by URL or stored by the service.
+    Image(PhotoSource),
+    /// Made from what the detector saw: these items' boxes are kept, the rest repainted.
+    Keep(Vec<String>),
+    /// Made from what the detector saw: only these items' boxes are repainted.
+    Repaint(Vec<String>),
+}
+
 /// How the photo is shaped to the generated image (see `pipeline::shape`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -193,8 +218,8 @@ pub struct GenerateRequest {
     /// How the photo is shaped to the output. Records from before it existed read as `fit`.
     #[serde(default)]
     pub resize_mode: ResizeMode,
-    /// img2img strength in (0, 1]; none means the default: the desk control's when that applies,
-    /// else 0.75.
+    /// img2img strength in (0, 1]; none means the default: 1 with a mask, the desk control's when
+    /// that applies, else 0.75.
     pub strength: Option<f32>,
     /// Seed; none means pick one at random when the task runs.
     pub seed: Option<u64>,
@@ -206,6 +231,10 @@ pub struct GenerateRequest {
     /// Records from before it existed read as none.
     #[serde(default)]
     pub control: Option<Vec<ControlRequest>>,
+    /// Inpainting: what to repaint of the photo; none repaints all of it. Records from before it
+    /// existed read as none.
+    #[serde(default)]
+    pub mask: Option<MaskRequest>,
     /// Where to POST the result.
     pub webhook_url: Option<String>,
     /// Which webhook events to send (all when empty).
@@ -271,6 +300,7 @@ impl GenerateRequest {
             scheduler: None,
             loras: Vec::new(),
             control: None,
+            mask: None,
             webhook_url: None,
             webhook_events: Vec::new(),
             max_items_per_category: DEFAULT_ITEMS_PER_CATEGORY,

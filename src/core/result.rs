@@ -51,6 +51,9 @@ pub struct GenerateOutput {
     /// URLs of every generated PNG, in seed order. Records from before it existed read as none.
     #[serde(default)]
     pub processed_image_urls: Vec<String>,
+    /// Inpainting: the mask the images were made with (PNG, white repainted), stored beside them.
+    #[serde(default)]
+    pub mask_url: Option<String>,
     /// Whether the photo shows a desk; none for text-only requests.
     pub is_desk: Option<bool>,
     /// Caption of the photo.

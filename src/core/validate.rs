@@ -7,9 +7,11 @@ use super::info::{PipelineInfo, SdModelInfo};
 use super::request::{
     CANNY, ControlRequest, DEFAULT_CANNY_THRESHOLDS, DEFAULT_CONTROL_SCALE, DEFAULT_IMAGES,
     DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_PREVIEW_EVERY, GenerateRequest, LoraWeight, MAX_CONTROL_UNITS,
-    MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_STEPS, PhotoSource, Priority, ResizeMode, WEBHOOK_EVENTS,
+    MAX_GUIDANCE, MAX_PROMPT_CHARS, MAX_STEPS, MaskRequest, MaskSource, PhotoSource, Priority, ResizeMode,
+    WEBHOOK_EVENTS,
 };
 use crate::inference::diffusion::lora::{check_name, extract_prompt_loras};
+use crate::inference::diffusion::mask::MAX_MASK_BLUR;
 use crate::inference::diffusion::{MAX_CONTROL_SCALE, SchedulerKind, is_guidance_window};
 
 /// A generation request as received, before validation (REST JSON and gRPC map onto it).
@@ -53,6 +55,21 @@ pub struct GenerateInput {
     pub loras: Option<Vec<LoraInput>>,
     /// ControlNet units; `[]` turns control off, absent means the pipeline's default.
     pub control: Option<Vec<ControlInput>>,
+    /// Inpainting mask URL (white repaints, black keeps).
+    pub mask_image_url: Option<String>,
+    /// The mask itself in a JSON body, base64 or a data URL; the transport decodes, checks and
+    /// stores it before validation, which sees it as `stored_mask`.
+    pub mask_image: Option<String>,
+    /// Items whose boxes are kept while the rest is repainted.
+    pub keep: Option<Vec<String>>,
+    /// Items whose boxes alone are repainted.
+    pub repaint: Option<Vec<String>>,
+    /// Put the photo's pixels back outside the mask.
+    pub preserve_unmasked: Option<bool>,
+    /// Gaussian blur radius of the mask, in output pixels.
+    pub mask_blur: Option<f64>,
+    /// Generate only the masked region grown by this many pixels.
+    pub padding_mask_crop: Option<i64>,
     /// Webhook target.
     pub webhook_url: Option<String>,
     /// Webhook events wanted.
@@ -65,6 +82,9 @@ pub struct GenerateInput {
     /// stored there; never read from a request body.
     #[serde(skip)]
     pub stored_photo: Option<String>,
+    /// The key of a mask the transport handed in as bytes and stored; never read from a body.
+    #[serde(skip)]
+    pub stored_mask: Option<String>,
 }
 
 /// A LoRA entry as received.
@@ -174,6 +194,19 @@ pub fn validate(
     let adapters = Adapters { model, max_weight: info.max_lora_weight };
     let (user_text, loras) = rules.loras(input.prompt.as_deref(), input.loras.unwrap_or_default(), &adapters);
     let control = input.control.map(|units| rules.control(units, photo.is_some(), model));
+    let masking = Masking {
+        url: input.mask_image_url,
+        stored: input.stored_mask,
+        keep: input.keep,
+        repaint: input.repaint,
+        preserve_unmasked: input.preserve_unmasked,
+        blur: input.mask_blur,
+        padding_crop: input.padding_mask_crop,
+    };
+    let mask = rules.mask(masking, photo.is_some());
+    if mask.is_some() && control.as_ref().is_some_and(|units| !units.is_empty()) {
+        rules.bad("control", "ControlNet guidance and a mask cannot be combined; send control: [].".into());
+    }
     let webhook_events = input.webhook_events.unwrap_or_default();
     rules.webhook(input.webhook_url.as_deref(), &webhook_events);
     let per_category = input.max_items_per_category.unwrap_or(i64::from(DEFAULT_ITEMS_PER_CATEGORY));
@@ -203,12 +236,27 @@ pub fn validate(
         scheduler,
         loras,
         control,
+        mask,
         webhook_url: input.webhook_url,
         webhook_events,
         max_items_per_category: per_category as u32,
     };
     Ok((input.task_id, request))
 }
+
+/// A request's inpainting fields as received.
+struct Masking {
+    url: Option<String>,
+    stored: Option<String>,
+    keep: Option<Vec<String>>,
+    repaint: Option<Vec<String>>,
+    preserve_unmasked: Option<bool>,
+    blur: Option<f64>,
+    padding_crop: Option<i64>,
+}
+
+/// The most item names `keep` or `repaint` may list.
+const MAX_MASK_ITEMS: usize = 32;
 
 /// The adapters a request may name and the bound of their weights.
 struct Adapters<'a> {
@@ -274,6 +322,77 @@ impl Rules {
                 None
             }
         }
+    }
+
+    /// The mask from one of its four fields, and how to use it; the options need a mask and a
+    /// mask needs a photo.
+    fn mask(&mut self, m: Masking, has_photo: bool) -> Option<MaskRequest> {
+        const MASK_FIELDS: &str = "mask_image_url, mask_image, keep or repaint";
+        let url = m.url.filter(|u| !u.trim().is_empty());
+        if let Some(url) = &url {
+            self.url("mask_image_url", url, &["https", "http", "s3"]);
+        }
+        let mut sources = Vec::new();
+        if let Some(url) = url {
+            sources.push(("mask_image_url", MaskSource::Image(PhotoSource::Url(url))));
+        }
+        if let Some(key) = m.stored {
+            sources.push(("mask_image", MaskSource::Image(PhotoSource::Stored { key })));
+        }
+        for (field, items, make) in [
+            ("keep", m.keep, MaskSource::Keep as fn(Vec<String>) -> MaskSource),
+            ("repaint", m.repaint, MaskSource::Repaint),
+        ] {
+            let Some(items) = items else { continue };
+            if items.is_empty() || items.len() > MAX_MASK_ITEMS {
+                self.bad(field, format!("{field} must list 1 to {MAX_MASK_ITEMS} item names."));
+            } else if items.iter().any(|i| i.trim().is_empty() || i.chars().count() > 64) {
+                self.bad(field, format!("{field} item names must be 1 to 64 characters."));
+            }
+            sources.push((field, make(items.iter().map(|i| i.trim().to_lowercase()).collect())));
+        }
+        let blur = m.blur.unwrap_or(0.0);
+        if !(blur.is_finite() && (0.0..=f64::from(MAX_MASK_BLUR)).contains(&blur)) {
+            self.bad("mask_blur", format!("mask_blur must be between 0 and {MAX_MASK_BLUR}."));
+        }
+        let padding_crop = m.padding_crop.and_then(|pad| {
+            if (0..=4096).contains(&pad) {
+                Some(pad as u32)
+            } else {
+                self.bad("padding_mask_crop", "padding_mask_crop must be between 0 and 4096.".into());
+                None
+            }
+        });
+        let optioned = [
+            ("preserve_unmasked", m.preserve_unmasked.is_some()),
+            ("mask_blur", m.blur.is_some()),
+            ("padding_mask_crop", m.padding_crop.is_some()),
+        ];
+        if sources.len() > 1 {
+            let given: Vec<&str> = sources.iter().map(|(field, _)| *field).collect();
+            self.bad(sources[1].0, format!("Give one mask, not {}.", given.join(" and ")));
+            return None;
+        }
+        let Some((field, source)) = sources.pop() else {
+            for (field, given) in optioned {
+                if given {
+                    self.bad(field, format!("{field} needs a mask: send {MASK_FIELDS}."));
+                }
+            }
+            return None;
+        };
+        if !has_photo {
+            self.bad(
+                field,
+                format!("{field} needs a photo to repaint: send initial_image_url or initial_image."),
+            );
+        }
+        Some(MaskRequest {
+            source,
+            blur: blur as f32,
+            padding_crop,
+            preserve_unmasked: m.preserve_unmasked.unwrap_or(false),
+        })
     }
 
     fn resize_mode(&mut self, name: &str) -> ResizeMode {
@@ -564,6 +683,55 @@ mod tests {
             Err(Invalid::Rules(violations)) => violations.into_iter().map(|v| v.description).collect(),
             other => panic!("expected broken rules, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_mask_comes_from_one_field_needs_a_photo_and_carries_its_options() {
+        let photo = "https://example.com/desk.jpg";
+        let request = ok(serde_json::json!({"initial_image_url": photo, "keep": [" Laptop", "tv"],
+            "preserve_unmasked": true, "mask_blur": 4, "padding_mask_crop": 16}));
+        let mask = request.mask.expect("a mask");
+        assert_eq!(mask.source, MaskSource::Keep(vec!["laptop".into(), "tv".into()]));
+        assert_eq!((mask.blur, mask.padding_crop, mask.preserve_unmasked), (4.0, Some(16), true));
+        let by_url = ok(
+            serde_json::json!({"initial_image_url": photo, "mask_image_url": "https://example.com/m.png"}),
+        );
+        assert_eq!(
+            by_url.mask.map(|m| (m.source, m.blur, m.padding_crop, m.preserve_unmasked)),
+            Some((MaskSource::Image(PhotoSource::Url("https://example.com/m.png".into())), 0.0, None, false))
+        );
+        assert_eq!(ok(serde_json::json!({"initial_image_url": photo})).mask, None);
+
+        assert_eq!(broken(serde_json::json!({"prompt": "a desk", "repaint": ["lamp"]})), ["repaint"]);
+        assert_eq!(
+            broken(serde_json::json!({"initial_image_url": photo, "keep": ["a"], "repaint": ["b"]})),
+            ["repaint"]
+        );
+        assert_eq!(broken(serde_json::json!({"initial_image_url": photo, "keep": []})), ["keep"]);
+        assert_eq!(
+            broken(serde_json::json!({"initial_image_url": photo, "mask_image_url": "file:///m.png"})),
+            ["mask_image_url"]
+        );
+        assert_eq!(
+            broken(
+                serde_json::json!({"initial_image_url": photo, "preserve_unmasked": true, "mask_blur": 2})
+            ),
+            ["preserve_unmasked", "mask_blur"]
+        );
+        assert_eq!(
+            broken(serde_json::json!({"initial_image_url": photo, "keep": ["a"], "mask_blur": 65,
+                "padding_mask_crop": -1})),
+            ["mask_blur", "padding_mask_crop"]
+        );
+        assert_eq!(
+            broken(
+                serde_json::json!({"initial_image_url": photo, "keep": ["a"], "control": [{"type": "canny"}]})
+            ),
+            ["control"]
+        );
+        assert!(
+            ok(serde_json::json!({"initial_image_url": photo, "keep": ["a"], "control": []})).mask.is_some()
+        );
     }
 
     #[test]

@@ -80,10 +80,15 @@ impl Controls {
         ctx: &RunContext,
         timings: &mut BTreeMap<String, f64>,
     ) -> Result<Guidance<'_>, Failure> {
+        // Inpainting repaints the masked region from noise unless the request says otherwise, and
+        // takes no control (the desk default included).
+        let plain_strength = if request.mask.is_some() { 1.0 } else { f64::from(DEFAULT_STRENGTH) };
         let (requests, default_strength) = match (&request.control, self.applicable_default(types)) {
-            (Some(units), _) => (units.clone(), f64::from(DEFAULT_STRENGTH)),
-            (None, Some(d)) if request.photo.is_some() => (vec![default_unit(d)], d.strength),
-            (None, _) => (Vec::new(), f64::from(DEFAULT_STRENGTH)),
+            (Some(units), _) => (units.clone(), plain_strength),
+            (None, Some(d)) if request.photo.is_some() && request.mask.is_none() => {
+                (vec![default_unit(d)], d.strength)
+            }
+            (None, _) => (Vec::new(), plain_strength),
         };
         let mut units = Vec::with_capacity(requests.len());
         for unit in requests {

@@ -7,8 +7,9 @@ use anyhow::Context;
 use async_trait::async_trait;
 
 use super::control::Controls;
-use super::draw::{Painter, PainterOptions, Prompts};
+use super::draw::{Images, Painter, PainterOptions, Prompts};
 use super::look::{Seen, look_at};
+use super::mask::mask_for;
 use super::models::{Load, ModelPool, SdModelSpec};
 use super::photo::{PhotoSources, decode};
 use super::plan::{Category, PipelineSettings, PromptInput};
@@ -236,6 +237,12 @@ impl Pipeline for DeskPipeline {
             }
             seen => match self.painter(model, ctx).await {
                 Ok(painter) => {
+                    let mask = match (&request.mask, &seen) {
+                        (Some(mask), Some(seen)) => {
+                            Some(mask_for(mask, seen, &self.photos, ctx, &mut output).await?)
+                        }
+                        _ => None,
+                    };
                     let (caption, photo) = seen.map(|s| (s.caption, s.photo)).unzip();
                     let prompts = self.prompts(request, &painter, caption.as_deref(), &plan);
                     let types = &painter.control_types;
@@ -243,7 +250,8 @@ impl Pipeline for DeskPipeline {
                         .controls
                         .guidance(request, types, &self.photos, ctx, &mut output.timings_ms)
                         .await?;
-                    painter.draw(request, prompts, photo, &guidance, &mut output, ctx).await?;
+                    let images = Images { photo, mask };
+                    painter.draw(request, prompts, images, &guidance, &mut output, ctx).await?;
                 }
                 Err(e) => {
                     tracing::warn!(task_id = ctx.id(), error = %format!("{e:#}"), "no model to draw with; falling back to shopping");

@@ -7,19 +7,21 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use image::{ImageEncoder, RgbImage};
+use image::{GrayImage, ImageEncoder, RgbImage};
 
 use super::control::{Controls, Guidance};
 use super::shape::{SizeRule, shape_photo};
 use super::{RunContext, record_ms};
 use crate::core::request::{DEFAULT_GUIDANCE, DEFAULT_STEPS, PREVIEW_MAX_SIDE};
 use crate::core::{
-    Failure, FailureCode, GenerateOutput, GenerateRequest, LoraInfo, ModelInfo, Preview, SdModelDefaults,
-    SdModelInfo,
+    Failure, FailureCode, GenerateOutput, GenerateRequest, LoraInfo, ModelInfo, Preview, ResizeMode,
+    SdModelDefaults, SdModelInfo,
 };
 use crate::inference::diffusion::lora::LoraOptions;
 use crate::inference::diffusion::schedulers::img2img_start_index;
-use crate::inference::diffusion::{DiffusionError, GenerateParams, SchedulerKind, StableDiffusion, Step};
+use crate::inference::diffusion::{
+    DiffusionError, GenerateParams, InpaintMask, SchedulerKind, StableDiffusion, Step,
+};
 use crate::inference::{ExecutionProvider, ModelOwner, Runtime};
 use crate::storage::ObjectStore;
 
@@ -61,6 +63,20 @@ pub struct Painter {
     pub previews: &'static str,
     /// Where generated PNGs are stored.
     pub store: Arc<dyn ObjectStore>,
+}
+
+/// The images a drawing starts from: the photo and the inpainting mask, each at the photo's size.
+pub struct Images {
+    /// The photo; none for text-to-image.
+    pub photo: Option<RgbImage>,
+    /// What to repaint of it; none repaints it all.
+    pub mask: Option<InpaintMask>,
+}
+
+/// The PNGs of a drawing: the images, and the mask they were made with.
+struct Drawn {
+    pngs: Vec<Vec<u8>>,
+    mask: Option<Vec<u8>>,
 }
 
 /// The texts the diffusion model is given.
@@ -163,7 +179,7 @@ impl Painter {
         &self,
         request: &GenerateRequest,
         prompts: Prompts,
-        photo: Option<RgbImage>,
+        images: Images,
         guidance: &Guidance<'_>,
         output: &mut GenerateOutput,
         ctx: &RunContext,
@@ -173,6 +189,7 @@ impl Painter {
         output.negative_prompt_used = Some(prompts.negative.clone());
         output.seed = Some(seed);
         let mode = request.resize_mode;
+        let Images { photo, mask } = images;
         let (width, height) = self.size_rule.output_size(
             photo.as_ref().map(RgbImage::dimensions),
             mode,
@@ -180,6 +197,8 @@ impl Painter {
             request.height,
         );
         let photo = photo.map(|photo| shape_photo(&photo, mode, width, height));
+        let mask =
+            mask.map(|mask| InpaintMask { image: shape_mask(&mask.image, mode, width, height), ..mask });
         let control = guidance.units(photo.as_ref()).await?;
         let params = GenerateParams {
             prompt: prompts.prompt,
@@ -195,16 +214,19 @@ impl Painter {
             guidance_rescale: 0.0,
             loras: request.loras.iter().map(|l| (l.name.clone(), l.weight)).collect(),
             control,
-            mask: None,
+            mask,
         };
         output.control = guidance.used();
         ctx.progress("diffusion", 0, steps_to_run(&params));
         let batch = Batch { count: request.num_images as usize, preview_every: request.preview_every };
         match self.generate(params, batch, output, ctx).await {
-            Ok(pngs) => {
+            Ok(Drawn { pngs, mask }) => {
                 let urls = self.upload(pngs, output, ctx).await?;
                 output.processed_image_url = urls.first().cloned();
                 output.processed_image_urls = urls;
+                if let Some(mask) = mask {
+                    output.mask_url = Some(self.upload_mask(mask, output, ctx).await?);
+                }
                 Ok(())
             }
             Err(DiffusionError::InvalidParams { field, reason }) => {
@@ -230,11 +252,11 @@ impl Painter {
         batch: Batch,
         output: &mut GenerateOutput,
         ctx: &RunContext,
-    ) -> Result<Vec<Vec<u8>>, DiffusionError> {
+    ) -> Result<Drawn, DiffusionError> {
         let with_loras = !params.loras.is_empty();
         let with_control = !params.control.is_empty();
         let step_ctx = ctx.clone();
-        let (generated, pngs, encode_ms) = self
+        let (generated, drawn, encode_ms) = self
             .diffusion
             .run(move |diffusion| {
                 let (width, height) = (params.width, params.height);
@@ -263,7 +285,9 @@ impl Painter {
                 })?;
                 let started = Instant::now();
                 let pngs = generated.iter().map(|g| encode_png(&g.image)).collect::<Vec<_>>();
-                Ok::<_, DiffusionError>((generated, pngs, started.elapsed().as_secs_f64() * 1000.0))
+                let mask = generated[0].mask.as_ref().map(encode_gray_png);
+                let drawn = Drawn { pngs, mask };
+                Ok::<_, DiffusionError>((generated, drawn, started.elapsed().as_secs_f64() * 1000.0))
             })
             .await
             .map_err(|e| DiffusionError::Inference { model: "pipeline", reason: e.to_string() })??;
@@ -279,7 +303,25 @@ impl Painter {
         }
         timings.insert("vae".into(), stages.vae_ms);
         timings.insert("encode_png".into(), encode_ms);
-        Ok(pngs)
+        Ok(drawn)
+    }
+
+    /// Stores the mask beside the first image (`<image key>` with `-mask.png`) and returns its URL.
+    async fn upload_mask(
+        &self,
+        png: Vec<u8>,
+        output: &mut GenerateOutput,
+        ctx: &RunContext,
+    ) -> Result<String, Failure> {
+        let first = output.processed_image_url.as_deref().and_then(|url| self.store.key_for_url(url));
+        let key = match first {
+            Some(key) => format!("{}-mask.png", key.trim_end_matches(".png")),
+            None => crate::storage::new_image_key().replace(".png", "-mask.png"),
+        };
+        self.store.put_image(&key, Bytes::from(png)).await.map_err(|e| {
+            tracing::warn!(task_id = ctx.id(), error = %e, "mask upload failed");
+            Failure::new(FailureCode::S3UploadFailed, "Failed to upload the mask to S3.")
+        })
     }
 
     /// Stores the PNGs in order, each under a key of its own, and returns their URLs.
@@ -347,6 +389,21 @@ fn encode_jpeg(image: &RgbImage) -> bytes::Bytes {
         .encode_image(image)
         .expect("encoding to memory cannot fail");
     bytes::Bytes::from(jpeg)
+}
+
+fn encode_gray_png(image: &GrayImage) -> Vec<u8> {
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(image.as_raw(), image.width(), image.height(), image::ExtendedColorType::L8)
+        .expect("encoding to memory cannot fail");
+    png
+}
+
+/// A mask shaped to the output as the photo is (it lines up with the shaped photo after).
+fn shape_mask(mask: &GrayImage, mode: ResizeMode, width: u32, height: u32) -> GrayImage {
+    let rgb = image::DynamicImage::ImageLuma8(mask.clone()).to_rgb8();
+    let shaped = shape_photo(&rgb, mode, width, height);
+    GrayImage::from_fn(width, height, |x, y| image::Luma([shaped.get_pixel(x, y)[0]]))
 }
 
 fn encode_png(image: &RgbImage) -> Vec<u8> {

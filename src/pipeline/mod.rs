@@ -2,7 +2,7 @@
 //!
 //! [`DeskPipeline`] runs the stages in order: [`photo`] (fetch and decode), [`look`] (detector,
 //! classifier, captioner), [`plan`] (categories and the prompt), [`control`] (ControlNet units and
-//! their images), [`draw`] (Stable Diffusion and the upload) and [`shop`] (offers per category, beside the drawing).
+//! their images), [`mask`] (the inpainting mask, read or drawn from the detections), [`draw`] (Stable Diffusion and the upload) and [`shop`] (offers per category, beside the drawing).
 //! [`models`] keeps the Stable Diffusion models a request may name, loading them on demand.
 
 pub mod context;
@@ -10,6 +10,7 @@ pub mod control;
 pub mod desk;
 pub mod draw;
 pub mod look;
+pub mod mask;
 pub mod models;
 pub mod photo;
 pub mod plan;

@@ -35,16 +35,21 @@ impl PhotoSources {
     ) -> Result<Bytes, Failure> {
         ctx.progress("fetch", 0, 1);
         let started = Instant::now();
-        let bytes = match source {
-            PhotoSource::Stored { key } => self.read_stored(key).await?,
-            PhotoSource::Url(url) => match self.store.key_for_url(url) {
-                Some(key) => self.read_stored(&key).await?,
-                None => self.download(url).await?,
-            },
-        };
+        let bytes = self.read_image(source, "photo").await?;
         record_ms(timings, "fetch", started);
         ctx.check()?;
         Ok(bytes)
+    }
+
+    /// The bytes of the image at `source`, failures naming it as `what` ("photo", "mask").
+    pub async fn read_image(&self, source: &PhotoSource, what: &str) -> Result<Bytes, Failure> {
+        match source {
+            PhotoSource::Stored { key } => self.read_stored(key, what).await,
+            PhotoSource::Url(url) => match self.store.key_for_url(url) {
+                Some(key) => self.read_stored(&key, what).await,
+                None => self.download(url, what).await,
+            },
+        }
     }
 
     /// The URL the result reports as `initial_image_url`: the request's own, or for a photo in the
@@ -63,19 +68,19 @@ impl PhotoSources {
         })
     }
 
-    async fn read_stored(&self, key: &str) -> Result<Bytes, Failure> {
+    async fn read_stored(&self, key: &str, what: &str) -> Result<Bytes, Failure> {
         self.store.get(key, self.max_image_bytes).await.map_err(|e| {
-            Failure::new(FailureCode::ImageFetchFailed, format!("Cannot read the photo from storage: {e}"))
+            Failure::new(FailureCode::ImageFetchFailed, format!("Cannot read the {what} from storage: {e}"))
         })
     }
 
-    async fn download(&self, url: &str) -> Result<Bytes, Failure> {
+    async fn download(&self, url: &str, what: &str) -> Result<Bytes, Failure> {
         let fetched = self.fetcher.fetch(url).await.map_err(|e| {
             let code = match e {
                 FetchError::NotImage { .. } => FailureCode::InvalidImage,
                 _ => FailureCode::ImageFetchFailed,
             };
-            Failure::new(code, format!("Cannot fetch the photo: {e}"))
+            Failure::new(code, format!("Cannot fetch the {what}: {e}"))
         })?;
         Ok(fetched.bytes)
     }

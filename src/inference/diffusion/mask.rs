@@ -4,7 +4,7 @@
 //! one half, and the rectangle around the masked region that `padding_mask_crop` works in.
 
 use image::imageops::FilterType;
-use image::{GrayImage, ImageBuffer, Pixel, RgbImage};
+use image::{DynamicImage, GrayImage, ImageBuffer, Pixel, RgbImage};
 
 /// The largest blur radius a request may ask for, in pixels.
 pub const MAX_MASK_BLUR: f32 = 64.0;
@@ -74,6 +74,18 @@ fn transpose(data: &[u8], width: usize, height: usize) -> Vec<u8> {
         }
     }
     out
+}
+
+/// A mask from any image: its luminance (ITU-R 601, as PIL's `convert("L")`), times its alpha
+/// where it has one, so transparent pixels keep and only opaque light ones repaint (white strokes
+/// painted on a transparent canvas are a mask as they are).
+pub fn from_image(image: &DynamicImage) -> GrayImage {
+    let rgba = image.to_rgba8();
+    GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let [r, g, b, a] = rgba.get_pixel(x, y).0;
+        let luma = (u32::from(r) * 19595 + u32::from(g) * 38470 + u32::from(b) * 7471 + 0x8000) >> 16;
+        image::Luma([((luma * u32::from(a) + 127) / 255) as u8])
+    })
 }
 
 /// `image` scaled to cover `width` × `height` (Lanczos) and centre-cropped to it: how the photo,
@@ -224,6 +236,18 @@ mod tests {
         assert_eq!(region.width(), region.height());
         assert!(region.x1 <= 6 && region.x2 >= 22 && region.y1 <= 4 && region.y2 >= 16);
         assert_eq!(crop_region(&GrayImage::new(8, 8), 64, 64, 0), None);
+    }
+
+    #[test]
+    fn colour_becomes_luminance_and_transparency_keeps() {
+        let image = image::RgbaImage::from_raw(
+            4,
+            1,
+            vec![255, 255, 255, 255, 255, 255, 255, 0, 255, 0, 0, 255, 0, 0, 0, 255],
+        )
+        .unwrap();
+        let mask = from_image(&DynamicImage::ImageRgba8(image));
+        assert_eq!(mask.as_raw(), &[255, 0, 76, 0]);
     }
 
     #[test]

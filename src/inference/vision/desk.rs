@@ -56,7 +56,7 @@ const WORKSPACE_OBJECTS: &[(&str, f32)] =
     &[("laptop", 1.0), ("keyboard", 1.0), ("mouse", 1.0), ("tv", 1.0 / 3.0)];
 
 /// Desk item named by a COCO label.
-fn item_for_object(label: &str) -> Option<&'static str> {
+pub fn item_for_object(label: &str) -> Option<&'static str> {
     Some(match label {
         "laptop" => "laptop",
         "tv" => "monitor",

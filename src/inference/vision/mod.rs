@@ -25,7 +25,7 @@ use crate::inference::{Runtime, RuntimeError};
 pub use canny::{canny, canny_control};
 pub use captioner::{CaptionError, Captioner, GenerationOptions};
 pub use classifier::{ClassScore, Classifier};
-pub use desk::{SceneAnalysis, compose_caption};
+pub use desk::{SceneAnalysis, compose_caption, item_for_object};
 pub use detector::{Detection, Detector};
 pub use hed::{DEFAULT_HED_MODEL, Hed};
 pub use image::{Header, ImageError, Upright, decode_image, decode_upright, probe_header};
