@@ -253,9 +253,27 @@ pub async fn generate(command: GenerateCommand, out: &mut impl Write) -> anyhow:
         },
         None => None,
     };
+    let local_mask = command.mask.as_deref().filter(|mask| !mask.contains("://"));
+    let stored_mask = match local_mask.map(|path| (path, std::fs::read(path))) {
+        Some((path, Err(e))) => {
+            eprintln!("error: cannot read {path}: {e}");
+            return Ok(EXIT_BAD_INPUT);
+        }
+        Some((_, Ok(bytes))) => match store_photo(Bytes::from(bytes), &command, store.as_ref()).await? {
+            Ok(key) => Some(key),
+            Err(refused) => {
+                let refused = refused.to_string().replacen("The photo", "The mask", 1);
+                writeln!(out, "failed: {} {refused}", FailureCode::InvalidImage.as_str())?;
+                return Ok(EXIT_BAD_INPUT);
+            }
+        },
+        None => None,
+    };
     let input = GenerateInput {
         initial_image_url: command.image.clone().filter(|_| local_photo.is_none()),
         stored_photo,
+        mask_image_url: command.mask.clone().filter(|_| local_mask.is_none()),
+        stored_mask,
         ..generate_input(&command)
     };
     let (task_id, request) = match validate(
@@ -332,6 +350,11 @@ fn generate_input(command: &GenerateCommand) -> GenerateInput {
         num_images: command.num_images,
         max_items_per_category: command.max_items_per_category,
         control: control_units(command),
+        keep: (!command.keep.is_empty()).then(|| command.keep.clone()),
+        repaint: (!command.repaint.is_empty()).then(|| command.repaint.clone()),
+        preserve_unmasked: command.preserve_unmasked.then_some(true),
+        mask_blur: command.mask_blur,
+        padding_mask_crop: command.padding_mask_crop,
         ..GenerateInput::default()
     }
 }

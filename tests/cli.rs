@@ -112,6 +112,43 @@ fn generate_runs_the_pipeline_locally_and_writes_the_png() {
     assert_ne!(std::fs::read(&second).unwrap(), std::fs::read(dir.path().join("plain.png")).unwrap());
     // Strength 0.75 without control: 3 of 4 steps too, but another image.
     assert_ne!(std::fs::read(&out).unwrap(), std::fs::read(dir.path().join("plain.png")).unwrap());
+
+    // A mask file: the left half repainted, the right half given back as the photo's.
+    let mask = dir.path().join("mask.png");
+    image::GrayImage::from_fn(64, 48, |x, _| image::Luma([if x < 32 { 255 } else { 0 }]))
+        .save(&mask)
+        .unwrap();
+    let masked = deskgen()
+        .args(["generate", "--desk-threshold", "0", "--steps", "2", "--seed", "5", "--json"])
+        .args(["--preserve-unmasked", "--mask-blur", "2", "--image"])
+        .arg(&photo)
+        .arg("--mask")
+        .arg(&mask)
+        .arg("--out")
+        .arg(dir.path().join("masked.png"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(masked.status.success(), "{}", String::from_utf8_lossy(&masked.stderr));
+    let result: serde_json::Value = serde_json::from_slice(&masked.stdout).unwrap();
+    assert!(result["mask_url"].as_str().is_some_and(|url| url.ends_with("-mask.png")), "{result}");
+    let masked = image::open(dir.path().join("masked.png")).unwrap().to_rgb8();
+    let plain = image::open(dir.path().join("plain.png")).unwrap().to_rgb8();
+    assert_eq!(masked.dimensions(), (288, 224));
+    // Far from the blurred edge the right half is the photo's, the left half drawn anew.
+    let photo_pixels = deskgen::pipeline::shape::shape_photo(
+        &deskgen::inference::vision::decode_image(&std::fs::read(&photo).unwrap(), u64::MAX).unwrap(),
+        deskgen::core::ResizeMode::Fit,
+        288,
+        224,
+    );
+    for y in 0..224 {
+        for x in 160..288 {
+            assert_eq!(masked.get_pixel(x, y), photo_pixels.get_pixel(x, y), "({x}, {y})");
+        }
+    }
+    assert!((0..224).any(|y| masked.get_pixel(20, y) != plain.get_pixel(20, y)));
 }
 
 #[test]

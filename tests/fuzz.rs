@@ -134,6 +134,7 @@ fn info() -> PipelineInfo {
             }],
             default_control: None,
             previews: "linear".into(),
+            inpainting: false,
         }],
         max_lora_weight: MAX_LORA_WEIGHT,
         negative_prompt: String::new(),

@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use deskgen::core::request::DEFAULT_PREVIEW_EVERY;
-use deskgen::inference::diffusion::{ControlUnit, GenerateParams, SchedulerKind, StableDiffusion};
+use deskgen::inference::diffusion::{
+    ControlUnit, GenerateParams, InpaintMask, SchedulerKind, StableDiffusion,
+};
 use deskgen::inference::{Runtime, RuntimeConfig};
 use deskgen::pipeline::draw::preview_of;
 use serde_json::{Value, json};
@@ -197,6 +199,9 @@ pub async fn run(settings: &Settings, report: &mut Report) -> anyhow::Result<()>
     let (batch_lines, batch_doc) = batch(&mut pipeline, settings.runs)?;
     lines.extend(batch_lines);
     doc["batch"] = batch_doc;
+    let (mask_lines, mask_doc) = masked(&mut pipeline, settings.runs)?;
+    lines.extend(mask_lines);
+    doc["inpainting"] = mask_doc;
     let (preview_lines, preview_doc) = previews(&mut pipeline, settings.runs)?;
     lines.extend(preview_lines);
     doc["previews"] = preview_doc;
@@ -279,6 +284,36 @@ fn batch(pipeline: &mut StableDiffusion, runs: usize) -> anyhow::Result<(Vec<Str
         "images": BATCH, "batched_ms": summary(&together), "single_runs_ms": summary(&apart),
         "batched_over_single_runs": ratio,
     });
+    Ok((lines, doc))
+}
+
+/// A masked task (blurred mask, the photo pasted back outside it) against the same photo drawn
+/// unmasked at the same strength, on the ordinary UNet (the known latents blended back each step).
+fn masked(pipeline: &mut StableDiffusion, runs: usize) -> anyhow::Result<(Vec<String>, Value)> {
+    let photo = image::open(repo_path("onnx/fixtures/reference/init_image.png"))?.to_rgb8();
+    let mask = image::open(repo_path("onnx/fixtures/reference/inpaint/mask.png"))?.to_luma8();
+    let unmasked = GenerateParams { init_image: Some(photo), ..params() };
+    let inpaint = InpaintMask { image: mask, blur: 4.0, padding_crop: None, preserve_unmasked: true };
+    let masked = GenerateParams { mask: Some(inpaint), ..unmasked.clone() };
+    let mut timed = |params: &GenerateParams| -> anyhow::Result<f64> {
+        let started = Instant::now();
+        pipeline.generate(params, &mut |_| ControlFlow::Continue(()))?;
+        Ok(started.elapsed().as_secs_f64() * 1000.0)
+    };
+    timed(&masked)?;
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        with.push(timed(&masked)?);
+        without.push(timed(&unmasked)?);
+    }
+    let ratio = percentile(&with, 50.0) / percentile(&without, 50.0);
+    let lines = vec![format!(
+        "masked image-to-image    median {:>8.1} ms = {ratio:.3}x unmasked ({:.1} ms)",
+        percentile(&with, 50.0),
+        percentile(&without, 50.0)
+    )];
+    let doc =
+        json!({"masked_ms": summary(&with), "unmasked_ms": summary(&without), "masked_over_unmasked": ratio});
     Ok((lines, doc))
 }
 

@@ -171,6 +171,7 @@ impl From<SdModelEntry> for pb::SdModel {
             loras: m.loras.into_iter().map(pb::LoraInfo::from).collect(),
             controlnets: m.controlnets.into_iter().map(pb::ControlNetInfo::from).collect(),
             previews: m.previews,
+            inpainting: m.inpainting,
             default_control: m.default_control.map(pb::DefaultControl::from),
             loaded,
         }

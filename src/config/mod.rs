@@ -102,6 +102,25 @@ pub struct GenerateCommand {
     /// No ControlNet guidance, not even the default for desk photos.
     #[arg(long, env = "DESKGEN_NO_CONTROL")]
     pub no_control: bool,
+    /// Inpainting mask (white repaints, black keeps): a local file, or an https/http/s3 URL.
+    #[arg(long, env = "DESKGEN_MASK", conflicts_with_all = ["keep", "repaint"])]
+    pub mask: Option<String>,
+    /// Items to keep as they are (item names or detector labels, comma-separated); the rest is
+    /// repainted.
+    #[arg(long, env = "DESKGEN_KEEP", value_delimiter = ',', conflicts_with = "repaint")]
+    pub keep: Vec<String>,
+    /// Items to repaint (comma-separated); the rest is kept.
+    #[arg(long, env = "DESKGEN_REPAINT", value_delimiter = ',')]
+    pub repaint: Vec<String>,
+    /// Put the photo's pixels back outside the mask.
+    #[arg(long, env = "DESKGEN_PRESERVE_UNMASKED")]
+    pub preserve_unmasked: bool,
+    /// Gaussian blur radius of the mask, in output pixels (0..=64).
+    #[arg(long, env = "DESKGEN_MASK_BLUR")]
+    pub mask_blur: Option<f64>,
+    /// Generate only the masked region grown by this many pixels, then paste it back.
+    #[arg(long, env = "DESKGEN_PADDING_MASK_CROP")]
+    pub padding_mask_crop: Option<i64>,
     /// Where to write the generated PNG; with `--num-images`, the others go beside it as NAME-2.png, ….
     #[arg(long, env = "DESKGEN_OUT", default_value = "result.png")]
     pub out: PathBuf,

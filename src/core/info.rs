@@ -104,6 +104,9 @@ pub struct SdModelInfo {
     /// How its previews are drawn: "decoder" (a tiny decoder), "linear" (the latent-to-RGB map)
     /// or "none".
     pub previews: String,
+    /// Whether its UNet is an inpainting one (it takes the mask and the masked photo's latents).
+    #[serde(default)]
+    pub inpainting: bool,
 }
 
 /// What the pipeline offers, for /info and for request defaults.

@@ -641,6 +641,7 @@ mod tests {
             ],
             default_control: None,
             previews: "linear".into(),
+            inpainting: false,
         }
     }
 

@@ -61,6 +61,8 @@ pub struct Painter {
     pub scheduler_max_steps: BTreeMap<String, u32>,
     /// How its previews are drawn: "decoder", "linear" or "none".
     pub previews: &'static str,
+    /// Whether the UNet is an inpainting one.
+    pub inpainting: bool,
     /// Where generated PNGs are stored.
     pub store: Arc<dyn ObjectStore>,
 }
@@ -131,6 +133,7 @@ impl Painter {
             default_guidance: diffusion.defaults().guidance_scale.unwrap_or(DEFAULT_GUIDANCE),
             scheduler_max_steps: scheduler_max_steps(&diffusion),
             previews: diffusion.preview_kind(),
+            inpainting: diffusion.config().is_inpainting(),
             diffusion: ModelOwner::spawn("diffusion", diffusion)?,
             store,
         })
@@ -158,6 +161,7 @@ impl Painter {
             controlnets: controls.info(&self.control_types),
             default_control: controls.default_info(&self.control_types),
             previews: self.previews.to_string(),
+            inpainting: self.inpainting,
         }
     }
 

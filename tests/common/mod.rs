@@ -140,6 +140,7 @@ impl Pipeline for ScriptedPipeline {
                 controlnets: vec![],
                 default_control: None,
                 previews: "none".into(),
+                inpainting: false,
             }],
             max_lora_weight: 2.0,
             negative_prompt: "blurry".into(),

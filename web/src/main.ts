@@ -52,6 +52,11 @@ const caption = byId<HTMLElement>("caption");
 const control = byId<HTMLElement>("control");
 const noItems = byId<HTMLElement>("no-items");
 const detectedItems = byId<HTMLElement>("detected-items");
+const keepForm = byId<HTMLFormElement>("keep-form");
+const keepItems = byId<HTMLElement>("keep-items");
+const keepRedo = byId<HTMLButtonElement>("keep-redo");
+const maskFigure = byId<HTMLElement>("mask");
+const maskImage = byId<HTMLImageElement>("mask-image");
 const warningsBlock = byId<HTMLElement>("warnings-block");
 const warnings = byId<HTMLElement>("warnings");
 const seen = byId<HTMLElement>("seen");
@@ -476,6 +481,33 @@ function showSeen(result: TaskResult): void {
   warningsBlock.hidden = result.warnings.length === 0;
 }
 
+/** The photo of the last result and its detected labels, offered as items to keep in a redo. */
+let lastPhotoUrl: string | undefined;
+
+function showKeepChoice(result: TaskResult): void {
+  const labels = [...new Set(result.detectedItems.map((item) => item.label))];
+  lastPhotoUrl = result.initialImageUrl;
+  keepForm.hidden = !lastPhotoUrl || labels.length === 0 || result.isDesk === false;
+  keepItems.replaceChildren(
+    ...labels.map((label) => {
+      const choice = document.createElement("label");
+      const box = document.createElement("input");
+      box.type = "checkbox";
+      box.name = "keep";
+      box.value = label;
+      choice.append(box, ` ${label}`);
+      return choice;
+    }),
+  );
+}
+
+/** The mask the image was made with, beside it; hidden when there was none. */
+function showMask(url: string | undefined): void {
+  maskFigure.hidden = !isWebUrl(url);
+  if (isWebUrl(url)) maskImage.src = url;
+  else maskImage.removeAttribute("src");
+}
+
 function shoppingCard(item: Recommendation["items"][number]): HTMLLIElement {
   const card = document.createElement("li");
   card.className = "card";
@@ -534,7 +566,9 @@ function showResult(result: TaskResult): void {
   );
   drawBoxes(original ? result.detectedItems : []);
   showSeen(result);
+  showKeepChoice(result);
   showGenerated(result.processedImageUrls);
+  showMask(result.maskUrl);
   const notes: string[] = [];
   if (result.isDesk === false) {
     notes.push("This photo does not look like a desk, so no new setup was generated. Here are shopping picks for what was found in it.");
@@ -621,14 +655,22 @@ function showProblem(problem: Problem): void {
   }
 }
 
-async function run(): Promise<void> {
+/** Submits the form (with `keep`: the last result's photo again, those items kept as they were). */
+async function run(keep?: string[]): Promise<void> {
   clearProblem();
   resultSection.hidden = true;
   submit.disabled = true;
+  keepRedo.disabled = true;
   form.setAttribute("aria-busy", "true");
   try {
-    const photoUrl = chosen ? await uploadedPhotoUrl(chosen) : undefined;
-    const submitted = await generateClient.generate(readForm(photoUrl));
+    let request;
+    if (keep) {
+      request = { ...readForm(lastPhotoUrl), keep, preserveUnmasked: true };
+    } else {
+      const photoUrl = chosen ? await uploadedPhotoUrl(chosen) : undefined;
+      request = readForm(photoUrl);
+    }
+    const submitted = await generateClient.generate(request);
     showProgress({ status: TaskStatus.QUEUED });
     const result = await follow(submitted.taskId);
     if (result.status === TaskStatus.DONE) showResult(result);
@@ -639,6 +681,7 @@ async function run(): Promise<void> {
     progressSection.hidden = true;
     clearPreview();
     submit.disabled = false;
+    keepRedo.disabled = false;
     form.removeAttribute("aria-busy");
   }
 }
@@ -648,5 +691,14 @@ watchPhotoInputs();
 form.addEventListener("submit", (event) => {
   event.preventDefault();
   void run();
+});
+keepForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const kept = [...keepItems.querySelectorAll<HTMLInputElement>("input:checked")].map((box) => box.value);
+  if (kept.length === 0) {
+    showProblem({ summary: "Nothing is checked.", details: ["Check the items to keep, then redo."] });
+    return;
+  }
+  void run(kept);
 });
 infoClient.getInfo({}).then(fillOptions, (err: unknown) => showProblem(describeError(err)));

@@ -422,6 +422,18 @@ const scenarios = {
     }
     await assertWhatWasSeen(page);
 
+    // Keep the dog as it is and redo: the mask is shown beside the image, black over the dog.
+    await page.getByLabel("Images").fill("1");
+    await page.getByRole("checkbox", { name: "dog" }).check();
+    await page.getByRole("button", { name: "Redo, keeping the checked items" }).click();
+    await page.locator("#mask:not([hidden])").waitFor({ timeout });
+    assert.equal(await page.locator("#error").isHidden(), true, `no error expected: ${await errorText(page)}`);
+    await assertImageLoaded(page, "#mask-image");
+    const maskSrc = await page.locator("#mask-image").getAttribute("src");
+    assert.ok(maskSrc.startsWith(`${base}/v1/images/`) && maskSrc.endsWith("-mask.png"), maskSrc);
+    assert.deepEqual(await naturalSize(page, "#mask-image"), [288, 224]);
+    await page.getByLabel("Images").fill("");
+
     // The same photo chosen as a file: stored, then shown with what deskgen saw in it.
     await choosePhoto(page, process.env.DESKGEN_PHOTO_FILE);
     await page.getByLabel("Desk photo URL").fill("");
@@ -432,6 +444,7 @@ const scenarios = {
     assert.deepEqual(await naturalSize(page, "#original-image"), [sent.upload.width, sent.upload.height]);
     await assertImageLoaded(page, "#generated-image");
     assert.equal(await page.locator("figure.more-generated").count(), 0, "one image when one is asked for");
+    assert.equal(await page.locator("#mask").isHidden(), true, "no mask without a keep");
     await assertWhatWasSeen(page);
     await screenshot(page);
     assert.deepEqual(problems, []);
