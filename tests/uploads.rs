@@ -7,6 +7,7 @@ use base64::Engine;
 use common::{ScriptedPipeline, darknet, png, poll_final, post_generate, serve_config, start, wait_ready};
 use deskgen::api::grpc::pb;
 use serde_json::{Value, json};
+use tonic_types::StatusExt;
 
 const BOUNDARY: &str = "deskgen-test-boundary";
 
@@ -183,5 +184,58 @@ async fn bad_photos_are_refused_before_any_work() {
     let info: Value = reqwest::get(server.url("/info")).await.unwrap().json().await.unwrap();
     assert_eq!(info["limits"]["max_upload_bytes"], 300000);
     assert!(info["limits"]["max_image_pixels"].as_u64().unwrap() > 0);
+    server.stop().await;
+}
+
+fn gray_png(width: u32, height: u32, value: u8) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::GrayImage::from_pixel(width, height, image::Luma([value]))
+        .write_to(&mut out, image::ImageFormat::Png)
+        .unwrap();
+    out.into_inner()
+}
+
+/// An inline mask (multipart part, gRPC bytes) is checked and stored like a photo; one that
+/// repaints nothing, or is no image, is refused on `mask_image` before anything is stored.
+#[tokio::test]
+async fn an_inline_mask_is_stored_with_its_photo_or_refused_on_its_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(serve_config(dir.path(), &[]), ScriptedPipeline::new(1, 1)).await;
+    wait_ready(&server).await;
+    let jpeg = std::fs::read(darknet("dog.jpg")).unwrap();
+    let count_uploads = || walk(&dir.path().join("images/uploads"));
+    let (white, black) = (gray_png(64, 48, 255), gray_png(64, 48, 0));
+
+    let files = [("image", "dog.jpg", jpeg.as_slice()), ("mask_image", "mask.png", white.as_slice())];
+    let (status, accepted) =
+        post(&server, "/v1/generate", &multipart_type(), form(&[("mask_blur", "3")], &files)).await;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(count_uploads(), 2, "the photo and the mask are stored");
+
+    let files = [("image", "dog.jpg", jpeg.as_slice()), ("mask_image", "mask.png", black.as_slice())];
+    let (status, refused) = post(&server, "/v1/generate", &multipart_type(), form(&[], &files)).await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(refused["message"].as_str().unwrap().contains("Nothing to repaint"), "{refused}");
+
+    let mut client = pb::generate_client::GenerateClient::new(server.grpc_channel().await);
+    let request = |mask: Vec<u8>| pb::GenerateRequest {
+        initial_image: Some(jpeg.clone()),
+        mask_image: Some(mask),
+        preserve_unmasked: Some(true),
+        ..Default::default()
+    };
+    client.generate(request(white.clone())).await.unwrap();
+    assert_eq!(count_uploads(), 4);
+    for bad in [black.clone(), b"not an image".to_vec(), Vec::new()] {
+        let status = client.generate(request(bad)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        let violations = status.get_error_details().bad_request().unwrap().field_violations.clone();
+        assert_eq!(violations[0].field, "mask_image", "{violations:?}");
+    }
+    let no_photo =
+        pb::GenerateRequest { prompt: Some("a desk".into()), mask_image: Some(white), ..Default::default() };
+    let status = client.generate(no_photo).await.unwrap_err();
+    assert!(status.message().contains("needs a photo"), "{status:?}");
+    assert_eq!(count_uploads(), 4, "refused requests store nothing");
     server.stop().await;
 }

@@ -279,7 +279,7 @@ impl Generate for GrpcApi {
         let rest = request.encoded_len();
         if rest > self.state.max_body_bytes {
             return Err(Status::out_of_range(format!(
-                "The request without its photo is {rest} bytes, over the limit of {} bytes.",
+                "The request without its photo and mask is {rest} bytes, over the limit of {} bytes.",
                 self.state.max_body_bytes
             )));
         }
