@@ -839,3 +839,27 @@ async fn a_kept_item_stays_as_it_was_and_the_mask_comes_back() {
     assert!(result["message"].as_str().unwrap().starts_with("repaint: Nothing to repaint"), "{result}");
     server.stop().await;
 }
+
+/// A 9-channel inpainting model as the only model: /info says so, and it serves masked requests,
+/// photos without a mask and text alone (as masks that repaint everything).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inpainting_model_serves_masked_and_plain_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = photo_host(vec![("desk.jpg", std::fs::read(darknet("dog.jpg")).unwrap())]).await;
+    let model = fixture_model("inpaint", "tiny-sd15-inpaint");
+    let server = start_real(dir.path(), &["--desk-threshold", "0", "--sd-model", &model]).await;
+    let info: Value = reqwest::get(server.url("/info")).await.unwrap().json().await.unwrap();
+    assert_eq!(info["sd_models"][0]["inpainting"], true, "{info}");
+    let photo = format!("{host}/desk.jpg");
+    for body in [
+        json!({"initial_image_url": photo, "repaint": ["dog"], "num_inference_steps": 3, "seed": 1}),
+        json!({"initial_image_url": photo, "num_inference_steps": 3, "seed": 1}),
+        json!({"prompt": "a tidy desk", "num_inference_steps": 3, "seed": 1}),
+    ] {
+        let result = poll_final(&server, &submit(&server, body.clone()).await, None).await;
+        assert_eq!(result["status"], "done", "{body}: {result}");
+        assert!(result["processed_image_url"].is_string(), "{body}: {result}");
+        assert_eq!(result["mask_url"].is_string(), body.get("repaint").is_some(), "{result}");
+    }
+    server.stop().await;
+}
