@@ -257,11 +257,12 @@ impl AppState {
     /// right now leaves the check to the task's fetch stage.
     async fn check_stored_photo(&self, field: &'static str, url: &str) -> Result<(), ApiError> {
         let Some(key) = self.services.store.key_for_url(url) else { return Ok(()) };
+        let what = if field == "mask_image_url" { "mask" } else { "photo" };
         let peek = match self.services.store.peek(&key, PHOTO_HEAD_BYTES).await {
             Ok(peek) => peek,
             Err(StorageError::NotFound { .. }) => {
                 let description =
-                    format!("{field} names {key}, which holds no object; upload the image first.");
+                    format!("{field} names {key}, which holds no object; upload the {what} first.");
                 return Err(ApiError::Invalid(vec![Violation { field, description }]));
             }
             Err(e) => {
