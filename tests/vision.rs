@@ -28,6 +28,8 @@ fn config() -> VisionConfig {
     let models = root().join("assets/models");
     VisionConfig {
         detector: models.join("detector.onnx"),
+        oid_detector: models.join("oidv4_detector.onnx"),
+        oid_labels: models.join("oidv4_labels.txt"),
         classifier: models.join("classifier.onnx"),
         classifier_labels: models.join("imagenet_labels.txt"),
         ..VisionConfig::default()
@@ -134,7 +136,7 @@ fn caption_without_a_captioner_is_composed_from_the_analysis() {
 fn models_report_the_loaded_files() {
     let models = vision().models();
     let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
-    assert_eq!(ids, ["ssd-mobilenet-v2-coco", "efficientnet-lite3"]);
+    assert_eq!(ids, ["ssd-mobilenet-v2-coco", "ssd-mobilenet-v2-oidv4", "efficientnet-lite3"]);
     for model in &models {
         let bytes = std::fs::read(&model.path).unwrap();
         assert_eq!(model.size_bytes, bytes.len() as u64);
@@ -142,7 +144,9 @@ fn models_report_the_loaded_files() {
     }
     assert!(models[0].inputs[0].starts_with("image_tensor:0"), "{:?}", models[0].inputs);
     assert_eq!(models[0].outputs.len(), 4);
-    assert!(models[1].inputs[0].contains("280, 280, 3"), "{:?}", models[1].inputs);
+    assert!(models[1].inputs[0].contains("300, 300, 3"), "{:?}", models[1].inputs);
+    assert_eq!(models[1].outputs.len(), 2);
+    assert!(models[2].inputs[0].contains("280, 280, 3"), "{:?}", models[2].inputs);
 }
 
 #[test]
@@ -453,6 +457,7 @@ fn vision_with_a_captioner_captions_with_it_and_lists_its_models() {
         ids,
         [
             "ssd-mobilenet-v2-coco",
+            "ssd-mobilenet-v2-oidv4",
             "efficientnet-lite3",
             "captioner-encoder-model",
             "captioner-decoder-model-merged"
@@ -665,4 +670,81 @@ fn hed_without_its_model_names_the_file_and_how_to_build_it() {
         error.to_string().contains("no-such-hed.onnx") && error.to_string().contains("make models"),
         "{error}"
     );
+}
+
+/// The Open Images v4 detector against TensorFlow Lite running the model as shipped
+/// (onnx/make_oidv4_reference.sh): the ONNX conversion's raw outputs, and MediaPipe's decoding of
+/// them with its anchors, on three images.
+#[test]
+fn the_open_images_detector_matches_tensorflow_lite_and_mediapipes_decoding() {
+    use deskgen::inference::vision::oid::{AnchorOptions, OidDetector, decode, read_labels, ssd_anchors};
+    let text = std::fs::read_to_string(root().join("onnx/fixtures/reference/oidv4/cases.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let anchors = ssd_anchors(&AnchorOptions::oidv4());
+    assert_eq!(anchors.len() as u64, reference["anchor_count"].as_u64().unwrap());
+    let as_tuple = |a: &deskgen::inference::vision::oid::Anchor| [a.y_center, a.x_center, a.h, a.w];
+    let listed = |key: &str| -> Vec<Vec<f32>> {
+        reference[key].as_array().unwrap().iter().map(floats).collect()
+    };
+    let ours: Vec<[f32; 4]> =
+        anchors.iter().take(4).chain(anchors.iter().skip(anchors.len() - 2)).map(as_tuple).collect();
+    for (got, want) in ours.iter().zip(listed("first_anchors").iter().chain(listed("last_anchors").iter())) {
+        assert!(got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "anchor {got:?} vs {want:?}");
+    }
+    let runtime = Runtime::init(&RuntimeConfig::default()).unwrap();
+    let config = config();
+    let labels = read_labels(&config.oid_labels).unwrap();
+    let mut detector =
+        OidDetector::new(runtime.session(&config.oid_detector).unwrap(), labels.clone()).unwrap();
+    let mut report = Vec::new();
+    for case in reference["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let input = image::open(root().join(case["input"].as_str().unwrap())).unwrap().to_rgb8();
+        let raw = detector.raw(&input).unwrap();
+        let mut worst = 0.0f32;
+        for (k, anchor) in case["anchors"].as_array().unwrap().iter().enumerate() {
+            let i = anchor.as_u64().unwrap() as usize;
+            let boxes = floats(&case["box_encodings"][k]);
+            let logits = floats(&case["class_predictions"][k]);
+            for (a, b) in
+                raw.box_encodings[i].iter().zip(&boxes).chain(raw.class_logits[i].iter().zip(&logits))
+            {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        assert!(worst <= 1e-3, "{name}: raw outputs differ from TFLite's by {worst}");
+        let found = decode(&raw, &anchors, &labels, 0.5);
+        let want = case["detections"].as_array().unwrap();
+        assert_eq!(found.len(), want.len(), "{name}: {found:?}");
+        for (got, want) in found.iter().zip(want) {
+            assert_eq!(got.label, want["label"].as_str().unwrap(), "{name}");
+            assert!((got.score - want["score"].as_f64().unwrap() as f32).abs() < 1e-3, "{name}: {got:?}");
+            let boxed = floats(&want["box"]);
+            assert!(
+                got.bbox.iter().zip(&boxed).all(|(a, b)| (a - b.clamp(0.0, 1.0)).abs() < 1e-3),
+                "{name}: {got:?} vs {boxed:?}"
+            );
+        }
+        report.push(format!("{name}: raw outputs within {worst:.1e}, {} detections", found.len()));
+    }
+    assert_eq!(report.len(), 3);
+    println!("{}", report.join("\n"));
+}
+
+fn floats(value: &serde_json::Value) -> Vec<f32> {
+    value.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+}
+
+/// Both detectors see darknet's dog photo (the Open Images one finds Dog, Bicycle and Car at
+/// 0.74, 0.67 and 0.67): each object the two box alike is kept once, with the better score.
+#[test]
+fn both_detectors_run_and_the_same_object_is_kept_once() {
+    let (analysis, [coco_ms, oid_ms, classify_ms]) = vision().analyze_timed(&photo("dog.jpg")).unwrap();
+    assert!(coco_ms > 0.0 && oid_ms > 0.0 && classify_ms > 0.0);
+    for label in ["dog", "bicycle"] {
+        let seen: Vec<_> =
+            analysis.detections.iter().filter(|d| d.label.eq_ignore_ascii_case(label)).collect();
+        assert_eq!(seen.len(), 1, "one {label}, seen by both: {seen:?}");
+        assert_eq!(seen[0].source, "ssd-mobilenet-v2-coco", "COCO's score is the better: {seen:?}");
+    }
 }

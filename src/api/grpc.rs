@@ -227,6 +227,8 @@ impl From<&TaskRecord> for pb::TaskResult {
                         x_max: d.bbox.x_max,
                         y_max: d.bbox.y_max,
                     }),
+                    item: d.item,
+                    source: d.source,
                 })
                 .collect(),
             recommendations: output

@@ -140,6 +140,15 @@ pub struct VisionFlags {
     /// COCO object detector (SSD-MobileNet-v2 ONNX), built by `make models`.
     #[arg(long, env = "DESKGEN_DETECTOR", default_value = "assets/models/detector.onnx")]
     detector: PathBuf,
+    /// Open Images v4 object detector (MediaPipe's SSD-MobileNetV2 as ONNX), built by `make models`.
+    #[arg(long, env = "DESKGEN_OID_DETECTOR", default_value = "assets/models/oidv4_detector.onnx")]
+    oid_detector: PathBuf,
+    /// The Open Images detector's label map, one a line.
+    #[arg(long, env = "DESKGEN_OID_LABELS", default_value = "assets/models/oidv4_labels.txt")]
+    oid_labels: PathBuf,
+    /// Open Images detections scoring below this (0..1) are ignored.
+    #[arg(long, env = "DESKGEN_MIN_OID_SCORE", default_value_t = 0.5)]
+    min_oid_score: f32,
     /// ImageNet scene classifier (EfficientNet-Lite3 ONNX), built by `make models`.
     #[arg(long, env = "DESKGEN_CLASSIFIER", default_value = "assets/models/classifier.onnx")]
     classifier: PathBuf,
@@ -173,6 +182,10 @@ impl From<VisionFlags> for VisionConfig {
     fn from(f: VisionFlags) -> Self {
         VisionConfig {
             detector: f.detector,
+            oid_detector: f.oid_detector,
+            oid_labels: f.oid_labels,
+            min_oid_score: f.min_oid_score,
+            items: crate::inference::vision::ItemTable::builtin(),
             classifier: f.classifier,
             classifier_labels: f.classifier_labels,
             captioner: f.captioner,

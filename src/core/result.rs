@@ -20,13 +20,20 @@ pub struct BoundingBox {
 /// An item found in the photo.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DetectedItem {
-    /// Item name, e.g. "laptop".
+    /// The detector's own class name, e.g. COCO's "tv" or Open Images' "Computer monitor".
     pub label: String,
     /// Detector confidence.
     pub score: f32,
     /// Where it is.
     #[serde(rename = "box")]
     pub bbox: BoundingBox,
+    /// deskgen's item name for the label (e.g. "monitor"), none when it means no item. Records from
+    /// before it existed read as none.
+    #[serde(default)]
+    pub item: Option<String>,
+    /// The model that saw it, by its /info id. Records from before it existed read as "".
+    #[serde(default)]
+    pub source: String,
 }
 
 /// Offers for one recommended category.

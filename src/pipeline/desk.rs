@@ -91,10 +91,11 @@ impl DeskPipeline {
         let Services { store, shopping, .. } = services;
         let runtime = Runtime::init(&config.runtime)?;
         let provider = runtime.provider().as_str();
-        let vision = Vision::load(&runtime, &config.vision)?;
+        let settings = PipelineSettings::load(config.pipeline_config.as_deref())?;
+        let vision_config = VisionConfig { items: settings.items.clone(), ..config.vision.clone() };
+        let vision = Vision::load(&runtime, &vision_config)?;
         let hed = load_hed(&runtime, &config.hed_model)?;
         let mut models = model_list(&vision, hed.as_ref(), provider);
-        let settings = PipelineSettings::load(config.pipeline_config.as_deref())?;
         let controls = Controls {
             default: settings.control.clone(),
             hed: hed.map(|hed| ModelOwner::spawn("hed", hed)).transpose()?,

@@ -30,6 +30,8 @@ impl Seen {
                 label: d.label.clone(),
                 score: d.score,
                 bbox: BoundingBox { x_min: d.bbox[0], y_min: d.bbox[1], x_max: d.bbox[2], y_max: d.bbox[3] },
+                item: d.item.clone(),
+                source: d.source.clone(),
             })
             .collect()
     }

@@ -9,7 +9,7 @@ use super::photo::PhotoSources;
 use crate::core::{Failure, FailureCode, GenerateOutput, MaskRequest, MaskSource, PhotoSource};
 use crate::inference::diffusion::InpaintMask;
 use crate::inference::diffusion::mask::{from_image, repaints_anything};
-use crate::inference::vision::{Detection, decode_upright, item_for_object};
+use crate::inference::vision::{Detection, decode_upright};
 
 /// How far a detected item's box is grown on each side for `keep` and `repaint`, as a share of
 /// the box's own width and height (detector boxes sit tight on the object, its shadow and edge
@@ -97,7 +97,7 @@ pub fn from_boxes(
             .scene
             .detections
             .iter()
-            .filter(|d| d.label == *item || item_for_object(&d.label) == Some(item.as_str()))
+            .filter(|d| d.label.to_lowercase() == *item || d.item.as_deref() == Some(item.as_str()))
             .collect();
         if boxes.is_empty() {
             warnings.push(if seen.scene.items.contains(item) {
@@ -132,11 +132,15 @@ fn paint_box(mask: &mut GrayImage, [x_min, y_min, x_max, y_max]: [f32; 4], value
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inference::vision::SceneAnalysis;
+    use crate::inference::vision::items::COCO;
+    use crate::inference::vision::{ItemTable, SceneAnalysis};
 
     /// A 200×100 photo in which the detector saw a laptop and a tv, and the classifier a lamp.
     fn seen() -> Seen {
-        let detection = |label: &str, bbox| Detection { label: label.into(), score: 0.9, bbox };
+        let detection = |label: &str, bbox| {
+            let item = ItemTable::builtin().detected(COCO, label).map(str::to_string);
+            Detection { label: label.into(), score: 0.9, bbox, source: COCO.into(), item }
+        };
         Seen {
             photo: image::RgbImage::new(200, 100),
             scene: SceneAnalysis {

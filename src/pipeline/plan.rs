@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::inference::diffusion::{MAX_CONTROL_SCALE, is_guidance_window};
+use crate::inference::vision::ItemTable;
 
 /// The built-in settings file.
 pub const DEFAULT_PIPELINE_CONFIG: &str = include_str!("../../config/pipeline.toml");
@@ -80,6 +81,9 @@ pub struct PipelineSettings {
     /// The ControlNet guidance desk photos get by default; none for plain img2img.
     #[serde(default)]
     pub control: Option<ControlSettings>,
+    /// What each model's class names mean as items; the built-in table when absent.
+    #[serde(default = "ItemTable::builtin")]
+    pub items: ItemTable,
 }
 
 /// The default control of desk photos (`[control]`).

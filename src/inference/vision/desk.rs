@@ -15,6 +15,7 @@
 //! Cups, books, phones, plants and chairs are listed as items but never vote: they are on dining
 //! tables, shelves and sofas as often as on desks.
 
+use super::items::COCO;
 use super::{ClassScore, Detection, VisionConfig};
 
 /// What the vision models made of one photo.
@@ -51,46 +52,9 @@ const WORKSPACE_CLASSES: &[(&str, f32)] = &[
     ("modem", 0.5),
 ];
 
-/// COCO objects that vote for a desk, with their weight.
-const WORKSPACE_OBJECTS: &[(&str, f32)] =
-    &[("laptop", 1.0), ("keyboard", 1.0), ("mouse", 1.0), ("tv", 1.0 / 3.0)];
-
-/// Desk item named by a COCO label.
-pub fn item_for_object(label: &str) -> Option<&'static str> {
-    Some(match label {
-        "laptop" => "laptop",
-        "tv" => "monitor",
-        "keyboard" => "keyboard",
-        "mouse" => "mouse",
-        "cup" => "mug",
-        "book" => "book",
-        "cell phone" => "phone",
-        "chair" => "chair",
-        "potted plant" => "plant",
-        "clock" => "clock",
-        "scissors" => "scissors",
-        _ => return None,
-    })
-}
-
-/// Desk item named by an ImageNet class (first synonym).
-fn item_for_class(name: &str) -> Option<&'static str> {
-    Some(match name {
-        "desktop computer" | "monitor" | "screen" => "monitor",
-        "notebook" | "laptop" => "laptop",
-        "computer keyboard" | "space bar" | "typewriter keyboard" => "keyboard",
-        "mouse" => "mouse",
-        "table lamp" => "lamp",
-        "coffee mug" | "cup" => "mug",
-        "loudspeaker" => "speaker",
-        "cellular telephone" => "phone",
-        "pot" => "plant",
-        "printer" => "printer",
-        "microphone" => "microphone",
-        "ballpoint" | "fountain pen" => "pen",
-        _ => return None,
-    })
-}
+/// Detected objects that vote for a desk, by model and label, with their weight.
+const WORKSPACE_OBJECTS: &[(&str, &str, f32)] =
+    &[(COCO, "laptop", 1.0), (COCO, "keyboard", 1.0), (COCO, "mouse", 1.0), (COCO, "tv", 1.0 / 3.0)];
 
 /// Combines detections and the classifier's full distribution into a [`SceneAnalysis`].
 pub(crate) fn analyze(
@@ -109,9 +73,12 @@ pub(crate) fn analyze(
     let objects = 1.0
         - WORKSPACE_OBJECTS
             .iter()
-            .map(|(label, weight)| {
-                let best =
-                    detections.iter().filter(|d| d.label == *label).map(|d| d.score).fold(0.0, f32::max);
+            .map(|(source, label, weight)| {
+                let best = detections
+                    .iter()
+                    .filter(|d| d.source == *source && d.label == *label)
+                    .map(|d| d.score)
+                    .fold(0.0, f32::max);
                 1.0 - weight * best
             })
             .product::<f32>();
@@ -120,12 +87,12 @@ pub(crate) fn analyze(
     // Detections are sorted best first, and so are the classes: items keep that order.
     let mut evidence: Vec<(&str, f32)> = detections
         .iter()
-        .filter_map(|d| item_for_object(&d.label).map(|item| (item, d.score)))
+        .filter_map(|d| d.item.as_deref().map(|item| (item, d.score)))
         .chain(
             classes
                 .iter()
                 .take_while(|c| c.probability >= config.min_class_score)
-                .filter_map(|c| item_for_class(c.name()).map(|item| (item, c.probability))),
+                .filter_map(|c| config.items.classified(c.name()).map(|item| (item, c.probability))),
         )
         .collect();
     evidence.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -182,7 +149,8 @@ mod tests {
     use super::*;
 
     fn detection(label: &str, score: f32) -> Detection {
-        Detection { label: label.to_string(), score, bbox: [0.1, 0.1, 0.5, 0.5] }
+        let item = VisionConfig::default().items.detected(COCO, label).map(str::to_string);
+        Detection { label: label.to_string(), score, bbox: [0.1, 0.1, 0.5, 0.5], source: COCO.into(), item }
     }
 
     fn class(label: &str, probability: f32) -> ClassScore {

@@ -120,12 +120,17 @@ const COCO_LABELS: [Option<&str>; 91] = [
 /// One object found in a photo.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Detection {
-    /// COCO class name, e.g. `laptop`, `tv`, `cup`.
+    /// The detector's own class name, e.g. COCO's `laptop`, `tv`, `cup` or Open Images'
+    /// `Computer monitor`.
     pub label: String,
     /// Detector confidence in `[0, 1]`.
     pub score: f32,
     /// `[x_min, y_min, x_max, y_max]`, normalised to the image's width and height.
     pub bbox: [f32; 4],
+    /// The model that saw it, by its `/info` id (`ssd-mobilenet-v2-coco`, `ssd-mobilenet-v2-oidv4`).
+    pub source: String,
+    /// The deskgen item the label means (`[items]` in `config/pipeline.toml`), if any.
+    pub item: Option<String>,
 }
 
 /// SSD-MobileNet-v2 COCO behind a lock (ONNX Runtime sessions run one call at a time here).
@@ -182,6 +187,8 @@ impl Detector {
                     label: label.to_string(),
                     score: scores[i],
                     bbox: [x_min, y_min, x_max, y_max],
+                    source: super::items::COCO.to_string(),
+                    item: None,
                 })
             })
             .collect();

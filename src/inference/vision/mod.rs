@@ -14,6 +14,8 @@ pub mod desk;
 pub mod detector;
 mod hed;
 pub mod image;
+pub mod items;
+pub mod oid;
 
 use std::path::{Path, PathBuf};
 
@@ -25,10 +27,12 @@ use crate::inference::{Runtime, RuntimeError};
 pub use canny::{canny, canny_control};
 pub use captioner::{CaptionError, Captioner, GenerationOptions};
 pub use classifier::{ClassScore, Classifier};
-pub use desk::{SceneAnalysis, compose_caption, item_for_object};
+pub use desk::{SceneAnalysis, compose_caption};
 pub use detector::{Detection, Detector};
 pub use hed::{DEFAULT_HED_MODEL, Hed};
 pub use image::{Header, ImageError, Upright, decode_image, decode_upright, probe_header};
+pub use items::ItemTable;
+pub use oid::OidDetector;
 
 /// How many ImageNet classes a [`SceneAnalysis`] reports.
 const TOP_CLASSES: usize = 5;
@@ -81,6 +85,14 @@ pub enum VisionError {
 pub struct VisionConfig {
     /// COCO object detector (SSD-MobileNet-v2 ONNX), built by `make models`.
     pub detector: PathBuf,
+    /// Open Images v4 object detector (MediaPipe's SSD-MobileNetV2 as ONNX), built by `make models`.
+    pub oid_detector: PathBuf,
+    /// Its label map, one a line (line 0 the background).
+    pub oid_labels: PathBuf,
+    /// Open Images detections scoring below this (0..1) are ignored (MediaPipe's threshold: 0.5).
+    pub min_oid_score: f32,
+    /// What each model's class names mean as items (`[items]` of the pipeline settings).
+    pub items: ItemTable,
     /// ImageNet scene classifier (EfficientNet-Lite3 ONNX), built by `make models`.
     pub classifier: PathBuf,
     /// The classifier's labels, one a line.
@@ -105,6 +117,10 @@ impl Default for VisionConfig {
     fn default() -> Self {
         VisionConfig {
             detector: PathBuf::from("assets/models/detector.onnx"),
+            oid_detector: PathBuf::from("assets/models/oidv4_detector.onnx"),
+            oid_labels: PathBuf::from("assets/models/oidv4_labels.txt"),
+            min_oid_score: 0.5,
+            items: ItemTable::builtin(),
             classifier: PathBuf::from("assets/models/classifier.onnx"),
             classifier_labels: PathBuf::from("assets/models/imagenet_labels.txt"),
             captioner: None,
@@ -138,6 +154,7 @@ pub struct ModelFile {
 /// The loaded vision models; sessions are built once and shared.
 pub struct Vision {
     detector: Detector,
+    oid_detector: OidDetector,
     classifier: Classifier,
     captioner: Option<Captioner>,
     config: VisionConfig,
@@ -155,6 +172,13 @@ impl Vision {
             &config.detector,
             &mut models,
         )?)?;
+        if !config.oid_labels.is_file() {
+            return Err(VisionError::MissingModel { what: "oidv4 labels", path: config.oid_labels.clone() });
+        }
+        let oid_detector = OidDetector::new(
+            open(runtime, items::OIDV4, "oidv4 detector", &config.oid_detector, &mut models)?,
+            oid::read_labels(&config.oid_labels)?,
+        )?;
         if !config.classifier_labels.is_file() {
             return Err(VisionError::MissingModel {
                 what: "classifier labels",
@@ -174,14 +198,29 @@ impl Vision {
             }
             None => None,
         };
-        Ok(Vision { detector, classifier, captioner, config: config.clone(), models })
+        Ok(Vision { detector, oid_detector, classifier, captioner, config: config.clone(), models })
     }
 
     /// Detects, classifies and decides whether the photo shows a desk.
     pub fn analyze(&mut self, image: &RgbImage) -> Result<SceneAnalysis, VisionError> {
-        let detections = self.detector.detect(image, self.config.min_detection_score)?;
+        Ok(self.analyze_timed(image)?.0)
+    }
+
+    /// [`Vision::analyze`], with the milliseconds each model took: the COCO detector, the Open
+    /// Images detector and the classifier, in that order.
+    pub fn analyze_timed(&mut self, image: &RgbImage) -> Result<(SceneAnalysis, [f64; 3]), VisionError> {
+        let ms = |started: std::time::Instant| started.elapsed().as_secs_f64() * 1000.0;
+        let started = std::time::Instant::now();
+        let coco = self.detector.detect(image, self.config.min_detection_score)?;
+        let coco_ms = ms(started);
+        let started = std::time::Instant::now();
+        let oid = self.oid_detector.detect(image, self.config.min_oid_score)?;
+        let oid_ms = ms(started);
+        let started = std::time::Instant::now();
         let classes = self.classifier.classify(image)?;
-        Ok(desk::analyze(detections, &classes, &self.config, TOP_CLASSES))
+        let classify_ms = ms(started);
+        let detections = items::fuse(coco.into_iter().chain(oid), &self.config.items);
+        Ok((desk::analyze(detections, &classes, &self.config, TOP_CLASSES), [coco_ms, oid_ms, classify_ms]))
     }
 
     /// A caption from the captioner when one is configured, else one composed from `analysis`.
