@@ -30,7 +30,8 @@ use crate::tasks::{TaskRecord, new_task_id};
 pub fn eval(command: &EvalCommand, out: &mut impl Write) -> anyhow::Result<()> {
     let runtime = Runtime::init(&command.runtime)?;
     let mut vision = Vision::load(&runtime, &command.vision)?;
-    let report = crate::eval::run(&command.photos, &mut vision)?;
+    let items = command.vision.items.clone();
+    let report = crate::eval::run(&command.photos, command.labels.as_deref(), &mut vision, &items)?;
     crate::eval::print(&report, command.json, out)
 }
 

@@ -33,6 +33,7 @@ fn assert_offers(result: &Value, max_items: usize) -> Vec<String> {
         "warnings",
         "seed",
         "control",
+        "recommendation_reasons",
     ];
     let mut keys = Vec::new();
     for (key, value) in result.as_object().unwrap() {
@@ -52,8 +53,12 @@ fn assert_offers(result: &Value, max_items: usize) -> Vec<String> {
             let price = offer["price"].as_str().unwrap();
             assert!(price.ends_with('원') && price.trim_end_matches('원').parse::<u64>().is_ok(), "{price}");
         }
+        let reason = result["recommendation_reasons"][key].as_str().unwrap_or_default();
+        assert!(["missing", "upgrade", "asked"].contains(&reason), "{key}: {reason:?}");
         keys.push(key.clone());
     }
+    let reasons = result["recommendation_reasons"].as_object().expect("recommendation_reasons");
+    assert_eq!(reasons.len(), keys.len(), "one reason per category: {reasons:?}");
     keys
 }
 

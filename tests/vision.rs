@@ -683,9 +683,8 @@ fn the_open_images_detector_matches_tensorflow_lite_and_mediapipes_decoding() {
     let anchors = ssd_anchors(&AnchorOptions::oidv4());
     assert_eq!(anchors.len() as u64, reference["anchor_count"].as_u64().unwrap());
     let as_tuple = |a: &deskgen::inference::vision::oid::Anchor| [a.y_center, a.x_center, a.h, a.w];
-    let listed = |key: &str| -> Vec<Vec<f32>> {
-        reference[key].as_array().unwrap().iter().map(floats).collect()
-    };
+    let listed =
+        |key: &str| -> Vec<Vec<f32>> { reference[key].as_array().unwrap().iter().map(floats).collect() };
     let ours: Vec<[f32; 4]> =
         anchors.iter().take(4).chain(anchors.iter().skip(anchors.len() - 2)).map(as_tuple).collect();
     for (got, want) in ours.iter().zip(listed("first_anchors").iter().chain(listed("last_anchors").iter())) {

@@ -235,6 +235,7 @@ impl From<&TaskRecord> for pb::TaskResult {
                 .recommendations
                 .into_iter()
                 .map(|r| pb::Recommendation {
+                    reason: r.reason.as_str().to_string(),
                     category: r.category,
                     display_name: r.display_name,
                     items: r

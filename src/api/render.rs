@@ -27,9 +27,12 @@ pub fn result_json(record: &TaskRecord) -> Value {
             if let Some(mask_url) = &output.mask_url {
                 body.insert("mask_url".into(), json!(mask_url));
             }
+            let mut reasons = serde_json::Map::new();
             for recommendation in &output.recommendations {
                 body.insert(recommendation.display_name.clone(), json!(recommendation.items));
+                reasons.insert(recommendation.display_name.clone(), json!(recommendation.reason.as_str()));
             }
+            body.insert("recommendation_reasons".into(), Value::Object(reasons));
             if let Some(is_desk) = output.is_desk {
                 body.insert("is_desk".into(), json!(is_desk));
             }
@@ -88,7 +91,12 @@ mod tests {
             image: String::new(),
             price_won: 21990,
         };
-        Recommendation { category: "mouse".into(), display_name: "마우스".into(), items: vec![offer] }
+        Recommendation {
+            category: "mouse".into(),
+            display_name: "마우스".into(),
+            items: vec![offer],
+            reason: crate::core::RecommendationReason::Missing,
+        }
     }
 
     #[test]

@@ -149,6 +149,10 @@ pub struct VisionFlags {
     /// Open Images detections scoring below this (0..1) are ignored.
     #[arg(long, env = "DESKGEN_MIN_OID_SCORE", default_value_t = 0.5)]
     min_oid_score: f32,
+    /// Besides the whole photo, both detectors look at a grid of this many overlapping tiles a
+    /// side (0 or 1: the whole photo only; 2: four tiles), for small things such as mugs and mice.
+    #[arg(long, env = "DESKGEN_DETECTOR_TILES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=4))]
+    detector_tiles: u32,
     /// ImageNet scene classifier (EfficientNet-Lite3 ONNX), built by `make models`.
     #[arg(long, env = "DESKGEN_CLASSIFIER", default_value = "assets/models/classifier.onnx")]
     classifier: PathBuf,
@@ -185,6 +189,7 @@ impl From<VisionFlags> for VisionConfig {
             oid_detector: f.oid_detector,
             oid_labels: f.oid_labels,
             min_oid_score: f.min_oid_score,
+            detector_tiles: f.detector_tiles,
             items: crate::inference::vision::ItemTable::builtin(),
             classifier: f.classifier,
             classifier_labels: f.classifier_labels,

@@ -169,6 +169,11 @@ pub struct EvalCommand {
     /// Folder with `desk/` and `not_desk/` subfolders of photos.
     #[arg(long, env = "DESKGEN_EVAL_PHOTOS")]
     pub photos: PathBuf,
+    /// Item labels: a JSON object from each photo's path under the folder to its item names
+    /// (default: `labels.json` in the folder, if there is one; photos it does not list are
+    /// labelled by the item names in their file names).
+    #[arg(long, env = "DESKGEN_EVAL_LABELS")]
+    pub labels: Option<PathBuf>,
     /// Print the report as JSON instead of tables.
     #[arg(long)]
     pub json: bool,

@@ -16,5 +16,7 @@ pub use request::{
     ControlRequest, GenerateRequest, LoraWeight, MaskRequest, MaskSource, PhotoSource, Preview, Priority,
     Progress, ResizeMode,
 };
-pub use result::{BoundingBox, ControlUsed, DetectedItem, GenerateOutput, Offer, Recommendation};
+pub use result::{
+    BoundingBox, ControlUsed, DetectedItem, GenerateOutput, Offer, Recommendation, RecommendationReason,
+};
 pub use validate::{ControlInput, GenerateInput, Invalid, Limits, LoraInput, Violation};

@@ -36,9 +36,36 @@ pub struct DetectedItem {
     pub source: String,
 }
 
+/// Why a category is recommended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecommendationReason {
+    /// Nothing of the kind was seen on the desk (or there is no photo to look at).
+    #[default]
+    Missing,
+    /// The desk has one already; the plan recommends a better one.
+    Upgrade,
+    /// The user's text names it.
+    Asked,
+}
+
+impl RecommendationReason {
+    /// The reason as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecommendationReason::Missing => "missing",
+            RecommendationReason::Upgrade => "upgrade",
+            RecommendationReason::Asked => "asked",
+        }
+    }
+}
+
 /// Offers for one recommended category.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recommendation {
+    /// Why the category is recommended. Records from before it existed read as missing.
+    #[serde(default)]
+    pub reason: RecommendationReason,
     /// Category id, e.g. "desk_lamp".
     pub category: String,
     /// Display name and REST result key, e.g. "데스크 조명".

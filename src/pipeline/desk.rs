@@ -16,7 +16,8 @@ use super::plan::{Category, PipelineSettings, PromptInput};
 use super::shop::shop;
 use super::{Pipeline, RunContext, Services};
 use crate::core::{
-    Failure, FailureCode, GenerateOutput, GenerateRequest, LoraInfo, ModelInfo, PipelineInfo, SdModelInfo,
+    Failure, FailureCode, GenerateOutput, GenerateRequest, LoraInfo, ModelInfo, PipelineInfo,
+    RecommendationReason, SdModelInfo,
 };
 use crate::fetch::{FetchConfig, Fetcher};
 use crate::inference::diffusion::lora::LoraOptions;
@@ -221,13 +222,18 @@ impl Pipeline for DeskPipeline {
         let seen = self.see(request, &mut output, ctx).await?;
         ctx.check()?;
         let items = seen.as_ref().map(|s| s.scene.items.as_slice());
-        let plan: Vec<Category> =
-            self.settings.plan(items, request.user_text.as_deref()).into_iter().cloned().collect();
+        let planned: Vec<(Category, RecommendationReason)> = self
+            .settings
+            .plan_with_reasons(items, request.user_text.as_deref())
+            .into_iter()
+            .map(|(category, reason)| (category.clone(), reason))
+            .collect();
+        let plan: Vec<Category> = planned.iter().map(|(category, _)| category.clone()).collect();
         // Runs beside the drawing; dropped (and aborted) if the task ends early.
         let per_category = request.max_items_per_category as usize;
         let shopping = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(shop(
             self.shopping.clone(),
-            plan.clone(),
+            planned,
             per_category,
         )));
         match seen {

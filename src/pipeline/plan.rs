@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::core::RecommendationReason;
 use crate::inference::diffusion::{MAX_CONTROL_SCALE, is_guidance_window};
 use crate::inference::vision::ItemTable;
 
@@ -179,30 +180,44 @@ impl PipelineSettings {
     /// missing from the desk, then upgrades of what is there; text-only requests that name nothing
     /// get the defaults. At most `max_categories`.
     pub fn plan(&self, detected: Option<&[String]>, user_text: Option<&str>) -> Vec<&Category> {
-        let mut chosen: Vec<&Category> = Vec::new();
-        fn push<'a>(category: &'a Category, chosen: &mut Vec<&'a Category>) {
-            if !chosen.iter().any(|c| c.id == category.id) {
-                chosen.push(category);
+        self.plan_with_reasons(detected, user_text).into_iter().map(|(category, _)| category).collect()
+    }
+
+    /// [`PipelineSettings::plan`], each category with why it is there: `asked` when the text names
+    /// it, `upgrade` when the desk has one (its evidence was detected), else `missing`.
+    pub fn plan_with_reasons(
+        &self,
+        detected: Option<&[String]>,
+        user_text: Option<&str>,
+    ) -> Vec<(&Category, RecommendationReason)> {
+        let mut chosen: Vec<(&Category, RecommendationReason)> = Vec::new();
+        fn push<'a>(
+            category: &'a Category,
+            reason: RecommendationReason,
+            chosen: &mut Vec<(&'a Category, RecommendationReason)>,
+        ) {
+            if !chosen.iter().any(|(c, _)| c.id == category.id) {
+                chosen.push((category, reason));
             }
         }
         for category in self.named_in(user_text.unwrap_or_default()) {
-            push(category, &mut chosen);
+            push(category, RecommendationReason::Asked, &mut chosen);
         }
         match detected {
             Some(items) => {
                 let has = |names: &[String]| names.iter().any(|n| items.contains(n));
                 let usable = |c: &&Category| c.needs_any.is_empty() || has(&c.needs_any);
                 for category in self.categories.iter().filter(usable).filter(|c| !has(&c.evidence)) {
-                    push(category, &mut chosen);
+                    push(category, RecommendationReason::Missing, &mut chosen);
                 }
                 for category in self.categories.iter().filter(usable).filter(|c| has(&c.evidence)) {
-                    push(category, &mut chosen);
+                    push(category, RecommendationReason::Upgrade, &mut chosen);
                 }
             }
             None if chosen.is_empty() => {
                 for id in &self.default_categories {
                     if let Some(category) = self.category(id) {
-                        push(category, &mut chosen);
+                        push(category, RecommendationReason::Missing, &mut chosen);
                     }
                 }
             }
@@ -281,6 +296,26 @@ mod tests {
 
     fn ids(categories: &[&Category]) -> Vec<String> {
         categories.iter().map(|c| c.id.clone()).collect()
+    }
+
+    #[test]
+    fn a_desk_with_a_monitor_is_offered_a_monitor_only_as_an_upgrade() {
+        let s = settings();
+        let detected = vec!["monitor".to_string(), "keyboard".to_string(), "laptop".to_string()];
+        let planned = s.plan_with_reasons(Some(&detected), None);
+        assert!(
+            planned.iter().all(|(c, r)| c.id != "monitor" || *r == RecommendationReason::Upgrade),
+            "{planned:?}"
+        );
+        assert!(
+            planned.iter().all(|(_, r)| *r == RecommendationReason::Missing),
+            "three missing kinds come first"
+        );
+        let asked = s.plan_with_reasons(Some(&detected), Some("a bigger monitor please"));
+        assert_eq!((asked[0].0.id.as_str(), asked[0].1), ("monitor", RecommendationReason::Asked));
+        let everything: Vec<String> = s.categories.iter().flat_map(|c| c.evidence.clone()).collect();
+        let full = s.plan_with_reasons(Some(&everything), None);
+        assert!(full.iter().all(|(_, r)| *r == RecommendationReason::Upgrade), "{full:?}");
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::plan::Category;
-use crate::core::Recommendation;
+use crate::core::{Recommendation, RecommendationReason};
 use crate::shopping::ShoppingProvider;
 
 /// What the lookups found.
@@ -20,24 +20,25 @@ pub struct Shopped {
 /// Looks up every category at once, keeping `per_category` offers of each.
 pub async fn shop(
     provider: Arc<dyn ShoppingProvider>,
-    categories: Vec<Category>,
+    categories: Vec<(Category, RecommendationReason)>,
     per_category: usize,
 ) -> Shopped {
     let started = Instant::now();
-    let lookups = categories.into_iter().map(|category| {
+    let lookups = categories.into_iter().map(|(category, reason)| {
         let provider = provider.clone();
         async move {
             let found = provider.search(&category.query, per_category).await;
-            (category, found)
+            (category, reason, found)
         }
     });
     let mut recommendations = Vec::new();
     let mut warnings = Vec::new();
-    for (category, found) in futures::future::join_all(lookups).await {
+    for (category, reason, found) in futures::future::join_all(lookups).await {
         match found {
             Ok(mut offers) => {
                 offers.truncate(per_category);
                 recommendations.push(Recommendation {
+                    reason,
                     category: category.id.clone(),
                     display_name: category.display.clone(),
                     items: offers,

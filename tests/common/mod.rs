@@ -93,6 +93,7 @@ impl Pipeline for ScriptedPipeline {
             is_desk: Some(is_desk),
             caption: Some("a desk with a laptop".into()),
             recommendations: vec![Recommendation {
+                reason: deskgen::core::RecommendationReason::Missing,
                 category: "mouse".into(),
                 display_name: "마우스".into(),
                 items: vec![Offer {

@@ -69,9 +69,10 @@ impl ItemTable {
     }
 }
 
-/// Both detectors' detections as one list, best first, each with its item: where the two boxed
-/// the same thing (the same item, or for labels that are no item the same label in any case) with
-/// an IoU of at least [`FUSE_IOU`], only the better-scoring box stays.
+/// Both detectors' detections (of the whole photo and its tiles) as one list, best first, each with
+/// its item: where two boxed the same thing (the same item, or for labels that are no item the
+/// same label in any case) with an IoU of at least [`FUSE_IOU`], or one box lies mostly inside the
+/// other (a tile's view of part of it), only the better-scoring box stays.
 pub fn fuse(detections: impl IntoIterator<Item = Detection>, table: &ItemTable) -> Vec<Detection> {
     let mut all: Vec<Detection> = detections
         .into_iter()
@@ -84,17 +85,27 @@ pub fn fuse(detections: impl IntoIterator<Item = Detection>, table: &ItemTable) 
     let key = |d: &Detection| d.item.clone().unwrap_or_else(|| d.label.to_lowercase());
     let mut kept: Vec<Detection> = Vec::with_capacity(all.len());
     for detection in all {
-        let same_object = kept.iter().any(|k| {
-            k.source != detection.source
-                && key(k) == key(&detection)
-                && iou(&k.bbox, &detection.bbox) >= FUSE_IOU
-        });
+        let same_object =
+            kept.iter().any(|k| key(k) == key(&detection) && same_place(&k.bbox, &detection.bbox));
         if !same_object {
             kept.push(detection);
         }
     }
     kept
 }
+
+/// Whether two boxes are one object: IoU of at least [`FUSE_IOU`], or [`INSIDE`] of the smaller one
+/// within the other.
+fn same_place(a: &[f32; 4], b: &[f32; 4]) -> bool {
+    let area = |r: &[f32; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
+    let ix = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let iy = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let smaller = area(a).min(area(b));
+    iou(a, b) >= FUSE_IOU || (smaller > 0.0 && ix * iy / smaller >= INSIDE)
+}
+
+/// Share of the smaller box inside the larger at which two boxes of an item are one object.
+pub const INSIDE: f32 = 0.8;
 
 #[cfg(test)]
 mod tests {
@@ -136,16 +147,22 @@ mod tests {
     }
 
     #[test]
-    fn two_monitors_apart_or_one_model_seeing_two_boxes_stay_two() {
+    fn two_monitors_apart_stay_two_and_a_tiles_part_of_one_is_dropped() {
         let fused = fuse(
             [
                 seen(COCO, "tv", 0.6, [0.0, 0.0, 0.4, 0.4]),
                 seen(OIDV4, "Computer monitor", 0.8, [0.6, 0.0, 1.0, 0.4]),
+                seen(OIDV4, "Computer monitor", 0.7, [0.6, 0.0, 0.75, 0.3]),
                 seen(OIDV4, "Mug", 0.7, [0.7, 0.7, 0.8, 0.8]),
-                seen(OIDV4, "Coffee cup", 0.6, [0.7, 0.7, 0.8, 0.8]),
+                seen(COCO, "cup", 0.6, [0.81, 0.7, 0.9, 0.8]),
             ],
             &table(),
         );
-        assert_eq!(fused.len(), 4, "{fused:?}");
+        let boxes: Vec<[f32; 4]> = fused.iter().map(|d| d.bbox).collect();
+        assert_eq!(
+            boxes,
+            [[0.6, 0.0, 1.0, 0.4], [0.7, 0.7, 0.8, 0.8], [0.0, 0.0, 0.4, 0.4], [0.81, 0.7, 0.9, 0.8]],
+            "{fused:?}"
+        );
     }
 }

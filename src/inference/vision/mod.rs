@@ -91,6 +91,9 @@ pub struct VisionConfig {
     pub oid_labels: PathBuf,
     /// Open Images detections scoring below this (0..1) are ignored (MediaPipe's threshold: 0.5).
     pub min_oid_score: f32,
+    /// Besides the whole photo, both detectors look at a grid of this many overlapping tiles a
+    /// side (0 or 1: the whole photo only), for the small things on a desk.
+    pub detector_tiles: u32,
     /// What each model's class names mean as items (`[items]` of the pipeline settings).
     pub items: ItemTable,
     /// ImageNet scene classifier (EfficientNet-Lite3 ONNX), built by `make models`.
@@ -120,6 +123,7 @@ impl Default for VisionConfig {
             oid_detector: PathBuf::from("assets/models/oidv4_detector.onnx"),
             oid_labels: PathBuf::from("assets/models/oidv4_labels.txt"),
             min_oid_score: 0.5,
+            detector_tiles: 2,
             items: ItemTable::builtin(),
             classifier: PathBuf::from("assets/models/classifier.onnx"),
             classifier_labels: PathBuf::from("assets/models/imagenet_labels.txt"),
@@ -210,11 +214,28 @@ impl Vision {
     /// Images detector and the classifier, in that order.
     pub fn analyze_timed(&mut self, image: &RgbImage) -> Result<(SceneAnalysis, [f64; 3]), VisionError> {
         let ms = |started: std::time::Instant| started.elapsed().as_secs_f64() * 1000.0;
+        let views = tiles(image, self.config.detector_tiles);
         let started = std::time::Instant::now();
-        let coco = self.detector.detect(image, self.config.min_detection_score)?;
+        let mut coco = Vec::new();
+        for (view, place) in &views {
+            coco.extend(
+                self.detector
+                    .detect(view, self.config.min_detection_score)?
+                    .into_iter()
+                    .map(|d| placed(d, *place)),
+            );
+        }
         let coco_ms = ms(started);
         let started = std::time::Instant::now();
-        let oid = self.oid_detector.detect(image, self.config.min_oid_score)?;
+        let mut oid = Vec::new();
+        for (view, place) in &views {
+            oid.extend(
+                self.oid_detector
+                    .detect(view, self.config.min_oid_score)?
+                    .into_iter()
+                    .map(|d| placed(d, *place)),
+            );
+        }
         let oid_ms = ms(started);
         let started = std::time::Instant::now();
         let classes = self.classifier.classify(image)?;
@@ -301,4 +322,44 @@ pub(crate) fn expect_signature(
     } else {
         Err(VisionError::Model { model, reason: format!("no input or output named {}", missing.join(", ")) })
     }
+}
+
+/// How much larger than a grid cell each tile is, so that an object on a cell's edge is whole in
+/// some tile.
+const TILE_OVERLAP: f32 = 1.4;
+
+/// The whole image, then with `grid` of 2 or more a `grid` × `grid` of overlapping crops: the
+/// detectors see at 300² what would be a few pixels of the whole photo (a mug, a mouse, a phone).
+/// Each view comes with where it sits, `[x, y, width, height]` normalised.
+fn tiles(image: &RgbImage, grid: u32) -> Vec<(RgbImage, [f32; 4])> {
+    let mut views = vec![(image.clone(), [0.0, 0.0, 1.0, 1.0])];
+    if grid < 2 {
+        return views;
+    }
+    let (w, h) = image.dimensions();
+    let side = (TILE_OVERLAP / grid as f32).min(1.0);
+    for gy in 0..grid {
+        for gx in 0..grid {
+            let x = (gx as f32 / (grid - 1) as f32) * (1.0 - side);
+            let y = (gy as f32 / (grid - 1) as f32) * (1.0 - side);
+            let (px, py, pw, ph) = (
+                (x * w as f32) as u32,
+                (y * h as f32) as u32,
+                (side * w as f32) as u32,
+                (side * h as f32) as u32,
+            );
+            let crop = ::image::imageops::crop_imm(image, px, py, pw.max(1), ph.max(1)).to_image();
+            views.push((
+                crop,
+                [px as f32 / w as f32, py as f32 / h as f32, pw as f32 / w as f32, ph as f32 / h as f32],
+            ));
+        }
+    }
+    views
+}
+
+/// A detection in a tile at `[x, y, w, h]`, placed in the whole image.
+fn placed(mut d: Detection, [x, y, w, h]: [f32; 4]) -> Detection {
+    d.bbox = [x + d.bbox[0] * w, y + d.bbox[1] * h, x + d.bbox[2] * w, y + d.bbox[3] * h];
+    d
 }
