@@ -3,6 +3,7 @@
 //!
 //! - cold start of the release binary to ready (health SERVING) with the default models;
 //! - per-stage latency of one task on the embedded defaults (median and p95);
+//! - the vision stage with both detectors (and their tiles) against the COCO detector alone;
 //! - the Rust diffusion pipeline against the Python reference (optimum's ORTStableDiffusionPipeline)
 //!   on the same ONNX files and thread count, and the denoising loop's cost outside `session.run`;
 //! - the API under load with the workers off (`--workers 0`): REST through `wrk`, gRPC through a
@@ -10,7 +11,7 @@
 //!   here (the machine's ceiling);
 //! - resident memory idle and after each of three rounds of 1,000 tasks.
 //!
-//! Knobs (environment): BENCH_ONLY (comma list of cold,stages,diffusion,api,memory,uploads), BENCH_RUNS
+//! Knobs (environment): BENCH_ONLY (comma list of cold,stages,vision,diffusion,api,memory,uploads), BENCH_RUNS
 //! (20), BENCH_THREADS (2), BENCH_LOAD_SECS (5), BENCH_MEMORY_TASKS (1000 per round),
 //! BENCH_MEMORY_PHASES (3 rounds), BENCH_PYTHON (the reference's interpreter; default: the export
 //! venv, created by onnx/ensure_venv.sh).
@@ -22,6 +23,7 @@ mod report;
 mod server;
 mod stages;
 mod uploads;
+mod vision;
 
 use std::time::Duration;
 
@@ -85,6 +87,10 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     if settings.wants("stages") || settings.wants("memory") {
         let outcome = stages::run(&settings, &mut report).await;
         report.attempt("stages", outcome);
+    }
+    if settings.wants("vision") {
+        let outcome = vision::run(&settings, &mut report);
+        report.attempt("vision", outcome);
     }
     if settings.wants("diffusion") {
         let outcome = diffusion::run(&settings, &mut report).await;

@@ -60,9 +60,12 @@ const WORKSPACE_ITEMS: &[(&str, f32)] =
 /// not always a desk (on the 28 evaluation photos it scored 0.5 or more on 6 desks and on no
 /// other scene; it reached 0.40 on a kitchen counter).
 const DESK_OBJECT: (&str, &str, f32) = (OIDV4, "Desk", 0.5);
-/// Combines detections and the classifier's full distribution into a [`SceneAnalysis`].
+
+/// Combines the detections (of the whole photo and its tiles, fused) and the classifier's full
+/// distribution into a [`SceneAnalysis`]; the desk is decided from `voters`, the whole photo's.
 pub(crate) fn analyze(
     detections: Vec<Detection>,
+    voters: &[Detection],
     classes: &[ClassScore],
     config: &VisionConfig,
     top: usize,
@@ -75,7 +78,7 @@ pub(crate) fn analyze(
         .sum::<f32>()
         .min(1.0);
     let best = |matches: &dyn Fn(&Detection) -> bool| {
-        detections.iter().filter(|d| matches(d)).map(|d| d.score).fold(0.0, f32::max)
+        voters.iter().filter(|d| matches(d)).map(|d| d.score).fold(0.0, f32::max)
     };
     let (desk_source, desk_label, desk_weight) = DESK_OBJECT;
     let desk_object = best(&|d| d.source == desk_source && d.label == desk_label);
@@ -162,7 +165,7 @@ mod tests {
     }
 
     fn decide(detections: Vec<Detection>, classes: &[ClassScore]) -> SceneAnalysis {
-        analyze(detections, classes, &VisionConfig::default(), 5)
+        analyze(detections.clone(), &detections, classes, &VisionConfig::default(), 5)
     }
 
     #[test]
@@ -216,7 +219,8 @@ mod tests {
     #[test]
     fn the_threshold_comes_from_the_config() {
         let config = VisionConfig { desk_threshold: 0.95, ..VisionConfig::default() };
-        let analysis = analyze(vec![detection("laptop", 0.9)], &[], &config, 5);
+        let laptop = vec![detection("laptop", 0.9)];
+        let analysis = analyze(laptop.clone(), &laptop, &[], &config, 5);
         assert!(!analysis.is_desk);
         assert!((analysis.desk_score - 0.9).abs() < 1e-6);
     }

@@ -214,34 +214,32 @@ impl Vision {
     /// Images detector and the classifier, in that order.
     pub fn analyze_timed(&mut self, image: &RgbImage) -> Result<(SceneAnalysis, [f64; 3]), VisionError> {
         let ms = |started: std::time::Instant| started.elapsed().as_secs_f64() * 1000.0;
-        let views = tiles(image, self.config.detector_tiles);
+        let tiles = tiles(image, self.config.detector_tiles);
         let started = std::time::Instant::now();
-        let mut coco = Vec::new();
-        for (view, place) in &views {
-            coco.extend(
-                self.detector
-                    .detect(view, self.config.min_detection_score)?
-                    .into_iter()
-                    .map(|d| placed(d, *place)),
-            );
+        let mut coco = self.detector.detect(image, self.config.min_detection_score)?;
+        let coco_whole = coco.len();
+        for (tile, place) in &tiles {
+            let found = self.detector.detect(tile, self.config.min_detection_score)?;
+            coco.extend(found.into_iter().map(|d| placed(d, *place)));
         }
         let coco_ms = ms(started);
         let started = std::time::Instant::now();
-        let mut oid = Vec::new();
-        for (view, place) in &views {
-            oid.extend(
-                self.oid_detector
-                    .detect(view, self.config.min_oid_score)?
-                    .into_iter()
-                    .map(|d| placed(d, *place)),
-            );
+        let mut oid = self.oid_detector.detect(image, self.config.min_oid_score)?;
+        let oid_whole = oid.len();
+        for (tile, place) in &tiles {
+            let found = self.oid_detector.detect(tile, self.config.min_oid_score)?;
+            oid.extend(found.into_iter().map(|d| placed(d, *place)));
         }
         let oid_ms = ms(started);
         let started = std::time::Instant::now();
         let classes = self.classifier.classify(image)?;
         let classify_ms = ms(started);
+        // The desk is decided from the whole photo: a tile shows too little of the scene to vote.
+        let whole =
+            items::fuse(coco[..coco_whole].iter().chain(&oid[..oid_whole]).cloned(), &self.config.items);
         let detections = items::fuse(coco.into_iter().chain(oid), &self.config.items);
-        Ok((desk::analyze(detections, &classes, &self.config, TOP_CLASSES), [coco_ms, oid_ms, classify_ms]))
+        let analysis = desk::analyze(detections, &whole, &classes, &self.config, TOP_CLASSES);
+        Ok((analysis, [coco_ms, oid_ms, classify_ms]))
     }
 
     /// A caption from the captioner when one is configured, else one composed from `analysis`.
@@ -328,11 +326,11 @@ pub(crate) fn expect_signature(
 /// some tile.
 const TILE_OVERLAP: f32 = 1.4;
 
-/// The whole image, then with `grid` of 2 or more a `grid` × `grid` of overlapping crops: the
-/// detectors see at 300² what would be a few pixels of the whole photo (a mug, a mouse, a phone).
-/// Each view comes with where it sits, `[x, y, width, height]` normalised.
+/// With `grid` of 2 or more, a `grid` × `grid` of overlapping crops of `image`: the detectors see
+/// at 300² what would be a few pixels of the whole photo (a mug, a mouse, a phone). Each tile comes
+/// with where it sits, `[x, y, width, height]` normalised.
 fn tiles(image: &RgbImage, grid: u32) -> Vec<(RgbImage, [f32; 4])> {
-    let mut views = vec![(image.clone(), [0.0, 0.0, 1.0, 1.0])];
+    let mut views = Vec::new();
     if grid < 2 {
         return views;
     }
