@@ -147,11 +147,11 @@ pub struct VisionFlags {
     #[arg(long, env = "DESKGEN_OID_LABELS", default_value = "assets/models/oidv4_labels.txt")]
     oid_labels: PathBuf,
     /// Open Images detections scoring below this (0..1) are ignored.
-    #[arg(long, env = "DESKGEN_MIN_OID_SCORE", default_value_t = 0.5)]
+    #[arg(long, env = "DESKGEN_MIN_OID_SCORE", default_value_t = 0.4)]
     min_oid_score: f32,
     /// Besides the whole photo, both detectors look at a grid of this many overlapping tiles a
-    /// side (0 or 1: the whole photo only; 2: four tiles), for small things such as mugs and mice.
-    #[arg(long, env = "DESKGEN_DETECTOR_TILES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=4))]
+    /// side (0 or 1: the whole photo only; 3: nine tiles), for small things such as mugs and mice.
+    #[arg(long, env = "DESKGEN_DETECTOR_TILES", default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=4))]
     detector_tiles: u32,
     /// ImageNet scene classifier (EfficientNet-Lite3 ONNX), built by `make models`.
     #[arg(long, env = "DESKGEN_CLASSIFIER", default_value = "assets/models/classifier.onnx")]
@@ -172,7 +172,7 @@ pub struct VisionFlags {
     #[arg(long, env = "DESKGEN_DESK_THRESHOLD", default_value_t = 0.5)]
     desk_threshold: f32,
     /// Detections scoring below this (0..1) are ignored.
-    #[arg(long, env = "DESKGEN_MIN_DETECTION_SCORE", default_value_t = 0.4)]
+    #[arg(long, env = "DESKGEN_MIN_DETECTION_SCORE", default_value_t = 0.3)]
     min_detection_score: f32,
     /// ImageNet classes below this probability (0..1) do not count as items found.
     #[arg(long, env = "DESKGEN_MIN_CLASS_SCORE", default_value_t = 0.1)]

@@ -122,8 +122,8 @@ impl Default for VisionConfig {
             detector: PathBuf::from("assets/models/detector.onnx"),
             oid_detector: PathBuf::from("assets/models/oidv4_detector.onnx"),
             oid_labels: PathBuf::from("assets/models/oidv4_labels.txt"),
-            min_oid_score: 0.5,
-            detector_tiles: 2,
+            min_oid_score: 0.4,
+            detector_tiles: 3,
             items: ItemTable::builtin(),
             classifier: PathBuf::from("assets/models/classifier.onnx"),
             classifier_labels: PathBuf::from("assets/models/imagenet_labels.txt"),
@@ -131,7 +131,7 @@ impl Default for VisionConfig {
             caption_beams: None,
             caption_max_tokens: None,
             desk_threshold: 0.5,
-            min_detection_score: 0.4,
+            min_detection_score: 0.3,
             min_class_score: 0.1,
             max_image_pixels: 40_000_000,
         }
@@ -218,9 +218,12 @@ impl Vision {
         let started = std::time::Instant::now();
         let mut coco = self.detector.detect(image, self.config.min_detection_score)?;
         let coco_whole = coco.len();
+        // Tiles are there for the small things on a desk: only their detections of items count.
+        let items = &self.config.items;
+        let is_item = |d: &Detection| items.detected(&d.source, &d.label).is_some();
         for (tile, place) in &tiles {
             let found = self.detector.detect(tile, self.config.min_detection_score)?;
-            coco.extend(found.into_iter().map(|d| placed(d, *place)));
+            coco.extend(found.into_iter().filter(is_item).map(|d| placed(d, *place)));
         }
         let coco_ms = ms(started);
         let started = std::time::Instant::now();
@@ -228,7 +231,7 @@ impl Vision {
         let oid_whole = oid.len();
         for (tile, place) in &tiles {
             let found = self.oid_detector.detect(tile, self.config.min_oid_score)?;
-            oid.extend(found.into_iter().map(|d| placed(d, *place)));
+            oid.extend(found.into_iter().filter(is_item).map(|d| placed(d, *place)));
         }
         let oid_ms = ms(started);
         let started = std::time::Instant::now();
