@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{TestServer, darknet, photo_host, poll_final, sse_events, start_real};
+use common::{TestServer, darknet, gray_png, photo_host, poll_final, sse_events, start_real};
 use serde_json::{Value, json};
 
 async fn submit(server: &TestServer, body: Value) -> String {
@@ -739,14 +739,6 @@ async fn two_models_side_by_side_or_one_at_a_time() {
 async fn png_of(url: &str) -> image::DynamicImage {
     let bytes = reqwest::get(url).await.unwrap().bytes().await.unwrap();
     image::load_from_memory(&bytes).unwrap()
-}
-
-fn gray_png(width: u32, height: u32, value: u8) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    image::GrayImage::from_pixel(width, height, image::Luma([value]))
-        .write_to(&mut out, image::ImageFormat::Png)
-        .unwrap();
-    out.into_inner()
 }
 
 /// `keep` with `preserve_unmasked`: the kept item's pixels come back as the photo's (after the

@@ -4,7 +4,9 @@
 mod common;
 
 use base64::Engine;
-use common::{ScriptedPipeline, darknet, png, poll_final, post_generate, serve_config, start, wait_ready};
+use common::{
+    ScriptedPipeline, darknet, gray_png, png, poll_final, post_generate, serve_config, start, wait_ready,
+};
 use deskgen::api::grpc::pb;
 use serde_json::{Value, json};
 use tonic_types::StatusExt;
@@ -185,14 +187,6 @@ async fn bad_photos_are_refused_before_any_work() {
     assert_eq!(info["limits"]["max_upload_bytes"], 300000);
     assert!(info["limits"]["max_image_pixels"].as_u64().unwrap() > 0);
     server.stop().await;
-}
-
-fn gray_png(width: u32, height: u32, value: u8) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    image::GrayImage::from_pixel(width, height, image::Luma([value]))
-        .write_to(&mut out, image::ImageFormat::Png)
-        .unwrap();
-    out.into_inner()
 }
 
 /// An inline mask (multipart part, gRPC bytes) is checked and stored like a photo; one that

@@ -323,6 +323,15 @@ pub fn png(width: u32, height: u32) -> Vec<u8> {
     out.into_inner()
 }
 
+/// A `width`×`height` greyscale PNG of one `value`: a mask.
+pub fn gray_png(width: u32, height: u32, value: u8) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::GrayImage::from_pixel(width, height, image::Luma([value]))
+        .write_to(&mut out, image::ImageFormat::Png)
+        .unwrap();
+    out.into_inner()
+}
+
 /// A small PNG whose header claims `width`×`height`: what a header check reads, nothing more.
 pub fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     let mut png = png(64, 64);

@@ -62,7 +62,7 @@ impl Overlay {
         let placed;
         let generated = match self.region {
             Some(region) => {
-                let scaled = stretch_rgb(generated, region.width(), region.height());
+                let scaled = stretch(generated, region.width(), region.height());
                 let mut canvas = self.photo.clone();
                 image::imageops::replace(&mut canvas, &scaled, i64::from(region.x1), i64::from(region.y1));
                 placed = canvas;
@@ -109,7 +109,7 @@ impl Inpainting {
                     image::imageops::crop_imm(&fitted, r.x1, r.y1, r.width(), r.height()).to_image();
                 let cropped_mask =
                     image::imageops::crop_imm(&soft, r.x1, r.y1, r.width(), r.height()).to_image();
-                (stretch_rgb(&cropped, width, height), stretch(&cropped_mask, width, height))
+                (stretch(&cropped, width, height), stretch(&cropped_mask, width, height))
             }
             None => (fitted.clone(), soft.clone()),
         };
@@ -146,13 +146,6 @@ impl Inpainting {
 /// A mask value binarized as diffusers does (`value / 255 >= 0.5`).
 fn binary(value: u8) -> f32 {
     if value >= 128 { 1.0 } else { 0.0 }
-}
-
-fn stretch_rgb(image: &RgbImage, width: u32, height: u32) -> RgbImage {
-    if image.dimensions() == (width, height) {
-        return image.clone();
-    }
-    image::imageops::resize(image, width, height, image::imageops::FilterType::Lanczos3)
 }
 
 /// What the denoising loop of an inpainting generation adds to a plain one.

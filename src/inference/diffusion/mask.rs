@@ -106,13 +106,16 @@ where
         .to_image()
 }
 
-/// `mask` resized to `width` × `height` without keeping its aspect (a mask drawn over a photo
-/// lines up with it whatever its own size).
-pub fn stretch(mask: &GrayImage, width: u32, height: u32) -> GrayImage {
-    if mask.dimensions() == (width, height) {
-        return mask.clone();
+/// `image` resized to `width` × `height` without keeping its aspect (a mask drawn over a photo
+/// lines up with it whatever its own size; a cropped region scales to the generation's size).
+pub fn stretch<P>(image: &ImageBuffer<P, Vec<u8>>, width: u32, height: u32) -> ImageBuffer<P, Vec<u8>>
+where
+    P: Pixel<Subpixel = u8> + 'static,
+{
+    if image.dimensions() == (width, height) {
+        return image.clone();
     }
-    image::imageops::resize(mask, width, height, FilterType::Lanczos3)
+    image::imageops::resize(image, width, height, FilterType::Lanczos3)
 }
 
 /// Whether any pixel would be repainted once binarized (a value of 128 or more: at least one half).

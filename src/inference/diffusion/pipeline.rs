@@ -5,7 +5,6 @@ use std::ops::ControlFlow;
 use std::path::Path;
 use std::time::Instant;
 
-use image::imageops::FilterType;
 use image::{GrayImage, RgbImage};
 use ndarray::{Array2, Array3, Array4, ArrayView4, ArrayViewMut4, Axis, Zip, concatenate, s};
 
@@ -17,7 +16,7 @@ use super::controlnet::{
 use super::defaults::ModelDefaults;
 use super::inpaint::{InpaintMask, Inpainting, MaskedLatents, Overlay};
 use super::lora::{LoraError, LoraLibrary, LoraOptions, MergedCache, MergedModels, ModelPart, RejectedLora};
-use super::mask::MAX_MASK_BLUR;
+use super::mask::{MAX_MASK_BLUR, fit};
 use super::noise::{BatchNoise, NoiseSource};
 use super::preview::{LatentPreview, PreviewDecoder, PreviewSource};
 use super::schedulers::{Scheduler, SchedulerKind, img2img_start_index};
@@ -1170,27 +1169,7 @@ fn prepend_zero_row<D: ndarray::RemoveAxis>(embeds: ndarray::Array<f32, D>) -> n
 /// The photo as the VAE encoder's input `[1, 3, height, width]` in [-1, 1]: scaled to cover the
 /// requested size (Lanczos), centre-cropped, `x / 255 * 2 - 1`.
 fn photo_to_pixels(photo: &RgbImage, width: u32, height: u32) -> Array4<f32> {
-    let fitted;
-    let photo = if photo.dimensions() == (width, height) {
-        photo
-    } else {
-        let scale = f64::max(
-            f64::from(width) / f64::from(photo.width()),
-            f64::from(height) / f64::from(photo.height()),
-        );
-        let scaled_w = ((f64::from(photo.width()) * scale).round() as u32).max(width);
-        let scaled_h = ((f64::from(photo.height()) * scale).round() as u32).max(height);
-        let scaled = image::imageops::resize(photo, scaled_w, scaled_h, FilterType::Lanczos3);
-        fitted = image::imageops::crop_imm(
-            &scaled,
-            (scaled_w - width) / 2,
-            (scaled_h - height) / 2,
-            width,
-            height,
-        )
-        .to_image();
-        &fitted
-    };
+    let photo = fit(photo, width, height);
     Array4::from_shape_fn((1, 3, height as usize, width as usize), |(_, c, y, x)| {
         f32::from(photo.get_pixel(x as u32, y as u32)[c]) / 255.0 * 2.0 - 1.0
     })
