@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use deskgen::inference::vision::{
-    CaptionError, Captioner, GenerationOptions, Hed, ImageError, SceneAnalysis, Vision, VisionConfig,
-    VisionError, canny, compose_caption, decode_image,
+    CaptionError, Captioner, GenerationOptions, Hed, ImageError, OcrConfig, SceneAnalysis, TextLine, Vision,
+    VisionConfig, VisionError, canny, compose_caption, decode_image,
 };
 use deskgen::inference::{Runtime, RuntimeConfig};
 use image::{ImageFormat, Rgb, RgbImage};
@@ -32,6 +32,12 @@ fn config() -> VisionConfig {
         oid_labels: models.join("oidv4_labels.txt"),
         classifier: models.join("classifier.onnx"),
         classifier_labels: models.join("imagenet_labels.txt"),
+        ocr: Some(OcrConfig {
+            detector: models.join("ocr_det.onnx"),
+            classifier: models.join("ocr_cls.onnx"),
+            recognizer: models.join("ocr_rec.onnx"),
+            ..OcrConfig::default()
+        }),
         ..VisionConfig::default()
     }
 }
@@ -136,7 +142,17 @@ fn caption_without_a_captioner_is_composed_from_the_analysis() {
 fn models_report_the_loaded_files() {
     let models = vision().models();
     let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
-    assert_eq!(ids, ["ssd-mobilenet-v2-coco", "ssd-mobilenet-v2-oidv4", "efficientnet-lite3"]);
+    assert_eq!(
+        ids,
+        [
+            "ssd-mobilenet-v2-coco",
+            "ssd-mobilenet-v2-oidv4",
+            "efficientnet-lite3",
+            "pp-ocrv4-det",
+            "ppocr-mobile-v2-cls",
+            "pp-ocrv4-rec"
+        ]
+    );
     for model in &models {
         let bytes = std::fs::read(&model.path).unwrap();
         assert_eq!(model.size_bytes, bytes.len() as u64);
@@ -460,7 +476,10 @@ fn vision_with_a_captioner_captions_with_it_and_lists_its_models() {
             "ssd-mobilenet-v2-oidv4",
             "efficientnet-lite3",
             "captioner-encoder-model",
-            "captioner-decoder-model-merged"
+            "captioner-decoder-model-merged",
+            "pp-ocrv4-det",
+            "ppocr-mobile-v2-cls",
+            "pp-ocrv4-rec"
         ]
     );
     let image = photo("dog.jpg");
@@ -746,4 +765,90 @@ fn both_detectors_run_and_the_same_object_is_kept_once() {
         assert_eq!(seen.len(), 1, "one {label}, seen by both: {seen:?}");
         assert_eq!(seen[0].source, "ssd-mobilenet-v2-coco", "COCO's score is the better: {seen:?}");
     }
+}
+
+fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let area = |r: [f32; 4]| (r[2] - r[0]) * (r[3] - r[1]);
+    w * h / (area(a) + area(b) - w * h)
+}
+
+/// Spaces and case aside: PP-OCR often reads "DELL U2720Q" as "DELLU2720Q".
+fn squeezed(text: &str) -> String {
+    text.chars().filter(|c| !c.is_whitespace()).collect::<String>().to_lowercase()
+}
+
+/// rapidocr-onnxruntime's own pipeline read six images with 24 rendered strings (straight, tilted
+/// by 4-6 degrees and upside down, on darknet photos and on white pages; onnx/ocr_reference.py).
+/// Ours, on the same ONNX files, must read at least 95 % of its lines identically, each box
+/// (upright bounds) at IoU >= 0.9 with its line's, add no more than 5 % lines of its own, and find
+/// at least 95 % of the strings rendered (spaces and case aside).
+#[test]
+fn text_reading_matches_rapidocr_on_rendered_text() {
+    let dir = fixtures().join("reference/ocr");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let (mut reference_lines, mut identical, mut ours_total, mut strings, mut found) = (0, 0, 0, 0, 0);
+    let (mut worst_iou, mut worst_score) = (1.0f32, 0.0f32);
+    let mut report = Vec::new();
+    for case in &cases {
+        let name = case["image"].as_str().unwrap();
+        let image = image::open(dir.join(name)).unwrap().to_rgb8();
+        let reading = vision().read_text(&image).expect("OCR is configured").unwrap();
+        assert_eq!(reading.unread, 0, "{name}: timed out");
+        let ours = &reading.lines;
+        ours_total += ours.len();
+        for line in case["lines"].as_array().unwrap() {
+            reference_lines += 1;
+            let corners: Vec<[f32; 2]> = line["box"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| {
+                    let p = floats(p);
+                    [p[0], p[1]]
+                })
+                .collect();
+            let want = TextLine {
+                text: String::new(),
+                score: 0.0,
+                corners: [corners[0], corners[1], corners[2], corners[3]],
+            };
+            let text = line["text"].as_str().unwrap();
+            let best = ours
+                .iter()
+                .max_by(|a, b| iou(a.bounds(), want.bounds()).total_cmp(&iou(b.bounds(), want.bounds())));
+            match best {
+                Some(got) if got.text == text && iou(got.bounds(), want.bounds()) >= 0.9 => {
+                    identical += 1;
+                    worst_iou = worst_iou.min(iou(got.bounds(), want.bounds()));
+                    worst_score = worst_score.max((got.score - line["score"].as_f64().unwrap() as f32).abs());
+                }
+                got => {
+                    report.push(format!("{name}: reference {text:?} at {:?}, ours {got:?}", want.bounds()))
+                }
+            }
+        }
+        for string in case["strings"].as_array().unwrap() {
+            strings += 1;
+            let text = squeezed(string["text"].as_str().unwrap());
+            if ours.iter().any(|l| squeezed(&l.text) == text) {
+                found += 1;
+            } else {
+                report.push(format!(
+                    "{name}: rendered {text:?} not read; ours {:?}",
+                    ours.iter().map(|l| &l.text).collect::<Vec<_>>()
+                ));
+            }
+        }
+    }
+    println!(
+        "{identical}/{reference_lines} reference lines identical (worst IoU {worst_iou:.3}, scores within {worst_score:.4}), {ours_total} lines of ours, {found}/{strings} rendered strings read\n{}",
+        report.join("\n")
+    );
+    assert!(reference_lines >= 24, "{reference_lines}");
+    assert!(identical as f64 >= 0.95 * reference_lines as f64, "{}", report.join("\n"));
+    assert!(ours_total as f64 <= 1.05 * reference_lines as f64, "{ours_total} lines of ours");
+    assert!(found as f64 >= 0.95 * strings as f64, "{}", report.join("\n"));
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::fetch::{AllowRule, DEFAULT_MAX_IMAGE_BYTES, FetchConfig};
-use crate::inference::vision::VisionConfig;
+use crate::inference::vision::ocr::DbSettings;
+use crate::inference::vision::{OcrConfig, VisionConfig};
 use crate::inference::{ArenaExtend, ConvAlgoSearch, ExecutionProvider, RuntimeConfig};
 use crate::pipeline::{PipelineConfig, SdModelSpec};
 use crate::shopping::{ApiSecret, NaverSort, ProviderChoice, ShoppingConfig};
@@ -84,6 +85,20 @@ value_enum!(ProviderChoice {
     Auto => "auto": "Naver when both API keys are set, otherwise the catalog",
     Naver => "naver": "The Naver Shopping search API (keys required)",
     Catalog => "catalog": "The catalog file",
+});
+
+/// Whether photos' text is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OcrSwitch {
+    /// Read it; the three OCR files must be there.
+    On,
+    /// Do not read it.
+    Off,
+}
+
+value_enum!(OcrSwitch {
+    On => "on": "Read the text in photos; fails at startup if a model file is missing",
+    Off => "off": "Do not read text",
 });
 
 value_enum!(NaverSort {
@@ -180,10 +195,36 @@ pub struct VisionFlags {
     /// Largest photo accepted, in pixels (checked from the header, before decoding).
     #[arg(long, env = "DESKGEN_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
     max_image_pixels: u64,
+    /// Read the text in photos (PP-OCRv4) for brands and model names (default: on when the three
+    /// OCR model files are present).
+    #[arg(long, env = "DESKGEN_OCR", value_enum)]
+    ocr: Option<OcrSwitch>,
+    /// Text detection model (PP-OCRv4 DB), fetched by `make models`.
+    #[arg(long, env = "DESKGEN_OCR_DETECTOR", default_value = "assets/models/ocr_det.onnx")]
+    ocr_detector: PathBuf,
+    /// Text orientation classifier (0 or 180 degrees), fetched by `make models`.
+    #[arg(long, env = "DESKGEN_OCR_CLASSIFIER", default_value = "assets/models/ocr_cls.onnx")]
+    ocr_classifier: PathBuf,
+    /// Text recognition model (PP-OCRv4, CTC), fetched by `make models`.
+    #[arg(long, env = "DESKGEN_OCR_RECOGNIZER", default_value = "assets/models/ocr_rec.onnx")]
+    ocr_recognizer: PathBuf,
+    /// Mean text probability (0..1) a detected line's box needs.
+    #[arg(long, env = "DESKGEN_OCR_BOX_THRESHOLD", default_value_t = 0.5)]
+    ocr_box_threshold: f32,
+    /// Lines read with a lower mean character probability (0..1) are dropped.
+    #[arg(long, env = "DESKGEN_OCR_MIN_SCORE", default_value_t = 0.5)]
+    ocr_min_score: f32,
+    /// Photos larger than this a side are scaled down before their text is looked for.
+    #[arg(long, env = "DESKGEN_OCR_MAX_SIDE", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(64..=8192))]
+    ocr_max_side: u32,
+    /// Reading a photo's text stops after this long (the lines read by then are kept, with a warning).
+    #[arg(long, env = "DESKGEN_OCR_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    ocr_timeout: Duration,
 }
 
 impl From<VisionFlags> for VisionConfig {
     fn from(f: VisionFlags) -> Self {
+        let ocr = ocr_config(&f);
         VisionConfig {
             detector: f.detector,
             oid_detector: f.oid_detector,
@@ -200,10 +241,29 @@ impl From<VisionFlags> for VisionConfig {
             min_detection_score: f.min_detection_score,
             min_class_score: f.min_class_score,
             max_image_pixels: f.max_image_pixels,
+            ocr,
         }
     }
 }
 parsed_by!(VisionConfig, VisionFlags);
+
+/// The OCR settings, or none when `--ocr off`, or when it is not given and a model file is missing.
+fn ocr_config(f: &VisionFlags) -> Option<OcrConfig> {
+    let config = OcrConfig {
+        detector: f.ocr_detector.clone(),
+        classifier: f.ocr_classifier.clone(),
+        recognizer: f.ocr_recognizer.clone(),
+        db: DbSettings { box_threshold: f.ocr_box_threshold, ..DbSettings::default() },
+        min_score: f.ocr_min_score,
+        max_side: f.ocr_max_side,
+        timeout: f.ocr_timeout,
+    };
+    match f.ocr {
+        Some(OcrSwitch::On) => Some(config),
+        Some(OcrSwitch::Off) => None,
+        None => config.files_present().then_some(config),
+    }
+}
 
 /// Object storage flags.
 #[derive(Debug, Clone, Args)]

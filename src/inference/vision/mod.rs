@@ -15,6 +15,7 @@ pub mod detector;
 mod hed;
 pub mod image;
 pub mod items;
+pub mod ocr;
 pub mod oid;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ pub use detector::{Detection, Detector};
 pub use hed::{DEFAULT_HED_MODEL, Hed};
 pub use image::{Header, ImageError, Upright, decode_image, decode_upright, probe_header};
 pub use items::ItemTable;
+pub use ocr::{Ocr, OcrConfig, Reading, TextLine};
 pub use oid::OidDetector;
 
 /// How many ImageNet classes a [`SceneAnalysis`] reports.
@@ -114,6 +116,8 @@ pub struct VisionConfig {
     pub min_class_score: f32,
     /// Largest photo accepted, in pixels (checked from the header, before decoding).
     pub max_image_pixels: u64,
+    /// Text reading (PP-OCRv4); none: photos are not read.
+    pub ocr: Option<OcrConfig>,
 }
 
 impl Default for VisionConfig {
@@ -134,6 +138,7 @@ impl Default for VisionConfig {
             min_detection_score: 0.3,
             min_class_score: 0.1,
             max_image_pixels: 40_000_000,
+            ocr: Some(OcrConfig::default()),
         }
     }
 }
@@ -161,6 +166,7 @@ pub struct Vision {
     oid_detector: OidDetector,
     classifier: Classifier,
     captioner: Option<Captioner>,
+    ocr: Option<Ocr>,
     config: VisionConfig,
     models: Vec<ModelFile>,
 }
@@ -202,7 +208,15 @@ impl Vision {
             }
             None => None,
         };
-        Ok(Vision { detector, oid_detector, classifier, captioner, config: config.clone(), models })
+        let ocr = match &config.ocr {
+            Some(ocr) => {
+                let ocr = Ocr::load(runtime, ocr)?;
+                models.extend(ocr.models().iter().cloned());
+                Some(ocr)
+            }
+            None => None,
+        };
+        Ok(Vision { detector, oid_detector, classifier, captioner, ocr, config: config.clone(), models })
     }
 
     /// Detects, classifies and decides whether the photo shows a desk.
@@ -257,6 +271,11 @@ impl Vision {
             ..defaults
         };
         Ok(captioner.caption(image, &options)?)
+    }
+
+    /// The text in the photo, when text reading is on.
+    pub fn read_text(&mut self, image: &RgbImage) -> Option<Result<Reading, VisionError>> {
+        self.ocr.as_mut().map(|ocr| ocr.read(image))
     }
 
     /// Decodes untrusted bytes with this configuration's pixel cap.
