@@ -445,6 +445,10 @@ fn summarise(record: &TaskRecord, out: &mut impl Write) -> std::io::Result<()> {
     if let Some(caption) = &output.caption {
         writeln!(out, "caption: {caption}")?;
     }
+    for line in &output.detected_text {
+        let brand = line.brand.as_ref().map(|b| format!(" (brand: {b})")).unwrap_or_default();
+        writeln!(out, "text: {} {:.2}{brand}", line.text, line.score)?;
+    }
     if output.processed_image_urls.is_empty() {
         writeln!(out, "image: none")?;
     }

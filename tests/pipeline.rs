@@ -27,6 +27,7 @@ fn assert_offers(result: &Value, max_items: usize) -> Vec<String> {
         "is_desk",
         "caption",
         "detected_items",
+        "detected_text",
         "prompt_used",
         "negative_prompt_used",
         "timings_ms",
@@ -115,6 +116,80 @@ async fn a_desk_photo_becomes_a_generated_png_with_shopping_lists() {
     let second =
         reqwest::get(again["processed_image_url"].as_str().unwrap()).await.unwrap().bytes().await.unwrap();
     assert_eq!(first, second);
+    server.stop().await;
+}
+
+/// A desk photo with brands printed on it (rendered onto darknet's dog photo for the OCR
+/// reference, onnx/ocr_reference.py): the text read comes back in `detected_text`, the caption and
+/// prompt name the brands, and shopping searches the brand's accessories first, falling back to
+/// the plain query when the branded one finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brands_printed_on_the_desk_reach_the_caption_and_the_shopping_queries() {
+    use wiremock::matchers::{method, path, query_param};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let naver = MockServer::start().await;
+    let offer = json!({"title": "제품", "link": "https://smartstore.naver.com/main/products/1", "image": "",
+        "lprice": "15000", "hprice": "", "mallName": "", "productId": "1", "productType": "1", "brand": "",
+        "maker": "", "category1": "디지털/가전", "category2": "주변기기", "category3": "키보드", "category4": ""});
+    let answer = |items: Vec<Value>| {
+        ResponseTemplate::new(200)
+            .set_body_json(json!({"total": items.len(), "start": 1, "display": items.len(), "items": items}))
+    };
+    Mock::given(method("GET"))
+        .and(path("/v1/search/shop.json"))
+        .and(query_param("query", "삼성 27인치 모니터"))
+        .respond_with(answer(vec![]))
+        .with_priority(1)
+        .mount(&naver)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/search/shop.json"))
+        .respond_with(answer(vec![offer]))
+        .mount(&naver)
+        .await;
+    let photo = Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/fixtures/reference/ocr/dog-logitech.png");
+    let host = photo_host(vec![("desk.png", std::fs::read(photo).unwrap())]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let base_url = naver.uri();
+    let flags = ["--desk-threshold", "0", "--shopping-provider", "naver", "--naver-client-id", "id"];
+    let server = start_real(
+        dir.path(),
+        &[&flags[..], &["--naver-client-secret", "secret", "--naver-base-url", &base_url]].concat(),
+    )
+    .await;
+    let task_id = submit(
+        &server,
+        json!({"initial_image_url": format!("{host}/desk.png"), "prompt": "a new keyboard please",
+               "num_inference_steps": 1, "seed": 3}),
+    )
+    .await;
+    let result = poll_final(&server, &task_id, None).await;
+    assert_eq!(result["status"], "done", "{result}");
+    let text = result["detected_text"].as_array().unwrap();
+    let logitech = text.iter().find(|t| t["text"] == "Logitech").unwrap_or_else(|| panic!("{result}"));
+    assert_eq!(logitech["brand"], "Logitech");
+    assert!(logitech["score"].as_f64().unwrap() > 0.9, "{logitech}");
+    // Rendered at (60, 40) to (230, 91) of 768 × 576.
+    let b = &logitech["box"];
+    let near = |v: &Value, want: f64| (v.as_f64().unwrap() - want).abs() < 0.02;
+    assert!(near(&b["x_min"], 60.0 / 768.0) && near(&b["y_max"], 87.0 / 576.0), "{b}");
+    assert!(result["timings_ms"]["ocr"].as_f64().is_some(), "{result}");
+    let caption = result["caption"].as_str().unwrap();
+    assert!(caption.contains("Logitech") && caption.contains("Samsung"), "{caption}");
+    assert!(result["prompt_used"].as_str().unwrap().contains("the Logitech logo"), "{result}");
+    let queries: Vec<String> = naver
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.url.query_pairs().find(|(k, _)| k == "query").map(|(_, v)| v.to_string()))
+        .collect();
+    for query in ["로지텍 기계식 키보드", "로지텍 무선 마우스", "삼성 27인치 모니터", "27인치 모니터"]
+    {
+        assert!(queries.iter().any(|q| q == query), "no search for {query}: {queries:?}");
+    }
+    assert_eq!(result["recommendation_reasons"]["키보드"], "asked", "{result}");
+    assert_eq!(result["모니터"][0]["price"], "15000원", "the plain query's offers: {result}");
     server.stop().await;
 }
 

@@ -198,6 +198,12 @@ impl From<DefaultControl> for pb::DefaultControl {
 
 impl From<&TaskRecord> for pb::TaskResult {
     fn from(record: &TaskRecord) -> Self {
+        let bounding_box = |b: crate::core::BoundingBox| pb::BoundingBox {
+            x_min: b.x_min,
+            y_min: b.y_min,
+            x_max: b.x_max,
+            y_max: b.y_max,
+        };
         let output = record.output.clone().unwrap_or_default();
         pb::TaskResult {
             task_id: record.task_id.clone(),
@@ -221,14 +227,19 @@ impl From<&TaskRecord> for pb::TaskResult {
                 .map(|d| pb::DetectedItem {
                     label: d.label,
                     score: d.score,
-                    r#box: Some(pb::BoundingBox {
-                        x_min: d.bbox.x_min,
-                        y_min: d.bbox.y_min,
-                        x_max: d.bbox.x_max,
-                        y_max: d.bbox.y_max,
-                    }),
+                    r#box: Some(bounding_box(d.bbox)),
                     item: d.item,
                     source: d.source,
+                })
+                .collect(),
+            detected_text: output
+                .detected_text
+                .into_iter()
+                .map(|t| pb::DetectedText {
+                    text: t.text,
+                    score: t.score,
+                    r#box: Some(bounding_box(t.bbox)),
+                    brand: t.brand,
                 })
                 .collect(),
             recommendations: output

@@ -40,6 +40,7 @@ pub fn result_json(record: &TaskRecord) -> Value {
                 body.insert("caption".into(), json!(caption));
             }
             body.insert("detected_items".into(), json!(output.detected_items));
+            body.insert("detected_text".into(), json!(output.detected_text));
             body.insert("prompt_used".into(), json!(output.prompt_used));
             body.insert("negative_prompt_used".into(), json!(output.negative_prompt_used));
             body.insert("timings_ms".into(), json!(output.timings_ms));

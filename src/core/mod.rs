@@ -17,6 +17,7 @@ pub use request::{
     Progress, ResizeMode,
 };
 pub use result::{
-    BoundingBox, ControlUsed, DetectedItem, GenerateOutput, Offer, Recommendation, RecommendationReason,
+    BoundingBox, ControlUsed, DetectedItem, DetectedText, GenerateOutput, Offer, Recommendation,
+    RecommendationReason,
 };
 pub use validate::{ControlInput, GenerateInput, Invalid, Limits, LoraInput, Violation};

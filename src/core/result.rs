@@ -36,6 +36,21 @@ pub struct DetectedItem {
     pub source: String,
 }
 
+/// A line of text read in the photo.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DetectedText {
+    /// What it says, as read.
+    pub text: String,
+    /// Mean probability of its characters.
+    pub score: f32,
+    /// Where it is (the upright bounds of the line).
+    #[serde(rename = "box")]
+    pub bbox: BoundingBox,
+    /// The brand of the pipeline settings' brand table it names, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brand: Option<String>,
+}
+
 /// Why a category is recommended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -94,6 +109,10 @@ pub struct GenerateOutput {
     pub caption: Option<String>,
     /// Items found in the photo.
     pub detected_items: Vec<DetectedItem>,
+    /// Text read in the photo, top to bottom, left to right. Records from before it existed read
+    /// as none.
+    #[serde(default)]
+    pub detected_text: Vec<DetectedText>,
     /// Shopping offers per recommended category.
     pub recommendations: Vec<Recommendation>,
     /// The prompt the diffusion model saw.

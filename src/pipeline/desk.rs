@@ -12,12 +12,11 @@ use super::look::{Seen, look_at};
 use super::mask::mask_for;
 use super::models::{Load, ModelPool, SdModelSpec};
 use super::photo::{PhotoSources, decode};
-use super::plan::{Category, PipelineSettings, PromptInput};
-use super::shop::shop;
+use super::plan::{Brand, Category, PipelineSettings, PromptInput};
+use super::shop::{Lookup, shop};
 use super::{Pipeline, RunContext, Services};
 use crate::core::{
-    Failure, FailureCode, GenerateOutput, GenerateRequest, LoraInfo, ModelInfo, PipelineInfo,
-    RecommendationReason, SdModelInfo,
+    Failure, FailureCode, GenerateOutput, GenerateRequest, LoraInfo, ModelInfo, PipelineInfo, SdModelInfo,
 };
 use crate::fetch::{FetchConfig, Fetcher};
 use crate::inference::diffusion::lora::LoraOptions;
@@ -202,10 +201,13 @@ impl DeskPipeline {
         let bytes = self.photos.read(source, ctx, &mut output.timings_ms).await?;
         let photo = decode(bytes, self.photos.max_image_pixels, &mut output.timings_ms).await?;
         ctx.check()?;
-        let seen = look_at(&self.vision, photo, ctx, &mut output.timings_ms).await?;
+        let mut seen = look_at(&self.vision, photo, ctx, &mut output.timings_ms).await?;
+        seen.caption = seen.caption_with_brands(&self.settings);
         output.is_desk = Some(seen.scene.is_desk);
         output.caption = Some(seen.caption.clone());
         output.detected_items = seen.detected_items();
+        output.detected_text = seen.detected_text(&self.settings);
+        output.warnings.extend(seen.warnings.iter().cloned());
         Ok(Some(seen))
     }
 }
@@ -222,13 +224,23 @@ impl Pipeline for DeskPipeline {
         let seen = self.see(request, &mut output, ctx).await?;
         ctx.check()?;
         let items = seen.as_ref().map(|s| s.scene.items.as_slice());
-        let planned: Vec<(Category, RecommendationReason)> = self
+        let brands: Vec<&Brand> = seen
+            .as_ref()
+            .map(|s| s.brands(&self.settings).into_iter().map(|(b, _)| b).collect())
+            .unwrap_or_default();
+        let planned: Vec<Lookup> = self
             .settings
             .plan_with_reasons(items, request.user_text.as_deref())
             .into_iter()
-            .map(|(category, reason)| (category.clone(), reason))
+            .map(|(category, reason)| {
+                let mut queries = vec![self.settings.branded_query(category, &brands)];
+                if queries[0] != category.query {
+                    queries.push(category.query.clone());
+                }
+                Lookup { category: category.clone(), reason, queries }
+            })
             .collect();
-        let plan: Vec<Category> = planned.iter().map(|(category, _)| category.clone()).collect();
+        let plan: Vec<Category> = planned.iter().map(|lookup| lookup.category.clone()).collect();
         // Runs beside the drawing; dropped (and aborted) if the task ends early.
         let per_category = request.max_items_per_category as usize;
         let shopping = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(shop(

@@ -153,7 +153,9 @@ mod tests {
                 top_classes: Vec::new(),
                 items: vec!["laptop".into(), "monitor".into(), "lamp".into()],
             },
+            text: Vec::new(),
             caption: String::new(),
+            warnings: Vec::new(),
         }
     }
 

@@ -53,6 +53,52 @@ pub struct Category {
     /// Words in a user's prompt that name this category.
     #[serde(default)]
     pub keywords: Vec<String>,
+    /// Brands (ids of `[[brands]]`) whose Korean name goes before `query` when the photo's text
+    /// shows one of them: accessories of the brand the user already has.
+    #[serde(default)]
+    pub brands: Vec<String>,
+}
+
+/// A brand the text read in a photo may name (`[[brands]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Brand {
+    /// Stable id, e.g. "logitech".
+    pub id: String,
+    /// The name as it is printed and as captions give it, e.g. "Logitech".
+    pub name: String,
+    /// The Korean name shopping searches with, e.g. "로지텍".
+    pub name_ko: String,
+    /// Other ways it is printed, e.g. "Logi".
+    #[serde(default)]
+    pub spellings: Vec<String>,
+}
+
+impl Brand {
+    /// Whether `text` names this brand: its name or a spelling, any case, where a word starts, and
+    /// not followed by lower-case letters of the same word ("Applesauce" is no Apple, but OCR's
+    /// "DellUltraSharp", "LGgram" and "DELLU2720Q" are Dell, LG and Dell).
+    pub fn named_in(&self, text: &str) -> bool {
+        std::iter::once(&self.name).chain(&self.spellings).any(|spelling| names(text, spelling))
+    }
+}
+
+fn names(text: &str, spelling: &str) -> bool {
+    let (lower, wanted) = (text.to_lowercase(), spelling.to_lowercase());
+    if wanted.is_empty() || lower.len() != text.len() {
+        return false;
+    }
+    lower.match_indices(&wanted).any(|(at, _)| {
+        let before = text[..at].chars().next_back();
+        let last = text[..at + wanted.len()].chars().next_back();
+        let after = text[at + wanted.len()..].chars().next();
+        let starts = !before.is_some_and(char::is_alphabetic);
+        let ends = match (last, after) {
+            (Some(last), Some(next)) => !(last.is_lowercase() && next.is_lowercase()),
+            _ => true,
+        };
+        starts && ends
+    })
 }
 
 /// Prompt templates.
@@ -85,6 +131,9 @@ pub struct PipelineSettings {
     /// What each model's class names mean as items; the built-in table when absent.
     #[serde(default = "ItemTable::builtin")]
     pub items: ItemTable,
+    /// Brands the photo's text may name.
+    #[serde(default)]
+    pub brands: Vec<Brand>,
 }
 
 /// The default control of desk photos (`[control]`).
@@ -162,6 +211,18 @@ impl PipelineSettings {
         if let Some(unknown) = self.default_categories.iter().find(|id| !ids.contains(id.as_str())) {
             return Err(PlanError::Invalid(format!("default category '{unknown}' is not in the table")));
         }
+        let brands: BTreeSet<&str> = self.brands.iter().map(|b| b.id.as_str()).collect();
+        if brands.len() != self.brands.len() {
+            return Err(PlanError::Invalid("a brand id appears twice".into()));
+        }
+        for category in &self.categories {
+            if let Some(unknown) = category.brands.iter().find(|id| !brands.contains(id.as_str())) {
+                return Err(PlanError::Invalid(format!(
+                    "category '{}' names brand '{unknown}', which is not in [[brands]]",
+                    category.id
+                )));
+            }
+        }
         if self.max_categories == 0 {
             return Err(PlanError::Invalid("max_categories must be at least 1".into()));
         }
@@ -169,6 +230,20 @@ impl PipelineSettings {
             control.check().map_err(|reason| PlanError::Invalid(format!("[control]: {reason}")))?;
         }
         Ok(())
+    }
+
+    /// The brand `text` names, if any (the first in the table when it names several).
+    pub fn brand_in(&self, text: &str) -> Option<&Brand> {
+        self.brands.iter().find(|brand| brand.named_in(text))
+    }
+
+    /// The category's shopping query, after the Korean name of the first brand of `seen` (in the
+    /// order the photo shows them) the category lists.
+    pub fn branded_query(&self, category: &Category, seen: &[&Brand]) -> String {
+        match seen.iter().find(|brand| category.brands.contains(&brand.id)) {
+            Some(brand) => format!("{} {}", brand.name_ko, category.query),
+            None => category.query.clone(),
+        }
     }
 
     /// The category with this id.
@@ -371,10 +446,36 @@ mod tests {
     }
 
     #[test]
+    fn brands_are_found_as_words_in_what_is_read() {
+        let s = settings();
+        let brand = |text: &str| s.brand_in(text).map(|b| b.id.as_str());
+        assert_eq!(brand("Logitech G502"), Some("logitech"));
+        assert_eq!(brand("DellUltraSharp27"), Some("dell"), "run into the next word, the case changes");
+        assert_eq!(brand("LGgram16"), Some("lg"));
+        assert_eq!(brand("LG27GP850"), Some("lg"));
+        assert_eq!(brand("DELLU2720Q"), Some("dell"), "a model number run into the brand");
+        assert_eq!(brand("ASUSROG"), Some("asus"));
+        assert_eq!(brand("ALGORITHM"), None, "LG inside a word");
+        assert_eq!(brand("Applesauce"), None);
+        assert_eq!(brand("SAMSUNG"), Some("samsung"));
+        let keyboard = s.category("keyboard").unwrap();
+        let (logitech, dell) = (s.brand_in("logitech").unwrap(), s.brand_in("DELL").unwrap());
+        assert_eq!(s.branded_query(keyboard, &[dell, logitech]), "로지텍 기계식 키보드");
+        assert_eq!(
+            s.branded_query(keyboard, &[dell]),
+            "기계식 키보드",
+            "Dell is not among the keyboard's brands"
+        );
+    }
+
+    #[test]
     fn broken_settings_are_refused() {
         let text = DEFAULT_PIPELINE_CONFIG
             .replace("default_categories = [\"desk_lamp\"", "default_categories = [\"nope\"");
         let parsed: PipelineSettings = toml::from_str(&text).unwrap();
         assert!(matches!(parsed.check(), Err(PlanError::Invalid(_))));
+        let text = DEFAULT_PIPELINE_CONFIG.replacen("brands = [\"logitech\"", "brands = [\"nobody\"", 1);
+        let parsed: PipelineSettings = toml::from_str(&text).unwrap();
+        assert!(matches!(parsed.check(), Err(PlanError::Invalid(m)) if m.contains("nobody")));
     }
 }

@@ -17,17 +17,29 @@ pub struct Shopped {
     pub ms: f64,
 }
 
+/// One category to shop for.
+pub struct Lookup {
+    /// The category.
+    pub category: Category,
+    /// Why it is recommended.
+    pub reason: RecommendationReason,
+    /// The searches to try in turn until one finds offers: the branded query, then the plain one.
+    pub queries: Vec<String>,
+}
+
 /// Looks up every category at once, keeping `per_category` offers of each.
-pub async fn shop(
-    provider: Arc<dyn ShoppingProvider>,
-    categories: Vec<(Category, RecommendationReason)>,
-    per_category: usize,
-) -> Shopped {
+pub async fn shop(provider: Arc<dyn ShoppingProvider>, lookups: Vec<Lookup>, per_category: usize) -> Shopped {
     let started = Instant::now();
-    let lookups = categories.into_iter().map(|(category, reason)| {
+    let lookups = lookups.into_iter().map(|Lookup { category, reason, queries }| {
         let provider = provider.clone();
         async move {
-            let found = provider.search(&category.query, per_category).await;
+            let mut found = Ok(Vec::new());
+            for query in &queries {
+                found = provider.search(query, per_category).await;
+                if !matches!(&found, Ok(offers) if offers.is_empty()) {
+                    break;
+                }
+            }
             (category, reason, found)
         }
     });

@@ -52,6 +52,8 @@ const caption = byId<HTMLElement>("caption");
 const control = byId<HTMLElement>("control");
 const noItems = byId<HTMLElement>("no-items");
 const detectedItems = byId<HTMLElement>("detected-items");
+const textHeading = byId<HTMLElement>("text-heading");
+const detectedText = byId<HTMLElement>("detected-text");
 const keepForm = byId<HTMLFormElement>("keep-form");
 const keepItems = byId<HTMLElement>("keep-items");
 const keepRedo = byId<HTMLButtonElement>("keep-redo");
@@ -471,6 +473,14 @@ function showSeen(result: TaskResult): void {
     }),
   );
   noItems.hidden = result.detectedItems.length > 0;
+  detectedText.replaceChildren(
+    ...result.detectedText.map((read) => {
+      const line = document.createElement("li");
+      line.textContent = `“${read.text}”${read.brand ? `, ${read.brand}` : ""} (${percent(read.score)} sure)`;
+      return line;
+    }),
+  );
+  textHeading.hidden = detectedText.hidden = result.detectedText.length === 0;
   warnings.replaceChildren(
     ...result.warnings.map((text) => {
       const line = document.createElement("li");

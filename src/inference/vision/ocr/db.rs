@@ -73,11 +73,18 @@ pub fn boxes(
 /// `cv2.dilate` with a 2 × 2 kernel anchored at its centre: a pixel is set if it or its left,
 /// upper or upper-left neighbour is.
 fn dilate(bits: &[bool], width: usize, height: usize) -> Vec<bool> {
-    let mut out = vec![false; bits.len()];
-    for y in 0..height {
-        for x in 0..width {
-            let at = |dx: usize, dy: usize| x >= dx && y >= dy && bits[(y - dy) * width + x - dx];
-            out[y * width + x] = at(0, 0) || at(1, 0) || at(0, 1) || at(1, 1);
+    // Rows first (a pixel or its left neighbour), then columns (a row or the one above).
+    let mut rows = bits.to_vec();
+    for (row, source) in rows.chunks_exact_mut(width).zip(bits.chunks_exact(width)) {
+        for x in 1..width {
+            row[x] |= source[x - 1];
+        }
+    }
+    let mut out = rows.clone();
+    for y in 1..height {
+        let above = &rows[(y - 1) * width..y * width];
+        for (pixel, &up) in out[y * width..(y + 1) * width].iter_mut().zip(above) {
+            *pixel |= up;
         }
     }
     out

@@ -34,26 +34,34 @@ pub fn resize_linear(image: &RgbImage, width: u32, height: u32) -> RgbImage {
     };
     let (src_w, src_h) = image.dimensions();
     let xs = taps(width, src_w);
-    let ys = taps(height, src_h);
     let raw = image.as_raw();
-    let at = |x: usize, y: usize, c: usize| i64::from(raw[(y * src_w as usize + x) * 3 + c]);
+    let stride = src_w as usize * 3;
     let last_x = src_w as usize - 1;
-    let last_y = src_h as usize - 1;
-    let mut out = RgbImage::new(width, height);
-    for (dy, &(sy, wy)) in ys.iter().enumerate() {
-        let sy1 = (sy + 1).min(last_y);
-        for (dx, &(sx, wx)) in xs.iter().enumerate() {
-            let sx1 = (sx + 1).min(last_x);
-            let mut pixel = [0u8; 3];
-            for (c, value) in pixel.iter_mut().enumerate() {
-                let row = |y| i64::from(wx) * at(sx, y, c) + i64::from(ONE - wx) * at(sx1, y, c);
-                let sum = i64::from(wy) * row(sy) + i64::from(ONE - wy) * row(sy1);
-                *value = ((sum + (1 << 21)) >> 22).clamp(0, 255) as u8;
+    // Each source row is first resampled horizontally (the sums keep the 11-bit weights), then
+    // pairs of rows are blended: OpenCV's two passes, in its fixed point.
+    let horizontal = |y: usize, row: &mut Vec<i32>| {
+        row.clear();
+        let line = &raw[y * stride..(y + 1) * stride];
+        for &(sx, wx) in &xs {
+            let a = sx * 3;
+            let b = if sx < last_x { a + 3 } else { a };
+            for c in 0..3 {
+                row.push(wx * i32::from(line[a + c]) + (ONE - wx) * i32::from(line[b + c]));
             }
-            out.put_pixel(dx as u32, dy as u32, Rgb(pixel));
+        }
+    };
+    let mut out = vec![0u8; width as usize * height as usize * 3];
+    let (mut top, mut bottom) = (Vec::new(), Vec::new());
+    for (dy, &(sy, wy)) in taps(height, src_h).iter().enumerate() {
+        horizontal(sy, &mut top);
+        horizontal((sy + 1).min(src_h as usize - 1), &mut bottom);
+        let dst = &mut out[dy * width as usize * 3..(dy + 1) * width as usize * 3];
+        for ((value, &t), &b) in dst.iter_mut().zip(&top).zip(&bottom) {
+            let sum = i64::from(wy) * i64::from(t) + i64::from(ONE - wy) * i64::from(b);
+            *value = ((sum + (1 << 21)) >> 22).clamp(0, 255) as u8;
         }
     }
-    out
+    RgbImage::from_raw(width, height, out).expect("width × height × 3 bytes")
 }
 
 /// A rotated rectangle: its four corners, and the lengths of its sides.

@@ -388,16 +388,21 @@ fn reading_order(boxes: &mut [[Point; 4]]) {
 /// The images as one `[n, 3, h, width]` batch, BGR, scaled to [-1, 1], zero (grey) right of
 /// each image.
 fn bgr_tensor(images: &[&RgbImage], width: u32) -> Array4<f32> {
-    let height = images.first().map_or(1, |i| i.height()) as usize;
-    let mut tensor = Array4::<f32>::zeros((images.len(), 3, height, width as usize));
+    let (height, width) = (images.first().map_or(1, |i| i.height()) as usize, width as usize);
+    let plane = height * width;
+    let mut values = vec![0f32; images.len() * 3 * plane];
     for (n, image) in images.iter().enumerate() {
-        for (x, y, pixel) in image.enumerate_pixels() {
-            for c in 0..3 {
-                tensor[[n, c, y as usize, x as usize]] = (f32::from(pixel[2 - c]) / 255.0 - 0.5) / 0.5;
+        let own = image.width() as usize;
+        for (y, row) in image.as_raw().chunks_exact(own * 3).enumerate() {
+            for (x, pixel) in row.chunks_exact(3).enumerate() {
+                let at = n * 3 * plane + y * width + x;
+                for c in 0..3 {
+                    values[at + c * plane] = f32::from(pixel[2 - c]) / 127.5 - 1.0;
+                }
             }
         }
     }
-    tensor
+    Array4::from_shape_vec((images.len(), 3, height, width), values).expect("n × 3 × h × w values")
 }
 
 #[cfg(test)]
