@@ -177,6 +177,28 @@ fn a_missing_model_names_the_file_and_how_to_build_it() {
 }
 
 #[test]
+fn missing_ocr_models_are_named_at_load() {
+    let runtime = Runtime::init(&RuntimeConfig::default()).unwrap();
+    let missing = root().join("assets/models/no-such-recognizer.onnx");
+    let ocr = OcrConfig { recognizer: missing.clone(), ..config().ocr.unwrap() };
+    let error =
+        Vision::load(&runtime, &VisionConfig { ocr: Some(ocr), ..config() }).err().expect("must fail");
+    assert!(matches!(&error, VisionError::MissingModel { path, .. } if *path == missing), "{error:?}");
+    assert!(error.to_string().contains("make models"), "{error}");
+}
+
+/// Out of time after detection: the lines found are counted as unread, none is made up.
+#[test]
+fn reading_that_runs_out_of_time_reports_the_lines_it_did_not_read() {
+    let runtime = Runtime::init(&RuntimeConfig::default()).unwrap();
+    let ocr = OcrConfig { timeout: Duration::ZERO, ..config().ocr.unwrap() };
+    let mut vision = Vision::load(&runtime, &VisionConfig { ocr: Some(ocr), ..config() }).unwrap();
+    let image = image::open(fixtures().join("reference/ocr/dog-logitech.png")).unwrap().to_rgb8();
+    let reading = vision.read_text(&image).unwrap().unwrap();
+    assert_eq!((reading.lines.len(), reading.unread), (0, 4), "{reading:?}");
+}
+
+#[test]
 fn non_image_bytes_are_refused() {
     let error = decode_image(b"<html>not found</html>", MAX_PIXELS).unwrap_err();
     assert!(matches!(error, ImageError::NotAnImage), "{error:?}");

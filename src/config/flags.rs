@@ -613,6 +613,17 @@ mod tests {
     }
 
     #[test]
+    fn ocr_is_on_when_its_files_are_there_unless_switched() {
+        let ocr = |args: &[&str]| parse(args).unwrap().pipeline.vision.ocr;
+        assert!(ocr(&["--ocr", "off"]).is_none());
+        assert!(ocr(&["--ocr-detector", "/no/such/det.onnx"]).is_none(), "files missing, not asked for");
+        let asked =
+            ocr(&["--ocr", "on", "--ocr-detector", "/no/such/det.onnx", "--ocr-max-side", "1024"]).unwrap();
+        assert_eq!((asked.detector, asked.max_side), (PathBuf::from("/no/such/det.onnx"), 1024));
+        assert!(parse(&["--ocr", "maybe"]).is_err());
+    }
+
+    #[test]
     fn storage_flags_parse() {
         let cli = parse(&[
             "--object-store",

@@ -172,3 +172,22 @@ fn read_out(reading: Option<Result<Reading, VisionError>>) -> (Vec<TextLine>, Ve
         Some(Err(e)) => (Vec::new(), vec![format!("The photo's text could not be read: {e}")]),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reading_that_fails_or_runs_late_is_a_warning() {
+        let line = TextLine { text: "Dell".into(), score: 0.9, corners: [[0.0, 0.0]; 4] };
+        let late = Reading { lines: vec![line.clone()], unread: 2 };
+        let (lines, warnings) = read_out(Some(Ok(late)));
+        assert_eq!(lines, [line]);
+        assert!(warnings[0].contains("2 of the lines found were not read"), "{warnings:?}");
+        let failed = VisionError::Inference { model: "ocr detector", reason: "out of memory".into() };
+        let (lines, warnings) = read_out(Some(Err(failed)));
+        assert!(lines.is_empty());
+        assert!(warnings[0].starts_with("The photo's text could not be read: ocr detector"), "{warnings:?}");
+        assert_eq!(read_out(None), (Vec::new(), Vec::new()), "reading is off");
+    }
+}
