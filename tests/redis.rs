@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use common::{ScriptedPipeline, TestServer, poll_final, serve_config, sse_events, start};
+use common::{ScriptedPipeline, TestServer, poll_final, serve_config, sse_events};
 use deskgen::api::grpc::pb;
 use deskgen::config::{Cli, WorkerConfig};
+use deskgen::core::WorkerDescription;
 use deskgen::pipeline::Pipeline;
 use deskgen::server::{PipelineLoader, RunningServer};
 use deskgen::tasks::TaskRecord;
@@ -203,12 +204,51 @@ impl Drop for WorkerNode {
     }
 }
 
-/// An API-only node on `redis`.
+/// An API-only node on `redis`: it loads no models (its loader fails if called, and its model
+/// flags name no file), serving what the live workers announce; it answers once it listens, ready
+/// or not.
 async fn api_node(redis: &RedisServer, dir: &tempfile::TempDir, args: &[&str]) -> TestServer {
     let url = redis.url();
-    let mut argv = vec!["--queue", &url, "--workers", "0"];
+    let mut argv = vec!["--queue", &url, "--workers", "0", "--sd-model", "/no/such/model"];
+    argv.extend_from_slice(&["--detector", "/no/such/detector.onnx", "--ocr", "on"]);
     argv.extend_from_slice(args);
-    start(serve_config(dir.path(), &argv), ScriptedPipeline::new(1, 1)).await
+    let config = serve_config(dir.path(), &argv);
+    let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let loader: PipelineLoader = Box::new(|_| panic!("an API node without workers loads no models"));
+    let server = deskgen::server::start(config.clone(), listener, loader).await.expect("server starts");
+    let node = TestServer { base: format!("http://{addr}"), addr, server: Some(server), config };
+    for _ in 0..400 {
+        if reqwest::get(node.url("/healthcheck")).await.is_ok() {
+            return node;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{} never answered", node.base);
+}
+
+/// Writes a worker node's announcement straight into Redis, live for `ttl`: a worker that has
+/// said what it serves but takes no task.
+async fn announce_stand_in(redis: &RedisServer, name: &str, ttl: Duration) {
+    let description = WorkerDescription {
+        name: name.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        execution_provider: "cpu".into(),
+        slots: 1,
+        max_side: 2048,
+        max_images: 4,
+        pipeline: ScriptedPipeline::new(1, 1).info(),
+        loaded_models: vec!["scripted".into()],
+    };
+    let mut conn = redis.connection().await;
+    let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let until = seconds * 1000 + micros / 1000 + ttl.as_millis() as u64;
+    let _: () = redis::pipe()
+        .hset("deskgen:workers", name, serde_json::to_string(&description).unwrap())
+        .zadd("deskgen:workers:expiry", name, until)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
 }
 
 async fn wait_health(base: &str, want: u16) {
@@ -585,7 +625,8 @@ async fn five_hundred_tasks_across_two_workers_under_a_global_queue_limit() {
     let node_a = api_node(&redis, &dir_a, &["--max-queue-depth", &limit]).await;
     let node_b = api_node(&redis, &dir_b, &["--max-queue-depth", &limit]).await;
 
-    // No workers yet: both nodes fill one queue.
+    // No worker takes tasks yet (one has announced itself): both nodes fill one queue.
+    announce_stand_in(&redis, "stand-in", Duration::from_secs(60)).await;
     let submitted = Instant::now();
     let ids: Vec<String> = futures::stream::iter(0..TASKS)
         .map(|i| {
@@ -641,6 +682,132 @@ async fn five_hundred_tasks_across_two_workers_under_a_global_queue_limit() {
 
     worker_1.stop().await;
     worker_2.stop().await;
+    node_a.stop().await;
+    node_b.stop().await;
+}
+
+/// Submits tasks `fleet-<i>` for each i of `range` on `node`, 16 at a time; each must be accepted.
+async fn submit_range(node: &TestServer, range: std::ops::Range<usize>) {
+    futures::stream::iter(range)
+        .map(|i| async move {
+            let (status, body) =
+                submit(node, json!({"prompt": "desk", "task_id": format!("fleet-{i}")})).await;
+            assert_eq!(status, 202, "{body}");
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+}
+
+/// Every final state published from now on, counted by task id.
+async fn count_all_finals(
+    redis: &RedisServer,
+) -> tokio::task::JoinHandle<std::collections::HashMap<String, usize>> {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("deskgen:updates:3").await.unwrap();
+    tokio::spawn(async move {
+        let mut finals = std::collections::HashMap::new();
+        let mut messages = pubsub.into_on_message();
+        while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(3), messages.next()).await {
+            let payload: String = message.get_payload().unwrap();
+            let mut parts = payload.splitn(3, ' ');
+            let (_, id, json) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+            let record: TaskRecord = serde_json::from_str(json).unwrap();
+            if record.status.is_final() {
+                *finals.entry(id.to_string()).or_insert(0) += 1;
+            }
+        }
+        finals
+    })
+}
+
+/// Two API nodes with no model files (their loader panics if called) serve what two worker nodes
+/// announce: not ready and 503 before any worker, /info from the workers' description, 422 for a
+/// model no worker serves; 200 tasks go in over both nodes while one worker is killed and one API
+/// node restarted, and each acknowledged id ends exactly once, the killed worker's tasks in a
+/// second attempt; the dead worker then leaves /info and the consumer group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn api_nodes_without_models_serve_the_workers_through_a_kill_and_a_restart() {
+    const TASKS: usize = 200;
+    let redis = RedisServer::start().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let args = ["--max-queue-depth", "1000", "--min-workers", "2"];
+    let node_a = api_node(&redis, &dir_a, &args).await;
+    let mut node_b = api_node(&redis, &dir_b, &args).await;
+    let health = reqwest::get(node_a.url("/healthcheck")).await.unwrap();
+    assert_eq!(health.status(), 503);
+    let health: Value = health.json().await.unwrap();
+    assert_eq!(health["components"]["workers"], json!({"live": 0, "min": 2}), "{health}");
+    let (status, body) = submit(&node_a, json!({"prompt": "desk"})).await;
+    assert_eq!((status, body["error_code"].as_str()), (503, Some("NOT_READY")), "{body}");
+
+    let pipeline = ScriptedPipeline::new(20, 10);
+    let worker_args =
+        ["--workers", "2", "--visibility-timeout", "1s", "--max-attempts", "3", "--consumer-expiry", "1s"];
+    let steady = WorkerNode::start(&redis, "steady", &worker_args, pipeline.clone()).await;
+    let doomed = WorkerNode::start(&redis, "doomed", &worker_args, pipeline.clone()).await;
+    wait_health(&node_a.base, 200).await;
+    wait_health(&node_b.base, 200).await;
+    let described = serde_json::to_value(pipeline.info()).unwrap();
+    for node in [&node_a, &node_b] {
+        let info = get(node, "/info").await;
+        assert_eq!(info["models"], described["models"], "{info}");
+        let mut served = info["sd_models"][0].clone();
+        assert_eq!(served.as_object_mut().unwrap().remove("loaded"), Some(json!(true)), "the workers hold it");
+        assert_eq!(served, described["sd_models"][0], "{info}");
+        assert_eq!(info["schedulers"], described["sd_models"][0]["schedulers"]);
+        let names: Vec<&str> =
+            info["workers"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["doomed", "steady"], "{info}");
+        assert_eq!(info["workers"][0]["slots"], 2);
+    }
+    let (status, body) = submit(&node_b, json!({"prompt": "desk", "model": "not-served"})).await;
+    assert_eq!((status, body["error_code"].as_str()), (422, Some("INVALID_INPUT")), "{body}");
+
+    let finals = count_all_finals(&redis).await;
+    submit_range(&node_a, 0..TASKS / 4).await;
+    submit_range(&node_b, TASKS / 4..TASKS / 2).await;
+    wait_step(&node_a, "fleet-0", 2).await;
+    doomed.kill();
+    node_b.stop().await;
+    node_b = api_node(&redis, &dir_b, &args).await;
+    submit_range(&node_b, TASKS / 2..TASKS * 3 / 4).await;
+    submit_range(&node_a, TASKS * 3 / 4..TASKS).await;
+    let mut retried = 0;
+    for i in 0..TASKS {
+        let id = format!("fleet-{i}");
+        assert_eq!(
+            poll_final(if i % 2 == 0 { &node_a } else { &node_b }, &id, None).await["status"],
+            "done",
+            "{id}"
+        );
+        retried += usize::from(redis.record(&id).await.attempts == 2);
+    }
+    let finals = finals.await.unwrap();
+    assert_eq!(finals.len(), TASKS, "every id ended");
+    assert!(finals.values().all(|&n| n == 1), "exactly one final state each: {finals:?}");
+    assert!(retried >= 1, "the killed worker's tasks ran again as their next attempt");
+    eprintln!("{TASKS} tasks over 2 model-free API nodes: {retried} re-run after the kill");
+
+    // The killed worker's announcement runs out and its consumer leaves the group.
+    let doomed_consumer = format!("doomed-{}", std::process::id());
+    let mut gone = false;
+    for _ in 0..200 {
+        let info = get(&node_a, "/info").await;
+        let names: Vec<String> =
+            info["workers"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap().into()).collect();
+        if names == ["steady"] && !redis.consumers().await.contains(&doomed_consumer) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the dead worker is still listed or still a consumer");
+    let health: Value = get(&node_a, "/healthcheck").await;
+    assert_eq!(health["components"]["workers"]["live"], 1, "{health}");
+    assert_eq!(health["status"], "starting", "fewer than --min-workers live: {health}");
+    steady.stop().await;
     node_a.stop().await;
     node_b.stop().await;
 }

@@ -1,7 +1,8 @@
 //! `make bench`: the service's figures on this machine, printed as a table and written to
 //! `target/bench/report.json`.
 //!
-//! - cold start of the release binary to ready (health SERVING) with the default models;
+//! - cold start of the release binary to ready (health SERVING) with the default models, and of an
+//!   API node that loads none (Redis queue, `--workers 0`) until it answers, with its RSS;
 //! - per-stage latency of one task on the embedded defaults (median and p95);
 //! - the vision stage with both detectors (and their tiles) against the COCO detector alone;
 //! - the Rust diffusion pipeline against the Python reference (optimum's ORTStableDiffusionPipeline)
@@ -83,6 +84,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     if settings.wants("cold") {
         let outcome = server::cold_start(&settings, &mut report).await;
         report.attempt("cold_start", outcome);
+        let outcome = server::model_free_cold_start(&mut report).await;
+        report.attempt("api_node_cold_start", outcome);
     }
     if settings.wants("stages") || settings.wants("memory") {
         let outcome = stages::run(&settings, &mut report).await;

@@ -166,6 +166,52 @@ pub async fn cold_start(settings: &Settings, report: &mut Report) -> anyhow::Res
     Ok(())
 }
 
+/// Cold start of an API node that loads no models (the Redis queue, `--workers 0`, model flags
+/// naming no file), five times: until `/healthcheck` answers (503 "no live workers": none is
+/// started), and its RSS then. Needs `redis-server` on the PATH.
+pub async fn model_free_cold_start(report: &mut Report) -> anyhow::Result<()> {
+    let port = free_port();
+    let mut redis = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting redis-server (apt-get install redis-server)")?;
+    let queue = format!("redis://127.0.0.1:{port}/0");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut samples, mut rss) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let started = Instant::now();
+        let server = Server::spawn(&["--queue", &queue, "--workers", "0", "--sd-model", "/no/such/model"])?;
+        let client = reqwest::Client::new();
+        loop {
+            if client.get(server.url("/healthcheck")).send().await.is_ok_and(|r| r.status() == 503) {
+                break;
+            }
+            anyhow::ensure!(started.elapsed() < Duration::from_secs(30), "the API node never answered");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rss.push(server.rss_mib()?);
+    }
+    let _ = redis.kill();
+    let (cold, idle) = (summary(&samples), summary(&rss));
+    let lines = vec![
+        format!(
+            "API node without models: answering  median {:>8.0} ms   p95 {:>8.0} ms   (n={})",
+            cold["median"].as_f64().unwrap_or(f64::NAN),
+            cold["p95"].as_f64().unwrap_or(f64::NAN),
+            samples.len()
+        ),
+        format!(
+            "RSS of that API node                  median {:>8.1} MiB",
+            idle["median"].as_f64().unwrap_or(f64::NAN)
+        ),
+    ];
+    report.section("api_node_cold_start", json!({"answering_ms": cold, "rss_mib": idle}), lines);
+    Ok(())
+}
+
 /// Whether `path` exists relative to the repository.
 pub fn repo_path(path: &str) -> PathBuf {
     repo().join(path)

@@ -358,6 +358,7 @@ impl Info for GrpcApi {
     async fn get_info(&self, _: Request<pb::GetInfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
         let info = self.state.info();
         let pipeline = self.state.pipeline_info();
+        let pipeline = pipeline.as_deref();
         let model = pipeline.map(PipelineInfo::default_model);
         Ok(Response::new(pb::InfoResponse {
             version: info.version.to_string(),

@@ -30,6 +30,8 @@ pub struct Probe<'a> {
     /// The worker's name on a worker node; `None` on an API node, which also reports the queue's
     /// capacity.
     pub worker: Option<&'a str>,
+    /// On an API node that loads no models: live workers, and how many readiness needs.
+    pub fleet: Option<(usize, usize)>,
 }
 
 impl Probe<'_> {
@@ -59,20 +61,31 @@ impl Probe<'_> {
         let shopping_state = if self.shopping.healthy() { "ok" } else { "refused" };
         let shopping = json!({"provider": self.shopping.name(), "state": shopping_state});
         let ready = self.models_loaded && depth.is_ok() && checked.is_ok();
+        let models = match (self.fleet, self.models_loaded) {
+            (Some(_), true) => "on workers",
+            (Some(_), false) => "no live workers",
+            (None, true) => "ready",
+            (None, false) => "loading",
+        };
         let mut body = json!({
             "status": if ready { "ok" } else { "starting" },
             "components": {
-                "models": if self.models_loaded { "ready" } else { "loading" },
+                "models": models,
                 "queue": queue,
                 "storage": storage,
                 "shopping": shopping,
             },
         });
+        if let Some((live, min)) = self.fleet {
+            body["components"]["workers"] = json!({"live": live, "min": min});
+        }
         if let Some(worker) = self.worker {
             body["worker"] = json!(worker);
         }
         // A model pulled from the hub at start: how far its download is while the models load.
-        if let Some(download) = self.downloads.report().filter(|_| !self.models_loaded) {
+        if let Some(download) =
+            self.downloads.report().filter(|_| !self.models_loaded && self.fleet.is_none())
+        {
             body["download"] = json!(download);
         }
         (ready, body)

@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod errors;
+pub mod fleet;
 pub mod grpc;
 pub mod guard;
 pub mod health;
@@ -26,6 +27,7 @@ use tokio::sync::{broadcast, watch};
 
 use self::auth::{ApiKeys, Caller};
 use self::errors::ApiError;
+use self::fleet::{Fleet, WorkerEntry};
 use crate::core::request::{
     DEFAULT_GUIDANCE, DEFAULT_IMAGES, DEFAULT_ITEMS_PER_CATEGORY, DEFAULT_STEPS, DEFAULT_STRENGTH,
     MAX_GUIDANCE, MAX_STEPS,
@@ -82,6 +84,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Set once the models are loaded; the service is ready from then on.
     pub pipeline: OnceLock<ReadyPipeline>,
+    /// On an API node that loads no models: the live workers, whose models it serves.
+    pub fleet: Option<Arc<Fleet>>,
     /// Fixed facts for /info.
     pub about: About,
 }
@@ -89,7 +93,7 @@ pub struct AppState {
 /// The loaded pipeline and its description, taken once when it became ready.
 pub struct ReadyPipeline {
     /// What it offers; requests are checked against this.
-    pub info: PipelineInfo,
+    pub info: Arc<PipelineInfo>,
     /// The pipeline, asked which models are in memory now.
     pub pipeline: Arc<dyn Pipeline>,
 }
@@ -143,22 +147,41 @@ pub struct InfoDocument {
     pub resize_modes: Vec<&'static str>,
     /// How the output size follows from the photo, in words.
     pub size_rule: &'static str,
+    /// On an API node that loads no models: the live workers it serves for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<Vec<WorkerEntry>>,
     /// Deployment facts.
     #[serde(flatten)]
     pub about: About,
 }
 
 impl AppState {
-    /// The pipeline's description once models are loaded.
-    pub fn pipeline_info(&self) -> Option<&PipelineInfo> {
-        self.pipeline.get().map(|ready| &ready.info)
+    /// What this node serves: its pipeline's description once the models are loaded, or on an
+    /// API node without models what every live worker serves.
+    pub fn pipeline_info(&self) -> Option<Arc<PipelineInfo>> {
+        match &self.fleet {
+            Some(fleet) => fleet.serving(),
+            None => self.pipeline.get().map(|ready| ready.info.clone()),
+        }
+    }
+
+    /// Whether the node can take tasks: its models are loaded, or enough workers are live.
+    pub fn serving(&self) -> bool {
+        match &self.fleet {
+            Some(fleet) => fleet.ready(),
+            None => self.pipeline.get().is_some(),
+        }
     }
 
     /// Every Stable Diffusion model, default first, and whether it is in memory now.
     pub fn sd_models(&self) -> Vec<SdModelEntry> {
-        let Some(ready) = self.pipeline.get() else { return Vec::new() };
-        let loaded = ready.pipeline.loaded_models();
-        let entries = ready.info.sd_models.iter().cloned();
+        let Some(info) = self.pipeline_info() else { return Vec::new() };
+        let loaded = match (&self.fleet, self.pipeline.get()) {
+            (Some(fleet), _) => fleet.loaded_models(),
+            (None, Some(ready)) => ready.pipeline.loaded_models(),
+            (None, None) => Vec::new(),
+        };
+        let entries = info.sd_models.iter().cloned();
         entries.map(|model| SdModelEntry { loaded: loaded.contains(&model.name), model }).collect()
     }
 
@@ -171,7 +194,11 @@ impl AppState {
         inline: Inline,
         caller: &Caller,
     ) -> Result<TaskRecord, ApiError> {
-        let info = self.pipeline_info().ok_or(ApiError::NotReady)?;
+        let info = match &self.fleet {
+            Some(fleet) => fleet.serving_now(input.model.as_deref()).await,
+            None => self.pipeline_info(),
+        };
+        let info = info.ok_or(ApiError::NotReady)?;
         let photo = match inline.photo {
             Some(bytes) => Some(self.check_photo("initial_image", bytes).await?),
             None => None,
@@ -182,7 +209,11 @@ impl AppState {
         };
         input.stored_photo = photo.as_ref().map(|p| p.key.clone());
         input.stored_mask = mask.as_ref().map(|m| m.key.clone());
-        let (task_id, request) = validate::validate(input, &self.limits, info)?;
+        let (task_id, mut request) = validate::validate(input, &self.limits, &info)?;
+        if self.fleet.is_some() {
+            // Whichever worker claims it runs the model it was checked against.
+            request.model.get_or_insert_with(|| info.default_model().name.clone());
+        }
         if request.priority < caller.max_priority {
             return Err(ApiError::Forbidden(format!(
                 "This API key may ask for priority {} at most; this request asks for {}.",
@@ -326,6 +357,7 @@ impl AppState {
     /// The /info document.
     pub fn info(&self) -> InfoDocument {
         let pipeline = self.pipeline_info();
+        let pipeline = pipeline.as_deref();
         let model = pipeline.map(PipelineInfo::default_model);
         InfoDocument {
             version: env!("CARGO_PKG_VERSION"),
@@ -364,6 +396,7 @@ impl AppState {
                 "size_multiple": model.map(|m| m.size_multiple),
                 "scheduler_max_steps": model.map(|m| m.scheduler_max_steps.clone()),
             }),
+            workers: self.fleet.as_ref().map(|fleet| fleet.workers()),
             about: self.about.clone(),
         }
     }

@@ -201,9 +201,10 @@ pub async fn healthcheck(State(state): State<Arc<AppState>>) -> Response {
         queue: state.queue.as_ref(),
         store: state.services.store.as_ref(),
         shopping: state.services.shopping.as_ref(),
-        models_loaded: state.pipeline_info().is_some(),
+        models_loaded: state.serving(),
         downloads: &state.services.downloads,
         worker: None,
+        fleet: state.fleet.as_ref().map(|fleet| fleet.counts()),
     };
     probe.respond().await
 }

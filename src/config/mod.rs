@@ -242,6 +242,10 @@ pub struct ServeConfig {
     /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "DESKGEN_MAX_QUEUE_DEPTH", default_value_t = 100)]
     pub max_queue_depth: usize,
+    /// With the Redis queue and `--workers 0`, the node loads no models and serves what the live
+    /// workers announce; it is ready while at least this many are live.
+    #[arg(long, env = "DESKGEN_MIN_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub min_workers: u64,
     /// Task store, workers, retries and lifetimes.
     #[command(flatten)]
     pub tasks: TaskConfig,

@@ -3,10 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One model the pipeline runs, as /info and `deskgen models` report it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelInfo {
     /// Stable id, e.g. "detector".
     pub id: String,
@@ -21,7 +21,7 @@ pub struct ModelInfo {
 }
 
 /// One LoRA adapter as /info describes it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraInfo {
     /// The name requests use (`loras[].name`, `<lora:name:weight>`).
     pub name: String,
@@ -34,7 +34,7 @@ pub struct LoraInfo {
 }
 
 /// A ControlNet a request may name.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ControlNetInfo {
     /// The control type requests name it by.
     #[serde(rename = "type")]
@@ -45,7 +45,7 @@ pub struct ControlNetInfo {
 }
 
 /// The control a desk photo gets when a request says nothing of `control`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DefaultControl {
     /// The control type.
     #[serde(rename = "type")]
@@ -61,7 +61,7 @@ pub struct DefaultControl {
 }
 
 /// What a request that sets none of these gets on one Stable Diffusion model.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SdModelDefaults {
     /// Denoising steps: the model's own default, else 50.
     pub num_inference_steps: u32,
@@ -76,7 +76,7 @@ pub struct SdModelDefaults {
 }
 
 /// One Stable Diffusion model a request may name (`model`), as /info's `sd_models` lists it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SdModelInfo {
     /// The name requests use.
     pub name: String,
@@ -110,7 +110,7 @@ pub struct SdModelInfo {
 }
 
 /// What the pipeline offers, for /info and for request defaults.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PipelineInfo {
     /// Models in use.
     pub models: Vec<ModelInfo>,
@@ -144,4 +144,26 @@ impl PipelineInfo {
     pub fn sd_model_names(&self) -> Vec<&str> {
         self.sd_models.iter().map(|m| m.name.as_str()).collect()
     }
+}
+
+/// What a worker node serves, as it announces itself to the API nodes (Redis mode) with every
+/// heartbeat: API nodes that load no models check requests against it and build `/info` from it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerDescription {
+    /// The worker node's name (`--name`).
+    pub name: String,
+    /// The deskgen version it runs.
+    pub version: String,
+    /// The execution provider it asked for.
+    pub execution_provider: String,
+    /// How many tasks it runs at once.
+    pub slots: usize,
+    /// The largest image side a request may ask of it.
+    pub max_side: u32,
+    /// The most images one request may ask of it.
+    pub max_images: u32,
+    /// What its pipeline offers.
+    pub pipeline: PipelineInfo,
+    /// The Stable Diffusion models in its memory now.
+    pub loaded_models: Vec<String>,
 }

@@ -11,6 +11,7 @@ pub mod validate;
 pub use failure::{Failure, FailureCode};
 pub use info::{
     ControlNetInfo, DefaultControl, LoraInfo, ModelInfo, PipelineInfo, SdModelDefaults, SdModelInfo,
+    WorkerDescription,
 };
 pub use request::{
     ControlRequest, GenerateRequest, LoraWeight, MaskRequest, MaskSource, PhotoSource, Preview, Priority,

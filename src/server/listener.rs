@@ -24,6 +24,7 @@ use tower::ServiceExt;
 
 use super::node::{Node, Ready};
 use crate::api::auth::ApiKeys;
+use crate::api::fleet::{self, Fleet};
 use crate::api::grpc::pb::generate_server::GenerateServer;
 use crate::api::grpc::pb::info_server::InfoServer;
 use crate::api::grpc::pb::result_server::ResultServer;
@@ -106,11 +107,14 @@ pub(super) fn serve(
     })
 }
 
-/// The API node's routes, and what turns them ready once the models are loaded.
+/// The API node's routes, and what turns them ready once the models are loaded. With `fleet` (an
+/// API node that loads no models) readiness follows the live workers instead, read by a task
+/// that runs until the node stops.
 pub(super) async fn api_app(
     config: &ServeConfig,
     addr: SocketAddr,
     node: &Node,
+    fleet: Option<Arc<Fleet>>,
 ) -> anyhow::Result<(axum::Router, Ready)> {
     let keys = ApiKeys::load(&config.api_keys, config.api_key_file.as_deref()).context("reading API keys")?;
     let open = keys.is_open();
@@ -130,6 +134,7 @@ pub(super) async fn api_app(
         max_body_bytes: config.max_body_bytes,
         metrics: metrics_handle(),
         pipeline: OnceLock::new(),
+        fleet: fleet.clone(),
         about: About {
             queue_backend: node.queue.backend().into(),
             execution_provider: config.pipeline.runtime.execution_provider.as_str().into(),
@@ -137,6 +142,9 @@ pub(super) async fn api_app(
     });
     let (health, health_service) = tonic_health::server::health_reporter();
     set_serving(&health, ServingStatus::NotServing).await;
+    if let Some(fleet) = fleet {
+        tokio::spawn(follow_workers(fleet, health.clone(), node.shutdown.clone()));
+    }
     let grpc = grpc_routes(&state, health_service)?;
     let mut routes = api::rest_router(state.clone()).merge(grpc);
     if let Some(images) = node.services.store.router() {
@@ -150,12 +158,32 @@ pub(super) async fn api_app(
     let workers = config.tasks.workers;
     let ready: Ready = Box::new(move |pipeline| {
         Box::pin(async move {
-            let _ = state.pipeline.set(ReadyPipeline { info: pipeline.info(), pipeline });
+            let _ = state.pipeline.set(ReadyPipeline { info: Arc::new(pipeline.info()), pipeline });
             set_serving(&health, ServingStatus::Serving).await;
             tracing::info!(workers, "models loaded; ready");
         })
     });
     Ok((app, ready))
+}
+
+/// Reads the workers' announcements every [`fleet::REFRESH_EVERY`] until `shutdown`, and turns
+/// gRPC health serving while enough workers are live.
+async fn follow_workers(fleet: Arc<Fleet>, health: HealthReporter, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(fleet::REFRESH_EVERY);
+    let mut was_ready = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        fleet.refresh().await;
+        let ready = fleet.ready();
+        if ready != was_ready {
+            set_serving(&health, if ready { ServingStatus::Serving } else { ServingStatus::NotServing })
+                .await;
+            was_ready = ready;
+        }
+    }
 }
 
 /// The gRPC services (auth on Generate and Result), health, reflection, and grpc-web over them.

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::fleet::Fleet;
 use crate::config::{ServeConfig, WorkerConfig};
 use crate::pipeline::{Pipeline, Services};
 
@@ -61,7 +62,8 @@ impl RunningServer {
 }
 
 /// Starts an API node on `listener`; models load in the background (health reports NOT_SERVING
-/// until then).
+/// until then). With the Redis queue and no workers of its own it loads none: it serves what the
+/// live worker nodes announce (`loader` is not called).
 pub async fn start(
     mut config: ServeConfig,
     listener: TcpListener,
@@ -70,12 +72,15 @@ pub async fn start(
     let addr = listener.local_addr()?;
     config.pipeline.storage.image_base_url.get_or_insert_with(|| own_base_url(addr));
     let queue = queue::open_for_api(&config).await?;
+    let model_free = config.tasks.workers == 0 && queue.backend() == "redis";
+    let fleet = model_free.then(|| Arc::new(Fleet::new(queue.clone(), config.min_workers as usize)));
     let node =
         node::Node::open(queue::host_name(), config.tasks.clone(), queue, &config.pipeline, &config.webhook)
             .await?;
-    let (app, ready) = listener::api_app(&config, addr, &node).await?;
+    let (app, ready) = listener::api_app(&config, addr, &node, fleet).await?;
     let shutdown = node.shutdown.clone();
     let server = listener::serve(listener, app, config.read_timeouts, &shutdown);
+    let loader = if model_free { None } else { Some(loader) };
     let handle = tokio::spawn(node.run(server, loader, ready));
     Ok(RunningServer { addr, shutdown, handle })
 }
@@ -101,10 +106,16 @@ pub async fn start_worker(
     let addr = listener.local_addr()?;
     let name = config.name.clone().unwrap_or_else(queue::host_name);
     let queue = queue::open_for_worker(&config, &name).await?;
-    let node = node::Node::open(name, config.tasks.clone(), queue, &config.pipeline, &config.webhook).await?;
+    let mut node =
+        node::Node::open(name, config.tasks.clone(), queue, &config.pipeline, &config.webhook).await?;
+    node.announce = Some(node::Announcement {
+        execution_provider: config.pipeline.runtime.execution_provider.as_str().to_string(),
+        max_side: config.pipeline.max_side,
+        max_images: config.pipeline.max_images,
+    });
     let (app, ready) = worker::app(&node, config.tasks.workers);
     let shutdown = node.shutdown.clone();
     let server = listener::serve(listener, app, config.read_timeouts, &shutdown);
-    let handle = tokio::spawn(node.run(server, loader, ready));
+    let handle = tokio::spawn(node.run(server, Some(loader), ready));
     Ok(RunningServer { addr, shutdown, handle })
 }

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::PipelineLoader;
 use crate::config::TaskConfig;
+use crate::core::WorkerDescription;
 use crate::fetch::UrlPolicy;
 use crate::pipeline::{Pipeline, PipelineConfig, Services};
 use crate::storage::ObjectStore;
@@ -31,7 +32,21 @@ pub(super) struct Node {
     pub webhooks: WebhookSender,
     deliveries: JoinHandle<()>,
     pub shutdown: CancellationToken,
+    /// On a worker node: what it tells the API nodes besides its pipeline's description.
+    pub announce: Option<Announcement>,
 }
+
+/// What a worker node announces besides its pipeline's description and its name.
+pub(super) struct Announcement {
+    pub execution_provider: String,
+    pub max_side: u32,
+    pub max_images: u32,
+}
+
+/// How often a worker node announces itself, and how long each announcement lasts: a node killed
+/// without a word drops out of the API nodes' view within [`ANNOUNCEMENT_TTL`].
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
+const ANNOUNCEMENT_TTL: Duration = Duration::from_secs(10);
 
 impl Node {
     /// Opens the object store and the shopping provider, and starts webhook delivery.
@@ -48,24 +63,30 @@ impl Node {
         let (webhooks, deliveries) =
             WebhookSender::spawn(webhook, UrlPolicy::from_config(&pipeline.fetch), shutdown.clone())?;
         let services = Services { store, shopping, downloads: Default::default() };
-        Ok(Node { name, tasks, queue, services, webhooks, deliveries, shutdown })
+        Ok(Node { name, tasks, queue, services, webhooks, deliveries, shutdown, announce: None })
     }
 
-    /// Loads the models, calls `ready`, and runs the workers and the result purge until shutdown
-    /// (or until the listener ends); then lets running tasks finish within the grace period and
-    /// queued webhooks go out.
+    /// Loads the models (none without a `loader`: an API node that serves what the workers
+    /// announce), calls `ready`, and runs the workers and the result purge until shutdown (or until
+    /// the listener ends); then lets running tasks finish within the grace period and queued
+    /// webhooks go out.
     pub async fn run(
         self,
         mut server: JoinHandle<std::io::Result<()>>,
-        loader: PipelineLoader,
+        loader: Option<PipelineLoader>,
         ready: Ready,
     ) -> anyhow::Result<()> {
-        let Some(pipeline) = load_pipeline(loader, self.services.clone(), &self.shutdown).await? else {
-            finish(Some(server), JoinSet::new(), self.tasks.shutdown_grace).await;
-            return Ok(());
-        };
-        ready(pipeline.clone()).await;
-        let workers = self.spawn_workers(&pipeline);
+        let mut workers = JoinSet::new();
+        let mut announcer = None;
+        if let Some(loader) = loader {
+            let Some(pipeline) = load_pipeline(loader, self.services.clone(), &self.shutdown).await? else {
+                finish(Some(server), JoinSet::new(), self.tasks.shutdown_grace).await;
+                return Ok(());
+            };
+            announcer = self.start_announcing(&pipeline).await;
+            ready(pipeline.clone()).await;
+            workers = self.spawn_workers(&pipeline);
+        }
         let upkeep = tokio::spawn(purge_task(
             self.queue.clone(),
             self.services.store.clone(),
@@ -80,6 +101,10 @@ impl Node {
             }
         };
         upkeep.abort();
+        if let Some(announcer) = announcer {
+            announcer.abort();
+            self.queue.withdraw(&self.name).await;
+        }
         let still_serving = if listener_ended.is_none() { Some(server) } else { None };
         finish(still_serving, workers, self.tasks.shutdown_grace).await;
         self.queue.hand_back().await;
@@ -89,6 +114,39 @@ impl Node {
             Some(ended) => Ok(ended.context("listener task panicked")??),
             None => Ok(()),
         }
+    }
+
+    /// On a worker node: announces it once, before it turns ready (a healthy worker is one the API
+    /// nodes can see), then every [`ANNOUNCE_EVERY`] until the returned task is aborted.
+    async fn start_announcing(&self, pipeline: &Arc<dyn Pipeline>) -> Option<JoinHandle<()>> {
+        let describe = self.describer(self.announce.as_ref()?, pipeline.clone());
+        announce(self.queue.as_ref(), &describe).await;
+        let queue = self.queue.clone();
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ANNOUNCE_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                announce(queue.as_ref(), &describe).await;
+            }
+        }))
+    }
+
+    /// What this worker node serves now, each time it is called.
+    fn describer(&self, announcement: &Announcement, pipeline: Arc<dyn Pipeline>) -> Describe {
+        let (name, slots) = (self.name.clone(), self.tasks.workers);
+        let (execution_provider, max_side, max_images) =
+            (announcement.execution_provider.clone(), announcement.max_side, announcement.max_images);
+        Box::new(move || WorkerDescription {
+            name: name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            execution_provider: execution_provider.clone(),
+            slots,
+            max_side,
+            max_images,
+            pipeline: pipeline.info(),
+            loaded_models: pipeline.loaded_models(),
+        })
     }
 
     /// Starts the node's workers, named `{node}-{index}`.
@@ -106,6 +164,17 @@ impl Node {
             ));
         }
         workers
+    }
+}
+
+/// Builds a worker node's description.
+type Describe = Box<dyn Fn() -> WorkerDescription + Send + Sync>;
+
+/// Tells the API nodes what this worker serves, for [`ANNOUNCEMENT_TTL`]; a failure is logged
+/// and the next announcement tries again.
+async fn announce(queue: &dyn WorkerQueue, describe: &Describe) {
+    if let Err(e) = queue.announce(&describe(), ANNOUNCEMENT_TTL).await {
+        tracing::warn!(error = %e, "cannot announce this worker to the API nodes");
     }
 }
 

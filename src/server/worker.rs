@@ -57,6 +57,7 @@ async fn health(State(state): State<Arc<WorkerState>>) -> Response {
         models_loaded: state.models_loaded.get().is_some(),
         downloads: &state.services.downloads,
         worker: Some(&state.name),
+        fleet: None,
     };
     probe.respond().await
 }

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::core::{Failure, GenerateOutput, GenerateRequest, Preview, Progress};
+use crate::core::{Failure, GenerateOutput, GenerateRequest, Preview, Progress, WorkerDescription};
 
 pub use self::redis::{RedisOptions, RedisQueue, RedisQueueError};
 pub use memory::MemoryQueue;
@@ -111,6 +111,12 @@ pub trait TaskQueue: Send + Sync + 'static {
 
     /// Cancels a queued task at once, or asks a running one to stop at its next check.
     async fn cancel(&self, task_id: &str) -> Result<TaskRecord, CancelError>;
+
+    /// The worker nodes announced now (Redis); none for the embedded queue, whose workers are
+    /// the node's own.
+    async fn live_workers(&self) -> Result<Vec<WorkerDescription>, BackendError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The side of the queue workers and the node's housekeeping use: claiming the next task, reporting
@@ -139,4 +145,13 @@ pub trait WorkerQueue: TaskQueue {
 
     /// Drops finished tasks older than `ttl`; returns how many.
     async fn purge_expired(&self, ttl: Duration) -> Result<usize, BackendError>;
+
+    /// Tells the API nodes what this worker node serves, for `ttl` (Redis; nothing for the
+    /// embedded queue).
+    async fn announce(&self, _description: &WorkerDescription, _ttl: Duration) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// Takes the announcement back at once, when the node stops.
+    async fn withdraw(&self, _name: &str) {}
 }

@@ -44,7 +44,7 @@ use super::{
     new_task_id,
 };
 use crate::config::RedisUrl;
-use crate::core::{Failure, GenerateOutput, GenerateRequest, Preview, Priority, Progress};
+use crate::core::{Failure, GenerateOutput, GenerateRequest, Preview, Priority, Progress, WorkerDescription};
 
 const PREFIX: &str = "deskgen:";
 const QUEUED: &str = "deskgen:queued";
@@ -52,6 +52,9 @@ const WORK: &str = "deskgen:work";
 const PASSED: &str = "deskgen:passed";
 const DOORBELL: &str = "deskgen:doorbell";
 const GROUP: &str = "deskgen-workers";
+/// Worker nodes' descriptions by name, and when each announcement runs out (ms, Redis' clock).
+const WORKERS: &str = "deskgen:workers";
+const WORKERS_EXPIRY: &str = "deskgen:workers:expiry";
 
 /// Longest a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -146,6 +149,8 @@ struct Scripts {
     commit: Script,
     heartbeat: Script,
     request_cancel: Script,
+    announce: Script,
+    live_workers: Script,
 }
 
 /// State shared by the queue and its background tasks.
@@ -211,6 +216,8 @@ impl RedisQueue {
                 unqueue: Script::new(include_str!("unqueue.lua")),
                 waiting: Script::new(include_str!("waiting.lua")),
                 forget_consumers: Script::new(include_str!("forget_consumers.lua")),
+                announce: Script::new(include_str!("announce.lua")),
+                live_workers: Script::new(include_str!("live_workers.lua")),
                 hand_back: Script::new(include_str!("hand_back.lua")),
                 commit: Script::new(include_str!("commit.lua")),
                 heartbeat: Script::new(include_str!("heartbeat.lua")),
@@ -533,6 +540,24 @@ impl TaskQueue for RedisQueue {
     async fn cancel(&self, task_id: &str) -> Result<TaskRecord, CancelError> {
         self.shared.cancel(task_id).await
     }
+
+    /// The worker nodes whose last announcement has not run out, by name; an unreadable
+    /// description (from another version) is skipped.
+    async fn live_workers(&self) -> Result<Vec<WorkerDescription>, BackendError> {
+        let shared = &self.shared;
+        let found: Vec<Option<String>> = shared
+            .scripts
+            .live_workers
+            .key(WORKERS)
+            .key(WORKERS_EXPIRY)
+            .invoke_async(&mut shared.conn())
+            .await
+            .map_err(RedisQueueError::from)?;
+        let live: Vec<WorkerDescription> =
+            found.into_iter().flatten().filter_map(|json| serde_json::from_str(&json).ok()).collect();
+        metrics::gauge!("deskgen_live_workers").set(live.len() as f64);
+        Ok(live)
+    }
 }
 
 #[async_trait]
@@ -571,5 +596,35 @@ impl WorkerQueue for RedisQueue {
     /// Redis expires final records by itself; nothing to do here.
     async fn purge_expired(&self, _ttl: Duration) -> Result<usize, BackendError> {
         Ok(0)
+    }
+
+    /// Writes the description, live for `ttl` from now.
+    async fn announce(&self, description: &WorkerDescription, ttl: Duration) -> Result<(), BackendError> {
+        let shared = &self.shared;
+        let json = serde_json::to_string(description).expect("a description serialises");
+        let _: i64 = shared
+            .scripts
+            .announce
+            .key(WORKERS)
+            .key(WORKERS_EXPIRY)
+            .arg(&description.name)
+            .arg(json)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut shared.conn())
+            .await
+            .map_err(RedisQueueError::from)?;
+        Ok(())
+    }
+
+    /// Removes the description at once.
+    async fn withdraw(&self, name: &str) {
+        let removed: Result<(), _> = ::redis::pipe()
+            .hdel(WORKERS, name)
+            .zrem(WORKERS_EXPIRY, name)
+            .query_async(&mut self.shared.conn())
+            .await;
+        if let Err(e) = removed {
+            tracing::warn!(error = %e, "cannot withdraw this worker's description; it runs out by itself");
+        }
     }
 }
