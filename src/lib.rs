@@ -18,4 +18,5 @@ pub mod server;
 pub mod shopping;
 pub mod storage;
 pub mod tasks;
+pub mod telemetry;
 pub mod webhook;

@@ -14,19 +14,34 @@ use deskgen::server::{PipelineLoader, RunningServer};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,ort=warn".into()),
-        )
-        .init();
-    match run(Cli::parse()).await {
+    let cli = Cli::parse();
+    let _telemetry = match deskgen::telemetry::init(exporting(&cli)) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("cannot set up trace export: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(cli).await {
         Ok(status) => ExitCode::from(status),
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Where a node's spans go (`--otlp-endpoint`), and the name they carry; none for other commands.
+fn exporting(cli: &Cli) -> Option<deskgen::telemetry::Exporting<'_>> {
+    let host = || deskgen::server::host_name();
+    let (endpoint, role, node) = match &cli.command {
+        Command::Serve(c) => {
+            (c.otlp_endpoint.as_deref()?, "api", format!("{}-api-{}", host(), std::process::id()))
+        }
+        Command::Worker(c) => (c.otlp_endpoint.as_deref()?, "worker", c.name.clone().unwrap_or_else(host)),
+        _ => return None,
+    };
+    Some(deskgen::telemetry::Exporting { endpoint, role, node })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {

@@ -226,6 +226,8 @@ struct Delivery {
     id: String,
     url: Url,
     body: Bytes,
+    /// The trace of the span that queued it (the task's), when traces are exported.
+    trace: Option<opentelemetry::Context>,
     done: oneshot::Sender<DeliveryOutcome>,
     _pending: OwnedSemaphorePermit,
 }
@@ -302,7 +304,11 @@ impl WebhookSender {
         })?;
         let id = format!("msg_{}", uuid::Uuid::new_v4().simple());
         let (done, outcome) = oneshot::channel();
-        let delivery = Delivery { id: id.clone(), url, body, done, _pending: permit };
+        let trace = crate::telemetry::enabled().then(|| {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            tracing::Span::current().context()
+        });
+        let delivery = Delivery { id: id.clone(), url, body, trace, done, _pending: permit };
         self.queue.send(delivery).map_err(|_| WebhookError::Stopped)?;
         tracing::debug!(webhook_id = %id, task_id, event = event.as_str(), "webhook queued");
         Ok(Some(Receipt { webhook_id: id, outcome }))
@@ -343,6 +349,24 @@ impl Shared {
 
     /// Posts `delivery` until it succeeds, fails for good, or shutdown comes.
     async fn deliver(&self, delivery: &Delivery, shutdown: &CancellationToken) -> DeliveryOutcome {
+        let traced = delivery.trace.as_ref().map(|task| crate::telemetry::webhook_span(task, &delivery.id));
+        let traceparent = traced.as_ref().and_then(|(_, traceparent)| traceparent.clone());
+        let outcome = self.attempts(delivery, traceparent.as_deref(), shutdown).await;
+        if let Some((mut span, _)) = traced {
+            use opentelemetry::trace::Span as _;
+            span.set_attribute(opentelemetry::KeyValue::new("webhook.outcome", outcome.label()));
+            span.end();
+        }
+        outcome
+    }
+
+    /// [`Self::deliver`]'s attempts, each sending `traceparent` when given.
+    async fn attempts(
+        &self,
+        delivery: &Delivery,
+        traceparent: Option<&str>,
+        shutdown: &CancellationToken,
+    ) -> DeliveryOutcome {
         let mut attempts = 0;
         loop {
             if self.is_disabled(delivery.url.as_str()) {
@@ -351,7 +375,7 @@ impl Shared {
             attempts += 1;
             let result = {
                 let Ok(_permit) = self.in_flight.acquire().await else { return DeliveryOutcome::Dropped };
-                self.attempt(delivery).await
+                self.attempt(delivery, traceparent).await
             };
             let (reason, retry_after) = match result {
                 AttemptResult::Delivered(status) => return DeliveryOutcome::Delivered { attempts, status },
@@ -378,7 +402,7 @@ impl Shared {
         }
     }
 
-    async fn attempt(&self, delivery: &Delivery) -> AttemptResult {
+    async fn attempt(&self, delivery: &Delivery, traceparent: Option<&str>) -> AttemptResult {
         let timestamp =
             SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs() as i64);
         let mut request = self
@@ -387,6 +411,9 @@ impl Shared {
             .header(CONTENT_TYPE, "application/json")
             .header("webhook-id", &delivery.id)
             .header("webhook-timestamp", timestamp.to_string());
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
         if !self.secrets.is_empty() {
             let signatures: Vec<String> = self
                 .secrets

@@ -754,7 +754,11 @@ async fn api_nodes_without_models_serve_the_workers_through_a_kill_and_a_restart
         let info = get(node, "/info").await;
         assert_eq!(info["models"], described["models"], "{info}");
         let mut served = info["sd_models"][0].clone();
-        assert_eq!(served.as_object_mut().unwrap().remove("loaded"), Some(json!(true)), "the workers hold it");
+        assert_eq!(
+            served.as_object_mut().unwrap().remove("loaded"),
+            Some(json!(true)),
+            "the workers hold it"
+        );
         assert_eq!(served, described["sd_models"][0], "{info}");
         assert_eq!(info["schedulers"], described["sd_models"][0]["schedulers"]);
         let names: Vec<&str> =
@@ -810,4 +814,246 @@ async fn api_nodes_without_models_serve_the_workers_through_a_kill_and_a_restart
     steady.stop().await;
     node_a.stop().await;
     node_b.stop().await;
+}
+
+/// An OTLP trace collector: the collector's gRPC trace service, keeping every span with its
+/// resource's attributes.
+mod collector {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+    pub use opentelemetry_proto::tonic::trace::v1::Span;
+
+    /// A span and its node's role (`deskgen.node.role`).
+    pub type Received = Arc<Mutex<Vec<(String, Span)>>>;
+
+    struct Service(Received);
+
+    #[tonic::async_trait]
+    impl TraceService for Service {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let mut received = self.0.lock().unwrap();
+            for resource_spans in request.into_inner().resource_spans {
+                let role = resource_spans
+                    .resource
+                    .iter()
+                    .flat_map(|r| &r.attributes)
+                    .find(|kv| kv.key == "deskgen.node.role")
+                    .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                        AnyValue::StringValue(role) => Some(role.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                for scope in resource_spans.scope_spans {
+                    received.extend(scope.spans.into_iter().map(|span| (role.clone(), span)));
+                }
+            }
+            Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        }
+    }
+
+    /// Serves on a free port until the test ends; returns its endpoint and what it receives.
+    pub async fn start() -> (String, Received) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let received: Received = Default::default();
+        let service = TraceServiceServer::new(Service(received.clone()));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming));
+        (endpoint, received)
+    }
+}
+
+/// A free port on 127.0.0.1.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A webhook receiver on a free port: its URL, and the `traceparent` header of each POST.
+async fn webhook_receiver() -> (String, Arc<std::sync::Mutex<Vec<Option<String>>>>) {
+    let seen: Arc<std::sync::Mutex<Vec<Option<String>>>> = Default::default();
+    let keep = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let keep = keep.clone();
+            async move {
+                let traceparent =
+                    headers.get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
+                keep.lock().unwrap().push(traceparent);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+/// The `deskgen` binary as a process of its own, killed when dropped.
+struct Process(Child);
+
+impl Process {
+    fn spawn(args: &[&str]) -> Process {
+        let child = Command::new(env!("CARGO_BIN_EXE_deskgen"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(args)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the deskgen binary starts");
+        Process(child)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An API node and a worker, each its own process exporting to one collector: the client's
+/// `traceparent` is the parent of the API node's request span, the task's spans on the worker
+/// (queue wait, the task, each stage in order, the webhook) join that one trace, and the webhook
+/// carries it on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_follows_a_task_from_the_api_node_to_the_worker_and_its_webhook() {
+    let (endpoint, received) = collector::start().await;
+    let redis = RedisServer::start().await;
+    let (api_dir, worker_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (api_port, worker_port) = (free_port(), free_port());
+    let (url, api_listen, worker_listen) =
+        (redis.url(), format!("127.0.0.1:{api_port}"), format!("127.0.0.1:{worker_port}"));
+    let allow = ["--fetch-allow", "127.0.0.1", "--fetch-allow-http", "--otlp-endpoint", &endpoint];
+    let api_args = ["serve", "--queue", &url, "--workers", "0", "--listen", &api_listen];
+    let _api =
+        Process::spawn(&[&api_args[..], &["--data-dir", api_dir.path().to_str().unwrap()], &allow].concat());
+    let worker_args =
+        ["worker", "--queue", &url, "--name", "traced", "--listen", &worker_listen, "--intra-threads", "1"];
+    let _worker = Process::spawn(
+        &[&worker_args[..], &["--data-dir", worker_dir.path().to_str().unwrap()], &allow].concat(),
+    );
+    let base = format!("http://{api_listen}");
+    let client = reqwest::Client::new();
+    let mut ready = false;
+    for _ in 0..2400 {
+        if client.get(format!("{base}/healthcheck")).send().await.is_ok_and(|r| r.status() == 200) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the API node never saw its worker");
+
+    let (hook_url, hooks) = webhook_receiver().await;
+    let (trace_id, client_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let response = client
+        .post(format!("{base}/v1/generate"))
+        .header("traceparent", format!("00-{trace_id}-{client_span}-01"))
+        .json(&json!({"prompt": "a desk with a lamp", "num_inference_steps": 2, "width": 64, "height": 64,
+                      "webhook_url": hook_url, "webhook_events": ["completed"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let task_id = response.json::<Value>().await.unwrap()["task_id"].as_str().unwrap().to_string();
+    let mut result = Value::Null;
+    for _ in 0..1200 {
+        result =
+            client.get(format!("{base}/v1/result/{task_id}")).send().await.unwrap().json().await.unwrap();
+        if result["status"] == "done" || result["status"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(result["status"], "done", "{result}");
+
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let wanted =
+        ["request", "queue_wait", "task", "text_encode", "unet", "vae", "upload", "shopping", "webhook"];
+    let mut spans: Vec<(String, collector::Span)> = Vec::new();
+    for _ in 0..200 {
+        spans =
+            received.lock().unwrap().iter().filter(|(_, s)| hex(&s.trace_id) == trace_id).cloned().collect();
+        if wanted.iter().all(|name| spans.iter().any(|(_, s)| s.name == *name)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let named = |name: &str| {
+        spans.iter().find(|(_, s)| s.name == name).unwrap_or_else(|| {
+            let all: Vec<(String, String, String)> = received
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(r, s)| (r.clone(), s.name.clone(), hex(&s.trace_id)))
+                .collect();
+            panic!(
+                "no {name} span in the trace: {:?}; all: {all:?}",
+                spans.iter().map(|(r, s)| (r, &s.name)).collect::<Vec<_>>()
+            )
+        })
+    };
+    let (role, request) = named("request");
+    assert_eq!(
+        (role.as_str(), hex(&request.parent_span_id).as_str()),
+        ("api", client_span),
+        "the client's span is the parent"
+    );
+    let (role, task) = named("task");
+    assert_eq!(role, "worker");
+    assert_eq!(task.parent_span_id, request.span_id, "the task continues the request that accepted it");
+    for name in ["queue_wait", "text_encode", "unet", "vae", "upload", "shopping", "webhook"] {
+        let (role, span) = named(name);
+        assert_eq!((role.as_str(), &span.parent_span_id), ("worker", &task.span_id), "{name}");
+    }
+    assert!(spans.iter().all(|(_, s)| s.name != "lora"), "no adapter, no merge span");
+    let starts: Vec<u64> = ["queue_wait", "text_encode", "unet", "vae", "upload"]
+        .iter()
+        .map(|n| named(n).1.start_time_unix_nano)
+        .collect();
+    assert!(starts.windows(2).all(|w| w[0] <= w[1]), "stages in order: {starts:?}");
+    let traceparent =
+        hooks.lock().unwrap().first().cloned().flatten().expect("the webhook came with a traceparent");
+
+    // Over gRPC the trace comes in the request's metadata.
+    let (grpc_trace, grpc_span) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let channel = tonic::transport::Endpoint::from_shared(base.clone()).unwrap().connect().await.unwrap();
+    let mut request = tonic::Request::new(pb::GenerateRequest {
+        prompt: Some("desk".into()),
+        num_inference_steps: Some(1),
+        ..Default::default()
+    });
+    request.metadata_mut().insert("traceparent", format!("00-{grpc_trace}-{grpc_span}-01").parse().unwrap());
+    pb::generate_client::GenerateClient::new(channel).generate(request).await.unwrap();
+    let mut parent = None;
+    for _ in 0..200 {
+        parent = received
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, s)| s.name == "request" && hex(&s.trace_id) == grpc_trace)
+            .map(|(_, s)| hex(&s.parent_span_id));
+        if parent.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(parent.as_deref(), Some(grpc_span), "the gRPC request span continues the client's trace");
+    assert!(
+        traceparent.starts_with(&format!("00-{trace_id}-{}", hex(&named("webhook").1.span_id))),
+        "{traceparent}"
+    );
 }

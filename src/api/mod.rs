@@ -214,6 +214,7 @@ impl AppState {
             // Whichever worker claims it runs the model it was checked against.
             request.model.get_or_insert_with(|| info.default_model().name.clone());
         }
+        request.trace = crate::telemetry::current_traceparent();
         if request.priority < caller.max_priority {
             return Err(ApiError::Forbidden(format!(
                 "This API key may ask for priority {} at most; this request asks for {}.",
@@ -559,9 +560,25 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
     response
 }
 
-/// Wraps `router` with request metrics.
+/// Runs each request in a span (when traces are exported) whose parent is the client's W3C
+/// `traceparent` header, or gRPC metadata entry, if it sent one.
+pub async fn trace_requests(request: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
+    // Probes and scrapes would be a trace each, every few seconds.
+    if route == "/healthcheck" || route == "/metrics" {
+        return next.run(request).await;
+    }
+    let span = tracing::info_span!("request", method = %request.method(), route = %route);
+    let traceparent = request.headers().get("traceparent").and_then(|v| v.to_str().ok());
+    crate::telemetry::adopt(&span, traceparent);
+    next.run(request).instrument(span).await
+}
+
+/// Wraps `router` with request metrics, and with request spans when traces are exported.
 pub fn with_request_metrics(router: Router) -> Router {
-    router.layer(middleware::from_fn(track_requests))
+    let router = router.layer(middleware::from_fn(track_requests));
+    if crate::telemetry::enabled() { router.layer(middleware::from_fn(trace_requests)) } else { router }
 }
 
 #[cfg(test)]

@@ -274,6 +274,10 @@ pub struct ServeConfig {
     /// How long clients may take to send a request.
     #[command(flatten)]
     pub read_timeouts: ReadTimeouts,
+    /// OpenTelemetry collector to export traces to over OTLP/gRPC, e.g. http://127.0.0.1:4317
+    /// (none: no traces).
+    #[arg(long, env = "DESKGEN_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Models, object store, photo fetching and shopping.
     #[command(flatten)]
     pub pipeline: PipelineConfig,
@@ -295,6 +299,10 @@ pub struct WorkerConfig {
     /// Name in metrics and logs; unique per worker process (default: the host name).
     #[arg(long, env = "DESKGEN_WORKER_NAME")]
     pub name: Option<String>,
+    /// OpenTelemetry collector to export traces to over OTLP/gRPC, e.g. http://127.0.0.1:4317
+    /// (none: no traces).
+    #[arg(long, env = "DESKGEN_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// How long clients may take to send a request.
     #[command(flatten)]
     pub read_timeouts: ReadTimeouts,

@@ -196,6 +196,10 @@ pub struct GenerateRequest {
     /// Records from before it existed read as none.
     #[serde(default)]
     pub model: Option<String>,
+    /// The W3C `traceparent` of the span that accepted it, when traces are exported: the worker's
+    /// spans join that trace. Records from before it existed read as none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
     /// Images to draw, in one batch, from seeds `seed`, `seed + 1`, … Records from before it
     /// existed read as one.
     #[serde(default = "one_image")]
@@ -287,6 +291,7 @@ impl GenerateRequest {
             user_text: Some("a desk".into()),
             negative_prompt: None,
             model: None,
+            trace: None,
             num_images: DEFAULT_IMAGES,
             preview_every: DEFAULT_PREVIEW_EVERY,
             priority: Priority::Normal,

@@ -223,6 +223,7 @@ pub fn validate(
         user_text,
         negative_prompt: input.negative_prompt,
         model: input.model,
+        trace: None,
         num_images: num_images as u32,
         preview_every: preview_every as u32,
         priority,

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
@@ -283,6 +284,11 @@ impl Pipeline for DeskPipeline {
         let shopped =
             shopping.await.map_err(|e| Failure::new(FailureCode::Internal, format!("shopping task: {e}")))?;
         output.timings_ms.insert("shopping".into(), shopped.ms);
+        crate::telemetry::past_span(
+            "shopping",
+            shopped.started,
+            Duration::from_secs_f64(shopped.ms / 1000.0),
+        );
         output.recommendations = shopped.recommendations;
         output.warnings.extend(shopped.warnings);
         Ok(output)

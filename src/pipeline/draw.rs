@@ -307,6 +307,19 @@ impl Painter {
         }
         timings.insert("vae".into(), stages.vae_ms);
         timings.insert("encode_png".into(), encode_ms);
+        let ms = |ms: f64| std::time::Duration::from_secs_f64(ms / 1000.0);
+        let merge = if with_loras { Some(("lora", ms(stages.lora_ms))) } else { None };
+        let spans: Vec<(&str, std::time::Duration)> = merge
+            .into_iter()
+            .chain([
+                ("text_encode", ms(stages.text_encode_ms)),
+                // ControlNet runs inside the loop, step by step with the UNet.
+                ("unet", ms(stages.unet_ms + stages.controlnet_ms)),
+                ("vae", ms(stages.vae_ms)),
+                ("encode_png", ms(encode_ms)),
+            ])
+            .collect();
+        crate::telemetry::back_to_back(&spans, std::time::SystemTime::now());
         Ok(drawn)
     }
 

@@ -57,6 +57,9 @@ pub trait Pipeline: Send + Sync + 'static {
 }
 
 /// Adds the time since `since` to `stage`'s entry of the result's timings, in milliseconds.
+/// With traces exported, the stage also becomes a span of the task's trace.
 fn record_ms(timings: &mut std::collections::BTreeMap<String, f64>, stage: &str, since: std::time::Instant) {
-    *timings.entry(stage.to_string()).or_default() += since.elapsed().as_secs_f64() * 1000.0;
+    let took = since.elapsed();
+    *timings.entry(stage.to_string()).or_default() += took.as_secs_f64() * 1000.0;
+    crate::telemetry::past_span(stage, std::time::SystemTime::now() - took, took);
 }

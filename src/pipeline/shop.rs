@@ -1,7 +1,7 @@
 //! The shop stage: offers for every recommended category at once; failures become warnings.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use super::plan::Category;
 use crate::core::{Recommendation, RecommendationReason};
@@ -13,6 +13,8 @@ pub struct Shopped {
     pub recommendations: Vec<Recommendation>,
     /// One line per category whose lookup failed.
     pub warnings: Vec<String>,
+    /// When the lookups started.
+    pub started: SystemTime,
     /// How long the lookups took, in ms.
     pub ms: f64,
 }
@@ -29,7 +31,7 @@ pub struct Lookup {
 
 /// Looks up every category at once, keeping `per_category` offers of each.
 pub async fn shop(provider: Arc<dyn ShoppingProvider>, lookups: Vec<Lookup>, per_category: usize) -> Shopped {
-    let started = Instant::now();
+    let (started, at) = (Instant::now(), SystemTime::now());
     let lookups = lookups.into_iter().map(|Lookup { category, reason, queries }| {
         let provider = provider.clone();
         async move {
@@ -59,5 +61,5 @@ pub async fn shop(provider: Arc<dyn ShoppingProvider>, lookups: Vec<Lookup>, per
             Err(e) => warnings.push(format!("Shopping lookup for {} failed: {e}", category.display)),
         }
     }
-    Shopped { recommendations, warnings, ms: started.elapsed().as_secs_f64() * 1000.0 }
+    Shopped { recommendations, warnings, started: at, ms: started.elapsed().as_secs_f64() * 1000.0 }
 }

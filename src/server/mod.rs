@@ -21,6 +21,7 @@ use crate::config::{ServeConfig, WorkerConfig};
 use crate::pipeline::{Pipeline, Services};
 
 pub use listener::metrics_handle;
+pub use queue::host_name;
 
 /// Builds the pipeline over the node's outside services; runs on a blocking thread while the
 /// listener already answers health checks.

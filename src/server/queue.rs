@@ -58,7 +58,7 @@ pub(super) async fn open_for_worker(
 }
 
 /// This host's name, for worker names and Redis consumer names.
-pub(super) fn host_name() -> String {
+pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())

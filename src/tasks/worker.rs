@@ -49,9 +49,14 @@ pub async fn worker_task(
             tokio::spawn(progress_task(queue.clone(), webhooks.clone(), claimed.record.clone(), updates));
         let preview_forwarder = tokio::spawn(preview_task(queue.clone(), task_id.clone(), previews));
         tracing::info!(%task_id, attempt = claimed.record.attempts, worker = %name, "task started");
-        notify(&webhooks, &claimed.record, WebhookEvent::Start);
-        let span = tracing::info_span!("task", %task_id);
-        let outcome = pipeline.run(&claimed.record.request, &ctx).instrument(span).await;
+        let span = tracing::info_span!("task", %task_id, attempt = claimed.record.attempts, worker = %name);
+        crate::telemetry::adopt(&span, claimed.record.request.trace.as_deref());
+        span.in_scope(|| {
+            let waited = (chrono::Utc::now() - claimed.record.created_at).to_std().unwrap_or_default();
+            crate::telemetry::past_span("queue_wait", std::time::SystemTime::now() - waited, waited);
+            notify(&webhooks, &claimed.record, WebhookEvent::Start);
+        });
+        let outcome = pipeline.run(&claimed.record.request, &ctx).instrument(span.clone()).await;
         let outcome = match (outcome, ctx.check()) {
             // A stage that noticed cancellation late still ends the task as canceled.
             (Err(_), Err(interrupted)) => Err(interrupted),
@@ -73,7 +78,7 @@ pub async fn worker_task(
                 }
             }
             tracing::info!(%task_id, status = record.status.as_str(), secs, "task finished");
-            notify(&webhooks, &record, WebhookEvent::Completed);
+            span.in_scope(|| notify(&webhooks, &record, WebhookEvent::Completed));
         }
     }
     tracing::debug!(worker = %name, "worker stopped");
