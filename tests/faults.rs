@@ -682,7 +682,6 @@ async fn redis_mode_kill_9_of_a_worker_mid_task_is_taken_over() {
     let data = tempfile::tempdir().unwrap();
     let queue = ["--queue", redis.url.as_str(), "--visibility-timeout", "2s"];
     let mut api = Process::spawn(&data.path().join("api"), &[&queue[..], &["--workers", "0"]].concat(), &[]);
-    api.wait_ready().await;
     let mut doomed = Process::spawn_command(
         "worker",
         &data.path().join("doomed"),
@@ -690,6 +689,8 @@ async fn redis_mode_kill_9_of_a_worker_mid_task_is_taken_over() {
         &[],
     );
     doomed.wait_ready().await;
+    // The API node loads no models: it is ready once a worker is live.
+    api.wait_ready().await;
     let task_id = api.submit(json!({"prompt": "a tidy desk", "num_inference_steps": 30, "seed": 5})).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while api.result(&task_id).await["status"] != "processing" {

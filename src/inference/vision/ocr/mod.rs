@@ -133,8 +133,17 @@ pub struct Ocr {
     models: Vec<ModelFile>,
 }
 
-fn failed(model: &'static str) -> impl Fn(ort::Error) -> VisionError {
-    move |e| VisionError::Inference { model, reason: e.to_string() }
+/// Runs `session` (the `model`) on `input`: its first output's shape and values.
+fn run(
+    session: &mut Session,
+    model: &'static str,
+    input: &Array4<f32>,
+) -> Result<(Vec<usize>, Vec<f32>), VisionError> {
+    let fail = |e: ort::Error| VisionError::Inference { model, reason: e.to_string() };
+    let outputs =
+        session.run(ort::inputs![TensorRef::from_array_view(input.view()).map_err(fail)?]).map_err(fail)?;
+    let (shape, values) = outputs[0].try_extract_tensor::<f32>().map_err(fail)?;
+    Ok((shape.iter().map(|&d| d as usize).collect(), values.to_vec()))
 }
 
 impl Ocr {
@@ -226,13 +235,8 @@ impl Ocr {
         let ratio = if w.min(h) < DETECTION_MIN_SIDE { DETECTION_MIN_SIDE / w.min(h) } else { 1.0 };
         let (nw, nh) = (multiple_of_32(w * ratio), multiple_of_32(h * ratio));
         let input = bgr_tensor(&[&resize_linear(image, nw, nh)], nw);
-        let fail = failed("ocr detector");
-        let outputs = self
-            .detector
-            .run(ort::inputs![TensorRef::from_array_view(input.view()).map_err(&fail)?])
-            .map_err(&fail)?;
-        let (shape, map) = outputs[0].try_extract_tensor::<f32>().map_err(&fail)?;
-        let (mh, mw) = (shape[2] as usize, shape[3] as usize);
+        let (shape, map) = run(&mut self.detector, "ocr detector", &input)?;
+        let (mh, mw) = (shape[2], shape[3]);
         let found = db::boxes(&map[..mh * mw], mw, mh, image.dimensions(), &self.config.db);
         let (iw, ih) = (image.width() as f32, image.height() as f32);
         let mut boxes: Vec<[Point; 4]> = found
@@ -250,7 +254,6 @@ impl Ocr {
     /// Turns each line the classifier is sure is upside down half round.
     fn turn_upright(&mut self, crops: &mut [RgbImage]) -> Result<(), VisionError> {
         let order = by_aspect(crops);
-        let fail = failed("ocr classifier");
         for batch in order.chunks(BATCH) {
             let (height, max_width) = CLS_SHAPE;
             let resized: Vec<RgbImage> = batch
@@ -263,11 +266,7 @@ impl Ocr {
                 })
                 .collect();
             let input = bgr_tensor(&resized.iter().collect::<Vec<_>>(), max_width);
-            let outputs = self
-                .classifier
-                .run(ort::inputs![TensorRef::from_array_view(input.view()).map_err(&fail)?])
-                .map_err(&fail)?;
-            let (_, probs) = outputs[0].try_extract_tensor::<f32>().map_err(&fail)?;
+            let (_, probs) = run(&mut self.classifier, "ocr classifier", &input)?;
             for (k, &i) in batch.iter().enumerate() {
                 let (upright, flipped) = (probs[2 * k], probs[2 * k + 1]);
                 if flipped > upright && flipped > UPSIDE_DOWN_SCORE {
@@ -292,13 +291,8 @@ impl Ocr {
             })
             .collect();
         let input = bgr_tensor(&resized.iter().collect::<Vec<_>>(), batch_width);
-        let fail = failed("ocr recognizer");
-        let outputs = self
-            .recognizer
-            .run(ort::inputs![TensorRef::from_array_view(input.view()).map_err(&fail)?])
-            .map_err(&fail)?;
-        let (shape, probs) = outputs[0].try_extract_tensor::<f32>().map_err(&fail)?;
-        let (steps, classes) = (shape[1] as usize, shape[2] as usize);
+        let (shape, probs) = run(&mut self.recognizer, "ocr recognizer", &input)?;
+        let (steps, classes) = (shape[1], shape[2]);
         if classes != self.characters.len() {
             return Err(VisionError::Model {
                 model: "ocr recognizer",
