@@ -277,7 +277,13 @@ impl TaskQueue for MemoryQueue {
     }
 
     async fn queue_position(&self, task_id: &str) -> Result<Option<usize>, BackendError> {
-        Ok(self.lock().queue.position(task_id))
+        let state = self.lock();
+        let Some(live) = state.tasks.get(task_id) else { return Ok(None) };
+        let (priority, client) = {
+            let record = live.record.borrow();
+            (record.request.priority, record.client.clone())
+        };
+        Ok(state.queue.position_at(task_id, priority, &client))
     }
 
     /// Tasks waiting in the queue.

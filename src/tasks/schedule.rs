@@ -147,11 +147,48 @@ impl Schedule {
 
     /// Where a waiting task stands: 1 when it runs next, given what waits now.
     pub fn position(&self, task_id: &str) -> Option<usize> {
-        if !self.levels.iter().any(|level| level.waiting.values().any(|q| q.iter().any(|id| id == task_id))) {
-            return None;
+        let (rank, client) = self.levels.iter().enumerate().find_map(|(rank, level)| {
+            let (client, _) = level.waiting.iter().find(|(_, queue)| queue.iter().any(|id| id == task_id))?;
+            Some((rank, client.as_str()))
+        })?;
+        self.position_at(task_id, Priority::ALL[rank], client)
+    }
+
+    /// [`Schedule::position`] of a task known to have been queued at `priority` by `client`:
+    /// only that client's tasks at that level are looked through. The pops before it are counted
+    /// without copying a task id: per level, the clients in turn with how many tasks each has.
+    pub fn position_at(&self, task_id: &str, priority: Priority, client: &str) -> Option<usize> {
+        let rank = priority.rank();
+        let mut before = self.levels[rank].waiting.get(client)?.iter().position(|id| id == task_id)?;
+        let mut turns: [VecDeque<(&str, usize)>; 3] = std::array::from_fn(|r| {
+            let level = &self.levels[r];
+            level.turns.iter().map(|c| (c.as_str(), level.waiting[c].len())).collect()
+        });
+        let mut passed = self.passed;
+        for popped in 1.. {
+            let waiting = |turns: &[VecDeque<(&str, usize)>; 3], r: usize| !turns[r].is_empty();
+            let level = (0..turns.len())
+                .filter(|&r| waiting(&turns, r))
+                .find(|&r| passed[r] >= self.bound)
+                .or_else(|| (0..turns.len()).find(|&r| waiting(&turns, r)))?;
+            let (next, left) = turns[level].pop_front().expect("a waiting level has a client in turn");
+            if level == rank && next == client {
+                if before == 0 {
+                    return Some(popped);
+                }
+                before -= 1;
+            }
+            if left > 1 {
+                turns[level].push_back((next, left - 1));
+            }
+            passed[level] = 0;
+            for (lower, count) in passed.iter_mut().enumerate().skip(level + 1) {
+                if waiting(&turns, lower) {
+                    *count += 1;
+                }
+            }
         }
-        let mut ahead = self.clone();
-        (1..).find(|_| ahead.pop().is_none_or(|id| id == task_id))
+        None
     }
 
     /// The level served next: the highest waiting level passed over `bound` times, else the
@@ -235,6 +272,22 @@ mod tests {
         assert_eq!(schedule.position("low"), Some(4));
         assert_eq!(schedule.position("gone"), None);
         assert_eq!(schedule.len(), 4, "telling a place takes nothing off the queue");
+        assert_eq!(schedule.position_at("a2", Priority::Normal, "a"), Some(3));
+        assert_eq!(schedule.position_at("a2", Priority::Normal, "b"), None, "not that client's");
+    }
+
+    #[test]
+    fn positions_agree_with_the_order_tasks_are_taken_in_past_the_starvation_bound() {
+        let mut schedule = Schedule::new(2);
+        for i in 0..6 {
+            schedule.push(Priority::High, if i % 2 == 0 { "a" } else { "b" }, format!("high-{i}"));
+            schedule.push(Priority::Normal, "a", format!("normal-{i}"));
+        }
+        schedule.push(Priority::Low, "c", "low".into());
+        let order = drain(&mut schedule.clone());
+        for (place, task_id) in order.iter().enumerate() {
+            assert_eq!(schedule.position(task_id), Some(place + 1), "{task_id} in {order:?}");
+        }
     }
 
     #[test]
