@@ -30,6 +30,8 @@ pub struct Journal {
     file: File,
     /// Bytes of whole entries in `file`.
     len: u64,
+    /// The entry being written, kept to reuse its allocation.
+    line: Vec<u8>,
 }
 
 impl Journal {
@@ -43,14 +45,16 @@ impl Journal {
         records.extend(read_entries(&path)?);
         let file = open_append(&path)?;
         let len = file.metadata().map_err(|e| journal_err(&path, e))?.len();
-        Ok((Journal { path, rotated, file, len }, records))
+        Ok((Journal { path, rotated, file, len, line: Vec::new() }, records))
     }
 
-    /// Appends one task; once this returns, a crash of the process cannot lose it.
-    pub fn append(&mut self, record: &TaskRecord) -> Result<(), StoreError> {
-        let mut line = serde_json::to_vec(record).map_err(|e| journal_err(&self.path, e))?;
+    /// Appends one task's JSON record; once this returns, a crash of the process cannot lose it.
+    pub fn append(&mut self, json: &[u8]) -> Result<(), StoreError> {
+        let line = &mut self.line;
+        line.clear();
+        line.extend_from_slice(json);
         line.push(b'\n');
-        if let Err(e) = self.file.write_all(&line) {
+        if let Err(e) = self.file.write_all(line) {
             // A part written before the error (a full disk) would run into the next entry and take
             // it down with it when replayed: cut it off.
             let _ = self.file.set_len(self.len);
@@ -122,8 +126,9 @@ mod tests {
     use super::*;
     use crate::core::GenerateRequest;
 
-    fn record(id: &str) -> TaskRecord {
-        TaskRecord::new(id.to_string(), GenerateRequest::a_desk(1), String::new())
+    fn record(id: &str) -> Vec<u8> {
+        serde_json::to_vec(&TaskRecord::new(id.to_string(), GenerateRequest::a_desk(1), String::new()))
+            .unwrap()
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! task is journaled before it is acknowledged and committed to the store at the next checkpoint
 //! (see [`super::journal`]); every later change of status is committed before it is published.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::journal::{CHECKPOINT_INTERVAL, Journal};
 use super::previews::PreviewHub;
 use super::schedule::Schedule;
+use super::store::{Stored, Submission, encode};
 use super::{
     BackendError, CancelError, Claimed, StoreError, SubmitError, TaskQueue, TaskRecord, TaskStatus,
     TaskStore, WorkerQueue, new_task_id,
@@ -29,6 +30,8 @@ use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest, Preview
 struct Live {
     record: watch::Sender<TaskRecord>,
     cancel: CancellationToken,
+    /// Its submission number while it waits in the store's `queued` table.
+    queued: Option<u64>,
 }
 
 struct HubState {
@@ -38,7 +41,9 @@ struct HubState {
     queue: Schedule,
     journal: Journal,
     /// Tasks appended to the journal since the last checkpoint, as submitted.
-    journaled: Vec<TaskRecord>,
+    journaled: Vec<Submission>,
+    /// The next submission's number.
+    next_number: u64,
 }
 
 /// The embedded task queue and store.
@@ -68,8 +73,8 @@ fn lock(state: &Mutex<HubState>) -> std::sync::MutexGuard<'_, HubState> {
 }
 
 /// Commits the tasks journaled since the last checkpoint to the store in one transaction (one disk
-/// flush). A task that has since been claimed, canceled or finished is in the store already, newer,
-/// and stays as it is. On failure the tasks stay journaled for the next try.
+/// flush). A task that has since been claimed or canceled is in the store already, newer, and stays
+/// as it is. On failure the tasks stay journaled for the next try.
 fn checkpoint(store: &TaskStore, state: &Mutex<HubState>) {
     let records = {
         let mut hub = lock(state);
@@ -82,7 +87,7 @@ fn checkpoint(store: &TaskStore, state: &Mutex<HubState>) {
         }
         std::mem::take(&mut hub.journaled)
     };
-    match store.insert_missing(&records) {
+    match store.append_queued(&records) {
         Ok(()) => {
             if let Err(e) = lock(state).journal.checkpointed() {
                 tracing::warn!(error = %e, "cannot remove a checkpointed journal");
@@ -119,17 +124,27 @@ impl MemoryQueue {
     ) -> Result<MemoryQueue, StoreError> {
         let store = TaskStore::open(dir)?;
         let (mut journal, journaled) = Journal::open(dir)?;
-        store.insert_missing(&journaled)?;
+        let mut stored = store.load_all()?;
+        let mut next_number = stored.iter().filter_map(|s| s.queued).max().map_or(0, |n| n + 1);
+        // What a checkpoint had committed before the process stopped is stored already.
+        let known: HashSet<String> = stored.iter().map(|s| s.record.task_id.clone()).collect();
+        let mut replayed = Vec::new();
+        for record in journaled.into_iter().filter(|record| !known.contains(&record.task_id)) {
+            replayed.push(Submission::new(next_number, &record)?);
+            stored.push(Stored { record, queued: Some(next_number) });
+            next_number += 1;
+        }
+        store.append_queued(&replayed)?;
         journal.reset()?;
+        stored.sort_by_key(|s| s.record.created_at);
         let mut state = HubState {
             tasks: HashMap::new(),
             queue: Schedule::new(starvation_bound),
             journal,
             journaled: Vec::new(),
+            next_number,
         };
-        let mut records = store.load_all()?;
-        records.sort_by_key(|record| record.created_at);
-        for mut record in records {
+        for Stored { mut record, queued } in stored {
             match record.status {
                 TaskStatus::Queued => {
                     state.queue.push(record.request.priority, &record.client, record.task_id.clone())
@@ -138,7 +153,7 @@ impl MemoryQueue {
                     tracing::warn!(task_id = %record.task_id, "task was interrupted; running it again");
                     record.status = TaskStatus::Queued;
                     record.progress = None;
-                    store.put(&record)?;
+                    store.put(&record, None)?;
                     state.queue.push(record.request.priority, &record.client, record.task_id.clone());
                 }
                 TaskStatus::Processing => {
@@ -149,13 +164,14 @@ impl MemoryQueue {
                         code: FailureCode::Internal,
                         message: format!("Interrupted {} times; not retried again.", record.attempts),
                     });
-                    store.put(&record)?;
+                    store.put(&record, None)?;
                     continue;
                 }
                 TaskStatus::Done | TaskStatus::Failed | TaskStatus::Canceled => continue,
             }
             let (tx, _) = watch::channel(record.clone());
-            state.tasks.insert(record.task_id.clone(), Live { record: tx, cancel: CancellationToken::new() });
+            let live = Live { record: tx, cancel: CancellationToken::new(), queued };
+            state.tasks.insert(record.task_id.clone(), live);
         }
         metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
         let store = Arc::new(store);
@@ -185,7 +201,7 @@ impl MemoryQueue {
         let mut state = self.lock();
         while let Some(task_id) = state.queue.pop() {
             metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
-            let Some(live) = state.tasks.get(&task_id) else { continue };
+            let Some(live) = state.tasks.get_mut(&task_id) else { continue };
             let mut record = live.record.borrow().clone();
             if record.status != TaskStatus::Queued {
                 continue;
@@ -194,11 +210,12 @@ impl MemoryQueue {
             record.attempts += 1;
             record.started_at = Some(Utc::now());
             record.progress = Some(Progress { stage: "queued".into(), step: 0, steps: 0 });
-            if let Err(e) = self.store.put(&record) {
+            if let Err(e) = self.store.put(&record, live.queued) {
                 tracing::error!(error = %e, %task_id, "cannot persist task start; leaving it queued");
                 state.queue.unpop(record.request.priority, &record.client, task_id);
                 return None;
             }
+            live.queued = None;
             live.record.send_replace(record.clone());
             let cancel = live.cancel.clone();
             // More work may be waiting; let another idle worker look.
@@ -225,32 +242,37 @@ impl TaskQueue for MemoryQueue {
         request: GenerateRequest,
         client: String,
     ) -> Result<(TaskRecord, bool), SubmitError> {
+        // Everything that needs no lock is done before taking it.
+        let chosen = task_id.is_some();
+        let task_id = task_id.unwrap_or_else(new_task_id);
+        let record = TaskRecord::new(task_id.clone(), request, client);
+        let json = encode(&record).map_err(BackendError::from)?;
+        let (sender, _) = watch::channel(record.clone());
         let mut state = self.lock();
-        let task_id = match task_id {
-            Some(task_id) => {
-                if let Some(live) = state.tasks.get(&task_id) {
-                    return Ok((live.record.borrow().clone(), false));
-                }
-                if let Some(record) = self.store.get(&task_id).map_err(BackendError::from)? {
-                    return Ok((record, false));
-                }
-                task_id
+        if chosen {
+            if let Some(live) = state.tasks.get(&task_id) {
+                return Ok((live.record.borrow().clone(), false));
             }
-            None => new_task_id(),
-        };
+            if let Some(record) = self.store.get(&task_id).map_err(BackendError::from)? {
+                return Ok((record, false));
+            }
+        }
         if state.queue.len() >= self.capacity {
+            drop(state);
             metrics::counter!("deskgen_tasks_rejected_total").increment(1);
             return Err(SubmitError::QueueFull(self.capacity));
         }
-        let record = TaskRecord::new(task_id.clone(), request, client);
+        let number = state.next_number;
         // Acknowledged only once journaled: a kill -9 loses nothing that was acknowledged.
-        state.journal.append(&record).map_err(BackendError::from)?;
-        state.journaled.push(record.clone());
-        let (tx, _) = watch::channel(record.clone());
-        state.tasks.insert(task_id.clone(), Live { record: tx, cancel: CancellationToken::new() });
+        state.journal.append(&json).map_err(BackendError::from)?;
+        state.next_number += 1;
+        state.journaled.push(Submission { number, task_id: task_id.clone(), json });
+        let live = Live { record: sender, cancel: CancellationToken::new(), queued: Some(number) };
+        state.tasks.insert(task_id.clone(), live);
         state.queue.push(record.request.priority, &record.client, task_id);
-        metrics::counter!("deskgen_tasks_submitted_total").increment(1);
         metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
+        drop(state);
+        metrics::counter!("deskgen_tasks_submitted_total").increment(1);
         self.work_available.notify_one();
         Ok((record, true))
     }
@@ -313,7 +335,7 @@ impl TaskQueue for MemoryQueue {
                 record.status = TaskStatus::Canceled;
                 record.completed_at = Some(Utc::now());
                 record.error = Some(Failure::canceled());
-                self.store.put(&record).map_err(BackendError::from)?;
+                self.store.put(&record, live.queued).map_err(BackendError::from)?;
                 live.record.send_replace(record.clone());
                 state.tasks.remove(task_id);
                 state.queue.remove(task_id);
@@ -377,7 +399,7 @@ impl WorkerQueue for MemoryQueue {
         let live = state.tasks.get(task_id)?;
         let mut record = live.record.borrow().clone();
         record.complete(outcome);
-        let stored = self.store.put(&record);
+        let stored = self.store.put(&record, live.queued);
         if let Err(e) = &stored {
             tracing::error!(error = %e, %task_id, "cannot persist the final state of a task; keeping it in memory");
         }
