@@ -53,6 +53,17 @@ async fn read_generate(state: &AppState, request: Request) -> Result<(GenerateIn
     // Only an inline image earns a body beyond the usual limit: a larger body that is not a request
     // with `initial_image` or `mask_image` is too large, whatever else is wrong with it.
     let oversized = body.len() > state.max_body_bytes;
+    // The common case, an object that parses, is read once; what fails is read again below to say
+    // what is wrong in the order the checks promise.
+    if !oversized
+        && body.trim_ascii_start().starts_with(b"{")
+        && let Ok(input) = serde_json::from_slice::<GenerateInput>(&body)
+    {
+        if input.prompt.as_deref().is_some_and(|p| p.trim().is_empty()) {
+            return Err(ApiError::EmptyPrompt);
+        }
+        return inline_photos(input);
+    }
     let too_large = || ApiError::TooLarge(state.max_body_bytes);
     let value: Value = serde_json::from_slice(&body).map_err(|e| match oversized {
         true => too_large(),
@@ -65,7 +76,11 @@ async fn read_generate(state: &AppState, request: Request) -> Result<(GenerateIn
     check_shape(&value)?;
     // From the bytes, not the parsed value: a `Value` keeps only the last of repeated keys, and a
     // proxy that read the first one would have checked a different request.
-    let mut input: GenerateInput = serde_json::from_slice(&body).map_err(invalid_body)?;
+    inline_photos(serde_json::from_slice(&body).map_err(invalid_body)?)
+}
+
+/// Takes the inline photo and mask out of `input`, decoded.
+fn inline_photos(mut input: GenerateInput) -> Result<(GenerateInput, Inline), ApiError> {
     let photo =
         input.initial_image.take().map(|text| photos::decode_inline("initial_image", &text)).transpose()?;
     let mask = input.mask_image.take().map(|text| photos::decode_inline("mask_image", &text)).transpose()?;
@@ -98,11 +113,11 @@ fn wait_preference(headers: &HeaderMap) -> Option<u64> {
 
 /// POST /v1/generate: queue a task; with `Prefer: wait=N`, answer with the result if it is ready in time.
 pub async fn generate(State(state): State<Arc<AppState>>, request: Request) -> Result<Response, ApiError> {
-    let headers = request.headers().clone();
-    let caller = authorize(&state, &headers)?;
+    let caller = authorize(&state, request.headers())?;
+    let wait = wait_preference(request.headers());
     let (input, inline) = read_generate(&state, request).await?;
     let record = state.submit(input, inline, &caller).await?;
-    if let Some(secs) = wait_preference(&headers) {
+    if let Some(secs) = wait {
         let finished = state.wait_final(&record.task_id, Duration::from_secs(secs)).await;
         if let Some(done) = finished {
             let mut response = (final_status(&done), Json(result_json(&done))).into_response();
