@@ -8,12 +8,12 @@
 //! - the Rust diffusion pipeline against the Python reference (optimum's ORTStableDiffusionPipeline)
 //!   on the same ONNX files and thread count, and the denoising loop's cost outside `session.run`;
 //! - the API under load with the workers off (`--workers 0`): REST through `wrk`, gRPC through a
-//!   small client here, at 1, 16 and 64 connections, against a minimal axum/tonic server built
-//!   here (the machine's ceiling);
+//!   small client here, at 1, 16 and 64 connections, on the embedded queue and on the Redis queue,
+//!   against a minimal axum/tonic server built here (the machine's ceiling), in rounds (medians);
 //! - resident memory idle and after each of three rounds of 1,000 tasks.
 //!
 //! Knobs (environment): BENCH_ONLY (comma list of cold,stages,vision,diffusion,api,memory,uploads), BENCH_RUNS
-//! (20), BENCH_THREADS (2), BENCH_LOAD_SECS (5), BENCH_MEMORY_TASKS (1000 per round),
+//! (20), BENCH_THREADS (2), BENCH_LOAD_SECS (5), BENCH_LOAD_ROUNDS (3), BENCH_MEMORY_TASKS (1000 per round),
 //! BENCH_MEMORY_PHASES (3 rounds), BENCH_PYTHON (the reference's interpreter; default: the export
 //! venv, created by onnx/ensure_venv.sh).
 
@@ -36,6 +36,7 @@ pub struct Settings {
     runs: usize,
     threads: usize,
     load_secs: u64,
+    load_rounds: usize,
     memory_tasks: usize,
     memory_phases: usize,
 }
@@ -52,6 +53,7 @@ impl Settings {
             runs: number("BENCH_RUNS", 20).max(1),
             threads: number("BENCH_THREADS", 2).max(1),
             load_secs: number("BENCH_LOAD_SECS", 5).max(1) as u64,
+            load_rounds: number("BENCH_LOAD_ROUNDS", 3).max(1),
             memory_tasks: number("BENCH_MEMORY_TASKS", 1000).max(1),
             memory_phases: number("BENCH_MEMORY_PHASES", 3).max(2),
         }

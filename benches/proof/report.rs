@@ -42,6 +42,7 @@ impl Report {
                 "threads": settings.threads,
                 "runs": settings.runs,
                 "load_seconds": settings.load_secs,
+                "load_rounds": settings.load_rounds,
                 "memory_tasks": settings.memory_tasks,
             }),
         );

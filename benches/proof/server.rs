@@ -27,6 +27,40 @@ impl Drop for Server {
     }
 }
 
+/// A `redis-server` on a free port without persistence; killed when dropped.
+pub struct Redis {
+    child: Child,
+    /// `redis://127.0.0.1:PORT/0`.
+    pub url: String,
+}
+
+impl Redis {
+    /// Starts it and waits until it accepts connections.
+    pub async fn start() -> anyhow::Result<Redis> {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting redis-server (apt-get install redis-server)")?;
+        let redis = Redis { child, url: format!("redis://127.0.0.1:{port}/0") };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(redis);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        bail!("redis-server never accepted connections")
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A free port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
@@ -40,13 +74,18 @@ impl Server {
     /// Starts `deskgen serve` on a free port with a fresh data directory and `args`, from the
     /// repository root so the default model paths resolve.
     pub fn spawn(args: &[&str]) -> anyhow::Result<Server> {
+        Server::spawn_command("serve", args)
+    }
+
+    /// Starts `deskgen <command>` (`serve` or `worker`) like [`Server::spawn`].
+    pub fn spawn_command(command: &str, args: &[&str]) -> anyhow::Result<Server> {
         let data = tempfile::tempdir()?;
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
         let child = Command::new(env!("CARGO_BIN_EXE_deskgen"))
             .current_dir(repo())
             .args([
-                "serve",
+                command,
                 "--listen",
                 &format!("127.0.0.1:{port}"),
                 "--image-base-url",
@@ -70,6 +109,20 @@ impl Server {
     /// Waits until `/healthcheck` answers 200 and gRPC health says SERVING; returns the time since
     /// `since`.
     pub async fn wait_ready(&mut self, since: Instant) -> anyhow::Result<Duration> {
+        let ready = self.wait_healthy(since).await?;
+        let channel = tonic::transport::Endpoint::from_shared(self.base.clone())?.connect().await?;
+        let health = HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest { service: "deskgen.v1.Generate".into() })
+            .await?
+            .into_inner();
+        if health.status() != ServingStatus::Serving {
+            bail!("HTTP health says ready but gRPC health says {:?}", health.status());
+        }
+        Ok(ready)
+    }
+
+    /// Waits until `/healthcheck` answers 200 (all a worker serves); returns the time since `since`.
+    pub async fn wait_healthy(&mut self, since: Instant) -> anyhow::Result<Duration> {
         let client = reqwest::Client::new();
         let deadline = since + Duration::from_secs(120);
         loop {
@@ -86,16 +139,7 @@ impl Server {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let ready = since.elapsed();
-        let channel = tonic::transport::Endpoint::from_shared(self.base.clone())?.connect().await?;
-        let health = HealthClient::new(channel)
-            .check(tonic_health::pb::HealthCheckRequest { service: "deskgen.v1.Generate".into() })
-            .await?
-            .into_inner();
-        if health.status() != ServingStatus::Serving {
-            bail!("HTTP health says ready but gRPC health says {:?}", health.status());
-        }
-        Ok(ready)
+        Ok(since.elapsed())
     }
 
     /// Resident set size in MiB (VmRSS).
@@ -170,18 +214,12 @@ pub async fn cold_start(settings: &Settings, report: &mut Report) -> anyhow::Res
 /// naming no file), five times: until `/healthcheck` answers (503 "no live workers": none is
 /// started), and its RSS then. Needs `redis-server` on the PATH.
 pub async fn model_free_cold_start(report: &mut Report) -> anyhow::Result<()> {
-    let port = free_port();
-    let mut redis = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting redis-server (apt-get install redis-server)")?;
-    let queue = format!("redis://127.0.0.1:{port}/0");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let redis = Redis::start().await?;
     let (mut samples, mut rss) = (Vec::new(), Vec::new());
     for _ in 0..5 {
         let started = Instant::now();
-        let server = Server::spawn(&["--queue", &queue, "--workers", "0", "--sd-model", "/no/such/model"])?;
+        let server =
+            Server::spawn(&["--queue", &redis.url, "--workers", "0", "--sd-model", "/no/such/model"])?;
         let client = reqwest::Client::new();
         loop {
             if client.get(server.url("/healthcheck")).send().await.is_ok_and(|r| r.status() == 503) {
@@ -194,7 +232,7 @@ pub async fn model_free_cold_start(report: &mut Report) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         rss.push(server.rss_mib()?);
     }
-    let _ = redis.kill();
+    drop(redis);
     let (cold, idle) = (summary(&samples), summary(&rss));
     let lines = vec![
         format!(
