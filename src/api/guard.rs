@@ -207,13 +207,9 @@ pub async fn body_deadline(State(timeout): State<Duration>, request: Request, ne
     }
     let expired = Arc::new(AtomicBool::new(false));
     let flag = expired.clone();
-    let request = request.map(|body| {
-        Body::new(DeadlineBody {
-            inner: body,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
-            expired: flag,
-        })
-    });
+    let until = tokio::time::Instant::now() + timeout;
+    let request =
+        request.map(|body| Body::new(DeadlineBody { inner: body, until, deadline: None, expired: flag }));
     let response = next.run(request).await;
     if expired.load(Ordering::Acquire) {
         return ApiError::BodyTimeout(timeout.as_secs()).into_response();
@@ -224,7 +220,11 @@ pub async fn body_deadline(State(timeout): State<Duration>, request: Request, ne
 /// A request body that fails once its deadline passes before its end.
 struct DeadlineBody {
     inner: Body,
-    deadline: Pin<Box<Sleep>>,
+    /// When the whole body must have arrived.
+    until: tokio::time::Instant,
+    /// The timer, armed the first time the body is not all there: most bodies come with their
+    /// request's head and never need one.
+    deadline: Option<Pin<Box<Sleep>>>,
     expired: Arc<AtomicBool>,
 }
 
@@ -240,7 +240,9 @@ impl http_body::Body for DeadlineBody {
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             return Poll::Ready(frame);
         }
-        if this.deadline.as_mut().poll(cx).is_ready() {
+        let until = this.until;
+        let deadline = this.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+        if deadline.as_mut().poll(cx).is_ready() {
             this.expired.store(true, Ordering::Release);
             return Poll::Ready(Some(Err(axum::Error::new("the request body did not arrive in time"))));
         }
