@@ -63,6 +63,11 @@ pub fn encode(record: &TaskRecord) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(record).map_err(db_err)
 }
 
+/// A stored record read back; `id` names it when it does not parse.
+fn decode(json: &[u8], id: impl FnOnce() -> String) -> Result<TaskRecord, StoreError> {
+    serde_json::from_slice(json).map_err(|source| StoreError::Corrupt { id: id(), source })
+}
+
 /// A stored task and, while it waits in the `queued` table, its submission number there.
 #[derive(Debug)]
 pub struct Stored {
@@ -127,9 +132,7 @@ impl TaskStore {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = tx.open_table(TASKS).map_err(db_err)?;
         let Some(value) = table.get(task_id).map_err(db_err)? else { return Ok(None) };
-        serde_json::from_slice(value.value())
-            .map(Some)
-            .map_err(|source| StoreError::Corrupt { id: task_id.to_string(), source })
+        decode(value.value(), || task_id.to_string()).map(Some)
     }
 
     /// Every stored task, oldest first.
@@ -140,8 +143,7 @@ impl TaskStore {
         let table = tx.open_table(QUEUED).map_err(db_err)?;
         for entry in table.iter().map_err(db_err)? {
             let (key, value) = entry.map_err(db_err)?;
-            let record: TaskRecord = serde_json::from_slice(value.value())
-                .map_err(|source| StoreError::Corrupt { id: format!("queued #{}", key.value()), source })?;
+            let record = decode(value.value(), || format!("queued #{}", key.value()))?;
             stored.push(Stored { record, queued: Some(key.value()) });
         }
         stored.sort_by_key(|s| s.record.created_at);
@@ -154,9 +156,7 @@ impl TaskStore {
         let mut records = Vec::new();
         for entry in table.iter().map_err(db_err)? {
             let (key, value) = entry.map_err(db_err)?;
-            let record: TaskRecord = serde_json::from_slice(value.value())
-                .map_err(|source| StoreError::Corrupt { id: key.value().to_string(), source })?;
-            records.push(record);
+            records.push(decode(value.value(), || key.value().to_string())?);
         }
         Ok(records)
     }
