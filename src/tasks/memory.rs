@@ -76,7 +76,7 @@ fn lock(state: &Mutex<HubState>) -> std::sync::MutexGuard<'_, HubState> {
 /// flush). A task that has since been claimed or canceled is in the store already, newer, and stays
 /// as it is. On failure the tasks stay journaled for the next try.
 fn checkpoint(store: &TaskStore, state: &Mutex<HubState>) {
-    let records = {
+    let submissions = {
         let mut hub = lock(state);
         if hub.journaled.is_empty() {
             return;
@@ -87,15 +87,15 @@ fn checkpoint(store: &TaskStore, state: &Mutex<HubState>) {
         }
         std::mem::take(&mut hub.journaled)
     };
-    match store.append_queued(&records) {
+    match store.append_queued(&submissions) {
         Ok(()) => {
             if let Err(e) = lock(state).journal.checkpointed() {
                 tracing::warn!(error = %e, "cannot remove a checkpointed journal");
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, tasks = records.len(), "cannot commit journaled tasks; retrying");
-            lock(state).journaled.extend(records);
+            tracing::error!(error = %e, tasks = submissions.len(), "cannot commit journaled tasks; retrying");
+            lock(state).journaled.extend(submissions);
         }
     }
 }
@@ -136,6 +136,7 @@ impl MemoryQueue {
         }
         store.append_queued(&replayed)?;
         journal.reset()?;
+        // Oldest first: the order they are queued again in.
         stored.sort_by_key(|s| s.record.created_at);
         let mut state = HubState {
             tasks: HashMap::new(),

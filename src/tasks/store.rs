@@ -135,7 +135,7 @@ impl TaskStore {
         decode(value.value(), || task_id.to_string()).map(Some)
     }
 
-    /// Every stored task, oldest first.
+    /// Every stored task, in no particular order.
     pub fn load_all(&self) -> Result<Vec<Stored>, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let mut stored: Vec<Stored> =
@@ -146,7 +146,6 @@ impl TaskStore {
             let record = decode(value.value(), || format!("queued #{}", key.value()))?;
             stored.push(Stored { record, queued: Some(key.value()) });
         }
-        stored.sort_by_key(|s| s.record.created_at);
         Ok(stored)
     }
 
@@ -196,8 +195,14 @@ mod tests {
     }
 
     fn summary(store: &TaskStore) -> Vec<(String, TaskStatus, Option<u64>)> {
-        let stored = store.load_all().unwrap();
-        stored.into_iter().map(|s| (s.record.task_id, s.record.status, s.queued)).collect()
+        let mut stored: Vec<_> = store
+            .load_all()
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.record.task_id, s.record.status, s.queued))
+            .collect();
+        stored.sort_by(|a, b| a.0.cmp(&b.0));
+        stored
     }
 
     #[test]
