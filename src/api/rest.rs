@@ -59,7 +59,7 @@ async fn read_generate(state: &AppState, request: Request) -> Result<(GenerateIn
         && body.trim_ascii_start().starts_with(b"{")
         && let Ok(input) = serde_json::from_slice::<GenerateInput>(&body)
     {
-        if input.prompt.as_deref().is_some_and(|p| p.trim().is_empty()) {
+        if blank(input.prompt.as_deref()) {
             return Err(ApiError::EmptyPrompt);
         }
         return inline_photos(input);
@@ -92,10 +92,15 @@ fn check_shape(value: &Value) -> Result<(), ApiError> {
     if !value.is_object() {
         return Err(ApiError::Malformed("The request body must be a JSON object.".into()));
     }
-    if value.get("prompt").and_then(Value::as_str).is_some_and(|p| p.trim().is_empty()) {
+    if blank(value.get("prompt").and_then(Value::as_str)) {
         return Err(ApiError::EmptyPrompt);
     }
     Ok(())
+}
+
+/// Whether a prompt was sent with nothing but whitespace in it.
+fn blank(prompt: Option<&str>) -> bool {
+    prompt.is_some_and(|p| p.trim().is_empty())
 }
 
 fn invalid_body(e: serde_json::Error) -> ApiError {
