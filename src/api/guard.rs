@@ -12,11 +12,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::time::Sleep;
@@ -109,7 +107,7 @@ impl BrowserPolicy {
     }
 
     /// Why this request may not go on, if it may not.
-    fn refusal(&self, request: &Request) -> Option<ApiError> {
+    pub fn refusal(&self, request: &Request) -> Option<ApiError> {
         let host = host(request.headers().get(header::HOST), request.uri().authority());
         if !self.allows_host(host) {
             return Some(ApiError::Forbidden(format!(
@@ -166,19 +164,6 @@ fn host_name(host: &str) -> &str {
     }
 }
 
-/// Refuses requests with a Host this server does not answer to, and state-changing requests from
-/// foreign pages while the API is open.
-pub async fn browser_guard(
-    State(policy): State<Arc<BrowserPolicy>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    match policy.refusal(&request) {
-        Some(refused) => refused.into_response(),
-        None => next.run(request).await,
-    }
-}
-
 /// Answers 415 to a body a JSON route cannot read: anything but JSON, or multipart where the
 /// route takes a photo with the request. A body-less request passes, whatever its headers.
 pub fn check_json_body(request: &Request, multipart_too: bool) -> Result<(), ApiError> {
@@ -199,22 +184,33 @@ pub fn check_json_body(request: &Request, multipart_too: bool) -> Result<(), Api
     Err(ApiError::UnsupportedMediaType(format!("This route reads {accepted}, not {essence:?}.")))
 }
 
-/// Gives every request body `timeout` to arrive in full; a body still arriving then ends with an
-/// error, and the answer is 408 with the connection closed, whatever the handler made of it.
-pub async fn body_deadline(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
+/// The deadline a request body was given by [`with_body_deadline`].
+pub struct BodyDeadline {
+    /// How long the body had.
+    pub timeout: Duration,
+    expired: Arc<AtomicBool>,
+}
+
+impl BodyDeadline {
+    /// Whether the body was still arriving when its time was up. The request is answered with 408
+    /// and the connection closed, whatever the handler made of the failed read.
+    pub fn expired(&self) -> bool {
+        self.expired.load(Ordering::Acquire)
+    }
+}
+
+/// Gives `request`'s body `timeout` from now to arrive in full; a body still arriving then ends
+/// with an error. A body-less request needs no deadline.
+pub fn with_body_deadline(request: Request, timeout: Duration) -> (Request, Option<BodyDeadline>) {
     if request.body().size_hint().exact() == Some(0) {
-        return next.run(request).await;
+        return (request, None);
     }
     let expired = Arc::new(AtomicBool::new(false));
     let flag = expired.clone();
     let until = tokio::time::Instant::now() + timeout;
     let request =
         request.map(|body| Body::new(DeadlineBody { inner: body, until, deadline: None, expired: flag }));
-    let response = next.run(request).await;
-    if expired.load(Ordering::Acquire) {
-        return ApiError::BodyTimeout(timeout.as_secs()).into_response();
-    }
-    response
+    (request, Some(BodyDeadline { timeout, expired }))
 }
 
 /// A request body that fails once its deadline passes before its end.

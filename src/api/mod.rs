@@ -1,6 +1,7 @@
 //! The API: gRPC, grpc-web and the REST bridge on one listener, over the same operations.
 
 pub mod auth;
+pub mod edge;
 pub mod errors;
 pub mod fleet;
 pub mod grpc;
@@ -12,7 +13,7 @@ pub mod rest;
 pub mod web;
 
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
@@ -26,6 +27,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
 use self::auth::{ApiKeys, Caller};
+use self::edge::Edge;
 use self::errors::ApiError;
 use self::fleet::{Fleet, WorkerEntry};
 use crate::core::request::{
@@ -543,23 +545,6 @@ pub fn rest_router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Counts requests and their latency by route and status.
-pub async fn track_requests(request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".to_string());
-    let started = Instant::now();
-    let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("deskgen_http_requests_total", "route" => route.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!("deskgen_http_request_seconds", "route" => route)
-        .record(started.elapsed().as_secs_f64());
-    response
-}
-
 /// Runs each request in a span (when traces are exported) whose parent is the client's W3C
 /// `traceparent` header, or gRPC metadata entry, if it sent one.
 pub async fn trace_requests(request: Request, next: Next) -> Response {
@@ -575,9 +560,9 @@ pub async fn trace_requests(request: Request, next: Next) -> Response {
     next.run(request).instrument(span).await
 }
 
-/// Wraps `router` with request metrics, and with request spans when traces are exported.
-pub fn with_request_metrics(router: Router) -> Router {
-    let router = router.layer(middleware::from_fn(track_requests));
+/// Wraps `router` in `edge`, and in request spans when traces are exported.
+pub fn with_edge(router: Router, edge: Edge) -> Router {
+    let router = router.layer(edge);
     if crate::telemetry::enabled() { router.layer(middleware::from_fn(trace_requests)) } else { router }
 }
 

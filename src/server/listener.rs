@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::body::Body;
-use axum::middleware;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -24,12 +23,13 @@ use tower::ServiceExt;
 
 use super::node::{Node, Ready};
 use crate::api::auth::ApiKeys;
+use crate::api::edge::Edge;
 use crate::api::fleet::{self, Fleet};
 use crate::api::grpc::pb::generate_server::GenerateServer;
 use crate::api::grpc::pb::info_server::InfoServer;
 use crate::api::grpc::pb::result_server::ResultServer;
 use crate::api::grpc::{GrpcApi, check_auth, pb};
-use crate::api::guard::{self, BrowserPolicy};
+use crate::api::guard::BrowserPolicy;
 use crate::api::{self, About, AppState, ReadyPipeline};
 use crate::config::{ReadTimeouts, ServeConfig};
 use crate::core::Limits;
@@ -151,10 +151,8 @@ pub(super) async fn api_app(
         routes = routes.merge(images);
     }
     let policy = Arc::new(BrowserPolicy::new(addr, &config.cors_allow_origins, &config.public_hosts, open));
-    let app = api::with_request_metrics(routes)
-        .layer(middleware::from_fn_with_state(config.read_timeouts.body, guard::body_deadline))
-        .layer(middleware::from_fn_with_state(policy.clone(), guard::browser_guard))
-        .layer(policy.cors());
+    let edge = Edge::guarded(policy.clone(), config.read_timeouts.body);
+    let app = api::with_edge(routes, edge).layer(policy.cors());
     let workers = config.tasks.workers;
     let ready: Ready = Box::new(move |pipeline| {
         Box::pin(async move {

@@ -11,6 +11,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use super::listener::metrics_handle;
 use super::node::{Node, Ready};
 use crate::api;
+use crate::api::edge::Edge;
 use crate::api::health::Probe;
 use crate::pipeline::Services;
 use crate::tasks::WorkerQueue;
@@ -33,11 +34,12 @@ pub(super) fn app(node: &Node, workers: usize) -> (axum::Router, Ready) {
         models_loaded: OnceLock::new(),
         metrics: metrics_handle(),
     });
-    let app = api::with_request_metrics(
+    let app = api::with_edge(
         axum::Router::new()
             .route("/healthcheck", get(health))
             .route("/metrics", get(metrics))
             .with_state(state.clone()),
+        Edge::default(),
     );
     let ready: Ready = Box::new(move |_| {
         Box::pin(async move {
