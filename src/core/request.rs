@@ -178,23 +178,26 @@ pub struct ControlRequest {
 /// A generation request after its one parse: every default filled in, `<lora:…>` tags taken out
 /// of the prompt and merged into `loras`, the scheduler resolved.
 ///
-/// The stored JSON keeps the names earlier versions wrote, so records survive an upgrade.
+/// The stored JSON keeps the names earlier versions wrote, so records survive an upgrade, and
+/// leaves out what is unset (none, or an empty list), which reads back as unset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerateRequest {
     /// Photo to start from; none means text-to-image.
-    #[serde(rename = "initial_image_url")]
+    #[serde(rename = "initial_image_url", default, skip_serializing_if = "Option::is_none")]
     pub photo: Option<PhotoSource>,
     /// The user's text as sent, `<lora:…>` tags and all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
     /// The user's text without `<lora:…>` tags, as the planner and the prompt template see it;
     /// none when absent or nothing else was there. Records from before it existed read as none.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_text: Option<String>,
     /// Negative prompt; none means the configured default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub negative_prompt: Option<String>,
     /// The Stable Diffusion model (a name from /info's `sd_models`); none means the default one.
     /// Records from before it existed read as none.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     /// The W3C `traceparent` of the span that accepted it, when traces are exported: the worker's
     /// spans join that trace. Records from before it existed read as none.
@@ -216,32 +219,40 @@ pub struct GenerateRequest {
     /// Classifier-free guidance scale.
     pub guidance_scale: f32,
     /// Output height in pixels; none means the size rule's (see `resize_mode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub height: Option<u32>,
     /// Output width in pixels; none means the size rule's (see `resize_mode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub width: Option<u32>,
     /// How the photo is shaped to the output. Records from before it existed read as `fit`.
     #[serde(default)]
     pub resize_mode: ResizeMode,
     /// img2img strength in (0, 1]; none means the default: 1 with a mask, the desk control's when
     /// that applies, else 0.75.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f32>,
     /// Seed; none means pick one at random when the task runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Scheduler; none means the model's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler: Option<SchedulerKind>,
     /// LoRA adapters to apply: the request's `loras`, then prompt tags for adapters it does not name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<LoraWeight>,
     /// ControlNet guidance: none means the pipeline's default for desk photos, empty means none.
     /// Records from before it existed read as none.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control: Option<Vec<ControlRequest>>,
     /// Inpainting: what to repaint of the photo; none repaints all of it. Records from before it
     /// existed read as none.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask: Option<MaskRequest>,
     /// Where to POST the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
     /// Which webhook events to send (all when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub webhook_events: Vec<String>,
     /// Offers per recommended category.
     pub max_items_per_category: u32,

@@ -1041,5 +1041,8 @@ mod tests {
         let back = serde_json::to_value(&request).unwrap();
         assert_eq!(back["initial_image_url"], "https://example.com/desk.jpg");
         assert_eq!(back["scheduler"], "euler");
+        // Unset fields are left out, and read back as unset.
+        assert!(back.get("negative_prompt").is_none() && back.get("loras").is_none());
+        assert_eq!(serde_json::from_value::<GenerateRequest>(back).unwrap(), request);
     }
 }

@@ -39,7 +39,8 @@ impl TaskStatus {
     }
 }
 
-/// Everything known about one task; persisted on every change of status.
+/// Everything known about one task; persisted on every change of status, without the fields that
+/// are unset.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {
     /// The task's id (client-chosen or UUID v4).
@@ -50,19 +51,24 @@ pub struct TaskRecord {
     pub request: GenerateRequest,
     /// Who submitted it: the name of the API key (empty on an open API). Tasks of different
     /// clients at one priority level take turns. Records from before it existed read as empty.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub client: String,
     /// Progress while processing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
     /// The pipeline's output once done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<GenerateOutput>,
     /// The error once failed or canceled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<Failure>,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
     /// When a worker last started it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<DateTime<Utc>>,
     /// When it reached a final state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completed_at: Option<DateTime<Utc>>,
     /// How many times a worker started it.
     pub attempts: u32,
