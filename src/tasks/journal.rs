@@ -75,7 +75,7 @@ impl Journal {
         Ok(())
     }
 
-    /// Starts a new journal file, keeping the current one aside until [`Journal::checkpointed`].
+    /// Starts a new journal file, keeping the current one aside at [`Journal::rotated`].
     /// When an earlier checkpoint failed, its file is still aside: appending goes on in the current
     /// file, which then holds entries of both the failed and the next checkpoint.
     pub fn rotate(&mut self) -> Result<(), StoreError> {
@@ -93,9 +93,9 @@ impl Journal {
         Ok(())
     }
 
-    /// Drops the file set aside by [`Journal::rotate`]: its tasks are durable in the store.
-    pub fn checkpointed(&self) -> Result<(), StoreError> {
-        remove_if_present(&self.rotated)
+    /// The file [`Journal::rotate`] sets aside; remove it once its tasks are durable in the store.
+    pub fn rotated(&self) -> &Path {
+        &self.rotated
     }
 
     /// Empties the journal once every task it held is durable in the store.
@@ -137,7 +137,8 @@ fn reserve(path: &Path, file: &File, from: u64, entry: u64) -> Result<(MmapMut, 
     Ok((window, start))
 }
 
-fn remove_if_present(path: &Path) -> Result<(), StoreError> {
+/// Removes `path`; one that is not there is removed already.
+pub fn remove_if_present(path: &Path) -> Result<(), StoreError> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != ErrorKind::NotFound => Err(journal_err(path, e)),
         _ => Ok(()),
@@ -237,7 +238,7 @@ mod tests {
         journal.append(&record("c")).unwrap();
         let (_, found) = Journal::open(dir.path()).unwrap();
         assert_eq!(found.len(), 3);
-        journal.checkpointed().unwrap();
+        remove_if_present(journal.rotated()).unwrap();
         let (_, found) = Journal::open(dir.path()).unwrap();
         assert_eq!(ids(&found), ["b", "c"]);
     }

@@ -17,7 +17,7 @@ use chrono::Utc;
 use tokio::sync::{Notify, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::journal::{CHECKPOINT_INTERVAL, Journal};
+use super::journal::{self, CHECKPOINT_INTERVAL, Journal};
 use super::previews::PreviewHub;
 use super::schedule::Schedule;
 use super::store::{Stored, Submission, encode};
@@ -76,7 +76,7 @@ fn lock(state: &Mutex<HubState>) -> std::sync::MutexGuard<'_, HubState> {
 /// flush). A task that has since been claimed or canceled is in the store already, newer, and stays
 /// as it is. On failure the tasks stay journaled for the next try.
 fn checkpoint(store: &TaskStore, state: &Mutex<HubState>) {
-    let submissions = {
+    let (submissions, rotated) = {
         let mut hub = lock(state);
         if hub.journaled.is_empty() {
             return;
@@ -85,11 +85,13 @@ fn checkpoint(store: &TaskStore, state: &Mutex<HubState>) {
             tracing::error!(error = %e, "cannot rotate the submission journal");
             return;
         }
-        std::mem::take(&mut hub.journaled)
+        (std::mem::take(&mut hub.journaled), hub.journal.rotated().to_path_buf())
     };
     match store.append_queued(&submissions) {
+        // Only this thread rotates the journal, so the file aside is removed without the lock:
+        // dropping its pages takes a while, and submissions need not wait for it.
         Ok(()) => {
-            if let Err(e) = lock(state).journal.checkpointed() {
+            if let Err(e) = journal::remove_if_present(&rotated) {
                 tracing::warn!(error = %e, "cannot remove a checkpointed journal");
             }
         }
