@@ -480,7 +480,9 @@ async fn a_full_queue_refuses_with_429_and_resource_exhausted() {
     }
     let metrics = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("deskgen_tasks_rejected_total"), "{metrics}");
-    assert!(metrics.contains("deskgen_http_requests_total"));
+    let refused = r#"deskgen_http_requests_total{route="/v1/generate",status="429"}"#;
+    assert!(metrics.contains(refused), "the refusal is counted under its route and status: {metrics}");
+    assert!(metrics.contains(r#"deskgen_http_request_seconds_count{route="/v1/generate"}"#), "{metrics}");
     server.stop().await;
 }
 

@@ -6,12 +6,14 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use metrics::{Counter, Histogram};
 use tower::{Layer, Service};
 
 use super::errors::ApiError;
@@ -35,7 +37,7 @@ impl<S> Layer<S> for Edge {
     type Service = EdgeService<S>;
 
     fn layer(&self, inner: S) -> EdgeService<S> {
-        EdgeService { edge: self.clone(), inner }
+        EdgeService { edge: self.clone(), metrics: Arc::default(), inner }
     }
 }
 
@@ -43,6 +45,8 @@ impl<S> Layer<S> for Edge {
 #[derive(Clone)]
 pub struct EdgeService<S> {
     edge: Edge,
+    /// The route's metric handles, shared by the clones that serve its requests.
+    metrics: Arc<RouteMetrics>,
     inner: S,
 }
 
@@ -62,9 +66,10 @@ where
     fn call(&mut self, request: Request) -> Self::Future {
         let started = Instant::now();
         let route = request.extensions().get::<MatchedPath>().cloned();
+        let metrics = self.metrics.clone();
         if let Some(refused) = self.edge.policy.as_ref().and_then(|policy| policy.refusal(&request)) {
             let response = refused.into_response();
-            record(route, &response, started);
+            metrics.record(route, &response, started);
             return Box::pin(std::future::ready(Ok(response)));
         }
         let (request, deadline) = match self.edge.body_timeout {
@@ -79,18 +84,54 @@ where
             {
                 response = ApiError::BodyTimeout(deadline.timeout.as_secs()).into_response();
             }
-            record(route, &response, started);
+            metrics.record(route, &response, started);
             Ok(response)
         })
     }
 }
 
-/// Counts a request and its latency by route and status.
-fn record(route: Option<MatchedPath>, response: &Response, started: Instant) {
-    let route = route.map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("deskgen_http_requests_total", "route" => route.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!("deskgen_http_request_seconds", "route" => route)
-        .record(started.elapsed().as_secs_f64());
+/// One route's request count by status and its latency, registered at its first request: looking
+/// a labelled metric up by name costs allocations and hashing every time.
+#[derive(Default)]
+pub struct RouteMetrics {
+    handles: OnceLock<(String, Histogram)>,
+    by_status: RwLock<Vec<(StatusCode, Counter)>>,
+}
+
+impl RouteMetrics {
+    /// Counts a request and its latency by route and status.
+    fn record(&self, route: Option<MatchedPath>, response: &Response, started: Instant) {
+        let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let status = response.status();
+        let (name, seconds) = self.handles.get_or_init(|| (route.to_string(), latency(route)));
+        if name != route {
+            // Not the route this service was first asked for: look the handles up by name.
+            requests(route, status).increment(1);
+            latency(route).record(started.elapsed().as_secs_f64());
+            return;
+        }
+        seconds.record(started.elapsed().as_secs_f64());
+        let counted = |known: &[(StatusCode, Counter)]| {
+            known.iter().find(|(code, _)| *code == status).map(|(_, counter)| counter.increment(1)).is_some()
+        };
+        if counted(&self.by_status.read().unwrap_or_else(|e| e.into_inner())) {
+            return;
+        }
+        let mut known = self.by_status.write().unwrap_or_else(|e| e.into_inner());
+        if counted(&known) {
+            return;
+        }
+        let counter = requests(route, status);
+        counter.increment(1);
+        known.push((status, counter));
+    }
+}
+
+fn requests(route: &str, status: StatusCode) -> Counter {
+    let labels = [("route", route.to_string()), ("status", status.as_u16().to_string())];
+    metrics::counter!("deskgen_http_requests_total", &labels)
+}
+
+fn latency(route: &str) -> Histogram {
+    metrics::histogram!("deskgen_http_request_seconds", "route" => route.to_string())
 }
