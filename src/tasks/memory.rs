@@ -29,7 +29,8 @@ use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest, Preview
 
 struct Live {
     record: watch::Sender<TaskRecord>,
-    cancel: CancellationToken,
+    /// What stops it once it runs; made when a worker claims it.
+    cancel: Option<CancellationToken>,
     /// Its submission number while it waits in the store's `queued` table.
     queued: Option<u64>,
 }
@@ -173,7 +174,7 @@ impl MemoryQueue {
                 TaskStatus::Done | TaskStatus::Failed | TaskStatus::Canceled => continue,
             }
             let (tx, _) = watch::channel(record.clone());
-            let live = Live { record: tx, cancel: CancellationToken::new(), queued };
+            let live = Live { record: tx, cancel: None, queued };
             state.tasks.insert(record.task_id.clone(), live);
         }
         metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
@@ -220,7 +221,7 @@ impl MemoryQueue {
             }
             live.queued = None;
             live.record.send_replace(record.clone());
-            let cancel = live.cancel.clone();
+            let cancel = live.cancel.insert(CancellationToken::new()).clone();
             // More work may be waiting; let another idle worker look.
             if !state.queue.is_empty() {
                 self.work_available.notify_one();
@@ -270,7 +271,7 @@ impl TaskQueue for MemoryQueue {
         state.journal.append(&json).map_err(BackendError::from)?;
         state.next_number += 1;
         state.journaled.push(Submission { number, task_id: task_id.clone(), json });
-        let live = Live { record: sender, cancel: CancellationToken::new(), queued: Some(number) };
+        let live = Live { record: sender, cancel: None, queued: Some(number) };
         state.tasks.insert(task_id.clone(), live);
         state.queue.push(record.request.priority, &record.client, task_id);
         metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
@@ -347,7 +348,9 @@ impl TaskQueue for MemoryQueue {
                 Ok(record)
             }
             TaskStatus::Processing => {
-                live.cancel.cancel();
+                if let Some(cancel) = &live.cancel {
+                    cancel.cancel();
+                }
                 Ok(record)
             }
             status @ (TaskStatus::Done | TaskStatus::Failed | TaskStatus::Canceled) => {
