@@ -6,7 +6,7 @@
 //! task is journaled before it is acknowledged and committed to the store at the next checkpoint
 //! (see [`super::journal`]); every later change of status is committed before it is published.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::journal::{self, CHECKPOINT_INTERVAL, Journal};
 use super::previews::PreviewHub;
 use super::schedule::Schedule;
+use super::shards::Shards;
 use super::store::{Stored, Submission, encode};
 use super::{
     BackendError, CancelError, Claimed, StoreError, SubmitError, TaskQueue, TaskRecord, TaskStatus,
@@ -37,7 +38,7 @@ struct Live {
 
 struct HubState {
     /// Queued and running tasks (and a finished one whose final state could not be stored).
-    tasks: HashMap<String, Live>,
+    tasks: Shards<Live>,
     /// The queued tasks, in the order they start.
     queue: Schedule,
     journal: Journal,
@@ -142,7 +143,7 @@ impl MemoryQueue {
         // Oldest first: the order they are queued again in.
         stored.sort_by_key(|s| s.record.created_at);
         let mut state = HubState {
-            tasks: HashMap::new(),
+            tasks: Shards::default(),
             queue: Schedule::new(starvation_bound),
             journal,
             journaled: Vec::new(),

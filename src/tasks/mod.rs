@@ -9,6 +9,7 @@ pub mod model;
 pub mod previews;
 pub mod redis;
 pub mod schedule;
+mod shards;
 pub mod store;
 pub mod worker;
 
