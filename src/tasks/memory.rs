@@ -1,8 +1,9 @@
 //! The embedded backend: a bounded in-process queue over the redb task store, served in the order
 //! of [`Schedule`] (priority levels, and clients in turn within a level).
 //!
-//! Live tasks (queued or running) sit in memory behind a `watch` channel, so pollers, SSE and
-//! `WatchResult` see each change; finished tasks leave memory and are read from the store. A new
+//! Live tasks (queued or running) sit in memory, where pollers read them; one that is watched (SSE,
+//! `WatchResult`) gets a `watch` channel at its first watcher, which sees each change from then on.
+//! Finished tasks leave memory and are read from the store. A new
 //! task is journaled before it is acknowledged and committed to the store at the next checkpoint
 //! (see [`super::journal`]); every later change of status is committed before it is published.
 
@@ -29,11 +30,38 @@ use super::{
 use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest, Preview, Progress};
 
 struct Live {
-    record: watch::Sender<TaskRecord>,
+    /// Boxed: the map's slots stay small, and it grows by half a million of them at a time.
+    record: Box<TaskRecord>,
+    /// Those who watch it see each change; made at the first watch, as most tasks have none.
+    watchers: Option<watch::Sender<TaskRecord>>,
     /// What stops it once it runs; made when a worker claims it.
     cancel: Option<CancellationToken>,
     /// Its submission number while it waits in the store's `queued` table.
     queued: Option<u64>,
+}
+
+impl Live {
+    fn new(record: TaskRecord, queued: Option<u64>) -> Live {
+        Live { record: Box::new(record), watchers: None, cancel: None, queued }
+    }
+
+    /// Makes `record` the task's current state, and shows it to its watchers.
+    fn publish(&mut self, record: TaskRecord) {
+        *self.record = record;
+        self.show();
+    }
+
+    /// Shows the current state to the task's watchers.
+    fn show(&self) {
+        if let Some(watchers) = &self.watchers {
+            watchers.send_replace(TaskRecord::clone(&self.record));
+        }
+    }
+
+    /// A receiver that sees every change from now on, starting with the current state.
+    fn subscribe(&mut self) -> watch::Receiver<TaskRecord> {
+        self.watchers.get_or_insert_with(|| watch::channel(TaskRecord::clone(&self.record)).0).subscribe()
+    }
 }
 
 struct HubState {
@@ -174,9 +202,7 @@ impl MemoryQueue {
                 }
                 TaskStatus::Done | TaskStatus::Failed | TaskStatus::Canceled => continue,
             }
-            let (tx, _) = watch::channel(record.clone());
-            let live = Live { record: tx, cancel: None, queued };
-            state.tasks.insert(record.task_id.clone(), live);
+            state.tasks.insert(record.task_id.clone(), Live::new(record, queued));
         }
         metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
         let store = Arc::new(store);
@@ -207,7 +233,7 @@ impl MemoryQueue {
         while let Some(task_id) = state.queue.pop() {
             metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
             let Some(live) = state.tasks.get_mut(&task_id) else { continue };
-            let mut record = live.record.borrow().clone();
+            let mut record = TaskRecord::clone(&live.record);
             if record.status != TaskStatus::Queued {
                 continue;
             }
@@ -221,7 +247,7 @@ impl MemoryQueue {
                 return None;
             }
             live.queued = None;
-            live.record.send_replace(record.clone());
+            live.publish(record.clone());
             let cancel = live.cancel.insert(CancellationToken::new()).clone();
             // More work may be waiting; let another idle worker look.
             if !state.queue.is_empty() {
@@ -252,11 +278,11 @@ impl TaskQueue for MemoryQueue {
         let task_id = task_id.unwrap_or_else(new_task_id);
         let record = TaskRecord::new(task_id.clone(), request, client);
         let json = encode(&record).map_err(BackendError::from)?;
-        let (sender, _) = watch::channel(record.clone());
+        let mut live = Live::new(record.clone(), None);
         let mut state = self.lock();
         if chosen {
             if let Some(live) = state.tasks.get(&task_id) {
-                return Ok((live.record.borrow().clone(), false));
+                return Ok((TaskRecord::clone(&live.record), false));
             }
             if let Some(record) = self.store.get(&task_id).map_err(BackendError::from)? {
                 return Ok((record, false));
@@ -272,7 +298,7 @@ impl TaskQueue for MemoryQueue {
         state.journal.append(&json).map_err(BackendError::from)?;
         state.next_number += 1;
         state.journaled.push(Submission { number, task_id: task_id.clone(), json });
-        let live = Live { record: sender, cancel: None, queued: Some(number) };
+        live.queued = Some(number);
         state.tasks.insert(task_id.clone(), live);
         state.queue.push(record.request.priority, &record.client, task_id);
         metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
@@ -285,7 +311,7 @@ impl TaskQueue for MemoryQueue {
     /// The current record of a task.
     async fn get(&self, task_id: &str) -> Result<Option<TaskRecord>, BackendError> {
         if let Some(live) = self.lock().tasks.get(task_id) {
-            return Ok(Some(live.record.borrow().clone()));
+            return Ok(Some(TaskRecord::clone(&live.record)));
         }
         Ok(self.store.get(task_id)?)
     }
@@ -293,8 +319,8 @@ impl TaskQueue for MemoryQueue {
     /// A receiver that sees every change of a task, starting with its current state.
     /// A finished task's receiver holds its final state and sees no further change.
     async fn watch(&self, task_id: &str) -> Result<Option<watch::Receiver<TaskRecord>>, BackendError> {
-        if let Some(live) = self.lock().tasks.get(task_id) {
-            return Ok(Some(live.record.subscribe()));
+        if let Some(live) = self.lock().tasks.get_mut(task_id) {
+            return Ok(Some(live.subscribe()));
         }
         Ok(self.store.get(task_id)?.map(|record| watch::channel(record).1))
     }
@@ -306,11 +332,8 @@ impl TaskQueue for MemoryQueue {
     async fn queue_position(&self, task_id: &str) -> Result<Option<usize>, BackendError> {
         let state = self.lock();
         let Some(live) = state.tasks.get(task_id) else { return Ok(None) };
-        let (priority, client) = {
-            let record = live.record.borrow();
-            (record.request.priority, record.client.clone())
-        };
-        Ok(state.queue.position_at(task_id, priority, &client))
+        let record = &live.record;
+        Ok(state.queue.position_at(task_id, record.request.priority, &record.client))
     }
 
     /// Tasks waiting in the queue.
@@ -326,7 +349,7 @@ impl TaskQueue for MemoryQueue {
     /// Cancels a queued task at once, or asks a running one to stop at its next check.
     async fn cancel(&self, task_id: &str) -> Result<TaskRecord, CancelError> {
         let mut state = self.lock();
-        let Some(live) = state.tasks.get(task_id) else {
+        let Some(live) = state.tasks.get_mut(task_id) else {
             return match self.store.get(task_id).map_err(BackendError::from)? {
                 Some(record) => {
                     Err(CancelError::AlreadyFinished(task_id.to_string(), record.status.as_str()))
@@ -334,14 +357,14 @@ impl TaskQueue for MemoryQueue {
                 None => Err(CancelError::NotFound(task_id.to_string())),
             };
         };
-        let mut record = live.record.borrow().clone();
+        let mut record = TaskRecord::clone(&live.record);
         match record.status {
             TaskStatus::Queued => {
                 record.status = TaskStatus::Canceled;
                 record.completed_at = Some(Utc::now());
                 record.error = Some(Failure::canceled());
                 self.store.put(&record, live.queued).map_err(BackendError::from)?;
-                live.record.send_replace(record.clone());
+                live.publish(record.clone());
                 state.tasks.remove(task_id);
                 state.queue.remove(task_id);
                 metrics::gauge!("deskgen_queue_depth").set(state.queue.len() as f64);
@@ -381,14 +404,14 @@ impl WorkerQueue for MemoryQueue {
 
     /// Publishes progress of a running task (kept in memory only).
     async fn progress(&self, task_id: &str, progress: Progress) {
-        if let Some(live) = self.lock().tasks.get(task_id) {
-            live.record.send_if_modified(|record| {
-                if record.status != TaskStatus::Processing || record.progress.as_ref() == Some(&progress) {
-                    return false;
-                }
-                record.progress = Some(progress);
-                true
-            });
+        if let Some(live) = self.lock().tasks.get_mut(task_id) {
+            if live.record.status != TaskStatus::Processing
+                || live.record.progress.as_ref() == Some(&progress)
+            {
+                return;
+            }
+            live.record.progress = Some(progress);
+            live.show();
         }
     }
 
@@ -403,15 +426,15 @@ impl WorkerQueue for MemoryQueue {
     /// Records the final state of a task a worker ran.
     async fn finish(&self, task_id: &str, outcome: Result<GenerateOutput, Failure>) -> Option<TaskRecord> {
         let mut state = self.lock();
-        let live = state.tasks.get(task_id)?;
-        let mut record = live.record.borrow().clone();
+        let live = state.tasks.get_mut(task_id)?;
+        let mut record = TaskRecord::clone(&live.record);
         record.complete(outcome);
         let stored = self.store.put(&record, live.queued);
         if let Err(e) = &stored {
             tracing::error!(error = %e, %task_id, "cannot persist the final state of a task; keeping it in memory");
         }
         metrics::counter!("deskgen_tasks_finished_total", "status" => record.status.as_str()).increment(1);
-        live.record.send_replace(record.clone());
+        live.publish(record.clone());
         if stored.is_ok() {
             state.tasks.remove(task_id);
         }
