@@ -3,9 +3,9 @@
 //!
 //! Live tasks (queued or running) sit in memory, where pollers read them; one that is watched (SSE,
 //! `WatchResult`) gets a `watch` channel at its first watcher, which sees each change from then on.
-//! Finished tasks leave memory and are read from the store. A new
-//! task is journaled before it is acknowledged and committed to the store at the next checkpoint
-//! (see [`super::journal`]); every later change of status is committed before it is published.
+//! Finished tasks leave memory and are read from the store. A new task is journaled before it is
+//! acknowledged and committed to the store at the next checkpoint (see [`super::journal`]); every
+//! later change of status is committed before it is published.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -30,7 +30,7 @@ use super::{
 use crate::core::{Failure, FailureCode, GenerateOutput, GenerateRequest, Preview, Progress};
 
 struct Live {
-    /// Boxed: the map's slots stay small, and it grows by half a million of them at a time.
+    /// Boxed: a map's slots stay small, and a map keeps up to twice the slots it fills.
     record: Box<TaskRecord>,
     /// Those who watch it see each change; made at the first watch, as most tasks have none.
     watchers: Option<watch::Sender<TaskRecord>>,
